@@ -1,0 +1,198 @@
+"""Tensor-network layers versus dense ``nn.Linear``, side by side on the same input.
+
+For each layer shape, method, site count, chi and token count this times, interleaved round by
+round so that machine drift hits all variants alike:
+
+* ``linear``   dense ``nn.Linear`` of the same shape
+* ``network``  input contracted through the cores (opt_einsum path, cached)
+* ``dense``    cores contracted to the dense weight, then one matmul
+* ``auto``     the layer's own per-call choice
+* ``einsum``   plain ``torch.einsum`` on the network equation, no path (left to right)
+
+and records the FLOPs of each. Results go to ``docs/results/bench_layers.json`` and a Markdown
+table ``docs/results/bench_layers.md``.
+
+    python benchmarks/bench_layers.py            # full grid (~15 min on 2 CPU cores)
+    python benchmarks/bench_layers.py --quick    # small grid, a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensornet_llm import MPOLinear, TTNSLinear
+from tensornet_llm.contract import get_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"mpo": MPOLinear, "ttns": TTNSLinear}
+
+
+def time_variants(fns: dict, budget_s: float, max_reps: int) -> dict[str, float]:
+    """Fastest seconds per call of each function over interleaved rounds.
+
+    The minimum, not the median: on a shared machine interference only ever adds time, so the
+    fastest round is the best estimate of what the code costs.
+    """
+    for fn in fns.values():  # warm-up: plans, allocator, caches
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    reps = 0
+    while reps < max_reps and (reps < 2 or time.perf_counter() - start < budget_s):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+        reps += 1
+    return {k: min(v) for k, v in samples.items()}
+
+
+def einsum_without_path(layer, x):
+    spec = layer.spec
+    xs = torch.nn.functional.pad(x, (0, spec.in_size - layer.in_features))
+    xs = xs.reshape(x.shape[0], *(spec.size(l) for l in spec.in_legs))
+    with torch.backends.opt_einsum.flags(enabled=False):
+        return torch.einsum(spec.network_equation(), xs, *layer._operands())
+
+
+def run(grid: dict, budget_s: float, out_stem: str) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    for in_f, out_f in grid["shapes"]:
+        linear = nn.Linear(in_f, out_f)
+        for method, cls in METHODS.items():
+            for n_sites in grid["n_sites"]:
+                for chi in grid["chi"]:
+                    layer = cls(in_f, out_f, chi, n_sites)
+                    for tokens in grid["tokens"]:
+                        x = torch.randn(tokens, in_f)
+                        plan = get_plan(layer.spec, tokens)
+
+                        def strat(s):
+                            def call():
+                                layer.strategy = s
+                                return layer(x)
+                            return call
+
+                        fns = {
+                            "linear": lambda: linear(x),
+                            "network": strat("network"),
+                            "dense": strat("dense"),
+                            "auto": strat("auto"),
+                        }
+                        with torch.inference_mode():
+                            t = time_variants(fns, budget_s, 15 if tokens < 2048 else 3)
+                            # The pathless einsum is a slow reference: one call is enough.
+                            t0 = time.perf_counter()
+                            einsum_without_path(layer, x)
+                            t["einsum"] = time.perf_counter() - t0
+                        best = min(t["network"], t["dense"])
+                        row = {
+                            "in": in_f, "out": out_f, "method": method, "n_sites": n_sites,
+                            "chi": chi, "tokens": tokens, "bond_dims": list(layer.bond_dims),
+                            "params": sum(c.numel() for c in layer.cores),
+                            "dense_params": in_f * out_f,
+                            "seconds": t,
+                            "flops": {
+                                "linear": 2.0 * tokens * in_f * out_f,
+                                "network": plan.flops("network", tokens),
+                                "dense": plan.flops("dense", tokens),
+                            },
+                            "auto_choice": plan.choose(tokens),
+                            "auto_over_best": t["auto"] / best,
+                            "linear_over_auto": t["linear"] / t["auto"],
+                        }
+                        rows.append(row)
+                        print(
+                            f"{in_f:>5}->{out_f:<5} {method:4} N={n_sites} chi={chi:<4} T={tokens:<5}"
+                            f" linear {t['linear']*1e3:8.3f}ms  network {t['network']*1e3:8.3f}"
+                            f"  dense {t['dense']*1e3:8.3f}  auto {t['auto']*1e3:8.3f}"
+                            f" ({row['auto_choice']:7}, {row['auto_over_best']:.2f}x best)"
+                            f"  einsum {t['einsum']*1e3:8.3f}  speedup vs linear"
+                            f" {row['linear_over_auto']:.2f}x", flush=True,
+                        )
+    return rows
+
+
+def summarise(rows: list[dict]) -> dict:
+    within = [r for r in rows if r["auto_over_best"] <= 1.10]
+    cheap = [
+        r for r in rows
+        if r["tokens"] == 1 and r["flops"]["network"] < 0.5 * r["flops"]["linear"]
+    ]
+    faster = [r for r in cheap if r["linear_over_auto"] > 1.0]
+    return {
+        "cells": len(rows),
+        "auto_within_10pct_of_best": len(within),
+        "worst_auto_over_best": max(r["auto_over_best"] for r in rows),
+        "one_token_cells_with_network_flops_under_half_dense": len(cheap),
+        "of_those_faster_than_linear": len(faster),
+    }
+
+
+def write_markdown(rows: list[dict], summary: dict, path: Path, meta: dict) -> None:
+    lines = [
+        "# Layer benchmark: tensor network vs dense nn.Linear",
+        "",
+        f"Machine: {meta['machine']}; torch {meta['torch']}; threads {meta['threads']}; "
+        f"float32, inference mode. Times are the fastest of interleaved rounds (pathless einsum: one call), in milliseconds.",
+        "Written by `benchmarks/bench_layers.py`; raw data in `bench_layers.json`.",
+        "",
+        "| summary | value |", "|---|---|",
+        *[f"| {k.replace('_', ' ')} | {v if not isinstance(v, float) else f'{v:.2f}'} |"
+          for k, v in summary.items()],
+        "",
+        "| shape | method | N | chi | params kept | tokens | linear | network | dense | auto"
+        " (choice) | auto / best | einsum no path | linear / auto | GFLOP net / dense-lin |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = r["seconds"]
+        lines.append(
+            f"| {r['in']}->{r['out']} | {r['method']} | {r['n_sites']} | {r['chi']} | "
+            f"{r['params'] / r['dense_params']:.1%} | {r['tokens']} | {s['linear']*1e3:.3f} | "
+            f"{s['network']*1e3:.3f} | {s['dense']*1e3:.3f} | {s['auto']*1e3:.3f} "
+            f"({r['auto_choice']}) | {r['auto_over_best']:.2f} | {s['einsum']*1e3:.3f} | "
+            f"{r['linear_over_auto']:.2f} | {r['flops']['network']/1e9:.3g} / "
+            f"{r['flops']['linear']/1e9:.3g} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small grid for a smoke run")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        grid = {"shapes": [(576, 1536), (1536, 576)], "n_sites": [3], "chi": [16, 64],
+                "tokens": [1, 16, 512]}
+        stem, budget = "bench_layers_quick", 0.1
+    else:
+        grid = {"shapes": [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008)],
+                "n_sites": [3, 4], "chi": [16, 64], "tokens": [1, 16, 512, 2048]}
+        stem, budget = "bench_layers", 0.3
+    meta = {"machine": f"{platform.processor() or platform.machine()}, "
+            f"{torch.get_num_threads()} threads", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "grid": grid}
+    rows = run(grid, budget, stem)
+    summary = summarise(rows)
+    print(json.dumps(summary, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1)
+    )
+    write_markdown(rows, summary, args.out / f"{stem}.md", meta)
+
+
+if __name__ == "__main__":
+    main()

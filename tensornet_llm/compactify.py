@@ -1,0 +1,190 @@
+"""``compactify``: replace the linear layers of a transformer by tensor networks, in place."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Mapping, Union
+
+import torch
+from torch import nn
+
+from .base import TensorNetworkLinear, linear_weight
+from .mpo import MPOLinear
+from .report import CompactifyReport, LayerReport
+from .targets import (
+    DEFAULT_KEY, Targets, check_pattern, find_targets, fused_expert_tensors, resolve_override,
+)
+from .ttns import TTNSLinear
+
+__all__ = ["compactify", "CompactifyConfig", "METHODS"]
+
+Method = Literal["mpo", "ttns"]
+METHODS: dict[str, type[TensorNetworkLinear]] = {"mpo": MPOLinear, "ttns": TTNSLinear}
+PerModule = Union[int, Mapping[str, int]]
+
+
+@dataclass
+class CompactifyConfig:
+    """Settings of :func:`compactify`.
+
+    Attributes:
+        chi: maximum bond dimension, or ``{pattern: chi, "_default": chi}`` per module.
+        method: ``"mpo"`` or ``"ttns"``, or a per-module mapping like ``chi``.
+        n_sites: sites per layer (int or per-module mapping).
+        targets: ``None`` for every attention/MLP linear, patterns, or a filter on
+            ``(module, qualified_name)``; see :mod:`tensornet_llm.targets`.
+        exclude: patterns of modules to leave dense.
+        tol: optional relative Frobenius tolerance: bonds keep fewer than ``chi`` values where
+            the weight allows it.
+        min_features: the default targets skip layers narrower than this.
+    """
+
+    chi: PerModule = 32
+    method: Union[Method, Mapping[str, Method]] = "mpo"
+    n_sites: PerModule = 3
+    targets: Targets = None
+    exclude: list[str] = field(default_factory=list)
+    tol: float | None = None
+    min_features: int = 16
+
+    def validate(self) -> None:
+        _check_setting(self.chi, "chi", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _check_setting(self.n_sites, "n_sites", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        _check_setting(
+            self.method, "method", lambda v: v in METHODS, f"one of {sorted(METHODS)}"
+        )
+        if self.tol is not None and not (isinstance(self.tol, (int, float)) and 0 <= self.tol < 1):
+            raise ValueError(f"tol must be a float in [0, 1) or None, got {self.tol!r}")
+        if not _is_int(self.min_features) or self.min_features < 1:
+            raise ValueError(f"min_features must be an integer >= 1, got {self.min_features!r}")
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_setting(value, argument: str, ok, allowed: str) -> None:
+    values = value.items() if isinstance(value, Mapping) else [(None, value)]
+    if isinstance(value, Mapping) and not value:
+        raise ValueError(f"{argument} mapping is empty")
+    for pattern, v in values:
+        if pattern is not None and pattern != DEFAULT_KEY:
+            check_pattern(pattern, argument)
+        if not ok(v):
+            where = f" for pattern {pattern!r}" if pattern is not None else ""
+            raise ValueError(f"{argument}{where} must be {allowed}, got {v!r}")
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def compactify(
+    model: nn.Module,
+    chi: PerModule | None = None,
+    *,
+    method: Union[Method, Mapping[str, Method], None] = None,
+    n_sites: PerModule | None = None,
+    targets: Targets = None,
+    exclude: Iterable[str] | None = None,
+    tol: float | None = None,
+    config: CompactifyConfig | None = None,
+    progress: bool = True,
+) -> CompactifyReport:
+    """Replace the attention and MLP linears of ``model`` by tensor networks, in place.
+
+    Every argument is validated and every decomposition computed before the first module is
+    swapped, so on any error the model is left exactly as it was. Replacements keep the
+    original's device, dtype and ``requires_grad``; biases stay dense.
+
+    Args:
+        model: any ``nn.Module``, typically a Hugging Face transformer.
+        chi: bond dimension, or ``{pattern: chi, "_default": chi}``.
+        method: ``"mpo"`` (matrix product operator) or ``"ttns"`` (tree tensor network).
+        n_sites: sites per layer.
+        targets, exclude, tol: see :class:`CompactifyConfig`.
+        config: a :class:`CompactifyConfig`; explicit keyword arguments override its fields.
+        progress: show a progress bar while decomposing.
+
+    Returns:
+        A :class:`~tensornet_llm.report.CompactifyReport`.
+
+    Example:
+        >>> report = compactify(model, chi={"re:.*mlp.*": 16, "_default": 48}, exclude=["layers.0."])
+        >>> print(report)
+    """
+    cfg = CompactifyConfig(**vars(config)) if config is not None else CompactifyConfig()
+    for key, value in {"chi": chi, "method": method, "n_sites": n_sites, "targets": targets,
+                       "exclude": exclude, "tol": tol}.items():
+        if value is not None:
+            setattr(cfg, key, list(value) if key == "exclude" else value)
+    cfg.validate()
+    start = time.perf_counter()
+    chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
+    if not chosen:
+        raise ValueError(
+            f"targets={cfg.targets!r} (exclude={cfg.exclude!r}) matched no nn.Linear or Conv1D "
+            "module of the model"
+        )
+    skipped += [(name, f"fused MoE expert tensor {shape}, not tensorized")
+                for name, shape in fused_expert_tensors(model)]
+    # Resolve every per-module setting first: a missing pattern fails before any work.
+    settings = {
+        name: (
+            METHODS[resolve_override(cfg.method, name, "method")],
+            resolve_override(cfg.chi, name, "chi"),
+            resolve_override(cfg.n_sites, name, "n_sites"),
+        )
+        for name, _ in chosen
+    }
+    params_before = _count(model)
+    built: dict[int, tuple[TensorNetworkLinear, LayerReport]] = {}
+    iterator = chosen
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(chosen, desc="compactify", unit="layer")
+    for name, module in iterator:
+        if id(module) in built:  # the same module under two names (shared weights)
+            continue
+        cls, layer_chi, layer_sites = settings[name]
+        t0 = time.perf_counter()
+        new = cls.from_linear(module, chi=layer_chi, n_sites=layer_sites, tol=cfg.tol)
+        weight, bias = linear_weight(module)
+        for p in new.cores:
+            p.requires_grad_(weight.requires_grad)
+        if bias is not None:
+            new.bias.requires_grad_(bias.requires_grad)
+        new.train(module.training)
+        with torch.no_grad():
+            w = weight.detach().double()
+            err = float((new.to_dense().double() - w).norm() / w.norm().clamp_min(1e-30))
+        row = LayerReport(
+            name=name, in_features=new.in_features, out_features=new.out_features,
+            method=cls.method, chi=layer_chi, bond_dims=list(new.bond_dims),
+            params_before=weight.numel() + (bias.numel() if bias is not None else 0),
+            params_after=new.num_parameters, rel_error=err, seconds=time.perf_counter() - t0,
+        )
+        built[id(module)] = (new, row)
+
+    # Swap every module; undo all swaps if any fails.
+    done: list[tuple[nn.Module, str, nn.Module]] = []
+    try:
+        for name, module in chosen:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, built[id(module)][0])
+            done.append((parent, child, module))
+    except Exception:
+        for parent, child, original in reversed(done):
+            setattr(parent, child, original)
+        raise
+    report = CompactifyReport(
+        layers=[row for _, row in built.values()], skipped=skipped,
+        model_params_before=params_before, model_params_after=_count(model),
+        seconds=time.perf_counter() - start,
+    )
+    return report

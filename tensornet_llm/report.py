@@ -1,0 +1,103 @@
+"""The value ``compactify`` returns: what was replaced, by what, at what cost in accuracy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class LayerReport:
+    """One replaced module."""
+
+    name: str
+    in_features: int
+    out_features: int
+    method: str
+    chi: int
+    bond_dims: list[int]
+    params_before: int
+    params_after: int
+    rel_error: float  # ||W - W_hat||_F / ||W||_F of the weight (bias is copied exactly)
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+
+@dataclass
+class CompactifyReport:
+    """Rows per replaced module plus totals; ``print(report)`` shows a table."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int = 0
+    seconds: float = 0.0
+
+    @property
+    def target_params_before(self) -> int:
+        return sum(r.params_before for r in self.layers)
+
+    @property
+    def target_params_after(self) -> int:
+        return sum(r.params_after for r in self.layers)
+
+    @property
+    def kept_fraction(self) -> float:
+        """Parameters of the targeted modules kept, after / before."""
+        return self.target_params_after / max(self.target_params_before, 1)
+
+    @property
+    def model_kept_fraction(self) -> float:
+        return self.model_params_after / max(self.model_params_before, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [asdict(r) for r in self.layers],
+            "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            "totals": {
+                "modules": len(self.layers),
+                "target_params_before": self.target_params_before,
+                "target_params_after": self.target_params_after,
+                "target_kept_fraction": self.kept_fraction,
+                "model_params_before": self.model_params_before,
+                "model_params_after": self.model_params_after,
+                "model_kept_fraction": self.model_kept_fraction,
+                "seconds": self.seconds,
+            },
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **{"indent": 2, **kwargs})
+
+    def summary(self) -> str:
+        return (
+            f"{len(self.layers)} modules replaced in {self.seconds:.1f}s: targeted parameters "
+            f"{self.target_params_before:,} -> {self.target_params_after:,} "
+            f"({self.kept_fraction:.1%} kept); model {self.model_params_before:,} -> "
+            f"{self.model_params_after:,} ({self.model_kept_fraction:.1%})"
+        )
+
+    def __str__(self) -> str:
+        header = ("module", "shape", "method", "bond dims", "params", "kept", "rel err")
+        rows = [
+            (
+                r.name, f"{r.in_features}->{r.out_features}", r.method,
+                "x".join(map(str, r.bond_dims)) or "-",
+                f"{r.params_before:,}->{r.params_after:,}", f"{r.ratio:.1%}", f"{r.rel_error:.3g}",
+            )
+            for r in self.layers
+        ]
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in rows]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)}: " + "; ".join(
+                f"{n} ({why})" for n, why in self.skipped[:8]
+            ) + (" ..." if len(self.skipped) > 8 else ""))
+        lines.append(self.summary())
+        return "\n".join(lines)

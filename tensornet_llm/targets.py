@@ -1,0 +1,156 @@
+"""Which modules of a model ``compactify`` replaces.
+
+Default targets are the linear projections inside the model's stack of repeated blocks
+(attention and MLP of every transformer layer): ``nn.Linear`` (or a subclass) or GPT-2's
+``Conv1D``, found inside an ``nn.ModuleList`` of blocks. Token embeddings, the LM head,
+classification heads and poolers live outside the block stack and are never default targets.
+
+Patterns, used for ``targets``, ``exclude`` and per-module overrides:
+
+* ``"re:<regex>"`` -- the regex must match the whole qualified name (``re.fullmatch``);
+* anything else -- matches whole dotted components anywhere in the name: ``"q_proj"`` matches
+  ``model.layers.3.self_attn.q_proj``; ``"layers.0"`` (or ``"layers.0."``) matches every module
+  under block 0 but not ``layers.10``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Mapping, TypeVar, Union
+
+from torch import nn
+
+from .base import TensorNetworkLinear, is_linear_like
+
+__all__ = ["Filter", "matches", "resolve_override", "find_targets", "fused_expert_tensors"]
+
+#: ``filter(module, qualified_name) -> bool``, as torchao's ``filter_fn``.
+Filter = Callable[[nn.Module, str], bool]
+Targets = Union[None, str, Iterable[str], Filter]
+T = TypeVar("T")
+
+DEFAULT_KEY = "_default"
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Does a module's qualified ``name`` match ``pattern`` (see the module docs)?"""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    core = pattern.strip(".")
+    return bool(core) and f".{core}." in f".{name}."
+
+
+def check_pattern(pattern: object, argument: str) -> str:
+    if not isinstance(pattern, str) or not pattern.strip("."):
+        raise ValueError(f"{argument} patterns must be non-empty strings, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ValueError(f"{argument} has an invalid regex {pattern!r}: {exc}") from None
+    return pattern
+
+
+def resolve_override(value: T | Mapping[str, T], name: str, argument: str) -> T:
+    """The setting for module ``name``: ``value`` itself, or the first matching pattern of a
+    ``{pattern: value, "_default": value}`` mapping (insertion order)."""
+    if not isinstance(value, Mapping):
+        return value
+    for pattern, setting in value.items():
+        if pattern != DEFAULT_KEY and matches(name, pattern):
+            return setting
+    if DEFAULT_KEY in value:
+        return value[DEFAULT_KEY]
+    raise ValueError(
+        f"{argument} has no pattern matching module {name!r} and no {DEFAULT_KEY!r} entry; "
+        f"patterns: {[p for p in value if p != DEFAULT_KEY]}"
+    )
+
+
+def _block_stacks(model: nn.Module) -> list[str]:
+    """Qualified names of ModuleLists that hold repeated blocks (the transformer layers)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and name
+    ]
+
+
+def _head_ids(model: nn.Module) -> set[int]:
+    ids = set()
+    for getter in ("get_output_embeddings", "get_input_embeddings"):
+        fn = getattr(model, getter, None)
+        try:
+            module = fn() if callable(fn) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        if module is not None:
+            ids.add(id(module))
+    return ids
+
+
+def find_targets(
+    model: nn.Module,
+    targets: Targets = None,
+    exclude: Iterable[str] | None = None,
+    min_features: int = 16,
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """Modules to tensorize, and ``(name, reason)`` for linear-like modules left alone.
+
+    Args:
+        targets: ``None`` (default rule), a pattern or list of patterns, or a filter on
+            ``(module, qualified_name)``. User targets must be linear-like modules.
+        exclude: patterns removed from the targets.
+        min_features: the default rule skips layers with fewer input or output features
+            (routers, gates with one output), where a network cannot save anything.
+    """
+    exclude = [check_pattern(p, "exclude") for p in (exclude or [])]
+    if isinstance(targets, str):
+        targets = [targets]
+    if targets is not None and not callable(targets):
+        targets = [check_pattern(p, "targets") for p in targets]
+        if not targets:
+            raise ValueError("targets must name at least one pattern, or be None for the default")
+    stacks = _block_stacks(model)
+    heads = _head_ids(model)
+    chosen: list[tuple[str, nn.Module]] = []
+    skipped: list[tuple[str, str]] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or isinstance(module, TensorNetworkLinear):
+            continue
+        if targets is None:
+            if not is_linear_like(module):
+                continue
+            if id(module) in heads:
+                continue
+            if not any(name.startswith(s + ".") for s in stacks):
+                continue
+            out_f, in_f = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
+            if min(in_f, out_f) < min_features:
+                skipped.append((name, f"{in_f}->{out_f} is below min_features={min_features}"))
+                continue
+        else:
+            picked = targets(module, name) if callable(targets) else any(
+                matches(name, p) for p in targets
+            )
+            if not picked:
+                continue
+            if not is_linear_like(module):
+                if callable(targets):
+                    raise ValueError(
+                        f"targets selected {name!r} ({type(module).__name__}); only nn.Linear "
+                        "and transformers' Conv1D can be tensorized"
+                    )
+                continue  # a pattern naming a parent block selects the linears inside it
+        if any(matches(name, p) for p in exclude):
+            skipped.append((name, "excluded"))
+            continue
+        chosen.append((name, module))
+    return chosen, skipped
+
+
+def fused_expert_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """3-D (or higher) weight parameters, such as fused MoE experts, which are not tensorized."""
+    return [
+        (name, tuple(p.shape)) for name, p in model.named_parameters() if p.dim() >= 3
+    ]
