@@ -168,9 +168,10 @@ class TensorNetworkLinear(nn.Module):
         """Stored shape of each core; by default the operand shapes of the network."""
         return spec.core_shapes
 
-    def _operands(self) -> list[Tensor]:
-        """The cores as the contraction's operands (views, so autograd flows to the cores)."""
-        return list(self.cores)
+    def _operands(self, cores: Sequence[Tensor] | None = None) -> list[Tensor]:
+        """The cores (default: this layer's) as the contraction's operands; views, so autograd
+        flows back to them."""
+        return list(self.cores if cores is None else cores)
 
     @staticmethod
     def _max_bond_dims(site_dims: Sequence[int], chi: int) -> list[int]:
@@ -292,7 +293,23 @@ class TensorNetworkLinear(nn.Module):
 
     def to_dense(self) -> Tensor:
         """The weight this network represents, ``(out_features, in_features)``."""
-        return reconstruct(self.spec, self._operands())[: self.out_features, : self.in_features]
+        return self.dense_from(self.cores)
+
+    def dense_from(self, cores: Sequence[Tensor]) -> Tensor:
+        """The ``(out_features, in_features)`` weight of this layer's structure with the given
+        cores (same shapes as :attr:`cores`), e.g. candidate cores inside an optimiser."""
+        full = reconstruct(self.spec, self._operands(cores))
+        return full[: self.out_features, : self.in_features]
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight ``(out_features, in_features)``, materialised on each access.
+
+        Present because model code reads ``layer.weight`` of the linears it owns (T5 casts its
+        activations to ``wo.weight.dtype``); it costs one contraction of the cores, and
+        gradients flow back to them. It is not a parameter and not in the state dict.
+        """
+        return self.to_dense()
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the same weight and bias (same device and dtype)."""

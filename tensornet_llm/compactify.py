@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping, Union
+from typing import Any, Iterable, Literal, Mapping, Union
 
 import torch
 from torch import nn
 
 from .base import TensorNetworkLinear, linear_weight
+from .calibrate import as_batches, calibrated_order, collect_covariances
+from .fit import fit_weighted, weighted_error
 from .mpo import MPOLinear
 from .report import CompactifyReport, LayerReport
 from .targets import (
@@ -38,6 +40,7 @@ class CompactifyConfig:
         tol: optional relative Frobenius tolerance: bonds keep fewer than ``chi`` values where
             the weight allows it.
         min_features: the default targets skip layers narrower than this.
+        fit_steps: with calibration data, L-BFGS iterations of the data-aware fit per layer.
     """
 
     chi: PerModule = 32
@@ -47,6 +50,7 @@ class CompactifyConfig:
     exclude: list[str] = field(default_factory=list)
     tol: float | None = None
     min_features: int = 16
+    fit_steps: int = 50
 
     def validate(self) -> None:
         _check_setting(self.chi, "chi", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
@@ -58,6 +62,8 @@ class CompactifyConfig:
             raise ValueError(f"tol must be a float in [0, 1) or None, got {self.tol!r}")
         if not _is_int(self.min_features) or self.min_features < 1:
             raise ValueError(f"min_features must be an integer >= 1, got {self.min_features!r}")
+        if not _is_int(self.fit_steps) or self.fit_steps < 0:
+            raise ValueError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
 
@@ -82,6 +88,47 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _build(
+    name: str, module: nn.Module, setting: tuple, cfg: CompactifyConfig, cov: torch.Tensor | None
+) -> tuple[TensorNetworkLinear, LayerReport]:
+    """The replacement for one module (decomposed, then fitted when ``cov`` is given)."""
+    cls, chi, n_sites = setting
+    t0 = time.perf_counter()
+    new = cls.from_linear(module, chi=chi, n_sites=n_sites, tol=cfg.tol)
+    weight, bias = linear_weight(module)
+    act_start = act_end = None
+    if cov is not None:
+        target = weight.detach()
+        act_start = weighted_error(new.to_dense().detach(), target, cov)
+        if cfg.fit_steps > 0:
+            fit_weighted(new, target, cov, steps=cfg.fit_steps)
+        act_end = weighted_error(new.to_dense().detach(), target, cov)
+    for p in new.cores:
+        p.requires_grad_(weight.requires_grad)
+    if bias is not None:
+        new.bias.requires_grad_(bias.requires_grad)
+    new.train(module.training)
+    with torch.no_grad():
+        w = weight.detach().double()
+        err = float((new.to_dense().double() - w).norm() / w.norm().clamp_min(1e-30))
+    row = LayerReport(
+        name=name, in_features=new.in_features, out_features=new.out_features,
+        method=cls.method, chi=chi, bond_dims=list(new.bond_dims),
+        params_before=weight.numel() + (bias.numel() if bias is not None else 0),
+        params_after=new.num_parameters, rel_error=err, seconds=time.perf_counter() - t0,
+        act_error_start=act_start, act_error=act_end,
+    )
+    return new, row
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return parent, child, old
+
+
 def compactify(
     model: nn.Module,
     chi: PerModule | None = None,
@@ -91,13 +138,18 @@ def compactify(
     targets: Targets = None,
     exclude: Iterable[str] | None = None,
     tol: float | None = None,
+    calibration: Iterable[Any] | None = None,
+    fit_steps: int | None = None,
     config: CompactifyConfig | None = None,
     progress: bool = True,
 ) -> CompactifyReport:
     """Replace the attention and MLP linears of ``model`` by tensor networks, in place.
 
-    Every argument is validated and every decomposition computed before the first module is
-    swapped, so on any error the model is left exactly as it was. Replacements keep the
+    Every argument is validated before any module is touched, and on any error the model is
+    left exactly as it was. Without calibration every decomposition is computed before the first
+    swap. With calibration the blocks are processed in forward order: each block's layers are
+    fitted to the activations the already-compressed earlier blocks produce, and swapped in
+    before the next block is calibrated; an error undoes every swap. Replacements keep the
     original's device, dtype and ``requires_grad``; biases stay dense.
 
     Args:
@@ -106,6 +158,10 @@ def compactify(
         method: ``"mpo"`` (matrix product operator) or ``"ttns"`` (tree tensor network).
         n_sites: sites per layer.
         targets, exclude, tol: see :class:`CompactifyConfig`.
+        calibration: optional iterable of token-id tensors ``(batch, seq)`` (or dicts of model
+            inputs, or a DataLoader of either). Each layer is then fitted to minimise its output
+            error on these inputs, ``||(W - W_hat) X||``, starting from the SVD construction.
+        fit_steps: L-BFGS iterations per layer for that fit (default 50).
         config: a :class:`CompactifyConfig`; explicit keyword arguments override its fields.
         progress: show a progress bar while decomposing.
 
@@ -118,9 +174,11 @@ def compactify(
     """
     cfg = CompactifyConfig(**vars(config)) if config is not None else CompactifyConfig()
     for key, value in {"chi": chi, "method": method, "n_sites": n_sites, "targets": targets,
-                       "exclude": exclude, "tol": tol}.items():
+                       "exclude": exclude, "tol": tol, "fit_steps": fit_steps}.items():
         if value is not None:
-            setattr(cfg, key, list(value) if key == "exclude" else value)
+            if key == "exclude":
+                value = [value] if isinstance(value, str) else list(value)
+            setattr(cfg, key, value)
     cfg.validate()
     start = time.perf_counter()
     chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
@@ -140,51 +198,47 @@ def compactify(
         )
         for name, _ in chosen
     }
+    batches = as_batches(calibration) if calibration is not None else None
     params_before = _count(model)
     built: dict[int, tuple[TensorNetworkLinear, LayerReport]] = {}
-    iterator = chosen
+    done: list[tuple[nn.Module, str, nn.Module]] = []
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(chosen, desc="compactify", unit="layer")
-    for name, module in iterator:
-        if id(module) in built:  # the same module under two names (shared weights)
-            continue
-        cls, layer_chi, layer_sites = settings[name]
-        t0 = time.perf_counter()
-        new = cls.from_linear(module, chi=layer_chi, n_sites=layer_sites, tol=cfg.tol)
-        weight, bias = linear_weight(module)
-        for p in new.cores:
-            p.requires_grad_(weight.requires_grad)
-        if bias is not None:
-            new.bias.requires_grad_(bias.requires_grad)
-        new.train(module.training)
-        with torch.no_grad():
-            w = weight.detach().double()
-            err = float((new.to_dense().double() - w).norm() / w.norm().clamp_min(1e-30))
-        row = LayerReport(
-            name=name, in_features=new.in_features, out_features=new.out_features,
-            method=cls.method, chi=layer_chi, bond_dims=list(new.bond_dims),
-            params_before=weight.numel() + (bias.numel() if bias is not None else 0),
-            params_after=new.num_parameters, rel_error=err, seconds=time.perf_counter() - t0,
-        )
-        built[id(module)] = (new, row)
-
-    # Swap every module; undo all swaps if any fails.
-    done: list[tuple[nn.Module, str, nn.Module]] = []
+        bar = tqdm(total=len(chosen), desc="compactify", unit="layer")
     try:
-        for name, module in chosen:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, built[id(module)][0])
-            done.append((parent, child, module))
-    except Exception:
+        if batches is None:
+            for name, module in chosen:
+                if id(module) not in built:  # the same module under two names is built once
+                    built[id(module)] = _build(name, module, settings[name], cfg, None)
+                if bar is not None:
+                    bar.update()
+            for name, module in chosen:
+                done.append(_swap(model, name, built[id(module)][0]))
+        else:
+            modules = dict(chosen)
+            for block, names in calibrated_order(model, list(modules)):
+                fresh = {n: modules[n] for n in names if id(modules[n]) not in built}
+                covs = collect_covariances(model, batches, fresh, stop_after=block)
+                for name in names:
+                    module = modules[name]
+                    if id(module) not in built:
+                        built[id(module)] = _build(
+                            name, module, settings[name], cfg, covs.covariance(name)
+                        )
+                    done.append(_swap(model, name, built[id(module)][0]))
+                    if bar is not None:
+                        bar.update()
+    except BaseException:
         for parent, child, original in reversed(done):
             setattr(parent, child, original)
         raise
-    report = CompactifyReport(
+    finally:
+        if bar is not None:
+            bar.close()
+    return CompactifyReport(
         layers=[row for _, row in built.values()], skipped=skipped,
         model_params_before=params_before, model_params_after=_count(model),
         seconds=time.perf_counter() - start,
     )
-    return report

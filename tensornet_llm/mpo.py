@@ -73,8 +73,8 @@ class MPOLinear(TensorNetworkLinear):
         shapes[-1].append(1)
         return tuple(tuple(s) for s in shapes)
 
-    def _operands(self) -> list[Tensor]:
-        ops = list(self.cores)
+    def _operands(self, cores: Sequence[Tensor] | None = None) -> list[Tensor]:
+        ops = list(self.cores if cores is None else cores)
         ops[0] = ops[0][0]
         ops[-1] = ops[-1][..., 0]
         return ops

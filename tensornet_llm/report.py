@@ -21,6 +21,10 @@ class LayerReport:
     params_after: int
     rel_error: float  # ||W - W_hat||_F / ||W||_F of the weight (bias is copied exactly)
     seconds: float
+    #: Relative output error on the calibration activations, ||(W - W_hat) L|| / ||W L||
+    #: (C = L L^T), before and after data-aware fitting; None without calibration.
+    act_error_start: float | None = None
+    act_error: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -82,13 +86,16 @@ class CompactifyReport:
         )
 
     def __str__(self) -> str:
-        header = ("module", "shape", "method", "bond dims", "params", "kept", "rel err")
+        calibrated = any(r.act_error is not None for r in self.layers)
+        header = ("module", "shape", "method", "bond dims", "params", "kept", "rel err") + (
+            ("act err (svd -> fit)",) if calibrated else ()
+        )
         rows = [
             (
                 r.name, f"{r.in_features}->{r.out_features}", r.method,
                 "x".join(map(str, r.bond_dims)) or "-",
                 f"{r.params_before:,}->{r.params_after:,}", f"{r.ratio:.1%}", f"{r.rel_error:.3g}",
-            )
+            ) + ((f"{r.act_error_start:.3g} -> {r.act_error:.3g}",) if calibrated else ())
             for r in self.layers
         ]
         widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._io import atomic_directory
 from .base import TensorNetworkLinear
 
 __all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE"]
@@ -54,8 +53,15 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return unique, aliases
 
 
-def save_compactified(model: nn.Module, save_directory: str | os.PathLike, **extra: Any) -> Path:
+def save_compactified(
+    model: nn.Module, save_directory: str | os.PathLike, tokenizer: Any = None, **extra: Any
+) -> Path:
     """Save ``model`` (compactified or not) so that :func:`load_compactified` rebuilds it.
+
+    Args:
+        tokenizer: optionally saved alongside (``tokenizer.save_pretrained``).
+        extra: JSON-serialisable entries added to ``tensornet.json`` (e.g. the compactify
+            settings).
 
     The directory is written to a temporary sibling first and renamed into place, so a failed
     save never leaves a half-written directory. Returns the directory path.
@@ -72,22 +78,16 @@ def save_compactified(model: nn.Module, save_directory: str | os.PathLike, **ext
         "aliases": aliases,
         **extra,
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
         save_file({k: v.cpu() for k, v in state.items()}, tmp / WEIGHTS_FILE,
                   metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

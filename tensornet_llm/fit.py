@@ -1,0 +1,188 @@
+"""Data-aware fitting: approximate what a layer computes on real inputs, not its raw weight.
+
+For inputs ``X`` (rows are activations reaching the layer) the output error of an approximation
+``W_hat`` is ``||X (W - W_hat)^T||_F^2 = tr((W - W_hat) C (W - W_hat)^T)`` with the (uncentred)
+activation covariance ``C = X^T X / n``. With a Cholesky factor ``C = L L^T`` this is
+``||(W - W_hat) L||_F^2``: the error measured in the directions the data actually uses.
+
+* :class:`CovarianceCollector` accumulates ``C`` for chosen modules with forward hooks, in float64.
+* :func:`stable_cholesky` factors ``C``, adding the smallest diagonal shift that makes it work
+  (activation covariances are often singular: dead channels, fewer tokens than features).
+* :func:`whitened_svd` is the SVD-LLM baseline: truncated SVD of ``W L``, mapped back by ``L^-1``.
+* :func:`fit_weighted` refines a tensor-network layer's cores by L-BFGS on the exact weighted
+  objective, starting from its current cores (e.g. TT-SVD) and returning the best iterate, so the
+  weighted error never ends above where it started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .base import TensorNetworkLinear
+
+__all__ = [
+    "CovarianceCollector",
+    "stable_cholesky",
+    "weighted_error",
+    "whitened_svd",
+    "fit_weighted",
+    "FitResult",
+]
+
+
+class CovarianceCollector:
+    """Accumulate ``C = X^T X / n`` of the inputs reaching each given module.
+
+    Use as a context manager around forward passes::
+
+        with CovarianceCollector({"q": model.layers[0].self_attn.q_proj}) as cov:
+            model(batch)
+        cov.covariance("q")   # (in_features, in_features), float64
+    """
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self._sums: dict[str, Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            gram = x.T @ x
+            if name in self._sums:
+                self._sums[name] += gram
+            else:
+                self._sums[name] = gram
+            self._counts[name] = self._counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    def __enter__(self) -> "CovarianceCollector":
+        self._handles = [
+            m.register_forward_pre_hook(self._hook(n)) for n, m in self.modules.items()
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def covariance(self, name: str) -> Tensor:
+        if name not in self._sums:
+            raise KeyError(f"no activations reached module {name!r}")
+        return self._sums[name] / self._counts[name]
+
+    def tokens(self, name: str) -> int:
+        return self._counts.get(name, 0)
+
+
+def stable_cholesky(cov: Tensor, rel_eps: float = 1e-6, max_tries: int = 12) -> Tensor:
+    """Lower Cholesky factor of ``cov + shift * I`` with the smallest shift that succeeds.
+
+    The shift starts at 0, then ``rel_eps * mean(diag)`` and grows tenfold per failure, so a
+    positive-definite ``cov`` is factored exactly and a singular one gets a small ridge.
+    """
+    cov = (cov + cov.T) / 2
+    scale = float(cov.diagonal().mean().clamp_min(1e-30))
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    shift = 0.0
+    for _ in range(max_tries):
+        factor, info = torch.linalg.cholesky_ex(cov + shift * eye)
+        if int(info) == 0:
+            return factor
+        shift = rel_eps * scale if shift == 0.0 else shift * 10
+    raise ValueError(f"covariance is not positive semi-definite (tried a ridge up to {shift:.3g})")
+
+
+def weighted_error(approx: Tensor, weight: Tensor, cov: Tensor) -> float:
+    """Relative output error ``sqrt(tr(E C E^T) / tr(W C W^T))`` with ``E = W - approx``."""
+    cov = cov.to(torch.float64)
+    e = (weight - approx).to(torch.float64)
+    w = weight.to(torch.float64)
+    num = float(((e @ cov) * e).sum())
+    den = float(((w @ cov) * w).sum())
+    return (max(num, 0.0) / max(den, 1e-300)) ** 0.5
+
+
+def whitened_svd(weight: Tensor, cov: Tensor, rank: int) -> Tensor:
+    """SVD-LLM: the rank-``rank`` ``W_hat`` minimising ``||(W - W_hat) L||_F`` (``C = L L^T``).
+
+    Truncated SVD of ``W L`` then ``W_hat = (U_r S_r V_r^T) L^{-1}``. Returns ``W_hat`` as
+    ``(out, in)`` in ``weight``'s dtype.
+    """
+    w = weight.detach().to(torch.float64)
+    factor = stable_cholesky(cov.to(torch.float64))
+    u, s, vh = torch.linalg.svd(w @ factor, full_matrices=False)
+    low = (u[:, :rank] * s[:rank]) @ vh[:rank]
+    approx = torch.linalg.solve_triangular(factor, low, upper=False, left=False)  # Z L = low
+    return approx.to(weight.dtype)
+
+
+@dataclass
+class FitResult:
+    """Weighted relative error before and after, and the loss history of the fit."""
+
+    start_error: float
+    final_error: float
+    history: list[float] = field(default_factory=list)
+
+
+def fit_weighted(
+    layer: TensorNetworkLinear,
+    weight: Tensor,
+    cov: Tensor,
+    steps: int = 100,
+    history_size: int = 20,
+) -> FitResult:
+    """Refine ``layer``'s cores to minimise ``||(W - W_hat) L||_F^2`` by L-BFGS (in place).
+
+    Args:
+        layer: an :class:`MPOLinear` or :class:`TTNSLinear`; its cores are the starting point.
+        weight: the dense target ``(out_features, in_features)``.
+        cov: the activation covariance ``(in_features, in_features)``.
+        steps: L-BFGS iterations (each with a strong-Wolfe line search).
+
+    The fit runs in float32 (float64 for float64 layers); the best iterate is kept, so
+    ``final_error <= start_error``.
+    """
+    dtype = torch.float64 if layer.cores[0].dtype == torch.float64 else torch.float32
+    device = layer.cores[0].device
+    factor = stable_cholesky(cov.to(device=device, dtype=torch.float64)).to(dtype)
+    target = weight.detach().to(device=device, dtype=dtype) @ factor
+    norm = float(target.pow(2).sum().clamp_min(1e-30))
+    cores = [c.detach().to(dtype).clone().requires_grad_(True) for c in layer.cores]
+
+    def loss_of(params: list[Tensor]) -> Tensor:
+        return (layer.dense_from(params) @ factor - target).pow(2).sum() / norm
+
+    with torch.no_grad():
+        start = float(loss_of(cores))
+    best = (start, [c.detach().clone() for c in cores])
+    history = [start]
+    optimizer = torch.optim.LBFGS(
+        cores, lr=1.0, max_iter=steps, history_size=history_size, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-12, tolerance_change=1e-14,
+    )
+
+    def closure() -> Tensor:
+        nonlocal best
+        optimizer.zero_grad()
+        loss = loss_of(cores)
+        loss.backward()
+        value = float(loss.detach())
+        history.append(value)
+        if value < best[0]:
+            best = (value, [c.detach().clone() for c in cores])
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        for p, q in zip(layer.cores, best[1]):
+            p.copy_(q)
+    return FitResult(start_error=start**0.5, final_error=best[0] ** 0.5, history=history)

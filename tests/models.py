@@ -1,0 +1,49 @@
+"""Tiny random Hugging Face models of many architectures, built from configs (no downloads)."""
+
+import torch
+import transformers as tf
+
+V = 96  # vocabulary
+COMMON = dict(vocab_size=V, bos_token_id=0, eos_token_id=1, pad_token_id=0)
+LLAMA_LIKE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, **COMMON)
+
+# name -> (config, model class, is generative decoder, is encoder-decoder)
+ARCHS = {
+    "llama": (lambda: tf.LlamaConfig(**LLAMA_LIKE), tf.LlamaForCausalLM),
+    "qwen2": (lambda: tf.Qwen2Config(**LLAMA_LIKE), tf.Qwen2ForCausalLM),
+    "gemma2": (lambda: tf.Gemma2Config(head_dim=8, **LLAMA_LIKE), tf.Gemma2ForCausalLM),
+    "mistral": (lambda: tf.MistralConfig(**LLAMA_LIKE), tf.MistralForCausalLM),
+    "gpt2": (lambda: tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, **COMMON), tf.GPT2LMHeadModel),
+    "gpt_neox": (lambda: tf.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, **COMMON), tf.GPTNeoXForCausalLM),
+    "opt": (lambda: tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                 word_embed_proj_dim=32, **COMMON), tf.OPTForCausalLM),
+    "falcon": (lambda: tf.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       **COMMON), tf.FalconForCausalLM),
+    "bloom": (lambda: tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, **COMMON), tf.BloomForCausalLM),
+    "bert": (lambda: tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, vocab_size=V, pad_token_id=0), tf.BertForMaskedLM),
+    "t5": (lambda: tf.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                               decoder_start_token_id=0, **COMMON), tf.T5ForConditionalGeneration),
+}
+GENERATIVE = {"llama", "qwen2", "gemma2", "mistral", "gpt2", "gpt_neox", "opt", "falcon", "bloom", "t5"}
+
+
+def build(name: str, seed: int = 0):
+    config_fn, cls = ARCHS[name]
+    torch.manual_seed(seed)
+    return cls(config_fn()).eval()
+
+
+def inputs(name: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, V, (2, 7), generator=g)
+    if name == "t5":
+        return {"input_ids": ids, "decoder_input_ids": torch.randint(2, V, (2, 5), generator=g)}
+    return {"input_ids": ids}
+
+
+def with_labels(name: str, batch: dict) -> dict:
+    labels = batch.get("decoder_input_ids", batch["input_ids"])
+    return {**batch, "labels": labels}

@@ -1,0 +1,109 @@
+"""Data-aware fitting: covariances, the whitened-SVD baseline, the weighted tensor-network fit."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from tensornet_llm import MPOLinear, TTNSLinear
+from tensornet_llm.fit import (
+    CovarianceCollector, fit_weighted, stable_cholesky, weighted_error, whitened_svd,
+)
+
+LAYERS = [MPOLinear, TTNSLinear]
+
+
+def anisotropic_inputs(n, dim, seed=0, dead=0):
+    """Activations with a decaying spectrum (like a transformer's) and optionally dead channels."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -2, dim, dtype=torch.float64)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64) * scales
+    mix = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
+    x = x @ mix.T
+    if dead:
+        x[:, :dead] = 0
+    return x
+
+
+def test_collector_matches_direct_covariance():
+    lin = nn.Linear(12, 5)
+    xs = [torch.randn(3, 4, 12), torch.randn(7, 12)]
+    with CovarianceCollector({"lin": lin}) as cov:
+        for x in xs:
+            lin(x)
+    flat = torch.cat([x.reshape(-1, 12) for x in xs]).double()
+    torch.testing.assert_close(cov.covariance("lin"), flat.T @ flat / flat.shape[0])
+    assert cov.tokens("lin") == 19
+    lin(torch.randn(2, 12))  # hooks removed on exit
+    assert cov.tokens("lin") == 19
+
+
+def test_stable_cholesky_regularises_singular_covariance():
+    x = anisotropic_inputs(10, 24, dead=3)  # fewer samples than features, dead channels
+    cov = x.T @ x / 10
+    with pytest.raises(RuntimeError):
+        torch.linalg.cholesky(cov)
+    factor = stable_cholesky(cov)
+    err = (factor @ factor.T - cov).abs().max()
+    assert err < 1e-4 * cov.diagonal().mean()
+    good = torch.eye(5, dtype=torch.float64) * 2
+    torch.testing.assert_close(stable_cholesky(good), good.sqrt())  # no shift when not needed
+
+
+def test_whitened_svd_is_optimal_among_rank_r():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 30, generator=g, dtype=torch.float64)
+    x = anisotropic_inputs(500, 30)
+    cov = x.T @ x / 500
+    torch.testing.assert_close(whitened_svd(w, cov, 30), w)
+    for rank in (2, 8, 16):
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        plain = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        assert weighted_error(whitened_svd(w, cov, rank), w, cov) <= weighted_error(plain, w, cov) + 1e-12
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@settings(max_examples=12, deadline=None)
+@given(
+    in_f=st.integers(8, 64), out_f=st.integers(8, 64), chi=st.integers(1, 6),
+    seed=st.integers(0, 100), dead=st.integers(0, 4),
+)
+def test_weighted_fit_never_increases_weighted_error(cls, in_f, out_f, chi, seed, dead):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = anisotropic_inputs(4 * in_f, in_f, seed=seed, dead=min(dead, in_f - 1))
+    cov = x.T @ x / x.shape[0]
+    layer = cls.from_weight(w, None, chi=chi, n_sites=3)
+    before = weighted_error(layer.to_dense().detach(), w, cov)
+    result = fit_weighted(layer, w, cov, steps=30)
+    after = weighted_error(layer.to_dense().detach(), w, cov)
+    assert after <= before * (1 + 1e-9) + 1e-12
+    assert result.final_error <= result.start_error + 1e-12
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_weighted_fit_improves_on_tt_svd_for_anisotropic_inputs(cls):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 60, generator=g, dtype=torch.float64)
+    x = anisotropic_inputs(600, 60, seed=3)
+    cov = x.T @ x / 600
+    layer = cls.from_weight(w, None, chi=4, n_sites=3)
+    before = weighted_error(layer.to_dense().detach(), w, cov)
+    fit_weighted(layer, w, cov, steps=100)
+    assert weighted_error(layer.to_dense().detach(), w, cov) < 0.8 * before
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_white_noise_calibration_agrees_with_unweighted_fit(cls):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 60, generator=g, dtype=torch.float64)
+    x = torch.randn(20000, 60, generator=g, dtype=torch.float64)  # white: C ~ I
+    cov = x.T @ x / x.shape[0]
+    svd_only = cls.from_weight(w, None, chi=5, n_sites=3)
+    unweighted = cls.from_weight(w, None, chi=5, n_sites=3)
+    fit_weighted(unweighted, w, torch.eye(60, dtype=torch.float64), steps=50)
+    weighted = cls.from_weight(w, None, chi=5, n_sites=3)
+    fit_weighted(weighted, w, cov, steps=50)
+    frob = lambda layer: float((layer.to_dense().detach() - w).norm() / w.norm())
+    assert abs(frob(weighted) - frob(unweighted)) < 0.01 * frob(unweighted)
+    assert frob(unweighted) <= frob(svd_only) + 1e-9
