@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from tensornet_llm import compactify
-from tensornet_llm.calibrate import collect_covariances
+from tensornet_llm.calibrate import as_batches, collect_covariances
 from tensornet_llm.data import HELD_OUT_TEXT, token_batches, tokenize_text
 from tensornet_llm.evaluate import perplexity
 from tensornet_llm.fit import whitened_svd
@@ -68,7 +68,7 @@ def main() -> None:
     dense_ppl = perplexity(model, held_out)
     print(f"dense perplexity {dense_ppl:.2f}", flush=True)
     targets = dict(find_targets(model)[0])
-    covs = collect_covariances(model, calib, targets)
+    covs = collect_covariances(model, as_batches(calib), targets)
     rows = []
     for chi in args.chi:
         for method in ("mpo", "mpo+fit"):

@@ -109,10 +109,14 @@ def batch_bucket(batch: int) -> int:
 
 
 #: Cost-model weights, in FLOP equivalents. Small contractions are bound by memory traffic and
-#: per-kernel overhead, not arithmetic; without these terms the FLOP count alone picks the slower
-#: strategy where the two counts are close. Fitted on CPU timings (benchmarks/bench_layers.py).
-FLOPS_PER_ELEMENT = 24.0
-FLOPS_PER_KERNEL = 2.0e5
+#: per-kernel overhead, not arithmetic, while the dense strategy's one large matmul runs much
+#: closer to peak than the network's many skinny contractions (its FLOPs weigh
+#: ``MATMUL_FLOP_WEIGHT``); without these terms the FLOP count alone picks the slower strategy
+#: where the two counts are close. ``benchmarks/fit_cost_model.py`` chooses them from the
+#: timings of ``benchmarks/bench_layers.py``.
+MATMUL_FLOP_WEIGHT = 0.5
+FLOPS_PER_ELEMENT = 192.0
+FLOPS_PER_KERNEL = 1.0e5
 
 
 def _step_costs(contractions: list, sizes: dict[str, int]) -> tuple[float, float]:
@@ -198,10 +202,12 @@ def _plan(spec: NetworkSpec, bucket: int) -> ContractionPlan:
         + FLOPS_PER_KERNEL * len(dense.contraction_list)
     )
     n_in, n_out = spec.in_size, spec.out_size
-    # The matmul: 2*B*in*out FLOPs; reads W (in*out) and x, writes y (B*(in+out)); one kernel.
+    # The rebuilt W comes out site-major and is permuted into (out, in) order (a read and a
+    # write of in*out elements, one kernel); then the matmul: 2*B*in*out FLOPs, reading W and x,
+    # writing y (B*(in+out) elements), one kernel.
     dense_cost = (
-        rebuild + FLOPS_PER_ELEMENT * n_in * n_out + FLOPS_PER_KERNEL,
-        2.0 * n_in * n_out + FLOPS_PER_ELEMENT * (n_in + n_out),
+        rebuild + FLOPS_PER_ELEMENT * 3 * n_in * n_out + 2 * FLOPS_PER_KERNEL,
+        MATMUL_FLOP_WEIGHT * 2.0 * n_in * n_out + FLOPS_PER_ELEMENT * (n_in + n_out),
     )
     batch = opt_einsum.get_symbol(BATCH)
     f1 = _step_costs(network.contraction_list, {**sizes, batch: bucket})[0]
