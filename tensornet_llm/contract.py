@@ -229,12 +229,16 @@ def clear_plan_cache() -> None:
     _dense_expression.cache_clear()
 
 
-def contract_network(spec: NetworkSpec, x: Tensor, cores: Sequence[Tensor]) -> Tensor:
-    """Contract ``x`` of shape ``(B, spec.in_size)`` through the network: ``(B, spec.out_size)``."""
+def contract_network(
+    spec: NetworkSpec, x: Tensor, cores: Sequence[Tensor], plan: ContractionPlan | None = None
+) -> Tensor:
+    """Contract ``x`` of shape ``(B, spec.in_size)`` through the network: ``(B, spec.out_size)``.
+
+    ``plan`` is the cached plan for this batch size (looked up when not given)."""
     batch = x.shape[0]
     xs = x.reshape(batch, *(spec.size(l) for l in spec.in_legs))
-    y = get_plan(spec, batch).network(xs, *cores, backend="torch")
-    return y.reshape(batch, spec.out_size)
+    plan = plan if plan is not None else get_plan(spec, batch)
+    return plan.network(xs, *cores, backend="torch").reshape(batch, spec.out_size)
 
 
 def reconstruct(spec: NetworkSpec, cores: Sequence[Tensor]) -> Tensor:
@@ -267,8 +271,9 @@ def tn_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     batch = x2.shape[0]
+    plan = get_plan(spec, max(batch, 1))
     if strategy == "auto":
-        strategy = get_plan(spec, max(batch, 1)).choose(max(batch, 1))
+        strategy = plan.choose(max(batch, 1))
     if strategy == "dense" or batch == 0:
         weight = reconstruct(spec, cores)[:out_features, :in_features]
         return F.linear(x, weight, bias)
@@ -276,7 +281,7 @@ def tn_linear(
         raise ValueError(f"strategy must be 'auto', 'network' or 'dense', got {strategy!r}")
     if spec.in_size != in_features:  # zero-pad the input legs; the padded columns never count
         x2 = F.pad(x2, (0, spec.in_size - in_features))
-    y = contract_network(spec, x2, cores)
+    y = contract_network(spec, x2, cores, plan)
     if spec.out_size != out_features:
         y = y[:, :out_features]
     if bias is not None:
