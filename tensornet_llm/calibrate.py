@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .fit import CovarianceCollector
+from .targets import block_stacks
 
 __all__ = ["as_batches", "calibrated_order", "collect_covariances"]
 
@@ -57,7 +58,7 @@ def calibrated_order(
 ) -> list[tuple[nn.Module | None, list[str]]]:
     """``[(block, target names in it)]`` in forward order of the blocks; targets outside any
     block come last with ``block=None`` (their covariances need a full forward pass)."""
-    stacks = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n]
+    stacks = block_stacks(model)
     order: dict[str | None, list[str]] = {}
     for name in names:
         order.setdefault(_block_prefix(name, stacks), []).append(name)

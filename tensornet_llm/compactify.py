@@ -96,21 +96,23 @@ def _build(
     t0 = time.perf_counter()
     new = cls.from_linear(module, chi=chi, n_sites=n_sites, tol=cfg.tol)
     weight, bias = linear_weight(module)
+    target = weight.detach()
     act_start = act_end = None
     if cov is not None:
-        target = weight.detach()
         act_start = weighted_error(new.to_dense().detach(), target, cov)
         if cfg.fit_steps > 0:
             fit_weighted(new, target, cov, steps=cfg.fit_steps)
-        act_end = weighted_error(new.to_dense().detach(), target, cov)
+    with torch.no_grad():
+        dense = new.to_dense()
+    if cov is not None:
+        act_end = weighted_error(dense, target, cov)
+    w = target.double()
+    err = float((dense.double() - w).norm() / w.norm().clamp_min(1e-30))
     for p in new.cores:
         p.requires_grad_(weight.requires_grad)
     if bias is not None:
         new.bias.requires_grad_(bias.requires_grad)
     new.train(module.training)
-    with torch.no_grad():
-        w = weight.detach().double()
-        err = float((new.to_dense().double() - w).norm() / w.norm().clamp_min(1e-30))
     row = LayerReport(
         name=name, in_features=new.in_features, out_features=new.out_features,
         method=cls.method, chi=chi, bond_dims=list(new.bond_dims),

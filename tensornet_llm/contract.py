@@ -271,7 +271,7 @@ def tn_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     batch = x2.shape[0]
-    plan = get_plan(spec, max(batch, 1))
+    plan = get_plan(spec, max(batch, 1)) if strategy != "dense" else None
     if strategy == "auto":
         strategy = plan.choose(max(batch, 1))
     if strategy == "dense" or batch == 0:

@@ -22,7 +22,9 @@ from torch import nn
 
 from .base import TensorNetworkLinear, is_linear_like
 
-__all__ = ["Filter", "matches", "resolve_override", "find_targets", "fused_expert_tensors"]
+__all__ = [
+    "Filter", "matches", "resolve_override", "find_targets", "fused_expert_tensors", "block_stacks",
+]
 
 #: ``filter(module, qualified_name) -> bool``, as torchao's ``filter_fn``.
 Filter = Callable[[nn.Module, str], bool]
@@ -67,7 +69,7 @@ def resolve_override(value: T | Mapping[str, T], name: str, argument: str) -> T:
     )
 
 
-def _block_stacks(model: nn.Module) -> list[str]:
+def block_stacks(model: nn.Module) -> list[str]:
     """Qualified names of ModuleLists that hold repeated blocks (the transformer layers)."""
     return [
         name
@@ -111,7 +113,7 @@ def find_targets(
         targets = [check_pattern(p, "targets") for p in targets]
         if not targets:
             raise ValueError("targets must name at least one pattern, or be None for the default")
-    stacks = _block_stacks(model)
+    stacks = block_stacks(model)
     heads = _head_ids(model)
     chosen: list[tuple[str, nn.Module]] = []
     skipped: list[tuple[str, str]] = []
