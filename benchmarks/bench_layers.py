@@ -170,7 +170,8 @@ def write_markdown(rows: list[dict], summary: dict, path: Path, meta: dict) -> N
         "# Layer benchmark: tensor network vs dense nn.Linear",
         "",
         f"Machine: {meta['machine']}; torch {meta['torch']}; threads {meta['threads']}; "
-        f"float32, inference mode. Times are the fastest of interleaved rounds (pathless einsum: one call, skipped where the previous token count extrapolates past 2 s), in milliseconds.",
+        "float32, inference mode. Times are the fastest of interleaved rounds in milliseconds "
+        "(pathless einsum: one call, skipped where the previous token count extrapolates past 2 s).",
         "Written by `benchmarks/bench_layers.py`; raw data in `bench_layers.json`.",
         "",
         "| summary | value |", "|---|---|",

@@ -1,11 +1,14 @@
 """tensornet-llm: compress transformer language models with tensor networks."""
 
 from .base import TensorNetworkLinear
+from .budget import Allocation, allocate
 from .compactify import CompactifyConfig, compactify
 from .decompose import BondSpectrum
+from .entanglement import EntanglementRow, entanglement_profile, layer_entropy
 from .factorize import factorize
 from .mpo import MPOLinear
 from .report import CompactifyReport, LayerReport
+from .sensitivity import SensitivityProfile, SensitivityRow, profile_sensitivity, rank_correlation
 from .serialization import load_compactified, save_compactified
 from .ttns import TTNSLinear
 
@@ -21,5 +24,14 @@ __all__ = [
     "save_compactified",
     "load_compactified",
     "factorize",
+    "profile_sensitivity",
+    "SensitivityProfile",
+    "SensitivityRow",
+    "entanglement_profile",
+    "EntanglementRow",
+    "layer_entropy",
+    "rank_correlation",
+    "allocate",
+    "Allocation",
 ]
 __version__ = "0.1.0"

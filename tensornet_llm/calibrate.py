@@ -16,9 +16,12 @@ import torch
 from torch import Tensor, nn
 
 from .fit import CovarianceCollector
-from .targets import block_stacks
+from .targets import block_prefix, block_stacks
 
-__all__ = ["as_batches", "calibrated_order", "collect_covariances"]
+__all__ = [
+    "as_batches", "calibrated_order", "collect_covariances", "collect_output_gradients",
+    "model_inputs",
+]
 
 
 class _StopForward(Exception):
@@ -45,14 +48,6 @@ def as_batches(calibration: Iterable[Any]) -> list[dict[str, Tensor]]:
     return batches
 
 
-def _block_prefix(name: str, stacks: list[str]) -> str | None:
-    for stack in sorted(stacks, key=len, reverse=True):
-        if name.startswith(stack + "."):
-            index = name[len(stack) + 1 :].split(".", 1)[0]
-            return f"{stack}.{index}"
-    return None
-
-
 def calibrated_order(
     model: nn.Module, names: list[str]
 ) -> list[tuple[nn.Module | None, list[str]]]:
@@ -61,7 +56,7 @@ def calibrated_order(
     stacks = block_stacks(model)
     order: dict[str | None, list[str]] = {}
     for name in names:
-        order.setdefault(_block_prefix(name, stacks), []).append(name)
+        order.setdefault(block_prefix(name, stacks), []).append(name)
     blocks = [p for p in order if p is not None]
     # ModuleList order is forward order; stacks in module registration order (encoder first).
     rank = {n: i for i, (n, _) in enumerate(model.named_modules())}
@@ -72,6 +67,15 @@ def calibrated_order(
     if None in order:
         out.append((None, order[None]))
     return out
+
+
+def model_inputs(model: nn.Module, batch: dict[str, Tensor], device: torch.device) -> dict:
+    """A calibration batch moved to ``device``; encoder-decoders get the ids as decoder input."""
+    inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    config = getattr(model, "config", None)
+    if "decoder_input_ids" not in inputs and getattr(config, "is_encoder_decoder", False):
+        inputs["decoder_input_ids"] = inputs["input_ids"]
+    return inputs
 
 
 @torch.no_grad()
@@ -93,11 +97,8 @@ def collect_covariances(
     try:
         with CovarianceCollector(modules) as collector:
             for batch in batches:
-                inputs = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-                if "decoder_input_ids" not in inputs and getattr(model.config, "is_encoder_decoder", False):
-                    inputs["decoder_input_ids"] = inputs["input_ids"]
                 try:
-                    model(**inputs)
+                    model(**model_inputs(model, batch, device))
                 except _StopForward:
                     pass
     finally:
@@ -108,3 +109,68 @@ def collect_covariances(
     if missing:
         raise ValueError(f"no calibration activations reached {missing[:3]}")
     return collector
+
+
+def collect_output_gradients(
+    model: nn.Module, batches: list[dict[str, Tensor]], modules: dict[str, nn.Module]
+) -> dict[str, Tensor] | None:
+    """``E[g_o^2]`` per output feature of each module, ``g = d(sum of token losses) / d y``.
+
+    One forward and backward pass per batch with the language-modelling loss (``labels`` =
+    the input ids). With the input covariance ``C`` this gives the diagonal Gauss-Newton
+    (empirical Fisher) estimate of how much a weight error ``E`` raises the mean token loss:
+    ``0.5 * sum_o E[g_o^2] (E C E^T)_oo``. Returns ``None`` when the model computes no loss
+    from ``labels`` (a bare encoder, say); parameters and their gradients are left untouched.
+    """
+    device = next(model.parameters()).device
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name: str):
+        def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return
+
+            def grad_hook(grad: Tensor) -> None:
+                g = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64)
+                sq = g.pow(2).sum(0)
+                sums[name] = sums[name] + sq if name in sums else sq
+                counts[name] = counts.get(name, 0) + g.shape[0]
+
+            output.register_hook(grad_hook)
+
+        return forward_hook
+
+    # Gradients flow back to the input embeddings only: every activation downstream of them
+    # needs one, no weight does (no weight gradients are accumulated).
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    leaf = getattr(embed, "weight", None)
+    if not isinstance(leaf, Tensor):
+        return None
+    saved = (leaf.requires_grad, leaf.grad)
+    was_training = model.training
+    model.eval()
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        leaf.requires_grad_(True)
+        for batch in batches:
+            inputs = model_inputs(model, batch, device)
+            try:
+                with torch.enable_grad():
+                    out = model(**inputs, labels=inputs["input_ids"])
+            except (TypeError, ValueError):
+                return None
+            loss = getattr(out, "loss", None)
+            if loss is None:
+                return None
+            # Sum over tokens, so each token's gradient is its own loss's gradient.
+            torch.autograd.grad(loss * inputs["input_ids"].numel(), [leaf])
+    finally:
+        for h in handles:
+            h.remove()
+        leaf.requires_grad_(saved[0])
+        leaf.grad = saved[1]
+        model.train(was_training)
+    if any(n not in sums for n in modules):
+        return None
+    return {n: sums[n] / counts[n] for n in modules}

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from .base import TensorNetworkLinear, linear_weight
-from .calibrate import as_batches, calibrated_order, collect_covariances
-from .fit import fit_weighted, weighted_error
+from .budget import allocate
+from .calibrate import as_batches, calibrated_order, collect_covariances, collect_output_gradients
+from .fit import fit_weighted, kronecker_whitened, weighted_error
 from .mpo import MPOLinear
 from .report import CompactifyReport, LayerReport
 from .targets import (
@@ -24,6 +25,7 @@ __all__ = ["compactify", "CompactifyConfig", "METHODS"]
 Method = Literal["mpo", "ttns"]
 METHODS: dict[str, type[TensorNetworkLinear]] = {"mpo": MPOLinear, "ttns": TTNSLinear}
 PerModule = Union[int, Mapping[str, int]]
+DEFAULT_CHI = 32
 
 
 @dataclass
@@ -31,7 +33,11 @@ class CompactifyConfig:
     """Settings of :func:`compactify`.
 
     Attributes:
-        chi: maximum bond dimension, or ``{pattern: chi, "_default": chi}`` per module.
+        chi: maximum bond dimension, or ``{pattern: chi, "_default": chi}`` per module
+            (default 32 unless ``ratio`` is given).
+        ratio: instead of ``chi``, the fraction of the targeted parameters to keep; each
+            module's chi is then chosen (some modules may stay dense) to minimise the predicted
+            damage, see :mod:`tensornet_llm.budget`. Exclusive with ``chi``.
         method: ``"mpo"`` or ``"ttns"``, or a per-module mapping like ``chi``.
         n_sites: sites per layer (int or per-module mapping).
         targets: ``None`` for every attention/MLP linear, patterns, or a filter on
@@ -43,7 +49,8 @@ class CompactifyConfig:
         fit_steps: with calibration data, L-BFGS iterations of the data-aware fit per layer.
     """
 
-    chi: PerModule = 32
+    chi: PerModule | None = None
+    ratio: float | None = None
     method: Union[Method, Mapping[str, Method]] = "mpo"
     n_sites: PerModule = 3
     targets: Targets = None
@@ -53,7 +60,16 @@ class CompactifyConfig:
     fit_steps: int = 50
 
     def validate(self) -> None:
-        _check_setting(self.chi, "chi", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
+        if self.ratio is not None:
+            if self.chi is not None:
+                raise ValueError("chi and ratio are exclusive: give one of them, not both")
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (
+                0 < self.ratio <= 1
+            ):
+                raise ValueError(f"ratio must be a float in (0, 1], got {self.ratio!r}")
+        else:
+            _check_setting(self.effective_chi, "chi", lambda v: _is_int(v) and v >= 1,
+                           "an integer >= 1")
         _check_setting(self.n_sites, "n_sites", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
         _check_setting(
             self.method, "method", lambda v: v in METHODS, f"one of {sorted(METHODS)}"
@@ -66,6 +82,10 @@ class CompactifyConfig:
             raise ValueError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
+
+    @property
+    def effective_chi(self) -> PerModule:
+        return DEFAULT_CHI if self.chi is None else self.chi
 
 
 def _is_int(v: object) -> bool:
@@ -100,6 +120,13 @@ def _build(
     act_start = act_end = None
     if cov is not None:
         act_start = weighted_error(new.to_dense().detach(), target, cov)
+        # Start from whichever is better on the data: TT-SVD of W, or of W whitened site by site.
+        whitened = kronecker_whitened(new, target, cov)
+        if whitened is not None:
+            if weighted_error(whitened.to_dense().detach(), target, cov) < act_start:
+                with torch.no_grad():
+                    for p, q in zip(new.cores, whitened.cores):
+                        p.copy_(q)
         if cfg.fit_steps > 0:
             fit_weighted(new, target, cov, steps=cfg.fit_steps)
     with torch.no_grad():
@@ -135,6 +162,7 @@ def compactify(
     model: nn.Module,
     chi: PerModule | None = None,
     *,
+    ratio: float | None = None,
     method: Union[Method, Mapping[str, Method], None] = None,
     n_sites: PerModule | None = None,
     targets: Targets = None,
@@ -156,7 +184,10 @@ def compactify(
 
     Args:
         model: any ``nn.Module``, typically a Hugging Face transformer.
-        chi: bond dimension, or ``{pattern: chi, "_default": chi}``.
+        chi: bond dimension, or ``{pattern: chi, "_default": chi}`` (default 32).
+        ratio: keep this fraction of the targeted parameters instead, choosing each module's
+            chi (or leaving it dense) to minimise the predicted damage; with ``calibration``
+            the damage is the Gauss-Newton estimate of the loss increase. Exclusive with ``chi``.
         method: ``"mpo"`` (matrix product operator) or ``"ttns"`` (tree tensor network).
         n_sites: sites per layer.
         targets, exclude, tol: see :class:`CompactifyConfig`.
@@ -175,7 +206,7 @@ def compactify(
         >>> print(report)
     """
     cfg = CompactifyConfig(**vars(config)) if config is not None else CompactifyConfig()
-    for key, value in {"chi": chi, "method": method, "n_sites": n_sites, "targets": targets,
+    for key, value in {"chi": chi, "ratio": ratio, "method": method, "n_sites": n_sites, "targets": targets,
                        "exclude": exclude, "tol": tol, "fit_steps": fit_steps}.items():
         if value is not None:
             if key == "exclude":
@@ -192,15 +223,27 @@ def compactify(
     skipped += [(name, f"fused MoE expert tensor {shape}, not tensorized")
                 for name, shape in fused_expert_tensors(model)]
     # Resolve every per-module setting first: a missing pattern fails before any work.
-    settings = {
+    batches = as_batches(calibration) if calibration is not None else None
+    kinds = {
         name: (
             METHODS[resolve_override(cfg.method, name, "method")],
-            resolve_override(cfg.chi, name, "chi"),
             resolve_override(cfg.n_sites, name, "n_sites"),
         )
         for name, _ in chosen
     }
-    batches = as_batches(calibration) if calibration is not None else None
+    dense_target_params = 0
+    if cfg.ratio is None:
+        chis = {name: resolve_override(cfg.effective_chi, name, "chi") for name, _ in chosen}
+    else:
+        chis = _budget_chis(model, chosen, kinds, cfg.ratio, batches)
+        left = {id(m): m for n, m in chosen if chis[n] is None}
+        dense_target_params = sum(
+            sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
+        )
+        skipped += [(n, f"left dense by the ratio={cfg.ratio} budget")
+                    for n, _ in chosen if chis[n] is None]
+        chosen = [(n, m) for n, m in chosen if chis[n] is not None]
+    settings = {name: (kinds[name][0], chis[name], kinds[name][1]) for name, _ in chosen}
     params_before = _count(model)
     built: dict[int, tuple[TensorNetworkLinear, LayerReport]] = {}
     done: list[tuple[nn.Module, str, nn.Module]] = []
@@ -242,5 +285,24 @@ def compactify(
     return CompactifyReport(
         layers=[row for _, row in built.values()], skipped=skipped,
         model_params_before=params_before, model_params_after=_count(model),
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, ratio=cfg.ratio,
+        dense_target_params=dense_target_params,
     )
+
+
+def _budget_chis(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], kinds: dict[str, tuple],
+    ratio: float, batches: list | None,
+) -> dict[str, int | None]:
+    """chi per target name (``None``: stays dense) under the parameter budget."""
+    unique: dict[int, str] = {}
+    for name, module in chosen:
+        unique.setdefault(id(module), name)
+    modules = {name: module for name, module in chosen if unique[id(module)] == name}
+    covs = grads = None
+    if batches is not None:
+        collector = collect_covariances(model, batches, modules)
+        covs = {n: collector.covariance(n) for n in modules}
+        grads = collect_output_gradients(model, batches, modules)
+    allocation = allocate(modules, ratio, {n: kinds[n] for n in modules}, covs, grads)
+    return {name: allocation.chi[unique[id(module)]] for name, module in chosen}

@@ -9,6 +9,10 @@ activation covariance ``C = X^T X / n``. With a Cholesky factor ``C = L L^T`` th
 * :func:`stable_cholesky` factors ``C``, adding the smallest diagonal shift that makes it work
   (activation covariances are often singular: dead channels, fewer tokens than features).
 * :func:`whitened_svd` is the SVD-LLM baseline: truncated SVD of ``W L``, mapped back by ``L^-1``.
+* :func:`kronecker_whitened` builds a better starting point than TT-SVD of ``W``: the covariance
+  is approximated by a Kronecker product over the input sites, ``C ~ C_1 x ... x C_N``, whose
+  Cholesky factor ``L_1 x ... x L_N`` acts site by site, so ``W L`` is decomposed and every
+  core's input leg is mapped back by ``L_k^{-1}``: still an exact network of the same shape.
 * :func:`fit_weighted` refines a tensor-network layer's cores by L-BFGS on the exact weighted
   objective, starting from its current cores (e.g. TT-SVD) and returning the best iterate, so the
   weighted error never ends above where it started.
@@ -30,6 +34,8 @@ __all__ = [
     "whitened_svd",
     "fit_weighted",
     "FitResult",
+    "kronecker_factors",
+    "kronecker_whitened",
 ]
 
 
@@ -122,6 +128,53 @@ def whitened_svd(weight: Tensor, cov: Tensor, rank: int) -> Tensor:
     low = (u[:, :rank] * s[:rank]) @ vh[:rank]
     approx = torch.linalg.solve_triangular(factor, low, upper=False, left=False)  # Z L = low
     return approx.to(weight.dtype)
+
+
+def kronecker_factors(cov: Tensor, in_shape: tuple[int, ...]) -> list[Tensor]:
+    """Per-site factors ``C_k`` of ``C ~ C_1 x ... x C_N`` (row-major sites, ``in_shape``):
+    ``C_k`` is the partial trace of ``C`` over every other site, scaled to unit mean diagonal."""
+    n = len(in_shape)
+    full = cov.to(torch.float64).reshape(*in_shape, *in_shape)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    factors = []
+    for k in range(n):
+        rows = list(letters[:n])
+        cols = list(letters[:n])
+        cols[k] = letters[n + k]  # only site k keeps distinct row and column indices
+        c = torch.einsum(f"{''.join(rows)}{''.join(cols)}->{rows[k]}{cols[k]}", full)
+        factors.append(c / c.diagonal().mean().clamp_min(1e-300))
+    return factors
+
+
+@torch.no_grad()
+def kronecker_whitened(
+    layer: TensorNetworkLinear, weight: Tensor, cov: Tensor
+) -> TensorNetworkLinear | None:
+    """A layer of ``layer``'s class and structure decomposed from ``W (L_1 x ... x L_N)``, its
+    input legs mapped back by ``L_k^{-1}``; ``None`` for zero-padded layers (the covariance
+    does not cover the padding)."""
+    if layer.padded_in != layer.in_features or layer.padded_out != layer.out_features:
+        return None
+    compute = torch.float64
+    chol = [stable_cholesky(c) for c in kronecker_factors(cov.to(weight.device), layer.in_shape)]
+    w = weight.detach().to(compute).reshape(layer.out_features, *layer.in_shape)
+    for k, factor in enumerate(chol):  # W[o, i_1.., i_k, ..] L_k[i_k, j_k]
+        w = torch.movedim(torch.tensordot(w, factor, dims=([k + 1], [0])), -1, k + 1)
+    new = type(layer).from_weight(
+        w.reshape(layer.out_features, layer.in_features).to(torch.float32), None, layer.chi,
+        layer.n_sites, in_shape=layer.in_shape, out_shape=layer.out_shape,
+    )
+    if new.bond_dims != layer.bond_dims:
+        return None
+    inverse = [torch.linalg.inv(factor) for factor in chol]
+    operands = new._operands()  # views of the cores: writing them writes the parameters
+    for op, legs in zip(operands, new.spec.core_legs):
+        for axis, label in enumerate(legs):
+            if label in new.spec.in_legs:
+                site = new.spec.in_legs.index(label)
+                m = inverse[site].to(op.dtype)  # new[.., i, ..] = sum_j op[.., j, ..] M[j, i]
+                op.copy_(torch.movedim(torch.tensordot(op, m, dims=([axis], [0])), -1, axis))
+    return new
 
 
 @dataclass

@@ -40,14 +40,18 @@ class CompactifyReport:
     model_params_before: int = 0
     model_params_after: int = 0
     seconds: float = 0.0
+    #: The ``ratio`` budget the chi were chosen under (``None`` when chi was given).
+    ratio: float | None = None
+    #: Parameters of targeted modules the budget left dense (counted as kept in full).
+    dense_target_params: int = 0
 
     @property
     def target_params_before(self) -> int:
-        return sum(r.params_before for r in self.layers)
+        return sum(r.params_before for r in self.layers) + self.dense_target_params
 
     @property
     def target_params_after(self) -> int:
-        return sum(r.params_after for r in self.layers)
+        return sum(r.params_after for r in self.layers) + self.dense_target_params
 
     @property
     def kept_fraction(self) -> float:
@@ -71,6 +75,8 @@ class CompactifyReport:
                 "model_params_after": self.model_params_after,
                 "model_kept_fraction": self.model_kept_fraction,
                 "seconds": self.seconds,
+                "ratio": self.ratio,
+                "dense_target_params": self.dense_target_params,
             },
         }
 
@@ -78,8 +84,9 @@ class CompactifyReport:
         return json.dumps(self.to_dict(), **{"indent": 2, **kwargs})
 
     def summary(self) -> str:
+        budget = f" under ratio={self.ratio}" if self.ratio is not None else ""
         return (
-            f"{len(self.layers)} modules replaced in {self.seconds:.1f}s: targeted parameters "
+            f"{len(self.layers)} modules replaced{budget} in {self.seconds:.1f}s: targeted parameters "
             f"{self.target_params_before:,} -> {self.target_params_after:,} "
             f"({self.kept_fraction:.1%} kept); model {self.model_params_before:,} -> "
             f"{self.model_params_after:,} ({self.model_kept_fraction:.1%})"

@@ -24,6 +24,7 @@ from .base import TensorNetworkLinear, is_linear_like
 
 __all__ = [
     "Filter", "matches", "resolve_override", "find_targets", "fused_expert_tensors", "block_stacks",
+    "block_prefix",
 ]
 
 #: ``filter(module, qualified_name) -> bool``, as torchao's ``filter_fn``.
@@ -76,6 +77,16 @@ def block_stacks(model: nn.Module) -> list[str]:
         for name, module in model.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) > 0 and name
     ]
+
+
+def block_prefix(name: str, stacks: list[str]) -> str | None:
+    """The block a module lives in (``"model.layers.3"`` for ``"model.layers.3.mlp.up_proj"``),
+    given the model's :func:`block_stacks`; ``None`` outside every block."""
+    for stack in sorted(stacks, key=len, reverse=True):
+        if name.startswith(stack + "."):
+            index = name[len(stack) + 1 :].split(".", 1)[0]
+            return f"{stack}.{index}"
+    return None
 
 
 def _head_ids(model: nn.Module) -> set[int]:

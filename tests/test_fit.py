@@ -7,7 +7,8 @@ from torch import nn
 
 from tensornet_llm import MPOLinear, TTNSLinear
 from tensornet_llm.fit import (
-    CovarianceCollector, fit_weighted, stable_cholesky, weighted_error, whitened_svd,
+    CovarianceCollector, fit_weighted, kronecker_factors, kronecker_whitened, stable_cholesky,
+    weighted_error, whitened_svd,
 )
 
 LAYERS = [MPOLinear, TTNSLinear]
@@ -107,3 +108,24 @@ def test_white_noise_calibration_agrees_with_unweighted_fit(cls):
     frob = lambda layer: float((layer.to_dense().detach() - w).norm() / w.norm())
     assert abs(frob(weighted) - frob(unweighted)) < 0.01 * frob(unweighted)
     assert frob(unweighted) <= frob(svd_only) + 1e-9
+
+
+@pytest.mark.parametrize("cls", [MPOLinear, TTNSLinear])
+def test_kronecker_whitened_start_is_exact_at_full_chi_and_better_for_kronecker_data(cls):
+    torch.manual_seed(3)
+    weight = torch.randn(48, 60, dtype=torch.float64)
+    shape = (3, 5, 4)  # factorize(60, 3)
+    sites = [torch.randn(d, d, dtype=torch.float64) for d in shape]
+    sites = [a @ a.T + 0.05 * torch.eye(len(a), dtype=torch.float64) for a in sites]
+    cov = torch.kron(torch.kron(sites[0], sites[1]), sites[2])
+    for got, want in zip(kronecker_factors(cov, shape), sites):
+        torch.testing.assert_close(got, want / want.diagonal().mean())
+    full = cls.from_weight(weight, None, chi=10**6)
+    exact = kronecker_whitened(full, weight, cov)
+    torch.testing.assert_close(exact.to_dense().double(), weight, rtol=1e-4, atol=1e-4)
+    for chi in (3, 6):
+        plain = cls.from_weight(weight, None, chi=chi)
+        white = kronecker_whitened(plain, weight, cov)
+        assert white.bond_dims == plain.bond_dims
+        err = lambda layer: weighted_error(layer.to_dense().detach(), weight, cov)
+        assert err(white) < err(plain)

@@ -1,0 +1,216 @@
+"""Per-module bond dimensions under a parameter budget (``compactify(model, ratio=...)``).
+
+Every targeted module gets a ladder of options: dense (keeps all its parameters, no error) and
+a tensor network at each chi of a grid of keep fractions. For each option the *damage* is
+estimated from the weight error ``E = W - W_hat`` of the decomposition at that chi:
+
+* with calibration data and a language-modelling loss: the predicted rise of the mean token
+  loss, ``0.5 * sum_o E[g_o^2] (E C E^T)_oo`` (``C`` the input covariance, ``g`` the loss
+  gradient at the module's output; a diagonal Gauss-Newton estimate);
+* with calibration but no loss: the relative output error ``tr(E C E^T) / tr(W C W^T)``;
+* without data: the relative weight error ``||E||_F^2 / ||W||_F^2``.
+
+The allocation minimises the summed damage subject to the total parameter count: on each
+module's lower convex hull of (parameters, damage), steps are taken globally in order of
+damage added per parameter saved until the budget is met (the classic greedy solution of this
+separable problem, exact up to one step), then any budget left is spent stepping back up where
+a step still fits. Modules where every step costs too much stay dense.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .base import TensorNetworkLinear, linear_weight
+
+__all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate"]
+
+#: Keep fractions (of a module's dense parameters) tried for every module.
+KEEP_GRID = (0.04, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One rung of a module's ladder: ``chi=None`` means left dense."""
+
+    chi: int | None
+    params: int
+    damage: float
+
+
+@dataclass
+class Allocation:
+    """The chosen chi per module (``None``: left dense), with the ladders it chose from."""
+
+    chi: dict[str, int | None]
+    params_before: int
+    params_after: int
+    budget: int
+    damage: float
+    estimate: str  # "fisher", "output" or "weight": how damage was estimated
+    options: dict[str, list[Option]] = field(default_factory=dict)
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.params_after / max(self.params_before, 1)
+
+
+def _params(cls: type[TensorNetworkLinear], in_f: int, out_f: int, chi: int, n_sites: int,
+            bias: bool) -> int:
+    probe = cls(in_f, out_f, chi, n_sites, bias=bias, device="meta")
+    return sum(c.numel() for c in probe.cores) + (out_f if bias else 0)
+
+
+def chi_for_params(cls: type[TensorNetworkLinear], in_features: int, out_features: int,
+                   n_sites: int, params: int, bias: bool = False) -> int:
+    """The largest chi whose layer has at most ``params`` parameters (at least 1)."""
+    lo, hi = 1, 1
+    while _params(cls, in_features, out_features, hi, n_sites, bias) <= params:
+        if hi > in_features * out_features:  # bonds saturated: every chi beyond is the same
+            return hi
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # invariant: params(lo) <= params (or lo == 1) < params(hi)
+        mid = (lo + hi) // 2
+        if _params(cls, in_features, out_features, mid, n_sites, bias) <= params:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _damage(error: Tensor, weight: Tensor, cov: Tensor | None, grad_sq: Tensor | None) -> float:
+    e = error.to(torch.float64)
+    if cov is None:
+        return float(e.pow(2).sum() / weight.to(torch.float64).pow(2).sum().clamp_min(1e-300))
+    cov = cov.to(device=e.device, dtype=torch.float64)
+    per_output = ((e @ cov) * e).sum(1)  # (E C E^T)_oo
+    if grad_sq is not None:
+        return 0.5 * float((grad_sq.to(per_output) * per_output).sum())
+    w = weight.to(torch.float64)
+    return float(per_output.sum() / ((w @ cov) * w).sum().clamp_min(1e-300))
+
+
+def _lower_hull(options: list[Option]) -> list[Option]:
+    """Options on the lower convex hull of (params, damage), most parameters first.
+
+    Dominated options (another has no more parameters and no more damage) are dropped first;
+    on what remains, damage falls as parameters grow, and the hull keeps the convex part, so
+    along it each step saves parameters at a rising price in damage.
+    """
+    front: list[Option] = []
+    for o in sorted(options, key=lambda o: (o.params, o.damage)):
+        if not front or o.damage < front[-1].damage:
+            front.append(o)
+    hull: list[Option] = []
+    for o in front:  # params ascending, damage descending: monotone-chain lower hull
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            cross = (b.params - a.params) * (o.damage - a.damage) - (b.damage - a.damage) * (
+                o.params - a.params
+            )
+            if cross <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull[::-1]
+
+
+def allocate(
+    modules: Mapping[str, nn.Module],
+    ratio: float,
+    settings: Mapping[str, tuple[type[TensorNetworkLinear], int]],
+    covariances: Mapping[str, Tensor] | None = None,
+    grad_sq: Mapping[str, Tensor] | None = None,
+    keep_grid: tuple[float, ...] = KEEP_GRID,
+) -> Allocation:
+    """Choose chi per module so that the kept parameters total at most ``ratio`` of the dense.
+
+    Args:
+        modules: ``{name: linear-like module}``.
+        ratio: fraction of the modules' parameters (weights and biases) to keep, in (0, 1].
+        settings: ``{name: (MPOLinear or TTNSLinear, n_sites)}``.
+        covariances: optional input covariance per module (``(in, in)``).
+        grad_sq: optional ``E[g^2]`` per output feature per module (needs ``covariances``).
+        keep_grid: keep fractions tried per module.
+
+    Raises:
+        ValueError: ``ratio`` outside (0, 1] or below what the smallest grid rung keeps.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a float in (0, 1], got {ratio!r}")
+    estimate = "weight" if covariances is None else ("fisher" if grad_sq is not None else "output")
+    ladders: dict[str, list[Option]] = {}
+    for name, module in modules.items():
+        cls, n_sites = settings[name]
+        weight, bias = linear_weight(module)
+        out_f, in_f = weight.shape
+        dense = weight.numel() + (bias.numel() if bias is not None else 0)
+        w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        options = [Option(None, dense, 0.0)]
+        chis = sorted({chi_for_params(cls, in_f, out_f, n_sites, int(k * dense) - (dense - weight.numel()))
+                       for k in keep_grid})
+        for chi in chis:
+            params = _params(cls, in_f, out_f, chi, n_sites, bias is not None)
+            if params >= dense:
+                continue
+            approx = cls.from_weight(w, None, chi, n_sites).to_dense().detach()
+            options.append(Option(chi, params, _damage(
+                w - approx, w,
+                covariances[name] if covariances is not None else None,
+                grad_sq[name] if grad_sq is not None else None,
+            )))
+        ladders[name] = options
+
+    before = sum(o[0].params for o in ladders.values())
+    budget = int(math.floor(ratio * before))
+    hulls = {n: _lower_hull(o) for n, o in ladders.items()}
+    smallest = sum(h[-1].params for h in hulls.values())
+    if smallest > budget:
+        raise ValueError(
+            f"ratio={ratio} asks for {budget:,} parameters, but the smallest networks on the grid "
+            f"need {smallest:,} ({smallest / before:.1%}); use ratio >= {smallest / before:.3f}"
+        )
+    # Global greedy over hull steps by damage added per parameter saved.
+    steps = []
+    for name, hull in hulls.items():
+        for k in range(1, len(hull)):
+            saved = hull[k - 1].params - hull[k].params
+            steps.append(((hull[k].damage - hull[k - 1].damage) / saved, name, k))
+    steps.sort()
+    position = {n: 0 for n in hulls}
+    total = before
+    for _, name, k in steps:
+        if total <= budget:
+            break
+        if position[name] != k - 1:  # convex hull: a module's steps come in order
+            continue
+        total -= hulls[name][k - 1].params - hulls[name][k].params
+        position[name] = k
+    # Spend what is left: step back up (toward dense) where it fits, best damage saved first.
+    while True:
+        moves = [
+            ((hull[position[n]].damage - hull[position[n] - 1].damage)
+             / (hull[position[n] - 1].params - hull[position[n]].params), n)
+            for n, hull in hulls.items()
+            if position[n] > 0
+            and total + hull[position[n] - 1].params - hull[position[n]].params <= budget
+        ]
+        if not moves:
+            break
+        _, name = max(moves)
+        hull = hulls[name]
+        total += hull[position[name] - 1].params - hull[position[name]].params
+        position[name] -= 1
+    chosen = {n: hulls[n][position[n]] for n in hulls}
+    return Allocation(
+        chi={n: o.chi for n, o in chosen.items()},
+        params_before=before, params_after=sum(o.params for o in chosen.values()),
+        budget=budget, damage=sum(o.damage for o in chosen.values()), estimate=estimate,
+        options=ladders,
+    )

@@ -1,0 +1,119 @@
+"""Budgeted chi (compactify(ratio=...)): the allocation and its damage estimates."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from models import build
+from tensornet_llm import MPOLinear, TTNSLinear, compactify
+from tensornet_llm.budget import Option, _lower_hull, allocate, chi_for_params
+from tensornet_llm.calibrate import as_batches, collect_output_gradients
+from test_compactify import assert_unchanged, calibration_batches, snapshot
+
+
+def layers(seed=0):
+    torch.manual_seed(seed)
+    shapes = [(24, 40), (40, 24), (32, 32), (48, 16)]
+    return {f"l{i}": nn.Linear(i_f, o_f, bias=i % 2 == 0) for i, (i_f, o_f) in enumerate(shapes)}
+
+
+@pytest.mark.parametrize("cls", [MPOLinear, TTNSLinear])
+@given(in_f=st.integers(4, 64), out_f=st.integers(4, 64), frac=st.floats(0.05, 1.5))
+@settings(max_examples=25, deadline=None)
+def test_chi_for_params_is_the_largest_that_fits(cls, in_f, out_f, frac):
+    budget = max(1, int(frac * in_f * out_f))
+    chi = chi_for_params(cls, in_f, out_f, 3, budget)
+    count = lambda c: sum(p.numel() for p in cls(in_f, out_f, c, 3, bias=False, device="meta").cores)
+    assert chi == 1 or count(chi) <= budget
+    assert count(chi + 1) > budget or count(chi + 1) == count(chi)
+
+
+def test_lower_hull_is_convex_and_drops_dominated_options():
+    opts = [Option(None, 100, 0.0), Option(8, 50, 1.0), Option(6, 40, 1.5), Option(5, 45, 3.0),
+            Option(4, 30, 5.0), Option(2, 20, 20.0), Option(3, 35, 9.0)]
+    hull = _lower_hull(opts)
+    assert [o.chi for o in hull] == [None, 8, 6, 4, 2]
+    slopes = [(b.damage - a.damage) / (a.params - b.params) for a, b in zip(hull, hull[1:])]
+    assert slopes == sorted(slopes)
+
+
+@pytest.mark.parametrize("cls", [MPOLinear, TTNSLinear])
+@given(ratio=st.floats(0.3, 1.0))
+@settings(max_examples=8, deadline=None)
+def test_budget_respected_within_one_chi_step(cls, ratio):
+    modules = layers()
+    alloc = allocate(modules, ratio, {n: (cls, 3) for n in modules})
+    assert alloc.params_after <= alloc.budget
+    # Within one step: no step back up along any module's hull would still fit the budget.
+    for name, opts in alloc.options.items():
+        hull = _lower_hull(opts)
+        at = [o.chi for o in hull].index(alloc.chi[name])
+        if at > 0:
+            assert alloc.params_after + hull[at - 1].params - hull[at].params > alloc.budget
+    for name, chi in alloc.chi.items():
+        assert chi is None or any(o.chi == chi for o in alloc.options[name])
+
+
+def test_more_budget_never_predicts_more_damage():
+    modules = layers(1)
+    damages = [allocate(modules, r, {n: (MPOLinear, 3) for n in modules}).damage
+               for r in (0.3, 0.5, 0.7, 0.9, 1.0)]
+    assert damages == sorted(damages, reverse=True)
+    assert damages[-1] == 0.0
+
+
+def test_output_gradients_match_autograd():
+    model = build("llama")
+    batches = as_batches(calibration_batches(2))
+    name = "model.layers.1.mlp.up_proj"
+    module = model.get_submodule(name)
+    grads = collect_output_gradients(model, batches, {name: module})
+    outs = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        outs.append(out)
+
+    handle = module.register_forward_hook(keep)
+    total, count = torch.zeros(module.out_features, dtype=torch.float64), 0
+    for batch in batches:
+        out = model(**batch, labels=batch["input_ids"])
+        (out.loss * batch["input_ids"].numel()).backward()
+        g = outs[-1].grad.reshape(-1, module.out_features).double()
+        total += g.pow(2).sum(0)
+        count += g.shape[0]
+    handle.remove()
+    torch.testing.assert_close(grads[name], total / count, rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_compactify_ratio_keeps_that_fraction(calibrated):
+    model = build("llama")
+    report = compactify(model, ratio=0.5, progress=False, fit_steps=5,
+                        calibration=calibration_batches(2) if calibrated else None)
+    assert report.ratio == 0.5
+    assert 0.4 <= report.kept_fraction <= 0.5
+    before = sum(p.numel() for p in build("llama").parameters())
+    assert report.model_params_after == sum(p.numel() for p in model.parameters()) < before
+    assert "ratio=0.5" in str(report)
+    with torch.no_grad():
+        assert torch.isfinite(model(calibration_batches(1)[0]).logits).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ratio": 0.5, "chi": 8}, "exclusive"),
+        ({"ratio": 0.0}, "ratio"),
+        ({"ratio": 1.5}, "ratio"),
+        ({"ratio": "half"}, "ratio"),
+        ({"ratio": 0.001}, "ratio=0.001"),
+    ],
+)
+def test_bad_ratio_leaves_model_untouched(kwargs, match):
+    model = build("llama")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        compactify(model, progress=False, **kwargs)
+    assert_unchanged(model, snap)
