@@ -1,20 +1,24 @@
-"""Perplexity at equal parameters: SVD, whitened SVD (SVD-LLM), MPO, MPO with data-aware fit.
+"""Perplexity versus parameters kept on SmolLM2-135M, for six ways of compressing it.
 
-    python benchmarks/bench_quality.py [--chi 64] [--calibration-tokens 4096] [--tokens 8192]
+    python benchmarks/bench_quality.py [--keep 0.9 0.8 0.7 0.6 0.5] [--methods ...]
+                                       [--tokens 16384] [--calibration-tokens 4096]
 
-For each chi, every attention/MLP linear of SmolLM2 is replaced by
+At each keep fraction of the targeted (attention and MLP) parameters:
 
-* ``mpo``       TT-SVD of the weight (no data);
-* ``mpo+fit``   the same, then fitted to the calibration activations block by block
-                (``compactify(..., calibration=...)``);
-* ``svd``       truncated SVD with the same parameter count per layer as the MPO
-                (rank ``r = params / (in + out)``);
-* ``wsvd``      activation-whitened SVD (SVD-LLM: Cholesky of the input covariance, SVD of
-                ``W L``), same ranks, covariances from the dense model.
+* ``svd``          truncated SVD of every weight, the same rank fraction everywhere;
+* ``wsvd``         activation-whitened SVD (SVD-LLM: Cholesky factor ``L`` of the input
+                   covariance, SVD of ``W L``), same ranks, covariances from the dense model;
+* ``mpo``, ``ttns``  TT-SVD / hierarchical SVD of every weight, each layer's chi the largest
+                   that keeps the fraction (no data);
+* ``mpo+fit``, ``ttns+fit``  ``compactify(ratio=keep, calibration=...)``: chi per module under
+                   the budget from the Gauss-Newton loss estimate, then every layer fitted to
+                   its activations block by block.
 
-Calibration on Emma, perplexity on held-out Persuasion. The SVD baselines are written back as
-dense matrices (only their perplexity and parameter count matter here). Results go to
-``docs/results/bench_quality.json`` and ``.md``.
+Calibration on Emma, perplexity on held-out Persuasion (512-token windows). The SVD baselines
+are written back as dense matrices (only their perplexity and parameter count matter). Rows are
+appended to ``docs/results/bench_quality.json`` as they finish and a rerun skips the rows it
+has, so an interrupted run continues; ``--fresh`` starts over. Also writes ``bench_quality.md``
+and ``bench_quality.png``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from tensornet_llm import compactify
+from tensornet_llm import MPOLinear, TTNSLinear, compactify
+from tensornet_llm.budget import chi_for_params
 from tensornet_llm.calibrate import as_batches, collect_covariances
 from tensornet_llm.data import HELD_OUT_TEXT, token_batches, tokenize_text
 from tensornet_llm.evaluate import perplexity
@@ -36,12 +41,18 @@ from tensornet_llm.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_TEXT = "austen_emma.txt"
+METHODS = ("svd", "wsvd", "mpo", "ttns", "mpo+fit", "ttns+fit")
+N_SITES = 3
 
 
-def low_rank_baseline(model, ranks: dict[str, int], covs=None) -> None:
-    """Replace each target's weight by its rank-r (whitened) SVD approximation, in place."""
-    for name, rank in ranks.items():
-        linear = model.get_submodule(name)
+def low_rank(model, keep: float, covs=None) -> int:
+    """Replace each target by its rank-r (whitened) SVD approximation in place; returns the
+    parameters the factors would hold."""
+    kept = 0
+    for name, linear in find_targets(model)[0]:
+        out_f, in_f = linear.weight.shape
+        rank = max(1, int(keep * in_f * out_f / (in_f + out_f)))
+        kept += rank * (in_f + out_f)
         w = linear.weight.detach().double()
         if covs is None:
             u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -50,61 +61,136 @@ def low_rank_baseline(model, ranks: dict[str, int], covs=None) -> None:
             approx = whitened_svd(w, covs.covariance(name), rank)
         with torch.no_grad():
             linear.weight.copy_(approx.to(linear.weight.dtype))
+    return kept
+
+
+def uniform_chis(model, keep: float, cls) -> dict[str, int]:
+    """Per target the largest chi keeping at most ``keep`` of its weight (exact-name patterns)."""
+    return {f"re:{name.replace('.', '[.]')}": chi_for_params(
+        cls, m.in_features, m.out_features, N_SITES, int(keep * m.in_features * m.out_features))
+        for name, m in find_targets(model)[0]}
+
+
+def run(method: str, keep: float, calib, covs, held_out, fit_steps: int) -> dict:
+    model, _ = load_smollm2()
+    targets = sum(m.weight.numel() for _, m in find_targets(model)[0])
+    t0 = time.perf_counter()
+    if method in ("svd", "wsvd"):
+        kept = low_rank(model, keep, covs if method == "wsvd" else None) / targets
+        extra = {}
+    else:
+        cls_name = method.split("+")[0]
+        if method.endswith("+fit"):
+            report = compactify(model, ratio=keep, method=cls_name, n_sites=N_SITES,
+                                calibration=calib, fit_steps=fit_steps, progress=False)
+        else:
+            cls = MPOLinear if cls_name == "mpo" else TTNSLinear
+            report = compactify(model, chi=uniform_chis(model, keep, cls), method=cls_name,
+                                n_sites=N_SITES, progress=False)
+        kept = report.kept_fraction
+        extra = {"left_dense": sum("left dense" in why for _, why in report.skipped),
+                 "chi": {r.name: r.chi for r in report.layers}}
+    seconds = time.perf_counter() - t0
+    return {"method": method, "keep": keep, "kept": kept, "seconds": seconds,
+            "perplexity": perplexity(model, held_out), **extra}
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
+    (out / "bench_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    dense = meta["dense_perplexity"]
+    lines = ["# Quality at equal parameters (SmolLM2-135M, no fine-tuning)", "",
+             f"Calibration: {meta['calibration']}; perplexity on {meta['held_out']} (512-token "
+             f"windows); dense perplexity **{dense:.2f}**; {meta['threads']} CPU threads. "
+             "Written by `benchmarks/bench_quality.py`; plot `bench_quality.png`.", "",
+             "Perplexity (time to compress in seconds; parameters kept, of the targeted "
+             "attention/MLP weights):", ""]
+    keeps = sorted({r["keep"] for r in rows}, reverse=True)
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    lines += ["| method | " + " | ".join(f"keep {k:.0%}" for k in keeps) + " |",
+              "|---|" + "---|" * len(keeps)]
+    for m in methods:
+        cells = []
+        for k in keeps:
+            r = next((r for r in rows if r["method"] == m and r["keep"] == k), None)
+            cells.append("" if r is None else
+                         f"{r['perplexity']:.4g} ({r['seconds']:.0f} s; {r['kept']:.1%})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Ratio to dense perplexity:", "",
+              "| method | " + " | ".join(f"keep {k:.0%}" for k in keeps) + " |",
+              "|---|" + "---|" * len(keeps)]
+    for m in methods:
+        cells = [next((f"{r['perplexity'] / dense:.3g}x" for r in rows
+                       if r["method"] == m and r["keep"] == k), "") for k in keeps]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    fits = [r for r in rows if "left_dense" in r and r["method"].endswith("+fit")]
+    if fits:
+        lines += ["", "Modules the budget left dense (of 210): " + ", ".join(
+            f"{r['method']} keep {r['keep']:.0%}: {r['left_dense']}" for r in fits) + "."]
+    (out / "bench_quality.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for m in methods:
+        pts = sorted((r["kept"], r["perplexity"]) for r in rows if r["method"] == m)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+    ax.axhline(1.5 * dense, color="grey", linestyle=":", linewidth=1, label="1.5 x dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of attention/MLP parameters kept")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("SmolLM2-135M, no fine-tuning")
+    ax.invert_xaxis()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "bench_quality.png", dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--chi", type=int, nargs="+", default=[64])
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--calibration-tokens", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows already measured")
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()
     held_out = tokenize_text(tokenizer, HELD_OUT_TEXT, args.tokens)
     calib = list(token_batches(tokenize_text(tokenizer, CALIBRATION_TEXT, args.calibration_tokens),
                                seq_len=512, batch_size=4))
-    dense_ppl = perplexity(model, held_out)
-    print(f"dense perplexity {dense_ppl:.2f}", flush=True)
-    targets = dict(find_targets(model)[0])
-    covs = collect_covariances(model, as_batches(calib), targets)
-    rows = []
-    for chi in args.chi:
-        for method in ("mpo", "mpo+fit"):
-            model, _ = load_smollm2()
-            t0 = time.perf_counter()
-            report = compactify(model, chi=chi, progress=False,
-                                calibration=calib if method == "mpo+fit" else None,
-                                fit_steps=args.fit_steps)
-            seconds = time.perf_counter() - t0
-            rows.append({"method": method, "chi": chi, "kept": report.kept_fraction,
-                         "seconds": seconds, "perplexity": perplexity(model, held_out)})
-            print(json.dumps(rows[-1]), flush=True)
-        ranks = {r.name: max(1, r.params_after // (r.in_features + r.out_features))
-                 for r in report.layers}
-        kept = sum(ranks[n] * (targets[n].in_features + targets[n].out_features) for n in ranks)
-        kept /= report.target_params_before
-        for method in ("svd", "wsvd"):
-            model, _ = load_smollm2()
-            t0 = time.perf_counter()
-            low_rank_baseline(model, ranks, covs if method == "wsvd" else None)
-            rows.append({"method": method, "chi": chi, "kept": kept,
-                         "seconds": time.perf_counter() - t0,
-                         "perplexity": perplexity(model, held_out)})
-            print(json.dumps(rows[-1]), flush=True)
     meta = {"calibration": f"{CALIBRATION_TEXT}, {args.calibration_tokens} tokens",
-            "held_out": f"{HELD_OUT_TEXT}, {held_out.numel()} tokens", "dense_perplexity": dense_ppl,
+            "held_out": f"{HELD_OUT_TEXT}, {held_out.numel()} tokens",
             "fit_steps": args.fit_steps, "threads": torch.get_num_threads()}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["# Quality at equal parameters (SmolLM2-135M, no fine-tuning)", "",
-             f"Calibration: {meta['calibration']}; perplexity on {meta['held_out']} (512-token "
-             f"windows); dense perplexity {dense_ppl:.2f}. Written by `benchmarks/bench_quality.py`.",
-             "", "| chi | method | targeted params kept | time (s) | perplexity |", "|---|---|---|---|---|"]
-    lines += [f"| {r['chi']} | {r['method']} | {r['kept']:.1%} | {r['seconds']:.1f} | "
-              f"{r['perplexity']:.4g} |" for r in rows]
-    (args.out / "bench_quality.md").write_text("\n".join(lines) + "\n")
+    rows: list[dict] = []
+    previous = args.out / "bench_quality.json"
+    if previous.is_file() and not args.fresh:
+        saved = json.loads(previous.read_text())
+        if all(saved["meta"].get(k) == v for k, v in meta.items()):
+            rows, meta = saved["rows"], saved["meta"]
+    if "dense_perplexity" not in meta:
+        meta["dense_perplexity"] = perplexity(model, held_out)
+    print(f"dense perplexity {meta['dense_perplexity']:.2f}", flush=True)
+    covs = None
+    if "wsvd" in args.methods:
+        covs = collect_covariances(model, as_batches(calib), dict(find_targets(model)[0]))
+    del model
+    for method in args.methods:  # cheap methods first: a partial run has complete baselines
+        for keep in args.keep:
+            if any(r["method"] == method and r["keep"] == keep for r in rows):
+                continue
+            rows.append(run(method, keep, calib, covs, held_out, args.fit_steps))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "chi"}), flush=True)
+            write(args.out, meta, rows)
+    write(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ from .compactify import CompactifyConfig, compactify
 from .decompose import BondSpectrum
 from .entanglement import EntanglementRow, entanglement_profile, layer_entropy
 from .factorize import factorize
+from .heal import HealConfig, HealResult, heal
 from .mpo import MPOLinear
+from .quantize import QuantizeConfig, QuantizeReport, quantize
 from .report import CompactifyReport, LayerReport
 from .sensitivity import SensitivityProfile, SensitivityRow, profile_sensitivity, rank_correlation
 from .serialization import load_compactified, save_compactified
@@ -33,5 +35,11 @@ __all__ = [
     "rank_correlation",
     "allocate",
     "Allocation",
+    "heal",
+    "HealConfig",
+    "HealResult",
+    "quantize",
+    "QuantizeConfig",
+    "QuantizeReport",
 ]
 __version__ = "0.1.0"

@@ -6,7 +6,8 @@ Directory layout::
     generation_config.json    (when the model has one)
     model.safetensors         every parameter and persistent buffer; tied tensors stored once
     tensornet.json            the structure: per replaced module its method, shapes, bond dims;
-                              and which state-dict keys alias another (tied weights)
+                              per quantized module its kind, bits and grouping; and which
+                              state-dict keys alias another (tied weights)
 
 Loading builds the base architecture from ``config.json`` without allocating weights, swaps in
 tensor-network modules of exactly the saved structure, then assigns the saved tensors, so the
@@ -26,6 +27,7 @@ from torch import nn
 
 from ._io import atomic_directory
 from .base import TensorNetworkLinear
+from .quantize import QUANTIZED_TYPES, _Quantized
 
 __all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE"]
 
@@ -75,6 +77,7 @@ def save_compactified(
         "format_version": FORMAT_VERSION,
         "architecture": type(model).__name__,
         "modules": {n: m.layout() for n, m in tensor_network_modules(model).items()},
+        "quantized": {n: m.layout() for n, m in model.named_modules() if isinstance(m, _Quantized)},
         "aliases": aliases,
         **extra,
     }
@@ -143,11 +146,16 @@ def load_compactified(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, METHODS[layout["method"]].from_layout(layout, device="meta"))
+    for name, layout in structure.get("quantized", {}).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QUANTIZED_TYPES[layout["kind"]].from_layout(layout))
     state = load_file(directory / WEIGHTS_FILE, device=str(device) if device else "cpu")
     for alias, source in structure.get("aliases", {}).items():
         state[alias] = state[source]
     model.load_state_dict(state, strict=True, assign=True)
-    if structure.get("aliases") and hasattr(model, "tie_weights"):
+    # Quantized tables are tied through the aliases alone (their weights are not parameters).
+    if structure.get("aliases") and hasattr(model, "tie_weights") and not structure.get("quantized"):
         model.tie_weights()
     on_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if on_meta:

@@ -1,0 +1,322 @@
+"""Healing: a short fine-tune of a compactified model, optionally distilled from the dense one.
+
+The loss of one micro-batch is::
+
+    ce_weight * CE(student)                               next-token cross-entropy
+  + distill_weight * T^2 * KL(teacher_T || student_T)     on logits at temperature T
+  + hidden_weight * mean_l ||h_l^s - h_l^t||^2 / ||h_l^t||^2   hidden states of every block
+
+averaged over the tokens that count (``attention_mask`` and ``labels == -100`` respected).
+Training runs through :class:`accelerate.Accelerator`: device placement, gradient
+accumulation, mixed precision (bf16 where the GPU supports it) and checkpoints of the whole
+training state, so an interrupted run resumes where it stopped with the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._io import atomic_directory
+from .base import TensorNetworkLinear
+from .calibrate import as_batches
+
+__all__ = ["HealConfig", "HealResult", "heal", "trainable_parameters"]
+
+Train = Literal["all", "cores"]
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass
+class HealConfig:
+    """Settings of :func:`heal` (every field can also be passed to it as a keyword).
+
+    Attributes:
+        steps: optimiser steps.
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps, then cosine decay to 10% of ``lr``
+            (``schedule="constant"``: warm-up then constant).
+        gradient_accumulation_steps: micro-batches per optimiser step.
+        max_grad_norm: gradient clipping (``None``: off).
+        mixed_precision: ``"no"``, ``"fp16"``, ``"bf16"`` or ``"auto"`` (bf16 on a GPU that
+            supports it, otherwise full precision).
+        ce_weight, distill_weight, hidden_weight, temperature: the loss terms (module docs);
+            ``distill_weight=None`` means 1.0 when a teacher is given, else 0.
+        train: ``"all"`` parameters, or only the tensor-network ``"cores"``.
+        checkpoint_dir: where to keep the latest training state; an existing one is resumed.
+        checkpoint_every: optimiser steps between checkpoints (and one at the end).
+        seed: data order and RNG.
+        cpu: train on the CPU even when a GPU is present.
+        progress: show a progress bar with the loss.
+    """
+
+    steps: int = 100
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "constant"] = "cosine"
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    ce_weight: float = 1.0
+    distill_weight: float | None = None
+    hidden_weight: float = 0.0
+    temperature: float = 1.0
+    train: Train = "all"
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: int = 50
+    seed: int = 0
+    cpu: bool = False
+    progress: bool = True
+
+    def validate(self, has_teacher: bool) -> None:
+        def check(name: str, ok: bool, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        check("steps", is_int(self.steps) and self.steps >= 1, "an integer >= 1")
+        check("lr", is_num(self.lr) and self.lr > 0, "a positive number")
+        check("weight_decay", is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
+        check("warmup_steps", is_int(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0")
+        check("schedule", self.schedule in ("cosine", "constant"), "'cosine' or 'constant'")
+        check("gradient_accumulation_steps",
+              is_int(self.gradient_accumulation_steps) and self.gradient_accumulation_steps >= 1,
+              "an integer >= 1")
+        check("max_grad_norm", self.max_grad_norm is None or (is_num(self.max_grad_norm)
+              and self.max_grad_norm > 0), "None or a positive number")
+        check("mixed_precision", self.mixed_precision in ("auto", "no", "fp16", "bf16"),
+              "'auto', 'no', 'fp16' or 'bf16'")
+        for name in ("ce_weight", "hidden_weight"):
+            check(name, is_num(getattr(self, name)) and getattr(self, name) >= 0, "a number >= 0")
+        check("distill_weight", self.distill_weight is None or (is_num(self.distill_weight)
+              and self.distill_weight >= 0), "None or a number >= 0")
+        check("temperature", is_num(self.temperature) and self.temperature > 0, "a positive number")
+        check("train", self.train in ("all", "cores"), "'all' or 'cores'")
+        check("checkpoint_every", is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
+              "an integer >= 1")
+        if not has_teacher and ((self.distill_weight or 0) > 0 or self.hidden_weight > 0):
+            raise ValueError("distill_weight and hidden_weight need a teacher= model")
+        if self.ce_weight == 0 and not has_teacher:
+            raise ValueError("ce_weight=0 leaves no loss without a teacher= model")
+
+
+@dataclass
+class HealResult:
+    """Per optimiser step: the total loss and its terms (each averaged over the micro-batches)."""
+
+    losses: list[float] = field(default_factory=list)
+    ce: list[float] = field(default_factory=list)
+    distill: list[float] = field(default_factory=list)
+    hidden: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    resumed_from: int = 0  # steps already done by an earlier run (read from the checkpoint)
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def trainable_parameters(model: nn.Module, train: Train = "all") -> list[nn.Parameter]:
+    """The parameters :func:`heal` updates: all, or only the cores of tensor-network layers."""
+    if train == "all":
+        return [p for p in model.parameters()]
+    cores = {id(c): c for m in model.modules() if isinstance(m, TensorNetworkLinear)
+             for c in m.cores}
+    if not cores:
+        raise ValueError("train='cores' but the model has no tensor-network layers (compactify it first)")
+    return list(cores.values())
+
+
+def _targets(batch: dict[str, Tensor]) -> Tensor:
+    """Next-token labels aligned with ``logits[:, :-1]``; -100 where nothing is scored."""
+    labels = batch.get("labels", batch["input_ids"]).clone()
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels = labels.masked_fill(mask == 0, -100)
+    return labels[:, 1:]
+
+
+def _loss_terms(out, teacher_out, targets: Tensor, cfg: HealConfig, distill: float
+                ) -> tuple[Tensor, dict[str, float]]:
+    logits = out.logits[:, :-1].float()
+    keep = targets != -100
+    n = keep.sum().clamp_min(1)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                         ignore_index=-100, reduction="sum") / n
+    loss, terms = cfg.ce_weight * ce, {"ce": float(ce.detach()), "distill": 0.0, "hidden": 0.0}
+    if teacher_out is not None and distill > 0:
+        t = cfg.temperature
+        log_s = F.log_softmax(logits / t, -1)
+        log_t = F.log_softmax(teacher_out.logits[:, :-1].float() / t, -1)
+        kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # KL(teacher || student) per position
+        kl = (kl * keep).sum() / n * t * t
+        loss = loss + distill * kl
+        terms["distill"] = float(kl.detach())
+    if teacher_out is not None and cfg.hidden_weight > 0:
+        pairs = list(zip(out.hidden_states[1:], teacher_out.hidden_states[1:]))
+        mse = sum(((s.float() - h.float()).pow(2).mean() / h.float().pow(2).mean().clamp_min(1e-12))
+                  for s, h in pairs) / max(len(pairs), 1)
+        loss = loss + cfg.hidden_weight * mse
+        terms["hidden"] = float(mse.detach())
+    return loss, terms
+
+
+def _order(n_batches: int, position: int, seed: int) -> int:
+    """Index of micro-batch ``position`` in a reshuffled-per-epoch stream (deterministic)."""
+    epoch, k = divmod(position, n_batches)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return int(torch.randperm(n_batches, generator=g)[k])
+
+
+def heal(
+    model: nn.Module,
+    batches: Iterable[Any],
+    steps: int | None = None,
+    lr: float | None = None,
+    teacher: nn.Module | None = None,
+    *,
+    config: HealConfig | None = None,
+    **options: Any,
+) -> HealResult:
+    """Fine-tune ``model`` in place on next-token prediction (plus optional distillation).
+
+    Args:
+        model: a causal language model (compactified or not).
+        batches: token-id tensors ``(batch, seq)`` or dicts with ``input_ids`` (and optionally
+            ``attention_mask``, ``labels``); a DataLoader works. Reshuffled every pass.
+        steps, lr: optimiser steps and peak learning rate (see :class:`HealConfig`).
+        teacher: the dense model for distillation (kept frozen, moved to the training device).
+        config: a :class:`HealConfig`; ``options`` are any of its fields and win over it.
+
+    Returns:
+        A :class:`HealResult` with the loss history (including steps a resumed checkpoint had).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg = HealConfig(**{f.name: getattr(config, f.name) for f in fields(HealConfig)}) if config \
+        else HealConfig()
+    unknown = set(options) - {f.name for f in fields(HealConfig)}
+    if unknown:
+        raise TypeError(f"heal() got unknown options {sorted(unknown)}; allowed: "
+                        f"{[f.name for f in fields(HealConfig)]}")
+    for key, value in {"steps": steps, "lr": lr, **options}.items():
+        if value is not None or key in options:
+            setattr(cfg, key, value)
+    cfg.validate(teacher is not None)
+    if teacher is model:
+        raise ValueError("teacher must be a separate (dense) model, not the model being healed")
+    data = as_batches(batches)
+    params = trainable_parameters(model, cfg.train)
+    distill = (1.0 if teacher is not None else 0.0) if cfg.distill_weight is None \
+        else cfg.distill_weight
+
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        gpu = torch.cuda.is_available() and not cfg.cpu
+        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              mixed_precision=precision, cpu=cfg.cpu)
+    torch.manual_seed(cfg.seed)
+
+    chosen = {id(p) for p in params}
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def schedule(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        done = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if teacher is not None:
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+
+    result = HealResult()
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+    if ckpt is not None and (ckpt / PROGRESS_FILE).is_file():
+        accelerator.load_state(str(ckpt))
+        saved = json.loads((ckpt / PROGRESS_FILE).read_text())
+        for key in ("losses", "ce", "distill", "hidden", "tokens", "seconds"):
+            setattr(result, key, saved[key])
+        result.resumed_from = len(result.losses)
+
+    def save_checkpoint() -> None:
+        with atomic_directory(ckpt) as tmp:
+            accelerator.save_state(str(tmp), safe_serialization=False)
+            (tmp / PROGRESS_FILE).write_text(json.dumps(result.to_dict()))
+
+    accum = cfg.gradient_accumulation_steps
+    bar = tqdm(total=cfg.steps, initial=result.steps, desc="healing", unit="step",
+               disable=not cfg.progress)
+    start = time.perf_counter() - result.seconds
+    wrapped.train()
+    try:
+        while result.steps < cfg.steps:
+            step_terms = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hidden": 0.0}
+            for micro in range(accum):
+                batch = data[_order(len(data), result.steps * accum + micro, cfg.seed)]
+                batch = {k: v.to(accelerator.device) if isinstance(v, Tensor) else v
+                         for k, v in batch.items()}
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                want_hidden = teacher is not None and cfg.hidden_weight > 0
+                with accelerator.accumulate(wrapped):
+                    teacher_out = None
+                    if teacher is not None:
+                        with torch.no_grad(), accelerator.autocast():
+                            teacher_out = teacher(**inputs, output_hidden_states=want_hidden)
+                    out = wrapped(**inputs, output_hidden_states=want_hidden)
+                    loss, terms = _loss_terms(out, teacher_out, _targets(batch), cfg, distill)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_terms["loss"] += float(loss.detach()) / accum
+                for k, v in terms.items():
+                    step_terms[k] += v / accum
+                result.tokens += int((_targets(batch) != -100).sum())
+            result.losses.append(step_terms["loss"])
+            for k in ("ce", "distill", "hidden"):
+                getattr(result, k).append(step_terms[k])
+            result.seconds = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_terms['loss']:.4f}")
+            if ckpt is not None and (result.steps % cfg.checkpoint_every == 0
+                                     or result.steps == cfg.steps):
+                save_checkpoint()
+    finally:
+        bar.close()
+        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+        accelerator.free_memory()
+    return result

@@ -1,0 +1,130 @@
+"""Healing: the loss falls, only the chosen parameters move, distillation terms, resume."""
+
+import copy
+
+import pytest
+import torch
+
+from models import build
+from tensornet_llm import compactify
+from tensornet_llm.base import TensorNetworkLinear
+from tensornet_llm.heal import HealConfig, heal, trainable_parameters
+from test_compactify import assert_unchanged, snapshot
+
+
+def batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # A repetitive stream the model can learn quickly: loss must fall within a few steps.
+    base = torch.randint(2, 96, (16,), generator=g)
+    return [torch.stack([base.roll(int(s)) for s in torch.randint(0, 16, (4,), generator=g)])
+            for _ in range(n)]
+
+
+def mean_loss(model, data):
+    with torch.no_grad():
+        return sum(float(model(input_ids=b, labels=b).loss) for b in data) / len(data)
+
+
+@pytest.fixture
+def compressed():
+    model = build("llama")
+    teacher = copy.deepcopy(model)
+    compactify(model, chi=4, progress=False)
+    return model, teacher
+
+
+def test_healing_lowers_the_loss(compressed):
+    model, _ = compressed
+    data = batches()
+    before = mean_loss(model, data)
+    result = heal(model, data, steps=15, lr=3e-3, warmup_steps=0, progress=False)
+    assert result.steps == 15 and len(result.ce) == 15
+    assert result.tokens == 15 * 4 * 15
+    assert mean_loss(model, data) < before - 0.3
+    assert not model.training  # mode restored
+
+
+def test_cores_only_changes_only_cores(compressed):
+    model, _ = compressed
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    heal(model, batches(), steps=3, lr=1e-2, train="cores", progress=False)
+    core_ids = {id(c) for m in model.modules() if isinstance(m, TensorNetworkLinear) for c in m.cores}
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == (id(p) in core_ids), name
+        assert p.requires_grad  # flags restored
+
+
+def test_distillation_terms_and_frozen_teacher(compressed):
+    model, teacher = compressed
+    snap = snapshot(teacher)
+    result = heal(model, batches(), steps=3, lr=1e-3, teacher=teacher, hidden_weight=0.5,
+                  progress=False)
+    assert all(d > 0 for d in result.distill) and all(h > 0 for h in result.hidden)
+    for loss, ce, kl, hid in zip(result.losses, result.ce, result.distill, result.hidden):
+        assert loss == pytest.approx(ce + kl + 0.5 * hid, rel=1e-5)
+    assert_unchanged(teacher, snap)
+
+
+def test_distilling_a_model_from_itself_has_zero_kl():
+    model = build("llama")
+    teacher = copy.deepcopy(model)
+    result = heal(model, batches(1), steps=1, lr=1e-9, teacher=teacher, ce_weight=0.0,
+                  hidden_weight=1.0, warmup_steps=0, progress=False)
+    assert result.distill[0] == pytest.approx(0, abs=1e-5)
+    assert result.hidden[0] == pytest.approx(0, abs=1e-8)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(compressed, tmp_path):
+    model, _ = compressed
+    straight, resumed = copy.deepcopy(model), copy.deepcopy(model)
+    options = dict(steps=6, lr=2e-3, progress=False, gradient_accumulation_steps=2,
+                   warmup_steps=2, checkpoint_every=3)
+    full = heal(straight, batches(), checkpoint_dir=tmp_path / "a", **options)
+
+    calls = 0
+
+    def crash(*_):  # the 7th forward (step 4) dies, after the checkpoint of step 3
+        nonlocal calls
+        calls += 1
+        if calls == 7:
+            raise KeyboardInterrupt
+
+    handle = resumed.register_forward_pre_hook(crash)
+    with pytest.raises(KeyboardInterrupt):
+        heal(resumed, batches(), checkpoint_dir=tmp_path / "b", **options)
+    handle.remove()
+    again = heal(resumed, batches(), checkpoint_dir=tmp_path / "b", **options)
+    assert again.resumed_from == 3
+    assert again.losses == pytest.approx(full.losses, rel=1e-5)
+    for p, q in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(lr=-1.0), "lr must be a positive number"),
+    (dict(train="bias"), "train must be 'all' or 'cores'"),
+    (dict(mixed_precision="fp8"), "mixed_precision must be"),
+    (dict(distill_weight=1.0), "need a teacher"),
+    (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be"),
+])
+def test_bad_options_fail_before_training(compressed, options, message):
+    model, _ = compressed
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        heal(model, batches(), **{"steps": 2, "lr": 1e-3, "progress": False, **options})
+    assert_unchanged(model, snap)
+
+
+def test_cores_only_needs_a_compactified_model():
+    with pytest.raises(ValueError, match="no tensor-network layers"):
+        trainable_parameters(build("llama"), "cores")
+    with pytest.raises(TypeError, match="unknown options"):
+        heal(build("llama"), batches(), steps=1, learning_rate=1e-3)
+
+
+def test_config_object_and_keywords_combine(compressed):
+    model, _ = compressed
+    result = heal(model, batches(), config=HealConfig(steps=2, lr=1e-3, progress=False), steps=1)
+    assert result.steps == 1

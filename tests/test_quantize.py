@@ -1,0 +1,118 @@
+"""Weight-only int8 / int4 quantization: bounded rounding error, tying, save/load, validation."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from models import build, inputs
+from tensornet_llm import compactify, load_compactified, save_compactified
+from tensornet_llm.quantize import (
+    QuantizedEmbedding, QuantizedLinear, QuantizedTensorNetworkLinear, dequantize_tensor, quantize,
+    quantize_tensor,
+)
+from test_compactify import assert_unchanged, snapshot
+
+
+@given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=4), bits=st.sampled_from([8, 4]),
+       group=st.sampled_from([None, 2, 4, 6]), data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_rounding_error_is_at_most_half_a_step(shape, bits, group, data):
+    channel = data.draw(st.integers(0, len(shape) - 1))
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)), dtype=torch.float64)
+    codes, scale = quantize_tensor(t, bits, group, channel)
+    back = dequantize_tensor(codes, scale, tuple(shape), bits, group, channel, torch.float64)
+    assert back.shape == t.shape
+    # Each entry is within half a quantization step of its group's scale (fp16 scale rounding
+    # adds at most 2^-11 relative).
+    step = scale.double().max()
+    assert float((back - t).abs().max()) <= 0.5 * float(step) * (1 + 1e-3) + 1e-3 * float(t.abs().max())
+    assert codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
+
+
+def test_int4_decodes_every_code_and_packs_two_per_byte():
+    t = torch.arange(-7, 8, dtype=torch.float32).reshape(1, 15) * 0.5  # scale 0.5 exactly
+    codes, scale = quantize_tensor(t, 4, None, 0)
+    assert codes.shape == (1, 8) and float(scale) == 0.5  # 15 codes padded to 16, 2 per byte
+    torch.testing.assert_close(dequantize_tensor(codes, scale, (1, 15), 4), t, rtol=0, atol=0)
+
+
+def test_short_rows_are_not_padded_to_a_long_group():
+    codes, scale = quantize_tensor(torch.randn(10, 32), 4, 64, 0)
+    assert codes.shape == (10, 16) and scale.shape == (10, 1)
+
+
+@pytest.mark.parametrize("bits, bound", [(8, 0.03), (4, 0.5)])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_quantized_forward_is_close_and_round_trips(arch, bits, bound, tmp_path):
+    model = build(arch)
+    compactify(model, chi=6, progress=False)
+    batch = inputs(arch)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with torch.no_grad():
+        ref = model(**batch).logits
+    report = quantize(model, bits)
+    assert report.bytes_after < report.bytes_before / (3 if bits == 8 else 5)
+    kinds = {type(m) for m in model.modules()}
+    assert {QuantizedTensorNetworkLinear, QuantizedEmbedding, QuantizedLinear} <= kinds
+    assert not any(p.dtype == torch.float32 and p.dim() > 1 for p in model.parameters())
+    with torch.no_grad():
+        out = model(**batch).logits
+    assert float((out - ref).norm() / ref.norm()) < bound
+    save_compactified(model, tmp_path / "q")
+    loaded = load_compactified(tmp_path / "q")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, out, rtol=0, atol=0)
+    if tied:
+        head, emb = loaded.get_output_embeddings(), loaded.get_input_embeddings()
+        assert head.qweight.codes.data_ptr() == emb.qweight.codes.data_ptr()
+
+
+def test_tied_table_is_quantized_once_and_counted_once():
+    model = build("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    report = quantize(model, 8)
+    assert model.lm_head.qweight is model.transformer.wte.qweight
+    rows = {name: (before, after) for name, _, before, after in report.rows}
+    assert rows["lm_head"] == (0, 0) and rows["transformer.wte"][1] > 0
+
+
+def test_quantizing_only_cores_leaves_dense_layers_in_float():
+    model = build("llama")
+    compactify(model, chi=6, progress=False, exclude=["down_proj"])
+    quantize(model, 4, dense=False, embeddings=False)
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[0].mlp.up_proj, QuantizedTensorNetworkLinear)
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+
+
+def test_generate_runs_after_quantization():
+    model = build("llama")
+    compactify(model, chi=6, progress=False)
+    quantize(model, 8)
+    out = model.generate(torch.tensor([[2, 3, 4]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(bits=3), "bits must be 8 or 4"),
+    (dict(bits=4, group_size=3), "group_size must be None or an even integer"),
+    (dict(bits=8, cores="yes"), "cores must be True or False"),
+    (dict(bits=8, exclude=[""]), "exclude patterns must be non-empty"),
+])
+def test_bad_arguments_leave_the_model_untouched(kwargs, message):
+    model = build("llama")
+    compactify(model, chi=6, progress=False)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        quantize(model, **kwargs)
+    assert_unchanged(model, snap)
+
+
+def test_exclude_keeps_named_modules_in_float():
+    model = build("gpt2")
+    twin = copy.deepcopy(model)
+    quantize(model, 8, exclude=["h.0"])
+    assert type(model.transformer.h[0].attn.c_attn) is type(twin.transformer.h[0].attn.c_attn)
+    assert isinstance(model.transformer.h[1].attn.c_attn, QuantizedLinear)
