@@ -1,10 +1,13 @@
-"""Command line: ``tensornet-llm compress`` and ``tensornet-llm eval``.
+"""Command line: ``tensornet-llm compress | eval | profile | heal | quantize``.
 
     tensornet-llm compress smollm2 --chi 64 --out smollm2-chi64
     tensornet-llm compress path/to/hf-model-dir --chi 32 --method ttns --exclude layers.0. --out out/
     tensornet-llm compress model.gguf --chi 48 --out out/
-    tensornet-llm compress smollm2 --chi 64 --calibration austen_emma.txt --out smollm2-fit
-    tensornet-llm eval smollm2-chi64 --text data/austen_persuasion.txt
+    tensornet-llm compress smollm2 --ratio 0.8 --calibration austen_emma.txt --out smollm2-r80
+    tensornet-llm eval smollm2-r80 --text data/austen_persuasion.txt
+    tensornet-llm profile smollm2 --calibration austen_emma.txt --out smollm2-profile
+    tensornet-llm heal smollm2-r80 --text austen_emma.txt --steps 200 --teacher smollm2 --out healed
+    tensornet-llm quantize healed --bits 8 --out healed-int8
 
 MODEL is ``smollm2`` (the bundled SmolLM2-135M-Instruct), a GGUF file, a Hugging Face model
 directory, or a directory written by ``compress``. Errors print one line and exit with status 2;
@@ -69,31 +72,57 @@ def _chi(value: str) -> int:
     return chi
 
 
+def _fraction(value: str) -> float:
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {value!r}") from None
+    if not 0 < ratio <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {ratio}")
+    return ratio
+
+
+def _positive(value: str) -> int:
+    return _chi(value)
+
+
+def _text_batches(model_name: str, tokenizer, text: str, n_tokens: int | None, seq_len: int,
+                  batch_size: int, option: str) -> list:
+    """Token windows ``(batch, seq_len + 1)`` of a text file, for calibration or healing."""
+    from .data import token_batches, tokenize_text
+
+    if tokenizer is None:
+        raise CliError(f"{model_name} has no tokenizer to read {option} with")
+    ids = tokenize_text(tokenizer, text, n_tokens)
+    batches = list(token_batches(ids, seq_len=seq_len, batch_size=batch_size))
+    if not batches:
+        raise CliError(f"{option} {text} has fewer than {seq_len} tokens")
+    return batches
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise CliError(f"--out {out} exists; pass --overwrite to replace it")
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     from .compactify import compactify
     from .serialization import save_compactified
 
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise CliError(f"--out {out} exists; pass --overwrite to replace it")
+    _check_out(out, args.overwrite)
     model, tokenizer = load_any(args.model, DTYPES[args.dtype])
     calibration = None
     if args.calibration:
-        from .data import token_batches, tokenize_text
-
-        if tokenizer is None:
-            raise CliError(f"{args.model} has no tokenizer to read --calibration with")
-        ids = tokenize_text(tokenizer, args.calibration, args.calibration_tokens)
-        calibration = list(token_batches(ids, seq_len=512, batch_size=4))
-        if not calibration:
-            raise CliError(f"--calibration {args.calibration} has fewer than 512 tokens")
+        calibration = _text_batches(args.model, tokenizer, args.calibration,
+                                    args.calibration_tokens, 512, 4, "--calibration")
     report = compactify(
-        model, chi=args.chi, method=args.method, n_sites=args.n_sites, tol=args.tol,
-        exclude=args.exclude or None, calibration=calibration, fit_steps=args.fit_steps,
-        progress=not args.quiet,
+        model, chi=args.chi, ratio=args.ratio, method=args.method, n_sites=args.n_sites,
+        tol=args.tol, exclude=args.exclude or None, calibration=calibration,
+        fit_steps=args.fit_steps, progress=not args.quiet,
     )
     print(report)
-    settings = {"chi": args.chi, "method": args.method, "n_sites": args.n_sites, "tol": args.tol,
+    settings = {"chi": args.chi, "ratio": args.ratio, "method": args.method, "n_sites": args.n_sites, "tol": args.tol,
                 "exclude": args.exclude, "source": args.model, "calibration": args.calibration,
                 "calibration_tokens": args.calibration_tokens if args.calibration else None,
                 "fit_steps": args.fit_steps if args.calibration else None}
@@ -126,6 +155,64 @@ def cmd_eval(args: argparse.Namespace) -> None:
         f"{result['size_mb']:.1f} MB"))
 
 
+def cmd_profile(args: argparse.Namespace) -> None:
+    from .profiling import profile_model
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    model, tokenizer = load_any(args.model, DTYPES[args.dtype])
+    batches = _text_batches(args.model, tokenizer, args.calibration, args.calibration_tokens,
+                            args.seq, 4, "--calibration")
+    summary = profile_model(model, batches, out, keep=args.keep, method=args.method,
+                            n_sites=args.n_sites, progress=not args.quiet,
+                            cache_dir=False if args.no_cache else None)
+    print((out / "sensitivity.txt").read_text(), end="")
+    print(json.dumps({k: v for k, v in summary.items() if k != "most_sensitive"}, indent=2))
+    print(f"saved to {out}")
+
+
+def cmd_heal(args: argparse.Namespace) -> None:
+    from .heal import heal
+    from .serialization import STRUCTURE_FILE, save_compactified
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    if not (Path(args.model) / STRUCTURE_FILE).is_file():
+        raise CliError(f"MODEL {args.model!r} must be a directory written by 'compress'")
+    model, tokenizer = load_any(args.model)
+    teacher = load_any(args.teacher)[0] if args.teacher else None
+    batches = _text_batches(args.model, tokenizer, args.text, args.tokens, args.seq, args.batch,
+                            "--text")
+    result = heal(model, batches, steps=args.steps, lr=args.lr, teacher=teacher,
+                  train="cores" if args.cores_only else "all",
+                  gradient_accumulation_steps=args.accumulate,
+                  checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
+    save_compactified(model, out, tokenizer=tokenizer,
+                      healing={"source": args.model, "text": str(args.text), "steps": args.steps,
+                               "lr": args.lr, "teacher": args.teacher,
+                               "cores_only": args.cores_only})
+    (out / "healing.json").write_text(json.dumps(result.to_dict()))
+    first, last = result.losses[0], result.losses[-1]
+    print(f"healed {result.steps} steps in {result.seconds:.0f} s: loss {first:.4f} -> {last:.4f}")
+    print(f"saved to {out}")
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from .quantize import quantize
+    from .serialization import save_compactified
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    model, tokenizer = load_any(args.model)
+    report = quantize(model, args.bits, group_size=args.group_size,
+                      embeddings=not args.keep_embeddings, dense=not args.keep_dense)
+    print(report.summary())
+    save_compactified(model, out, tokenizer=tokenizer,
+                      quantization={"source": args.model, "bits": args.bits,
+                                    "group_size": report.group_size})
+    print(f"saved to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensornet-llm", description="Compress transformer language models with tensor networks.",
@@ -134,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compress", help="tensorize a model's attention and MLP layers and save it")
     p.add_argument("model", help="smollm2, a .gguf file, or a Hugging Face model directory")
-    p.add_argument("--chi", type=_chi, required=True, help="bond dimension (integer >= 1)")
+    size = p.add_mutually_exclusive_group(required=True)
+    size.add_argument("--chi", type=_chi, help="bond dimension of every layer (integer >= 1)")
+    size.add_argument("--ratio", type=_fraction,
+                      help="keep this fraction of the attention/MLP parameters, choosing chi per "
+                      "layer (with --calibration: from the predicted loss increase)")
     p.add_argument("--method", choices=["mpo", "ttns"], default="mpo")
     p.add_argument("--n-sites", type=int, default=3, help="sites per layer (default 3)")
     p.add_argument("--tol", type=float, help="relative weight tolerance; bonds may keep fewer values")
@@ -159,18 +250,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("profile", help="layer sensitivity and entanglement tables and plots")
+    p.add_argument("model", help="smollm2, a .gguf file, or a Hugging Face model directory")
+    p.add_argument("--calibration", required=True, help="text file (or bundled name)")
+    p.add_argument("--calibration-tokens", type=int, default=1024,
+                   help="tokens the loss is measured on (default 1024)")
+    p.add_argument("--seq", type=_positive, default=256, help="window length (default 256)")
+    p.add_argument("--keep", type=_fraction, nargs="+", default=[0.5],
+                   help="fractions of each module's parameters to try (default 0.5)")
+    p.add_argument("--method", choices=["mpo", "ttns"], default="mpo")
+    p.add_argument("--n-sites", type=int, default=3)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the profile cache")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("heal", help="fine-tune a compressed model (optionally distilled)")
+    p.add_argument("model", help="a directory written by compress")
+    p.add_argument("--text", required=True, help="training text file (or bundled name)")
+    p.add_argument("--tokens", type=int, help="use at most this many tokens of --text")
+    p.add_argument("--steps", type=_positive, required=True, help="optimiser steps")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--batch", type=_positive, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq", type=_positive, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--accumulate", type=_positive, default=1, help="gradient accumulation steps")
+    p.add_argument("--teacher", help="dense model to distil from (smollm2, .gguf or directory)")
+    p.add_argument("--cores-only", action="store_true", help="train only the tensor-network cores")
+    p.add_argument("--checkpoint-dir", help="keep the training state here; rerun to resume")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_heal)
+
+    p = sub.add_parser("quantize", help="int8 / int4 weights of a (compressed) model")
+    p.add_argument("model", help="a directory written by compress or heal, smollm2, or a HF directory")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8)
+    p.add_argument("--group-size", type=int, help="entries per scale (default: per channel for "
+                   "int8, 64 for int4)")
+    p.add_argument("--keep-embeddings", action="store_true", help="leave embeddings in float")
+    p.add_argument("--keep-dense", action="store_true",
+                   help="leave dense linears (LM head, excluded layers) in float")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.quiet:
+    if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     try:
         args.func(args)
-    except (CliError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
+    except (CliError, ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"tensornet-llm: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +195,7 @@ def heal(
     teacher: nn.Module | None = None,
     *,
     config: HealConfig | None = None,
+    callback: Callable[[int, HealResult], None] | None = None,
     **options: Any,
 ) -> HealResult:
     """Fine-tune ``model`` in place on next-token prediction (plus optional distillation).
@@ -206,6 +207,8 @@ def heal(
         steps, lr: optimiser steps and peak learning rate (see :class:`HealConfig`).
         teacher: the dense model for distillation (kept frozen, moved to the training device).
         config: a :class:`HealConfig`; ``options`` are any of its fields and win over it.
+        callback: called as ``callback(step, result)`` after every optimiser step (e.g. to
+            evaluate); it may switch the model to eval mode, training mode is restored after.
 
     Returns:
         A :class:`HealResult` with the loss history (including steps a resumed checkpoint had).
@@ -312,6 +315,9 @@ def heal(
             if ckpt is not None and (result.steps % cfg.checkpoint_every == 0
                                      or result.steps == cfg.steps):
                 save_checkpoint()
+            if callback is not None:
+                callback(result.steps, result)
+                wrapped.train()
     finally:
         bar.close()
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)

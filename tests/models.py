@@ -47,3 +47,15 @@ def inputs(name: str, seed: int = 0) -> dict:
 def with_labels(name: str, batch: dict) -> dict:
     labels = batch.get("decoder_input_ids", batch["input_ids"])
     return {**batch, "labels": labels}
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer with ids inside the tiny models' vocabulary (offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"-\n()"
+    vocab = {"<s>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars[: V - 2])}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", unk_token="<unk>",
+                                      pad_token="<s>")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from models import build
+from models import build, char_tokenizer
 from tensornet_llm import TensorNetworkLinear, load_compactified
 from tensornet_llm.cli import main
 
@@ -14,6 +14,15 @@ def tiny_dir(tmp_path):
     model = build("llama")
     path = tmp_path / "tiny"
     model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("It is a truth universally acknowledged, that a single man in possession of a "
+                    "good fortune, must be in want of a wife. " * 40)
     return path
 
 
@@ -30,6 +39,60 @@ def test_compress_writes_a_loadable_model(tiny_dir, tmp_path, capsys):
     assert report["totals"]["modules"] == len(names)
     structure = json.loads((out / "tensornet.json").read_text())
     assert structure["compactify"]["chi"] == 3
+
+
+def test_compress_by_ratio_with_calibration(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_dir), "--ratio", "0.5", "--calibration", str(text_file),
+                 "--calibration-tokens", "1024", "--fit-steps", "3", "--out", str(out),
+                 "--quiet"]) == 0
+    assert "under ratio=0.5" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["target_kept_fraction"] <= 0.5
+    assert json.loads((out / "tensornet.json").read_text())["compactify"]["ratio"] == 0.5
+
+
+def test_profile_writes_tables_and_plots(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "profile"
+    assert main(["profile", str(tiny_dir), "--calibration", str(text_file), "--calibration-tokens",
+                 "256", "--seq", "64", "--no-cache", "--out", str(out), "--quiet"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {"sensitivity.json", "sensitivity.txt", "entanglement.json", "summary.json",
+            "sensitivity.png", "entanglement.png"} <= names
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["modules"] == 14 and -1 <= summary["spearman_entropy_vs_sensitivity"] <= 1
+    assert "model.layers.1.mlp.up_proj" in capsys.readouterr().out
+
+
+def test_heal_then_quantize_then_eval(tiny_dir, text_file, tmp_path, capsys):
+    compressed, healed, quantized = tmp_path / "c", tmp_path / "h", tmp_path / "q"
+    assert main(["compress", str(tiny_dir), "--chi", "4", "--out", str(compressed), "--quiet"]) == 0
+    assert main(["heal", str(compressed), "--text", str(text_file), "--steps", "8", "--lr", "3e-3",
+                 "--batch", "2", "--seq", "32", "--teacher", str(tiny_dir), "--out", str(healed),
+                 "--quiet"]) == 0
+    history = json.loads((healed / "healing.json").read_text())
+    assert len(history["losses"]) == 8 and history["losses"][-1] < history["losses"][0]
+    assert main(["quantize", str(healed), "--bits", "4", "--out", str(quantized)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(quantized), "--text", str(text_file), "--tokens", "1024",
+                 "--window", "64", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["perplexity"] < 96  # better than uniform over the vocabulary
+
+
+def test_heal_needs_a_compressed_model(tiny_dir, text_file, tmp_path, capsys):
+    assert main(["heal", str(tiny_dir), "--text", str(text_file), "--steps", "1", "--out",
+                 str(tmp_path / "h"), "--quiet"]) == 2
+    assert "written by 'compress'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["compress", "smollm2", "--chi", "8", "--ratio", "0.5", "--out", "x"],
+                                  ["compress", "smollm2", "--ratio", "1.5", "--out", "x"],
+                                  ["compress", "smollm2", "--out", "x"]])
+def test_chi_xor_ratio_is_checked_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and ("--ratio" in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(
