@@ -31,11 +31,12 @@ import time
 from pathlib import Path
 
 import torch
+from _plot import perplexity_plot
 
 from tensornet_llm import compactify, heal, load_compactified, save_compactified
 from tensornet_llm.data import CALIBRATION_TEXTS, HELD_OUT_TEXT, token_batches, tokenize_text
 from tensornet_llm.evaluate import perplexity
-from tensornet_llm.models import load_smollm2
+from tensornet_llm.models import default_cache_dir, load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("ce", "distill", "fit+ce", "fit+distill")
@@ -49,11 +50,16 @@ def healing_batches(tokenizer, n_tokens: int, seq: int, batch: int) -> list[torc
 
 def heal_curve(keep: float, variant: str, args, tokenizer, teacher, batches, calib, held_out
                ) -> dict:
-    model, _ = load_smollm2()
+    # bench_quality.py saves its data-aware models (same calibration and fit steps): reuse them.
+    saved = default_cache_dir() / "bench" / f"smollm2-ratio{keep}-fit"
     t0 = time.perf_counter()
-    report = compactify(model, ratio=keep, calibration=calib if variant.startswith("fit") else None,
-                        fit_steps=args.fit_steps, progress=False)
-    compress_s = time.perf_counter() - t0
+    if variant.startswith("fit") and (saved / "tensornet.json").is_file() and args.fit_steps == 30:
+        model, kept, compress_s = load_compactified(saved), keep, None
+    else:
+        model, _ = load_smollm2()
+        report = compactify(model, ratio=keep, fit_steps=args.fit_steps, progress=False,
+                            calibration=calib if variant.startswith("fit") else None)
+        kept, compress_s = report.kept_fraction, time.perf_counter() - t0
     curve = {0: perplexity(model, held_out)}
     print(f"keep {keep} {variant}: start perplexity {curve[0]:.2f}", flush=True)
     wanted = set(args.steps)
@@ -69,7 +75,7 @@ def heal_curve(keep: float, variant: str, args, tokenizer, teacher, batches, cal
                       teacher=teacher if variant.endswith("distill") else None,
                       warmup_steps=min(20, max(args.steps) // 10), progress=False,
                       callback=evaluate)
-    return {"keep": keep, "variant": variant, "kept": report.kept_fraction,
+    return {"keep": keep, "variant": variant, "kept": kept,
             "compress_seconds": compress_s, "perplexity": {str(k): v for k, v in curve.items()},
             "heal_seconds": result.seconds if result else 0.0,
             "losses": result.losses if result else []}
@@ -152,7 +158,8 @@ def write(out: Path, data: dict) -> None:
         for c in curves:
             cells = [f"{c['perplexity'][str(s)]:.4g} ({c['perplexity'][str(s)] / dense:.2f}x)"
                      if str(s) in c["perplexity"] else "" for s in steps]
-            lines.append(f"| {c['keep']:.0%} | {c['variant']} | {c['compress_seconds']:.0f} | "
+            compress = "cached" if c["compress_seconds"] is None else f"{c['compress_seconds']:.0f}"
+            lines.append(f"| {c['keep']:.0%} | {c['variant']} | {compress} | "
                          + " | ".join(cells) + f" | {c['heal_seconds']:.0f} |")
     if data.get("timing"):
         dense_row = next(r for r in data["timing"] if r["model"] == "dense")
@@ -167,28 +174,11 @@ def write(out: Path, data: dict) -> None:
                 f"{r['median_step_s'] / dense_row['median_step_s']:.2f}x | "
                 f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / max(dense_row['peak_bytes'], 1):.2f}x |")
     (out / "bench_heal.md").write_text("\n".join(lines) + "\n")
-    if not curves:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for c in curves:
-        pts = sorted((int(s), v) for s, v in c["perplexity"].items())
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                label=f"keep {c['keep']:.0%} {c['variant']}")
-    ax.axhline(meta["dense_perplexity"], color="black", linestyle="--", linewidth=1, label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("healing steps")
-    ax.set_ylabel("held-out perplexity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "bench_heal.png", dpi=120)
-    plt.close(fig)
+    if curves:
+        perplexity_plot(out / "bench_heal.png",
+                        {f"keep {c['keep']:.0%} {c['variant']}":
+                         [(int(k), v) for k, v in c["perplexity"].items()] for c in curves},
+                        meta["dense_perplexity"], "healing steps")
 
 
 def main() -> None:

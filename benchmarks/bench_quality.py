@@ -29,14 +29,15 @@ import time
 from pathlib import Path
 
 import torch
+from _plot import perplexity_plot
 
-from tensornet_llm import MPOLinear, TTNSLinear, compactify
+from tensornet_llm import MPOLinear, TTNSLinear, compactify, save_compactified
 from tensornet_llm.budget import chi_for_params
 from tensornet_llm.calibrate import as_batches, collect_covariances
 from tensornet_llm.data import HELD_OUT_TEXT, token_batches, tokenize_text
 from tensornet_llm.evaluate import perplexity
 from tensornet_llm.fit import whitened_svd
-from tensornet_llm.models import load_smollm2
+from tensornet_llm.models import default_cache_dir, load_smollm2
 from tensornet_llm.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +89,8 @@ def run(method: str, keep: float, calib, covs, held_out, fit_steps: int) -> dict
             report = compactify(model, chi=uniform_chis(model, keep, cls), method=cls_name,
                                 n_sites=N_SITES, progress=False)
         kept = report.kept_fraction
+        if method == "mpo+fit":  # bench_quantize.py quantizes this model
+            save_compactified(model, default_cache_dir() / "bench" / f"smollm2-ratio{keep}-fit")
         extra = {"left_dense": sum("left dense" in why for _, why in report.skipped),
                  "chi": {r.name: r.chi for r in report.layers}}
     seconds = time.perf_counter() - t0
@@ -127,28 +130,11 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         lines += ["", "Modules the budget left dense (of 210): " + ", ".join(
             f"{r['method']} keep {r['keep']:.0%}: {r['left_dense']}" for r in fits) + "."]
     (out / "bench_quality.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m in methods:
-        pts = sorted((r["kept"], r["perplexity"]) for r in rows if r["method"] == m)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
-    ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
-    ax.axhline(1.5 * dense, color="grey", linestyle=":", linewidth=1, label="1.5 x dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("fraction of attention/MLP parameters kept")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title("SmolLM2-135M, no fine-tuning")
-    ax.invert_xaxis()
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "bench_quality.png", dpi=120)
-    plt.close(fig)
+    perplexity_plot(out / "bench_quality.png",
+                    {m: [(r["kept"], r["perplexity"]) for r in rows if r["method"] == m]
+                     for m in methods}, dense, "fraction of attention/MLP parameters kept",
+                    "SmolLM2-135M, no fine-tuning", invert_x=True,
+                    extra_lines={"1.5 x dense": 1.5 * dense})
 
 
 def main() -> None:

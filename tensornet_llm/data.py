@@ -14,7 +14,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["DATA_DIR", "text_path", "read_text", "tokenize_text", "token_batches"]
+__all__ = ["DATA_DIR", "CALIBRATION_TEXTS", "HELD_OUT_TEXT", "text_path", "read_text", "tokenize_text",
+           "token_batches"]
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 

@@ -1,0 +1,105 @@
+"""Write docs/api.md, the API reference, from the package's docstrings.
+
+    python docs/gen_api.py          # regenerate
+    python docs/gen_api.py --check  # exit 1 if docs/api.md is out of date (run by the tests)
+
+Every name in each module's ``__all__`` gets its signature and docstring; classes also list
+the public methods and properties they define themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+API = Path(__file__).with_name("api.md")
+#: Modules in reading order: the model-level API first, then layers, then the pure functions.
+MODULES = [
+    "compactify", "report", "serialization", "budget", "sensitivity", "entanglement",
+    "profiling", "plots", "heal", "quantize", "mpo", "ttns", "base", "factorize", "decompose",
+    "tree", "contract", "fit", "calibrate", "targets", "evaluate", "data", "models", "cli",
+]
+
+
+def _doc(obj) -> str:
+    return inspect.cleandoc(obj.__doc__) if obj.__doc__ else ""
+
+
+def _body(doc: str) -> list[str]:
+    """The summary paragraph as text, the rest (Args, Returns, shapes) verbatim."""
+    if not doc:
+        return []
+    head, _, rest = doc.partition("\n\n")
+    out = [head.replace("\n", " "), ""]
+    return out + (["```text", rest, "```", ""] if rest.strip() else [])
+
+
+def _signature(name: str, obj) -> str:
+    try:
+        sig = str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return name
+    return f"{name}{sig}".replace("'", "")
+
+
+def _members(cls) -> list[tuple[str, object]]:
+    out = []
+    for attr, value in vars(cls).items():
+        if attr.startswith("_") or attr in getattr(cls, "__dataclass_fields__", {}):
+            continue
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if inspect.isfunction(value) or isinstance(value, property):
+            out.append((attr, value))
+    return out
+
+
+def render() -> str:
+    import tensornet_llm
+
+    lines = ["# API reference", "",
+             "Generated from the docstrings by `docs/gen_api.py` (the tests check it is current). "
+             "`import tensornet_llm` exposes: " + ", ".join(f"`{n}`" for n in tensornet_llm.__all__)
+             + ".", ""]
+    for short in MODULES:
+        module = importlib.import_module(f"tensornet_llm.{short}")
+        lines += [f"## `tensornet_llm.{short}`", "", _doc(module).split("\n\n")[0], ""]
+        for name in module.__all__:
+            obj = getattr(module, name)
+            obj = getattr(obj, "__wrapped__", obj)  # lru_cache-wrapped functions
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                kind = "class" if inspect.isclass(obj) else "function"
+                lines += [f"### `{name}`", "", "```python", f"{kind} " + _signature(name, obj)
+                          .replace("tensornet_llm.", ""), "```", ""]
+                lines += _body(_doc(obj))
+                if inspect.isclass(obj):
+                    for attr, member in _members(obj):
+                        target = member.fget if isinstance(member, property) else member
+                        first = _doc(target).split("\n\n")[0].replace("\n", " ")
+                        label = attr if isinstance(member, property) else _signature(attr, member)
+                        lines.append(f"- `{label}`" + (f": {first}" if first else ""))
+                    lines.append("")
+            else:
+                lines += [f"### `{name}`", "", f"`{name} = {obj!r}`"[:300], ""]
+    text = "\n".join(lines)
+    while "\n\n\n" in text:
+        text = text.replace("\n\n\n", "\n\n")
+    return text.rstrip() + "\n"
+
+
+def main() -> int:
+    text = render()
+    if "--check" in sys.argv:
+        if not API.is_file() or API.read_text() != text:
+            print("docs/api.md is out of date: run python docs/gen_api.py", file=sys.stderr)
+            return 1
+        return 0
+    API.write_text(text)
+    print(f"wrote {API}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
