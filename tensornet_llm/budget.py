@@ -2,13 +2,15 @@
 
 Every targeted module gets a ladder of options: dense (keeps all its parameters, no error) and
 a tensor network at each chi of a grid of keep fractions. For each option the *damage* is
-estimated from the weight error ``E = W - W_hat`` of the decomposition at that chi:
+estimated from the error the network leaves at that chi:
 
-* with calibration data and a language-modelling loss: the predicted rise of the mean token
-  loss, ``0.5 * sum_o E[g_o^2] (E C E^T)_oo`` (``C`` the input covariance, ``g`` the loss
-  gradient at the module's output; a diagonal Gauss-Newton estimate);
-* with calibration but no loss: the relative output error ``tr(E C E^T) / tr(W C W^T)``;
-* without data: the relative weight error ``||E||_F^2 / ||W||_F^2``.
+* with calibration data, the network is cut from the *whitened* weight ``W L`` (``C = L L^T``
+  the input covariance), whose truncation error ``E_L`` approximates what the data-aware fit
+  reaches (``||(W - W_hat) L||`` is exactly what it minimises); the damage is then the
+  predicted rise of the mean token loss, ``0.5 * sum_o E[g_o^2] (E_L E_L^T)_oo`` (``g`` the
+  loss gradient at the module's output; a diagonal Gauss-Newton estimate), or without a loss
+  the relative output error ``||E_L||^2 / ||W L||^2``;
+* without data: the relative weight error ``||E||_F^2 / ||W||_F^2`` of the plain cut.
 
 The allocation minimises the summed damage subject to the total parameter count: on each
 module's lower convex hull of (parameters, damage), steps are taken globally in order of
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import TensorNetworkLinear, linear_weight
+from .fit import stable_cholesky
 
 __all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate"]
 
@@ -83,16 +86,13 @@ def chi_for_params(cls: type[TensorNetworkLinear], in_features: int, out_feature
     return lo
 
 
-def _damage(error: Tensor, weight: Tensor, cov: Tensor | None, grad_sq: Tensor | None) -> float:
-    e = error.to(torch.float64)
-    if cov is None:
-        return float(e.pow(2).sum() / weight.to(torch.float64).pow(2).sum().clamp_min(1e-300))
-    cov = cov.to(device=e.device, dtype=torch.float64)
-    per_output = ((e @ cov) * e).sum(1)  # (E C E^T)_oo
+def _damage(error: Tensor, reference: Tensor, grad_sq: Tensor | None) -> float:
+    """Damage of an error ``(out, in)`` (whitened when calibrated): Gauss-Newton with
+    ``grad_sq``, otherwise relative to ``reference`` (the weight, whitened likewise)."""
+    per_output = error.to(torch.float64).pow(2).sum(1)
     if grad_sq is not None:
         return 0.5 * float((grad_sq.to(per_output) * per_output).sum())
-    w = weight.to(torch.float64)
-    return float(per_output.sum() / ((w @ cov) * w).sum().clamp_min(1e-300))
+    return float(per_output.sum() / reference.to(torch.float64).pow(2).sum().clamp_min(1e-300))
 
 
 def _lower_hull(options: list[Option]) -> list[Option]:
@@ -152,6 +152,9 @@ def allocate(
         out_f, in_f = weight.shape
         dense = weight.numel() + (bias.numel() if bias is not None else 0)
         w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        if covariances is not None:  # cut the whitened weight W L (see the module docs)
+            factor = stable_cholesky(covariances[name].to(device=w.device, dtype=torch.float64))
+            w = (w.to(torch.float64) @ factor).to(w.dtype)
         options = [Option(None, dense, 0.0)]
         chis = sorted({chi_for_params(cls, in_f, out_f, n_sites, int(k * dense) - (dense - weight.numel()))
                        for k in keep_grid})
@@ -161,10 +164,7 @@ def allocate(
                 continue
             approx = cls.from_weight(w, None, chi, n_sites).to_dense().detach()
             options.append(Option(chi, params, _damage(
-                w - approx, w,
-                covariances[name] if covariances is not None else None,
-                grad_sq[name] if grad_sq is not None else None,
-            )))
+                w - approx, w, grad_sq[name] if grad_sq is not None else None)))
         ladders[name] = options
 
     before = sum(o[0].params for o in ladders.values())
