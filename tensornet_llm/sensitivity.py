@@ -28,6 +28,7 @@ from .base import linear_weight
 from .budget import _damage, chi_for_params
 from .calibrate import as_batches, collect_covariances, collect_output_gradients, model_inputs
 from .compactify import METHODS
+from .fit import stable_cholesky
 from .targets import Targets, block_prefix, block_stacks, find_targets
 
 __all__ = [
@@ -218,9 +219,10 @@ def profile_sensitivity(
                     setattr(parent, child, module)
                 predicted = None
                 if covs is not None and grads is not None:
-                    w = weight.detach().to(torch.float32)
-                    predicted = _damage(w - layer.to_dense().detach().float(), w,
-                                        covs.covariance(name), grads[name])
+                    w = weight.detach().to(torch.float64)
+                    factor = stable_cholesky(covs.covariance(name).to(torch.float64))
+                    error = (w - layer.to_dense().detach().double()) @ factor  # E L
+                    predicted = _damage(error, w @ factor, grads[name])
                 profile.rows.append(SensitivityRow(
                     name=name, block=block, module_type=kind, keep=float(k), chi=chi,
                     params_before=dense, params_after=layer.num_parameters, loss=loss,
