@@ -6,6 +6,8 @@ Dense SmolLM2-135M-Instruct, 20,480 tokens of Pride and Prejudice from character
 non-overlapping 512-token windows with token 0 prepended: the reference is 30.70.
 """
 
+import argparse
+
 from tensornet_llm.data import tokenize_text
 from tensornet_llm.evaluate import perplexity
 from tensornet_llm.models import load_smollm2
@@ -14,6 +16,7 @@ REFERENCE = 30.70
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     model, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, "austen_prideprejudice.txt", 20_480)
     ppl = perplexity(model, ids)

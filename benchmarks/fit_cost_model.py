@@ -12,8 +12,8 @@ triple and, for comparison, the current constants' score on the same data.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,11 @@ def score(rows, feats, matmul: float, per_element: float, per_kernel: float) -> 
 
 
 def main() -> None:
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "results" / "bench_layers.json"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("timings", type=Path, nargs="?",
+                        default=ROOT / "docs" / "results" / "bench_layers.json",
+                        help="bench_layers.json to fit (default: %(default)s)")
+    path = parser.parse_args().timings
     rows = json.loads(path.read_text())["rows"]
     feats = [features(r) for r in rows]
     grid = [(m, e, k) for m in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0)

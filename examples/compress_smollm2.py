@@ -1,11 +1,15 @@
 """Compress the bundled SmolLM2-135M-Instruct and compare it with the dense model.
 
-    python examples/compress_smollm2.py [--chi 64] [--method mpo|ttns] [--tokens 8192] [--out DIR]
+    python examples/compress_smollm2.py [--ratio 0.8 | --chi 64] [--calibration-tokens 4096]
+                                        [--fit-steps 30]
+                                        [--method mpo|ttns] [--tokens 8192] [--out DIR]
 
 Prints parameters, size in MB, compression time and held-out perplexity (Persuasion, which is
-never used for calibration) before and after. Without healing a large perplexity increase is
-expected: tensorizing every attention and MLP layer uniformly from the weights alone is the
-crudest setting; see the docs for budgeted chi, data-aware fitting and healing.
+never used for calibration) before and after. By default (``make demo``) it keeps 80% of the
+attention/MLP parameters, choosing chi per layer and fitting every layer to 4,096 tokens of
+Emma (about 6 minutes on 2 CPU cores; perplexity 45.7 -> about 99 without any fine-tuning).
+``--chi 64 --calibration-tokens 0`` shows the crudest setting, a uniform cut of the weights
+alone (seconds, but perplexity in the millions).
 """
 
 from __future__ import annotations
@@ -16,14 +20,20 @@ import time
 import torch
 
 from tensornet_llm import compactify, save_compactified
-from tensornet_llm.data import HELD_OUT_TEXT, tokenize_text
+from tensornet_llm.data import HELD_OUT_TEXT, token_batches, tokenize_text
 from tensornet_llm.evaluate import model_size_bytes, perplexity
 from tensornet_llm.models import load_smollm2
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--chi", type=int, default=64, help="bond dimension (default 64)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--ratio", type=float, help="fraction of parameters to keep (default 0.8)")
+    size.add_argument("--chi", type=int, help="one bond dimension for every layer instead")
+    parser.add_argument("--calibration-tokens", type=int, default=4096,
+                        help="tokens of Emma to fit the layers to (0: weights alone)")
+    parser.add_argument("--fit-steps", type=int, default=30,
+                        help="optimiser steps per layer when fitting (default 30)")
     parser.add_argument("--method", choices=["mpo", "ttns"], default="mpo")
     parser.add_argument("--n-sites", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score")
@@ -39,7 +49,14 @@ def main() -> None:
     params0, size0 = sum(p.numel() for p in model.parameters()), model_size_bytes(model)
     ppl0 = perplexity(model, ids, progress=True)
 
-    report = compactify(model, chi=args.chi, method=args.method, n_sites=args.n_sites)
+    calibration = None
+    if args.calibration_tokens:
+        calib_ids = tokenize_text(tokenizer, "austen_emma.txt", args.calibration_tokens)
+        calibration = list(token_batches(calib_ids, seq_len=512, batch_size=4))
+    ratio = args.ratio if args.ratio is not None or args.chi is not None else 0.8
+    report = compactify(model, chi=args.chi, ratio=ratio, method=args.method,
+                        n_sites=args.n_sites, calibration=calibration,
+                        fit_steps=args.fit_steps)
     params1, size1 = sum(p.numel() for p in model.parameters()), model_size_bytes(model)
     ppl1 = perplexity(model, ids, progress=True)
 

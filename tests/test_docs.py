@@ -1,6 +1,7 @@
 """The docs run as written: getting-started's Python blocks, and the API reference is current."""
 
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,19 @@ def test_docs_links_resolve():
     for page in DOCS.glob("*.md"):
         for target in re.findall(r"\]\(([^)#:]+)\)", page.read_text()):
             assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+@pytest.mark.parametrize("script", sorted(
+    p.relative_to(DOCS.parent) for folder in ("examples", "benchmarks")
+    for p in (DOCS.parent / folder).glob("[!_]*.py")), ids=str)
+def test_example_and_benchmark_scripts_import_and_parse_arguments(script, monkeypatch, capsys):
+    """Every script imports (its imports of the package are current) and answers --help.
+
+    Run in-process with ``runpy`` so torch and transformers are imported once for all scripts."""
+    path = DOCS.parent / script
+    monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    monkeypatch.syspath_prepend(str(path.parent))
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(path), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
