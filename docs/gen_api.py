@@ -44,6 +44,20 @@ def _signature(name: str, obj) -> str:
     return f"{name}{sig}".replace("'", "")
 
 
+def _value(obj) -> str:
+    """A constant's repr; paths inside the checkout are shown relative to it (the page must not
+    depend on where the repository was cloned)."""
+    if isinstance(obj, Path):
+        import tensornet_llm
+
+        root = Path(tensornet_llm.__file__).resolve().parent.parent
+        try:
+            return f"<checkout>/{obj.resolve().relative_to(root).as_posix()}"
+        except ValueError:
+            return repr(obj)
+    return repr(obj)
+
+
 def _members(cls) -> list[tuple[str, object]]:
     out = []
     for attr, value in vars(cls).items():
@@ -82,7 +96,7 @@ def render() -> str:
                         lines.append(f"- `{label}`" + (f": {first}" if first else ""))
                     lines.append("")
             else:
-                lines += [f"### `{name}`", "", f"`{name} = {obj!r}`"[:300], ""]
+                lines += [f"### `{name}`", "", f"`{name} = {_value(obj)}`"[:300], ""]
     text = "\n".join(lines)
     while "\n\n\n" in text:
         text = text.replace("\n\n\n", "\n\n")
