@@ -6,7 +6,8 @@ round so that machine drift hits all variants alike:
 * ``linear``   dense ``nn.Linear`` of the same shape
 * ``network``  input contracted through the cores (opt_einsum path, cached)
 * ``dense``    cores contracted to the dense weight, then one matmul
-* ``auto``     the layer's own per-call choice
+* ``auto``     the layer's own per-call choice (the cost model)
+* ``tuned``    the choice after ``autotune`` (timed separately, before its choice is scored)
 * ``einsum``   plain ``torch.einsum`` on the network equation, no path (left to right)
 
 and records the FLOPs of each. Results go to ``docs/results/bench_layers.json`` and a Markdown
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensornet_llm import MPOLinear, TTNSLinear
+from tensornet_llm import MPOLinear, TTNSLinear, autotune
 from tensornet_llm.contract import get_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,9 @@ def run(grid: dict, budget_s: float, out_stem: str) -> list[dict]:
                                 einsum_without_path(layer, x)
                                 t["einsum"] = time.perf_counter() - t0
                                 einsum_per_token = t["einsum"] / tokens
+                            # Measured choice: autotune's own timings decide, the ones above
+                            # score the decision (so a lucky round cannot grade itself).
+                            tuned = autotune(layer, [tokens])[0].choice
                         best = min(t["network"], t["dense"])
                         row = {
                             "in": in_f, "out": out_f, "method": method, "n_sites": n_sites,
@@ -133,6 +137,8 @@ def run(grid: dict, budget_s: float, out_stem: str) -> list[dict]:
                             "auto_over_best": t[plan.choose(tokens)] / best,
                             # End to end, dispatch included (noisier: a separate measurement).
                             "auto_call_over_best": t["auto"] / best,
+                            "tuned_choice": tuned,
+                            "tuned_over_best": t[tuned] / best,
                             "linear_over_auto": t["linear"] / t["auto"],
                         }
                         rows.append(row)
@@ -141,7 +147,8 @@ def run(grid: dict, budget_s: float, out_stem: str) -> list[dict]:
                             f" linear {t['linear']*1e3:8.3f}ms  network {t['network']*1e3:8.3f}"
                             f"  dense {t['dense']*1e3:8.3f}  auto {t['auto']*1e3:8.3f}"
                             f" ({row['auto_choice']:7}, choice {row['auto_over_best']:.2f}x best,"
-                            f" call {row['auto_call_over_best']:.2f}x)"
+                            f" call {row['auto_call_over_best']:.2f}x; tuned {tuned:7}"
+                            f" {row['tuned_over_best']:.2f}x)"
                             f"  einsum {fmt_ms(t['einsum']):>8}  speedup vs linear"
                             f" {row['linear_over_auto']:.2f}x", flush=True,
                         )
@@ -159,6 +166,8 @@ def summarise(rows: list[dict]) -> dict:
         "cells": len(rows),
         "auto_within_10pct_of_best": len(within),
         "worst_auto_over_best": max(r["auto_over_best"] for r in rows),
+        "tuned_within_10pct_of_best": sum(r["tuned_over_best"] <= 1.10 for r in rows),
+        "worst_tuned_over_best": max(r["tuned_over_best"] for r in rows),
         "median_auto_call_over_best": sorted(r["auto_call_over_best"] for r in rows)[len(rows) // 2],
         "one_token_cells_with_network_flops_under_half_dense": len(cheap),
         "of_those_faster_than_linear": len(faster),
@@ -178,13 +187,15 @@ def write_markdown(rows: list[dict], summary: dict, path: Path, meta: dict) -> N
         *[f"| {k.replace('_', ' ')} | {v if not isinstance(v, float) else f'{v:.2f}'} |"
           for k, v in summary.items()],
         "",
-        "`choice / best`: time of the strategy auto picks over the faster of the two (the"
-        " decision); `auto / best`: the auto call itself, dispatch included, measured separately.",
+        "`choice / best`: time of the strategy auto picks by the cost model over the faster of"
+        " the two (the decision); `auto / best`: the auto call itself, dispatch included, measured"
+        " separately; `tuned / best`: the strategy `autotune` picks from its own timings, scored"
+        " by these.",
         "",
         "| shape | method | N | chi | params kept | tokens | linear | network | dense | auto"
-        " (choice) | choice / best | auto / best | einsum no path | linear / auto |"
-        " GFLOP net / dense-lin |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " (choice) | choice / best | auto / best | tuned (choice) | tuned / best | einsum no path"
+        " | linear / auto | GFLOP net / dense-lin |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         s = r["seconds"]
@@ -193,6 +204,7 @@ def write_markdown(rows: list[dict], summary: dict, path: Path, meta: dict) -> N
             f"{r['params'] / r['dense_params']:.1%} | {r['tokens']} | {s['linear']*1e3:.3f} | "
             f"{s['network']*1e3:.3f} | {s['dense']*1e3:.3f} | {s['auto']*1e3:.3f} "
             f"({r['auto_choice']}) | {r['auto_over_best']:.2f} | {r['auto_call_over_best']:.2f} | "
+            f"{r['tuned_choice']} | {r['tuned_over_best']:.2f} | "
             f"{fmt_ms(s['einsum'])} | "
             f"{r['linear_over_auto']:.2f} | {r['flops']['network']/1e9:.3g} / "
             f"{r['flops']['linear']/1e9:.3g} |"

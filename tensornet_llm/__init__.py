@@ -1,5 +1,6 @@
 """tensornet-llm: compress transformer language models with tensor networks."""
 
+from .autotune import TuneRow, autotune
 from .base import TensorNetworkLinear
 from .budget import Allocation, allocate
 from .compactify import CompactifyConfig, compactify
@@ -41,5 +42,7 @@ __all__ = [
     "quantize",
     "QuantizeConfig",
     "QuantizeReport",
+    "autotune",
+    "TuneRow",
 ]
 __version__ = "0.1.0"

@@ -17,11 +17,18 @@ Each einsum's contraction order is chosen once by opt_einsum (``optimize="dp"``)
 small while token counts vary.  The FLOPs of a fixed path are exactly ``alpha + beta * B`` (the
 batch leg enters each pairwise step at most once), so the per-call choice between strategies is
 exact for every ``B``, not just at bucket sizes, and costs two multiplications.
+
+A FLOP model cannot see everything (memory bandwidth, how well each kernel runs on this machine):
+where the two strategies' modelled costs are close it may pick the slower one.
+:func:`tune_strategy` times both on the actual device and dtype and records the faster per batch
+bucket; ``"auto"`` then follows the measurement instead of the model (as
+``torch.backends.cudnn.benchmark`` does for convolutions).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Sequence
@@ -40,6 +47,8 @@ __all__ = [
     "contract_network",
     "reconstruct",
     "tn_linear",
+    "tune_strategy",
+    "tuned_strategy",
     "clear_plan_cache",
 ]
 
@@ -224,9 +233,66 @@ def get_plan(spec: NetworkSpec, batch: int) -> ContractionPlan:
 
 
 def clear_plan_cache() -> None:
-    """Drop every cached contraction plan."""
+    """Drop every cached contraction plan and every measured choice."""
     _plan.cache_clear()
     _dense_expression.cache_clear()
+    _TUNED.clear()
+
+
+#: Measured choices: ``(spec, batch bucket, device type, dtype) -> "network" | "dense"``.
+_TUNED: dict[tuple, Literal["network", "dense"]] = {}
+
+
+def tuned_strategy(
+    spec: NetworkSpec, batch: int, device: torch.device | str, dtype: torch.dtype
+) -> Literal["network", "dense"] | None:
+    """The choice :func:`tune_strategy` measured for this bucket, device type and dtype, if any."""
+    return _TUNED.get((spec, batch_bucket(batch), torch.device(device).type, dtype))
+
+
+def tune_strategy(
+    spec: NetworkSpec,
+    cores: Sequence[Tensor],
+    bias: Tensor | None,
+    in_features: int,
+    out_features: int,
+    batch: int,
+    repeats: int = 3,
+    min_seconds: float = 0.2,
+) -> dict[str, float]:
+    """Time both strategies at ``batch`` rows and make ``"auto"`` use the faster from now on.
+
+    The input is random, of shape ``(batch_bucket(batch), in_features)`` on the cores' device
+    and dtype; each strategy runs once to warm up, then in interleaved rounds, at least
+    ``repeats`` and until ``min_seconds`` have passed (at most 1000), and the fastest round
+    counts (interference on a shared machine only ever adds time; millisecond calls need many
+    rounds to see through it). The winner is recorded for that batch bucket, device type and
+    dtype; :func:`clear_plan_cache` forgets it.
+
+    Returns:
+        ``{"network": seconds, "dense": seconds}`` per call.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    ref = cores[0]
+    bucket = batch_bucket(max(int(batch), 1))
+    x = torch.randn(bucket, in_features, device=ref.device, dtype=ref.dtype)
+    sync = torch.cuda.synchronize if ref.device.type == "cuda" else (lambda: None)
+    best = {"network": math.inf, "dense": math.inf}
+    with torch.no_grad():
+        round_, start = 0, time.perf_counter()
+        while round_ <= repeats or (time.perf_counter() - start < min_seconds and round_ <= 1000):
+            for strategy in best:
+                sync()
+                t0 = time.perf_counter()
+                tn_linear(x, spec, cores, bias, in_features, out_features, strategy)
+                sync()
+                if round_:  # round 0 warms up plans, allocator and caches
+                    best[strategy] = min(best[strategy], time.perf_counter() - t0)
+            round_ += 1
+    key = (spec, bucket, ref.device.type, ref.dtype)
+    _TUNED[key] = "network" if best["network"] < best["dense"] else "dense"
+    return best
 
 
 def contract_network(
@@ -246,6 +312,51 @@ def reconstruct(spec: NetworkSpec, cores: Sequence[Tensor]) -> Tensor:
     return _dense_expression(spec)(*cores, backend="torch").reshape(spec.out_size, spec.in_size)
 
 
+#: Device types that have an autocast mode.
+_AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
+
+
+class _RebuiltLinear(torch.autograd.Function):
+    """``y = x W^T`` with ``W = reconstruct(cores)``, training without storing ``W``.
+
+    Plain autograd would keep every layer's rebuilt ``(out, in)`` weight and the rebuild's
+    intermediates until backward: as much memory as the dense model's weights, which is what
+    compression was meant to save. Here only ``x`` and the cores are kept, and backward rebuilds
+    ``W`` (a few percent of the matmul's FLOPs at training batch sizes) to get
+    ``dx = dy W`` and ``dW = dy^T x``, then pulls ``dW`` back through the rebuild to the cores.
+    First-order only (no double backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, spec: NetworkSpec, out_features: int, in_features: int,
+                *cores: Tensor) -> Tensor:
+        ctx.spec, ctx.features = spec, (out_features, in_features)
+        ctx.save_for_backward(x, *cores)
+        weight = reconstruct(spec, cores)[:out_features, :in_features]
+        return F.linear(x, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x, *cores = ctx.saved_tensors
+        n_out, n_in = ctx.features
+        wanted = list(ctx.needs_input_grad[4:])
+        with torch.enable_grad():
+            leaves = [c.detach().requires_grad_(w) for c, w in zip(cores, wanted)]
+            weight = reconstruct(ctx.spec, leaves)[:n_out, :n_in]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y.matmul(weight.detach().to(grad_y.dtype)).to(x.dtype)
+        grads: list[Tensor | None] = [None] * len(cores)
+        if any(wanted):
+            dtype = weight.dtype
+            grad_w = grad_y.reshape(-1, n_out).to(dtype).T @ x.reshape(-1, n_in).to(dtype)
+            needed = [leaf for leaf, w in zip(leaves, wanted) if w]
+            found = iter(torch.autograd.grad(weight, needed, grad_w))
+            grads = [next(found) if w else None for w in wanted]
+        return (grad_x, None, None, None, *grads)
+
+
 def tn_linear(
     x: Tensor,
     spec: NetworkSpec,
@@ -263,18 +374,34 @@ def tn_linear(
             ``spec.out_size >= out_features`` (larger when the dimensions were padded).
         cores: one tensor per ``spec.core_legs`` entry.
         bias: ``(out_features,)`` or ``None``.
-        strategy: ``"network"``, ``"dense"`` or ``"auto"`` (the cheaper by FLOPs at this batch).
+        strategy: ``"network"``, ``"dense"`` or ``"auto"`` (the faster as measured by
+            :func:`tune_strategy` for this batch bucket if it was run, else the cheaper by the
+            cost model at this batch).
 
     Returns:
         Tensor of shape ``(..., out_features)``.
     """
+    device_type = x.device.type
+    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
+        # Contract wholly in the autocast dtype, as nn.Linear computes under autocast (left to
+        # itself, autocast would cast only some of the pairwise steps and mix dtypes). The casts
+        # are differentiable: float32 cores still get float32 gradients.
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch.autocast(device_type, enabled=False):
+            return tn_linear(x.to(dtype), spec, [c.to(dtype) for c in cores],
+                             None if bias is None else bias.to(dtype), in_features,
+                             out_features, strategy)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     batch = x2.shape[0]
     plan = get_plan(spec, max(batch, 1)) if strategy != "dense" else None
     if strategy == "auto":
-        strategy = plan.choose(max(batch, 1))
+        measured = _TUNED and tuned_strategy(spec, max(batch, 1), x.device, x.dtype)
+        strategy = measured or plan.choose(max(batch, 1))
     if strategy == "dense" or batch == 0:
+        if torch.is_grad_enabled() and any(c.requires_grad for c in cores):
+            y = _RebuiltLinear.apply(x, spec, out_features, in_features, *cores)
+            return y if bias is None else y + bias
         weight = reconstruct(spec, cores)[:out_features, :in_features]
         return F.linear(x, weight, bias)
     if strategy != "network":

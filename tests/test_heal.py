@@ -44,6 +44,16 @@ def test_healing_lowers_the_loss(compressed):
     assert not model.training  # mode restored
 
 
+def test_bf16_mixed_precision_heals_and_keeps_float32_weights(compressed):
+    model, teacher = compressed
+    data = batches()
+    before = mean_loss(model, data)
+    heal(model, data, steps=15, lr=3e-3, warmup_steps=0, mixed_precision="bf16",
+         teacher=teacher, progress=False)
+    assert mean_loss(model, data) < before - 0.3
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_cores_only_changes_only_cores(compressed):
     model, _ = compressed
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -138,6 +138,44 @@ def test_backward_reaches_every_core(cls):
 
 
 @pytest.mark.parametrize("cls", LAYERS)
+def test_dense_strategy_training_keeps_no_rebuilt_weight(cls):
+    """Backward rebuilds W instead of storing it: nothing of W's size waits in the graph, and the
+    gradients are those of the network strategy."""
+    torch.manual_seed(0)
+    layer = cls(96, 144, 4, n_sites=3, strategy="dense")
+    x = torch.randn(5, 96, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t,
+                                                  lambda t: t):
+        loss = layer(x).square().sum()
+    assert saved and max(saved) < 96 * 144 // 4
+    loss.backward()
+    grads = [p.grad.clone() for p in (x, *layer.parameters())]
+    x.grad = None
+    layer.zero_grad()
+    layer.strategy = "network"
+    layer(x).square().sum().backward()
+    for g, p in zip(grads, (x, *layer.parameters())):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@pytest.mark.parametrize("strategy", ["network", "dense"])
+def test_autocast_forward_and_backward(cls, strategy):
+    """Under autocast the whole contraction runs in the autocast dtype, as nn.Linear does."""
+    torch.manual_seed(0)
+    layer = cls(48, 64, 4, n_sites=3, strategy=strategy)
+    x = torch.randn(3, 48, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert rel(y.detach().float(), layer(x).detach()) < 3e-2
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and all(c.grad.dtype == torch.float32 for c in layer.cores)
+    assert all(torch.isfinite(c.grad).all() and c.grad.abs().sum() > 0 for c in layer.cores)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_forward_is_close(cls, dtype):
     lin = random_linear(96, 144, dtype=torch.float32)
