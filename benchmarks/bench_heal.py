@@ -156,7 +156,7 @@ def write(out: Path, data: dict) -> None:
                   + " | healing time (s) |", "|---|---|---|" + "---|" * len(steps) + "---|"]
         dense = meta["dense_perplexity"]
         for c in curves:
-            cells = [f"{c['perplexity'][str(s)]:.4g} ({c['perplexity'][str(s)] / dense:.2f}x)"
+            cells = [f"{c['perplexity'][str(s)]:.4g} ({c['perplexity'][str(s)] / dense:.3g}x)"
                      if str(s) in c["perplexity"] else "" for s in steps]
             compress = "cached" if c["compress_seconds"] is None else f"{c['compress_seconds']:.0f}"
             lines.append(f"| {c['keep']:.0%} | {c['variant']} | {compress} | "
