@@ -75,20 +75,17 @@ def autotune(
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     if not min_seconds >= 0:
         raise ValueError(f"min_seconds must be >= 0, got {min_seconds!r}")
-    groups: dict[tuple, list[str]] = {}
-    layers: dict[tuple, nn.Module] = {}
+    # Layers with the same timing key share one measurement: (first such layer, all names).
+    groups: dict[tuple, tuple[nn.Module, list[str]]] = {}
     for name, module in model.named_modules():
         if isinstance(module, (TensorNetworkLinear, QuantizedTensorNetworkLinear)):
-            key = (*_shape_key(module), type(module))
-            groups.setdefault(key, []).append(name)
-            layers.setdefault(key, module)
+            groups.setdefault((*_shape_key(module), type(module)), (module, []))[1].append(name)
     if not groups:
         raise ValueError("model has no tensor-network layers to tune: run compactify first")
     rows = []
     buckets = sorted({batch_bucket(b) for b in batch_sizes})
     with torch.no_grad():
-        for key, names in groups.items():
-            layer = layers[key]
+        for layer, names in groups.values():
             spec, operands, bias = _contraction(layer)
             for bucket in buckets:
                 seconds = tune_strategy(spec, operands, bias, layer.in_features,

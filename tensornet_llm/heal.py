@@ -237,7 +237,7 @@ def heal(
     if precision == "auto":
         gpu = torch.cuda.is_available() and not cfg.cpu
         precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
-    _allow_new_precision(precision, cfg.cpu)
+    _allow_new_precision(precision)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=precision, cpu=cfg.cpu)
     torch.manual_seed(cfg.seed)
@@ -329,19 +329,13 @@ def heal(
     return result
 
 
-def _allow_new_precision(precision: str, cpu: bool) -> None:
-    """accelerate keeps one process-wide state and refuses an ``Accelerator`` whose precision or
-    ``cpu`` flag differs from the first one's. A second ``heal`` call with other options is
-    legitimate in one process (a notebook, the tests): drop the training state (precision,
-    plugins), keep the process and distributed set-up."""
+def _allow_new_precision(precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses an ``Accelerator`` whose mixed
+    precision differs from the first one's. A second ``heal`` call with another precision is
+    legitimate in one process (a notebook, the tests): drop accelerate's training state
+    (precision, plugins) and keep its process and distributed set-up."""
     from accelerate.state import AcceleratorState
 
     state = AcceleratorState._shared_state
-    if not state:
-        return
-    device = state.get("device")
-    if state.get("_mixed_precision") != precision or (
-        cpu and device is not None and torch.device(device).type != "cpu"
-    ):
+    if state and state.get("_mixed_precision") != precision:
         AcceleratorState._reset_state()
-
