@@ -70,7 +70,9 @@ def autotune(
     if isinstance(batch_sizes, int) or not batch_sizes or any(
         not isinstance(b, int) or b < 1 for b in batch_sizes
     ):
-        raise ValueError(f"batch_sizes must be a non-empty sequence of ints >= 1, got {batch_sizes!r}")
+        raise ValueError(
+            f"batch_sizes must be a non-empty sequence of ints >= 1, got {batch_sizes!r}"
+        )
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     if not min_seconds >= 0:
