@@ -2,18 +2,21 @@
 training step of the compressed model against the dense one.
 
     python benchmarks/bench_heal.py [--keep 0.5 0.7] [--steps 0 50 100 200 400]
-                                    [--variants ce distill fit+ce fit+distill]
+                                    [--variants ce distill fit+ce fit+distill lr+distill]
                                     [--batch 4] [--seq 256] [--timing-only]
 
 Variants: ``ce`` heals on next-token loss from the plain TT-SVD start
 (``compactify(ratio=keep)`` without data); ``distill`` adds the KL to the dense teacher's
 logits; ``fit+...`` starts from the data-aware start (``compactify(ratio=keep,
-calibration=...)``). Healing text: Emma and Sense and Sensibility; calibration: Emma; perplexity:
+calibration=..., low_rank=False)``: 3-site MPOs only); ``lr+distill`` starts from
+``compactify``'s default data-aware start, which may also give modules the low-rank layout.
+Healing text: Emma and Sense and Sensibility; calibration: Emma; perplexity:
 held-out Persuasion.
 
 The timing part runs each model in its own process (so peak memory is that process's alone):
 the same batch, forward + backward + AdamW step, dense model versus the compactified one at each
-keep; it reports the median step time and the peak resident memory growth during training
+keep (3-site MPOs, and, where ``bench_quality.py`` saved it, the data-aware model with the
+layouts the budget chose, ``keep N% low-rank``); it reports the median step time and the peak resident memory growth during training
 (``torch.cuda.max_memory_allocated`` on a GPU). Writes ``docs/results/bench_heal.{json,md,png}``.
 Rows are appended as they finish and a rerun skips them (``--fresh`` starts over).
 """
@@ -39,7 +42,7 @@ from tensornet_llm.evaluate import perplexity
 from tensornet_llm.models import default_cache_dir, load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("ce", "distill", "fit+ce", "fit+distill")
+VARIANTS = ("ce", "distill", "fit+ce", "fit+distill", "lr+distill")
 
 
 def healing_batches(tokenizer, n_tokens: int, seq: int, batch: int) -> list[torch.Tensor]:
@@ -51,14 +54,16 @@ def healing_batches(tokenizer, n_tokens: int, seq: int, batch: int) -> list[torc
 def heal_curve(keep: float, variant: str, args, tokenizer, teacher, batches, calib, held_out
                ) -> dict:
     # bench_quality.py saves its data-aware models (same calibration and fit steps): reuse them.
-    saved = default_cache_dir() / "bench" / f"smollm2-ratio{keep}-fit"
+    low_rank = variant.startswith("lr")
+    fitted = low_rank or variant.startswith("fit")
+    saved = default_cache_dir() / "bench" / f"smollm2-ratio{keep}{'-lr' if low_rank else ''}-fit"
     t0 = time.perf_counter()
-    if variant.startswith("fit") and (saved / "tensornet.json").is_file() and args.fit_steps == 30:
+    if fitted and (saved / "tensornet.json").is_file() and args.fit_steps == 30:
         model, kept, compress_s = load_compactified(saved), keep, None
     else:
         model, _ = load_smollm2()
         report = compactify(model, ratio=keep, fit_steps=args.fit_steps, progress=False,
-                            calibration=calib if variant.startswith("fit") else None)
+                            low_rank=low_rank, calibration=calib if fitted else None)
         kept, compress_s = report.kept_fraction, time.perf_counter() - t0
     curve = {0: perplexity(model, held_out)}
     print(f"keep {keep} {variant}: start perplexity {curve[0]:.2f}", flush=True)
@@ -121,8 +126,12 @@ def timing(keeps: list[float], batch: int, seq: int, steps: int) -> list[dict]:
         paths = {"dense": "smollm2"}
         for keep in keeps:
             model, _ = load_smollm2()
-            compactify(model, ratio=keep, progress=False)
+            compactify(model, ratio=keep, low_rank=False, progress=False)
             paths[f"keep {keep:.0%}"] = save_compactified(model, Path(tmp) / f"keep{keep}")
+            # The layouts compactify picks with data (bench_quality.py's model, if saved).
+            fitted = default_cache_dir() / "bench" / f"smollm2-ratio{keep}-lr-fit"
+            if (fitted / "tensornet.json").is_file():
+                paths[f"keep {keep:.0%} low-rank"] = fitted
         for rnd in range(2):  # two interleaved rounds: the machine is noisy
             for name, path in paths.items():
                 out = subprocess.run(

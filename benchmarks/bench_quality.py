@@ -10,9 +10,12 @@ At each keep fraction of the targeted (attention and MLP) parameters:
                    covariance, SVD of ``W L``), same ranks, covariances from the dense model;
 * ``mpo``, ``ttns``  TT-SVD / hierarchical SVD of every weight, each layer's chi the largest
                    that keeps the fraction (no data);
-* ``mpo+fit``, ``ttns+fit``  ``compactify(ratio=keep, calibration=...)``: chi per module under
-                   the budget from the Gauss-Newton loss estimate, then every layer fitted to
-                   its activations block by block.
+* ``mpo+fit``, ``ttns+fit``  ``compactify(ratio=keep, calibration=..., low_rank=False)``: chi
+                   per module under the budget from the Gauss-Newton loss estimate, then every
+                   layer fitted to its activations block by block;
+* ``mpo+lr+fit``   the same with ``compactify``'s default ``low_rank=True``: the budget also
+                   offers every module the low-rank layout (a 2-site MPO that is the rank-chi
+                   factorisation) and keeps, per module, the layout predicting less damage.
 
 Calibration on Emma, perplexity on held-out Persuasion (512-token windows). The SVD baselines
 are written back as dense matrices (only their perplexity and parameter count matter). Rows are
@@ -31,7 +34,9 @@ from pathlib import Path
 import torch
 from _plot import perplexity_plot
 
-from tensornet_llm import MPOLinear, TTNSLinear, compactify, save_compactified
+from tensornet_llm import (
+    CompactifyConfig, MPOLinear, TTNSLinear, compactify, save_compactified,
+)
 from tensornet_llm.budget import chi_for_params
 from tensornet_llm.calibrate import as_batches, collect_covariances
 from tensornet_llm.data import HELD_OUT_TEXT, token_batches, tokenize_text
@@ -42,7 +47,7 @@ from tensornet_llm.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_TEXT = "austen_emma.txt"
-METHODS = ("svd", "wsvd", "mpo", "ttns", "mpo+fit", "ttns+fit")
+METHODS = ("svd", "wsvd", "mpo", "ttns", "mpo+fit", "ttns+fit", "mpo+lr+fit")
 N_SITES = 3
 
 
@@ -82,17 +87,21 @@ def run(method: str, keep: float, calib, covs, held_out, fit_steps: int) -> dict
     else:
         cls_name = method.split("+")[0]
         if method.endswith("+fit"):
-            report = compactify(model, ratio=keep, method=cls_name, n_sites=N_SITES,
-                                calibration=calib, fit_steps=fit_steps, progress=False)
+            config = CompactifyConfig(ratio=keep, method=cls_name, n_sites=N_SITES,
+                                      fit_steps=fit_steps, low_rank="+lr" in method)
+            report = compactify(model, config=config, calibration=calib, progress=False)
         else:
             cls = MPOLinear if cls_name == "mpo" else TTNSLinear
             report = compactify(model, chi=uniform_chis(model, keep, cls), method=cls_name,
                                 n_sites=N_SITES, progress=False)
         kept = report.kept_fraction
-        if method == "mpo+fit":  # bench_quantize.py quantizes this model
-            save_compactified(model, default_cache_dir() / "bench" / f"smollm2-ratio{keep}-fit")
+        if method in ("mpo+fit", "mpo+lr+fit"):  # bench_quantize.py and bench_heal.py reuse them
+            tag = "-lr" if "+lr" in method else ""
+            save_compactified(model, default_cache_dir() / "bench" / f"smollm2-ratio{keep}{tag}-fit")
         extra = {"left_dense": sum("left dense" in why for _, why in report.skipped),
-                 "chi": {r.name: r.chi for r in report.layers}}
+                 "low_rank": sum(r.method == "low-rank" for r in report.layers),
+                 "chi": {r.name: r.chi for r in report.layers},
+                 "layout": {r.name: r.method for r in report.layers}}
     seconds = time.perf_counter() - t0
     return {"method": method, "keep": keep, "kept": kept, "seconds": seconds,
             "perplexity": perplexity(model, held_out), **extra}
@@ -129,6 +138,16 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
     if fits:
         lines += ["", "Modules the budget left dense (of 210): " + ", ".join(
             f"{r['method']} keep {r['keep']:.0%}: {r['left_dense']}" for r in fits) + "."]
+    earlier = sorted({f"{r['method']} keep {r['keep']:.0%}" for r in fits if "layout" not in r})
+    if earlier:
+        lines += ["", "Measured before the budget estimated damage from the fit's starting point "
+                  "(it then cut the whitened weight `W L` itself, which favours many-site "
+                  "networks): " + ", ".join(earlier) + "."]
+    mixed = [r for r in fits if "low_rank" in r and r["method"] == "mpo+lr+fit"]
+    if mixed:
+        lines += ["", "Compressed modules given the low-rank layout (the rest are 3-site MPOs): "
+                  + ", ".join(f"keep {r['keep']:.0%}: {r['low_rank']} of {len(r['chi'])}"
+                              for r in mixed) + "."]
     (out / "bench_quality.md").write_text("\n".join(lines) + "\n")
     perplexity_plot(out / "bench_quality.png",
                     {m: [(r["kept"], r["perplexity"]) for r in rows if r["method"] == m]

@@ -17,7 +17,7 @@ from pathlib import Path
 API = Path(__file__).with_name("api.md")
 #: Modules in reading order: the model-level API first, then layers, then the pure functions.
 MODULES = [
-    "compactify", "report", "serialization", "budget", "sensitivity", "entanglement",
+    "compactify", "layout", "report", "serialization", "budget", "sensitivity", "entanglement",
     "profiling", "plots", "heal", "quantize", "autotune", "mpo", "ttns", "base", "factorize",
     "decompose", "tree", "contract", "fit", "calibrate", "targets", "evaluate", "data", "models", "cli",
 ]

@@ -8,6 +8,7 @@ from .decompose import BondSpectrum
 from .entanglement import EntanglementRow, entanglement_profile, layer_entropy
 from .factorize import factorize
 from .heal import HealConfig, HealResult, heal
+from .layout import Layout
 from .mpo import MPOLinear
 from .quantize import QuantizeConfig, QuantizeReport, quantize
 from .report import CompactifyReport, LayerReport
@@ -36,6 +37,7 @@ __all__ = [
     "rank_correlation",
     "allocate",
     "Allocation",
+    "Layout",
     "heal",
     "HealConfig",
     "HealResult",

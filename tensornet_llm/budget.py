@@ -1,13 +1,14 @@
 """Per-module bond dimensions under a parameter budget (``compactify(model, ratio=...)``).
 
 Every targeted module gets a ladder of options: dense (keeps all its parameters, no error) and
-a tensor network at each chi of a grid of keep fractions. For each option the *damage* is
-estimated from the error the network leaves at that chi:
+a tensor network at each chi of a grid of keep fractions, for each :class:`~.layout.Layout`
+offered (e.g. a 3-site MPO and the low-rank 2-site MPO: one ladder mixes them). For each
+option the *damage* is estimated from the error the network leaves at that chi:
 
-* with calibration data, the network is cut from the *whitened* weight ``W L`` (``C = L L^T``
-  the input covariance), whose truncation error ``E_L`` approximates what the data-aware fit
-  reaches (``||(W - W_hat) L||`` is exactly what it minimises); the damage is then the
-  predicted rise of the mean token loss, ``0.5 * sum_o E[g_o^2] (E_L E_L^T)_oo`` (``g`` the
+* with calibration data, the error ``E_L = (W - W_hat) L`` (``C = L L^T`` the input
+  covariance; ``||E_L||`` is what the data-aware fit minimises) of the network the fit starts
+  from, the cut of the weight whitened site by site, which the fit only improves; the damage is
+  then the predicted rise of the mean token loss, ``0.5 * sum_o E[g_o^2] (E_L E_L^T)_oo`` (``g`` the
   loss gradient at the module's output; a diagonal Gauss-Newton estimate), or without a loss
   the relative output error ``||E_L||^2 / ||W L||^2``;
 * without data: the relative weight error ``||E||_F^2 / ||W||_F^2`` of the plain cut.
@@ -29,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from .base import TensorNetworkLinear, linear_weight
-from .fit import stable_cholesky
+from .fit import SiteWhitening, kronecker_whitened, stable_cholesky
+from .layout import Layout
 
 __all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate"]
 
@@ -39,18 +41,21 @@ KEEP_GRID = (0.04, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9
 
 @dataclass(frozen=True)
 class Option:
-    """One rung of a module's ladder: ``chi=None`` means left dense."""
+    """One rung of a module's ladder: ``chi=None`` (and ``layout=None``) means left dense."""
 
     chi: int | None
     params: int
     damage: float
+    layout: Layout | None = None
 
 
 @dataclass
 class Allocation:
-    """The chosen chi per module (``None``: left dense), with the ladders it chose from."""
+    """The chosen chi and layout per module (``None``: left dense), with the ladders it chose
+    from."""
 
     chi: dict[str, int | None]
+    layout: dict[str, Layout | None]
     params_before: int
     params_after: int
     budget: int
@@ -63,23 +68,25 @@ class Allocation:
         return self.params_after / max(self.params_before, 1)
 
 
-def _params(cls: type[TensorNetworkLinear], in_f: int, out_f: int, chi: int, n_sites: int,
-            bias: bool) -> int:
-    probe = cls(in_f, out_f, chi, n_sites, bias=bias, device="meta")
-    return sum(c.numel() for c in probe.cores) + (out_f if bias else 0)
+def chi_for_params(cls: type[TensorNetworkLinear] | Layout, in_features: int, out_features: int,
+                   n_sites: int | None, params: int, bias: bool = False) -> int:
+    """The largest chi whose layer has at most ``params`` parameters (at least 1).
 
+    ``cls`` is a network class (with ``n_sites``) or a :class:`~.layout.Layout` (``n_sites``
+    then ``None``)."""
+    layout = cls if isinstance(cls, Layout) else Layout(cls, n_sites)
 
-def chi_for_params(cls: type[TensorNetworkLinear], in_features: int, out_features: int,
-                   n_sites: int, params: int, bias: bool = False) -> int:
-    """The largest chi whose layer has at most ``params`` parameters (at least 1)."""
+    def count(chi: int) -> int:
+        return layout.num_parameters(in_features, out_features, chi, bias)
+
     lo, hi = 1, 1
-    while _params(cls, in_features, out_features, hi, n_sites, bias) <= params:
+    while count(hi) <= params:
         if hi > in_features * out_features:  # bonds saturated: every chi beyond is the same
             return hi
         lo, hi = hi, hi * 2
     while hi - lo > 1:  # invariant: params(lo) <= params (or lo == 1) < params(hi)
         mid = (lo + hi) // 2
-        if _params(cls, in_features, out_features, mid, n_sites, bias) <= params:
+        if count(mid) <= params:
             lo = mid
         else:
             hi = mid
@@ -93,6 +100,40 @@ def _damage(error: Tensor, reference: Tensor, grad_sq: Tensor | None) -> float:
     if grad_sq is not None:
         return 0.5 * float((grad_sq.to(per_output) * per_output).sum())
     return float(per_output.sum() / reference.to(torch.float64).pow(2).sum().clamp_min(1e-300))
+
+
+@torch.no_grad()
+def _start_errors(
+    layout: Layout, weight: Tensor, chis: list[int], cov: Tensor | None, factor: Tensor | None
+) -> list[Tensor]:
+    """Per chi, the error ``(out, in)`` of the network ``compactify`` starts from, whitened
+    (``E L``, ``C = L L^T``) when ``cov`` is given.
+
+    With data that start is the cut of the weight whitened site by site
+    (:func:`~.fit.kronecker_whitened`): an error the fit only lowers, and for the low-rank
+    layout exactly the SVD-LLM optimum, so layouts compete on what they really reach.
+    Padded layers (where that start does not apply) fall back to the cut of ``W L`` itself.
+    """
+    target = weight if factor is None else weight @ factor
+    if layout.is_low_rank:  # one SVD gives every rank's cut (of W, or of W L: SVD-LLM)
+        u, s, vh = torch.linalg.svd(target, full_matrices=False)
+        return [(u[:, chi:] * s[chi:]) @ vh[chi:] for chi in chis]
+    out_f, in_f = weight.shape
+    probe = layout.cls(in_f, out_f, 1, layout.n_sites, in_shape=layout.in_shape,
+                       out_shape=layout.out_shape, device="meta")
+    if cov is None or probe.padded_in != in_f or probe.padded_out != out_f:
+        return [target - layout.decompose(target, None, chi).to_dense() for chi in chis]
+    whitening = SiteWhitening(cov, probe.in_shape)
+    errors = []
+    for chi in chis:
+        probe = layout.cls(in_f, out_f, chi, layout.n_sites, in_shape=layout.in_shape,
+                           out_shape=layout.out_shape, device="meta")
+        start = kronecker_whitened(probe, weight, cov, whitening)
+        if start is None:  # rank-deficient bonds: the plain cut of W L
+            errors.append(target - layout.decompose(target, None, chi).to_dense())
+        else:
+            errors.append((weight - start.to_dense().to(weight.dtype)) @ factor)
+    return errors
 
 
 def _lower_hull(options: list[Option]) -> list[Option]:
@@ -124,7 +165,7 @@ def _lower_hull(options: list[Option]) -> list[Option]:
 def allocate(
     modules: Mapping[str, nn.Module],
     ratio: float,
-    settings: Mapping[str, tuple[type[TensorNetworkLinear], int]],
+    settings: Mapping[str, tuple[type[TensorNetworkLinear], int] | list[Layout]],
     covariances: Mapping[str, Tensor] | None = None,
     grad_sq: Mapping[str, Tensor] | None = None,
     keep_grid: tuple[float, ...] = KEEP_GRID,
@@ -134,7 +175,8 @@ def allocate(
     Args:
         modules: ``{name: linear-like module}``.
         ratio: fraction of the modules' parameters (weights and biases) to keep, in (0, 1].
-        settings: ``{name: (MPOLinear or TTNSLinear, n_sites)}``.
+        settings: ``{name: (MPOLinear or TTNSLinear, n_sites)}``, or ``{name: [Layout, ...]}``
+            to offer a module several layouts.
         covariances: optional input covariance per module (``(in, in)``).
         grad_sq: optional ``E[g^2]`` per output feature per module (needs ``covariances``).
         keep_grid: keep fractions tried per module.
@@ -147,24 +189,27 @@ def allocate(
     estimate = "weight" if covariances is None else ("fisher" if grad_sq is not None else "output")
     ladders: dict[str, list[Option]] = {}
     for name, module in modules.items():
-        cls, n_sites = settings[name]
+        setting = settings[name]
+        layouts = [Layout(*setting)] if isinstance(setting, tuple) else list(setting)
         weight, bias = linear_weight(module)
         out_f, in_f = weight.shape
         dense = weight.numel() + (bias.numel() if bias is not None else 0)
         w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-        if covariances is not None:  # cut the whitened weight W L (see the module docs)
-            factor = stable_cholesky(covariances[name].to(device=w.device, dtype=torch.float64))
-            w = (w.to(torch.float64) @ factor).to(w.dtype)
+        cov = factor = None
+        reference = w
+        if covariances is not None:  # errors are measured whitened, E L (see the module docs)
+            cov = covariances[name].to(device=w.device, dtype=torch.float64)
+            factor = stable_cholesky(cov).to(w.dtype)
+            reference = w @ factor
         options = [Option(None, dense, 0.0)]
-        chis = sorted({chi_for_params(cls, in_f, out_f, n_sites, int(k * dense) - (dense - weight.numel()))
-                       for k in keep_grid})
-        for chi in chis:
-            params = _params(cls, in_f, out_f, chi, n_sites, bias is not None)
-            if params >= dense:
-                continue
-            approx = cls.from_weight(w, None, chi, n_sites).to_dense().detach()
-            options.append(Option(chi, params, _damage(
-                w - approx, w, grad_sq[name] if grad_sq is not None else None)))
+        for layout in layouts:
+            chis = sorted({chi_for_params(layout, in_f, out_f, None, int(k * dense) - (dense - weight.numel()))
+                           for k in keep_grid})
+            counts = {chi: layout.num_parameters(in_f, out_f, chi, bias is not None) for chi in chis}
+            chis = [chi for chi in chis if counts[chi] < dense]
+            for chi, error in zip(chis, _start_errors(layout, w, chis, cov, factor)):
+                options.append(Option(chi, counts[chi], _damage(
+                    error, reference, grad_sq[name] if grad_sq is not None else None), layout))
         ladders[name] = options
 
     before = sum(o[0].params for o in ladders.values())
@@ -210,6 +255,7 @@ def allocate(
     chosen = {n: hulls[n][position[n]] for n in hulls}
     return Allocation(
         chi={n: o.chi for n, o in chosen.items()},
+        layout={n: o.layout for n, o in chosen.items()},
         params_before=before, params_after=sum(o.params for o in chosen.values()),
         budget=budget, damage=sum(o.damage for o in chosen.values()), estimate=estimate,
         options=ladders,

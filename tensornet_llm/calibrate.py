@@ -10,7 +10,8 @@ SVD-LLM does), so errors do not compound unseen.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from contextlib import AbstractContextManager
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +21,7 @@ from .targets import block_prefix, block_stacks
 
 __all__ = [
     "as_batches", "calibrated_order", "collect_covariances", "collect_output_gradients",
-    "model_inputs",
+    "collect_paired_covariances", "model_inputs",
 ]
 
 
@@ -109,6 +110,79 @@ def collect_covariances(
     if missing:
         raise ValueError(f"no calibration activations reached {missing[:3]}")
     return collector
+
+
+@torch.no_grad()
+def collect_paired_covariances(
+    model: nn.Module,
+    batches: list[dict[str, Tensor]],
+    modules: dict[str, nn.Module],
+    stop_after: nn.Module | None,
+    reference: Callable[[], AbstractContextManager],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Input statistics of ``modules`` in the model as it is and in a reference version of it.
+
+    ``reference()`` is a context manager under which ``model`` computes the reference (the
+    dense original, say); ``modules`` must run in both. Batch by batch, the reference inputs
+    ``X_r`` and the model's own inputs ``X`` of each module are paired token by token, and
+    returned are ``{name: X^T X / n}`` and ``{name: X_r^T X / n}``, float64 ``(in, in)``; only
+    one batch's activations are held at a time. The forward stops after ``stop_after``.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    own: dict[str, Tensor] = {}
+    cross: dict[str, Tensor] = {}
+    counts = dict.fromkeys(modules, 0)
+    recorded: dict[str, list[Tensor]] = {n: [] for n in modules}
+
+    def flat(args: tuple) -> Tensor:
+        x = args[0].detach()
+        return x.reshape(-1, x.shape[-1]).to(torch.float64)
+
+    def record(name: str):
+        return lambda module, args: recorded[name].append(flat(args))
+
+    def pair(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = flat(args)
+            if not recorded[name] or recorded[name][0].shape != x.shape:
+                raise RuntimeError(
+                    f"module {name!r} saw different inputs in the reference and the model"
+                )
+            x_ref = recorded[name].pop(0)
+            own[name] = own[name] + x.T @ x if name in own else x.T @ x
+            cross[name] = cross[name] + x_ref.T @ x if name in cross else x_ref.T @ x
+            counts[name] += x.shape[0]
+
+        return hook
+
+    def stop(*_: Any) -> None:
+        raise _StopForward
+
+    def run(batch: dict[str, Tensor], hook) -> None:
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+        if stop_after is not None:
+            handles.append(stop_after.register_forward_hook(stop))
+        try:
+            model(**model_inputs(model, batch, device))
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    try:
+        for batch in batches:
+            with reference():
+                run(batch, record)
+            run(batch, pair)
+    finally:
+        model.train(was_training)
+    missing = [n for n in modules if counts[n] == 0]
+    if missing:
+        raise ValueError(f"no calibration activations reached {missing[:3]}")
+    return ({n: own[n] / counts[n] for n in modules}, {n: cross[n] / counts[n] for n in modules})
 
 
 def collect_output_gradients(

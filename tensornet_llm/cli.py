@@ -119,13 +119,14 @@ def cmd_compress(args: argparse.Namespace) -> None:
     report = compactify(
         model, chi=args.chi, ratio=args.ratio, method=args.method, n_sites=args.n_sites,
         tol=args.tol, exclude=args.exclude or None, calibration=calibration,
-        fit_steps=args.fit_steps, progress=not args.quiet,
+        fit_steps=args.fit_steps, low_rank=not args.no_low_rank, progress=not args.quiet,
     )
     print(report)
     settings = {"chi": args.chi, "ratio": args.ratio, "method": args.method, "n_sites": args.n_sites, "tol": args.tol,
                 "exclude": args.exclude, "source": args.model, "calibration": args.calibration,
                 "calibration_tokens": args.calibration_tokens if args.calibration else None,
-                "fit_steps": args.fit_steps if args.calibration else None}
+                "fit_steps": args.fit_steps if args.calibration else None,
+                "low_rank": not args.no_low_rank if args.ratio is not None else None}
     save_compactified(model, out, tokenizer=tokenizer, compactify=settings)
     (out / "report.json").write_text(report.to_json())
     print(f"saved to {out}")
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-tokens", type=int, default=4096,
                    help="calibration tokens, in 512-token windows (default 4096)")
     p.add_argument("--fit-steps", type=int, default=50, help="L-BFGS steps per layer (default 50)")
+    p.add_argument("--no-low-rank", action="store_true",
+                   help="with --ratio, use only the --method layout (by default the budget may "
+                   "also give a layer the low-rank 2-site MPO, the rank-chi factorisation)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Union
 
@@ -11,8 +12,12 @@ from torch import nn
 
 from .base import TensorNetworkLinear, linear_weight
 from .budget import allocate
-from .calibrate import as_batches, calibrated_order, collect_covariances, collect_output_gradients
-from .fit import fit_weighted, kronecker_whitened, weighted_error
+from .calibrate import (
+    as_batches, calibrated_order, collect_covariances, collect_output_gradients,
+    collect_paired_covariances,
+)
+from .fit import corrected_target, fit_weighted, kronecker_whitened, weighted_error
+from .layout import Layout
 from .mpo import MPOLinear
 from .report import CompactifyReport, LayerReport
 from .targets import (
@@ -47,6 +52,14 @@ class CompactifyConfig:
             the weight allows it.
         min_features: the default targets skip layers narrower than this.
         fit_steps: with calibration data, L-BFGS iterations of the data-aware fit per layer.
+        low_rank: with ``ratio``, also offer every module the low-rank layout (a 2-site MPO
+            with the whole output leg on one site and the whole input leg on the other: the
+            rank-chi factorisation, see :mod:`tensornet_llm.layout`); the budget keeps, per
+            module, whichever layout and chi predict the least damage.
+        match_dense: with calibration data, fit each layer to the *dense* model's outputs
+            (its weight on the dense model's inputs), so that it also undoes what the layers
+            compressed before it changed in its inputs; ``False`` fits it to its own weight on
+            the inputs the compressed model gives it.
     """
 
     chi: PerModule | None = None
@@ -58,6 +71,8 @@ class CompactifyConfig:
     tol: float | None = None
     min_features: int = 16
     fit_steps: int = 50
+    low_rank: bool = True
+    match_dense: bool = False
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -80,6 +95,9 @@ class CompactifyConfig:
             raise ValueError(f"min_features must be an integer >= 1, got {self.min_features!r}")
         if not _is_int(self.fit_steps) or self.fit_steps < 0:
             raise ValueError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
+        for flag in ("low_rank", "match_dense"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
 
@@ -109,14 +127,18 @@ def _count(model: nn.Module) -> int:
 
 
 def _build(
-    name: str, module: nn.Module, setting: tuple, cfg: CompactifyConfig, cov: torch.Tensor | None
+    name: str, module: nn.Module, setting: tuple, cfg: CompactifyConfig, cov: torch.Tensor | None,
+    cross: torch.Tensor | None = None,
 ) -> tuple[TensorNetworkLinear, LayerReport]:
-    """The replacement for one module (decomposed, then fitted when ``cov`` is given)."""
-    cls, chi, n_sites = setting
+    """The replacement for one module: decomposed, then fitted when ``cov`` is given (to the
+    dense outputs when ``cross``, the reference-by-own input statistics, is given too)."""
+    layout, chi = setting
     t0 = time.perf_counter()
-    new = cls.from_linear(module, chi=chi, n_sites=n_sites, tol=cfg.tol)
     weight, bias = linear_weight(module)
     target = weight.detach()
+    if cross is not None:
+        target = corrected_target(target, cov, cross).to(weight.dtype)
+    new = layout.decompose(target, bias, chi, tol=cfg.tol)
     act_start = act_end = None
     if cov is not None:
         act_start = weighted_error(new.to_dense().detach(), target, cov)
@@ -133,7 +155,7 @@ def _build(
         dense = new.to_dense()
     if cov is not None:
         act_end = weighted_error(dense, target, cov)
-    w = target.double()
+    w = weight.detach().double()
     err = float((dense.double() - w).norm() / w.norm().clamp_min(1e-30))
     for p in new.cores:
         p.requires_grad_(weight.requires_grad)
@@ -142,12 +164,25 @@ def _build(
     new.train(module.training)
     row = LayerReport(
         name=name, in_features=new.in_features, out_features=new.out_features,
-        method=cls.method, chi=chi, bond_dims=list(new.bond_dims),
+        method=layout.name, chi=chi, bond_dims=list(new.bond_dims),
         params_before=weight.numel() + (bias.numel() if bias is not None else 0),
         params_after=new.num_parameters, rel_error=err, seconds=time.perf_counter() - t0,
         act_error_start=act_start, act_error=act_end,
     )
     return new, row
+
+
+@contextmanager
+def _originals_in_place(done: list[tuple[nn.Module, str, nn.Module]]):
+    """Temporarily put the original modules back where ``done`` swapped them out."""
+    current = [(parent, child, getattr(parent, child)) for parent, child, _ in done]
+    for parent, child, original in done:
+        setattr(parent, child, original)
+    try:
+        yield
+    finally:
+        for parent, child, new in current:
+            setattr(parent, child, new)
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> tuple[nn.Module, str, nn.Module]:
@@ -170,6 +205,7 @@ def compactify(
     tol: float | None = None,
     calibration: Iterable[Any] | None = None,
     fit_steps: int | None = None,
+    low_rank: bool | None = None,
     config: CompactifyConfig | None = None,
     progress: bool = True,
 ) -> CompactifyReport:
@@ -195,6 +231,8 @@ def compactify(
             inputs, or a DataLoader of either). Each layer is then fitted to minimise its output
             error on these inputs, ``||(W - W_hat) X||``, starting from the SVD construction.
         fit_steps: L-BFGS iterations per layer for that fit (default 50).
+        low_rank: with ``ratio``, also offer every module the low-rank layout (default True);
+            see :class:`CompactifyConfig`.
         config: a :class:`CompactifyConfig`; explicit keyword arguments override its fields.
         progress: show a progress bar while decomposing.
 
@@ -207,7 +245,8 @@ def compactify(
     """
     cfg = CompactifyConfig(**vars(config)) if config is not None else CompactifyConfig()
     for key, value in {"chi": chi, "ratio": ratio, "method": method, "n_sites": n_sites, "targets": targets,
-                       "exclude": exclude, "tol": tol, "fit_steps": fit_steps}.items():
+                       "exclude": exclude, "tol": tol, "fit_steps": fit_steps,
+                       "low_rank": low_rank}.items():
         if value is not None:
             if key == "exclude":
                 value = [value] if isinstance(value, str) else list(value)
@@ -224,8 +263,8 @@ def compactify(
                 for name, shape in fused_expert_tensors(model)]
     # Resolve every per-module setting first: a missing pattern fails before any work.
     batches = as_batches(calibration) if calibration is not None else None
-    kinds = {
-        name: (
+    layouts = {
+        name: Layout(
             METHODS[resolve_override(cfg.method, name, "method")],
             resolve_override(cfg.n_sites, name, "n_sites"),
         )
@@ -233,17 +272,23 @@ def compactify(
     }
     dense_target_params = 0
     if cfg.ratio is None:
-        chis = {name: resolve_override(cfg.effective_chi, name, "chi") for name, _ in chosen}
+        settings = {name: (layouts[name], resolve_override(cfg.effective_chi, name, "chi"))
+                    for name, _ in chosen}
     else:
-        chis = _budget_chis(model, chosen, kinds, cfg.ratio, batches)
-        left = {id(m): m for n, m in chosen if chis[n] is None}
+        offered = {}
+        for name, module in chosen:
+            out_f, in_f = linear_weight(module)[0].shape
+            offered[name] = [layouts[name]] + (
+                [Layout.low_rank(in_f, out_f)] if cfg.low_rank else []
+            )
+        settings = _budget_settings(model, chosen, offered, cfg.ratio, batches)
+        left = {id(m): m for n, m in chosen if settings[n] is None}
         dense_target_params = sum(
             sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
         )
         skipped += [(n, f"left dense by the ratio={cfg.ratio} budget")
-                    for n, _ in chosen if chis[n] is None]
-        chosen = [(n, m) for n, m in chosen if chis[n] is not None]
-    settings = {name: (kinds[name][0], chis[name], kinds[name][1]) for name, _ in chosen}
+                    for n, _ in chosen if settings[n] is None]
+        chosen = [(n, m) for n, m in chosen if settings[n] is not None]
     params_before = _count(model)
     built: dict[int, tuple[TensorNetworkLinear, LayerReport]] = {}
     done: list[tuple[nn.Module, str, nn.Module]] = []
@@ -265,12 +310,18 @@ def compactify(
             modules = dict(chosen)
             for block, names in calibrated_order(model, list(modules)):
                 fresh = {n: modules[n] for n in names if id(modules[n]) not in built}
-                covs = collect_covariances(model, batches, fresh, stop_after=block)
+                if cfg.match_dense and done and fresh:
+                    covs, cross = collect_paired_covariances(
+                        model, batches, fresh, block, lambda: _originals_in_place(done)
+                    )
+                elif fresh:
+                    collector = collect_covariances(model, batches, fresh, stop_after=block)
+                    covs, cross = {n: collector.covariance(n) for n in fresh}, {}
                 for name in names:
                     module = modules[name]
                     if id(module) not in built:
                         built[id(module)] = _build(
-                            name, module, settings[name], cfg, covs.covariance(name)
+                            name, module, settings[name], cfg, covs[name], cross.get(name)
                         )
                     done.append(_swap(model, name, built[id(module)][0]))
                     if bar is not None:
@@ -290,11 +341,11 @@ def compactify(
     )
 
 
-def _budget_chis(
-    model: nn.Module, chosen: list[tuple[str, nn.Module]], kinds: dict[str, tuple],
+def _budget_settings(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
     ratio: float, batches: list | None,
-) -> dict[str, int | None]:
-    """chi per target name (``None``: stays dense) under the parameter budget."""
+) -> dict[str, tuple[Layout, int] | None]:
+    """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget."""
     unique: dict[int, str] = {}
     for name, module in chosen:
         unique.setdefault(id(module), name)
@@ -304,5 +355,9 @@ def _budget_chis(
         collector = collect_covariances(model, batches, modules)
         covs = {n: collector.covariance(n) for n in modules}
         grads = collect_output_gradients(model, batches, modules)
-    allocation = allocate(modules, ratio, {n: kinds[n] for n in modules}, covs, grads)
-    return {name: allocation.chi[unique[id(module)]] for name, module in chosen}
+    allocation = allocate(modules, ratio, {n: offered[n] for n in modules}, covs, grads)
+    return {
+        name: None if allocation.chi[key] is None else (allocation.layout[key], allocation.chi[key])
+        for name, module in chosen
+        for key in [unique[id(module)]]
+    }

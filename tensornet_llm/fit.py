@@ -13,6 +13,10 @@ activation covariance ``C = X^T X / n``. With a Cholesky factor ``C = L L^T`` th
   is approximated by a Kronecker product over the input sites, ``C ~ C_1 x ... x C_N``, whose
   Cholesky factor ``L_1 x ... x L_N`` acts site by site, so ``W L`` is decomposed and every
   core's input leg is mapped back by ``L_k^{-1}``: still an exact network of the same shape.
+* :func:`corrected_target` lets a layer also undo the error of the layers before it: with
+  reference inputs ``X_r`` (what the dense model feeds it) and its own inputs ``X`` (what the
+  compressed earlier layers feed it), ``||X_r W^T - X W_hat^T||`` is ``||(W' - W_hat) L||`` up
+  to a constant, for the corrected target ``W'``.
 * :func:`fit_weighted` refines a tensor-network layer's cores by L-BFGS on the exact weighted
   objective, starting from its current cores (e.g. TT-SVD) and returning the best iterate, so the
   weighted error never ends above where it started.
@@ -36,6 +40,8 @@ __all__ = [
     "FitResult",
     "kronecker_factors",
     "kronecker_whitened",
+    "SiteWhitening",
+    "corrected_target",
 ]
 
 
@@ -130,6 +136,29 @@ def whitened_svd(weight: Tensor, cov: Tensor, rank: int) -> Tensor:
     return approx.to(weight.dtype)
 
 
+def corrected_target(weight: Tensor, cov: Tensor, cross: Tensor, damp: float = 0.01) -> Tensor:
+    """The target ``W'`` whose weighted fit ``||(W' - W_hat) L||`` (``C = L L^T``) matches the
+    layer's outputs on the reference inputs: ``W' = W D C^-1`` minimises
+    ``||X_r W^T - X W_hat^T||_F`` over ``W_hat``.
+
+    Args:
+        weight: ``W`` ``(out, in)``.
+        cov: ``C = X^T X / n``, the layer's own input covariance ``(in, in)``.
+        cross: ``D = X_r^T X / n``, reference inputs against own inputs ``(in, in)``.
+        damp: ridge on ``C`` relative to its mean diagonal, applied to the correction only
+            (``W' = W + W (D - C)(C + damp I)^-1``), so with ``D = C`` (no error upstream)
+            ``W' = W`` exactly, and directions the data barely explores are not amplified.
+
+    Returns ``W'`` in float64.
+    """
+    w = weight.detach().to(torch.float64)
+    cov = cov.to(w)
+    ridge = damp * float(cov.diagonal().mean().clamp_min(1e-30))
+    factor = stable_cholesky(cov + ridge * torch.eye(cov.shape[0], dtype=w.dtype, device=w.device))
+    delta = w @ (cross.to(w) - cov)  # (out, in); the correction solves Z (C + ridge) = delta
+    return w + torch.cholesky_solve(delta.T, factor).T
+
+
 def kronecker_factors(cov: Tensor, in_shape: tuple[int, ...]) -> list[Tensor]:
     """Per-site factors ``C_k`` of ``C ~ C_1 x ... x C_N`` (row-major sites, ``in_shape``):
     ``C_k`` is the partial trace of ``C`` over every other site, scaled to unit mean diagonal."""
@@ -146,34 +175,62 @@ def kronecker_factors(cov: Tensor, in_shape: tuple[int, ...]) -> list[Tensor]:
     return factors
 
 
+class SiteWhitening:
+    """The Kronecker approximation ``C ~ C_1 x ... x C_N`` of an input covariance over the input
+    sites ``in_shape``, factored site by site (``C_k = L_k L_k^T``).
+
+    :meth:`whiten` maps a weight to ``W (L_1 x ... x L_N)``; :meth:`unwhiten_` maps the input
+    legs of a network cut from it back by ``L_k^{-1}``, which leaves its structure unchanged.
+    """
+
+    def __init__(self, cov: Tensor, in_shape: tuple[int, ...]) -> None:
+        self.in_shape = tuple(in_shape)
+        self.factors = [stable_cholesky(c) for c in kronecker_factors(cov, self.in_shape)]
+        self.inverses = [
+            torch.linalg.solve_triangular(f, torch.eye(f.shape[0], dtype=f.dtype, device=f.device),
+                                          upper=False)
+            for f in self.factors
+        ]
+
+    def whiten(self, weight: Tensor) -> Tensor:
+        """``W (L_1 x ... x L_N)`` for ``W`` ``(out, prod(in_shape))``, in float64."""
+        out_f = weight.shape[0]
+        w = weight.detach().to(torch.float64).reshape(out_f, *self.in_shape)
+        for k, factor in enumerate(self.factors):  # W[o, i_1.., i_k, ..] L_k[i_k, j_k]
+            w = torch.movedim(torch.tensordot(w, factor.to(w.device), dims=([k + 1], [0])), -1, k + 1)
+        return w.reshape(out_f, -1)
+
+    @torch.no_grad()
+    def unwhiten_(self, layer: TensorNetworkLinear) -> None:
+        """Map every input leg of ``layer``'s cores back by ``L_k^{-1}``, in place."""
+        for op, legs in zip(layer._operands(), layer.spec.core_legs):  # views of the cores
+            for axis, label in enumerate(legs):
+                if label in layer.spec.in_legs:
+                    site = layer.spec.in_legs.index(label)
+                    m = self.inverses[site].to(op)  # new[.., i, ..] = sum_j op[.., j, ..] M[j, i]
+                    op.copy_(torch.movedim(torch.tensordot(op, m, dims=([axis], [0])), -1, axis))
+
+
 @torch.no_grad()
 def kronecker_whitened(
-    layer: TensorNetworkLinear, weight: Tensor, cov: Tensor
+    layer: TensorNetworkLinear, weight: Tensor, cov: Tensor,
+    whitening: SiteWhitening | None = None,
 ) -> TensorNetworkLinear | None:
     """A layer of ``layer``'s class and structure decomposed from ``W (L_1 x ... x L_N)``, its
     input legs mapped back by ``L_k^{-1}``; ``None`` for zero-padded layers (the covariance
-    does not cover the padding)."""
+    does not cover the padding). ``whitening`` may pass the factors, computed once, for
+    several cuts of one layer."""
     if layer.padded_in != layer.in_features or layer.padded_out != layer.out_features:
         return None
-    compute = torch.float64
-    chol = [stable_cholesky(c) for c in kronecker_factors(cov.to(weight.device), layer.in_shape)]
-    w = weight.detach().to(compute).reshape(layer.out_features, *layer.in_shape)
-    for k, factor in enumerate(chol):  # W[o, i_1.., i_k, ..] L_k[i_k, j_k]
-        w = torch.movedim(torch.tensordot(w, factor, dims=([k + 1], [0])), -1, k + 1)
+    if whitening is None:
+        whitening = SiteWhitening(cov.to(weight.device), layer.in_shape)
     new = type(layer).from_weight(
-        w.reshape(layer.out_features, layer.in_features).to(torch.float32), None, layer.chi,
+        whitening.whiten(weight).to(torch.float32), None, layer.chi,
         layer.n_sites, in_shape=layer.in_shape, out_shape=layer.out_shape,
     )
     if new.bond_dims != layer.bond_dims:
         return None
-    inverse = [torch.linalg.inv(factor) for factor in chol]
-    operands = new._operands()  # views of the cores: writing them writes the parameters
-    for op, legs in zip(operands, new.spec.core_legs):
-        for axis, label in enumerate(legs):
-            if label in new.spec.in_legs:
-                site = new.spec.in_legs.index(label)
-                m = inverse[site].to(op.dtype)  # new[.., i, ..] = sum_j op[.., j, ..] M[j, i]
-                op.copy_(torch.movedim(torch.tensordot(op, m, dims=([axis], [0])), -1, axis))
+    whitening.unwhiten_(new)
     return new
 
 

@@ -6,9 +6,12 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from models import build
-from tensornet_llm import MPOLinear, TTNSLinear, compactify
+from tensornet_llm import (
+    CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, save_compactified,
+)
 from tensornet_llm.budget import Option, _lower_hull, allocate, chi_for_params
 from tensornet_llm.calibrate import as_batches, collect_output_gradients
+from tensornet_llm.layout import Layout
 from test_compactify import assert_unchanged, calibration_batches, snapshot
 
 
@@ -117,3 +120,63 @@ def test_bad_ratio_leaves_model_untouched(kwargs, match):
     with pytest.raises(ValueError, match=match):
         compactify(model, progress=False, **kwargs)
     assert_unchanged(model, snap)
+
+
+# ----- layouts: the budget chooses between a 3-site MPO and the low-rank factorisation ----------
+
+@given(out_f=st.integers(2, 40), in_f=st.integers(2, 40), chi=st.integers(1, 12))
+@settings(max_examples=25, deadline=None)
+def test_low_rank_layout_is_the_truncated_svd(out_f, in_f, chi):
+    w = torch.randn(out_f, in_f, dtype=torch.float64)
+    layout = Layout.low_rank(in_f, out_f)
+    layer = layout.decompose(w, None, chi)
+    r = min(chi, in_f, out_f)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    torch.testing.assert_close(layer.to_dense(), (u[:, :r] * s[:r]) @ vh[:r])
+    assert layer.num_parameters == layout.num_parameters(in_f, out_f, chi, False) == r * (in_f + out_f)
+    assert layout.name == "low-rank" and Layout(MPOLinear, 3).name == "mpo"
+
+
+def structured(kind, seed):
+    """A 32 x 32 linear whose weight is exactly rank 2 or exactly an MPO of bond 1 (4 x 8 sites)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "low-rank":
+        w = torch.randn(32, 2, generator=g) @ torch.randn(2, 32, generator=g)
+    else:  # W[(o1 o2), (i1 i2)] = A[o1, i1] B[o2, i2]: a Kronecker product
+        w = torch.kron(torch.randn(4, 4, generator=g), torch.randn(8, 8, generator=g))
+    lin = nn.Linear(32, 32, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_budget_picks_the_layout_that_fits_the_weight(calibrated):
+    modules = {f"{kind}{s}": structured(kind, s) for kind in ("low-rank", "kron") for s in (0, 1)}
+    mpo = Layout(MPOLinear, 2, (4, 8), (4, 8))
+    offered = {n: [mpo, Layout.low_rank(32, 32)] for n in modules}
+    covs = {n: torch.eye(32, dtype=torch.float64) for n in modules} if calibrated else None
+    alloc = allocate(modules, 0.3, offered, covs)
+    for name in modules:
+        assert alloc.layout[name].name == ("low-rank" if name.startswith("low-rank") else "mpo")
+    assert alloc.damage < 1e-8
+    only_mpo = allocate(modules, 0.3, {n: [mpo] for n in modules}, covs)
+    assert only_mpo.damage > 1e-3  # the rank-2 weights are no bond-1 Kronecker products
+
+
+def test_compactify_offers_low_rank_only_when_asked(tmp_path):
+    batches = calibration_batches(2)
+    methods = {}
+    for low_rank in (False, True):
+        model = build("llama")
+        report = compactify(model, config=CompactifyConfig(ratio=0.5, low_rank=low_rank,
+                                                           fit_steps=3), calibration=batches,
+                            progress=False)
+        methods[low_rank] = {r.method for r in report.layers}
+        assert 0.4 <= report.kept_fraction <= 0.5
+    assert methods[False] == {"mpo"}
+    assert "low-rank" in methods[True]
+    # Low-rank layers are 2-site MPOs: they save and load like any other.
+    loaded = load_compactified(save_compactified(model, tmp_path / "m"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batches[0]).logits, model(batches[0]).logits)

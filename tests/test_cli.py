@@ -50,6 +50,15 @@ def test_compress_by_ratio_with_calibration(tiny_dir, text_file, tmp_path, capsy
     report = json.loads((out / "report.json").read_text())
     assert report["totals"]["target_kept_fraction"] <= 0.5
     assert json.loads((out / "tensornet.json").read_text())["compactify"]["ratio"] == 0.5
+    assert json.loads((out / "tensornet.json").read_text())["compactify"]["low_rank"] is True
+
+
+def test_compress_no_low_rank_keeps_the_method_layout(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["compress", str(tiny_dir), "--ratio", "0.5", "--no-low-rank", "--out", str(out),
+                 "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {row["method"] for row in report["layers"]} == {"mpo"}
 
 
 def test_profile_writes_tables_and_plots(tiny_dir, text_file, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """compactify on tiny random models of eleven architectures, save/load, and its guarantees."""
 
+import contextlib
 import importlib
 import json
 
@@ -12,6 +13,7 @@ from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, TensorNetworkLinear, compactify, load_compactified,
     save_compactified,
 )
+from tensornet_llm.calibrate import as_batches, collect_paired_covariances
 
 FULL = 10**6
 
@@ -186,7 +188,7 @@ def test_failure_midway_leaves_model_untouched(monkeypatch):
     model = build("llama")
     snap = snapshot(model)
     calls = {"n": 0}
-    original = MPOLinear.from_linear.__func__
+    original = MPOLinear.from_weight.__func__
 
     def flaky(cls, *args, **kwargs):
         calls["n"] += 1
@@ -194,7 +196,7 @@ def test_failure_midway_leaves_model_untouched(monkeypatch):
             raise RuntimeError("decomposition failed")
         return original(cls, *args, **kwargs)
 
-    monkeypatch.setattr(MPOLinear, "from_linear", classmethod(flaky))
+    monkeypatch.setattr(MPOLinear, "from_weight", classmethod(flaky))
     with pytest.raises(RuntimeError, match="decomposition failed"):
         compactify(model, chi=4, progress=False)
     assert_unchanged(model, snap)
@@ -301,3 +303,53 @@ def test_calibrated_failure_midway_undoes_every_swap(monkeypatch):
     with pytest.raises(RuntimeError, match="fit failed"):
         compactify(model, chi=3, calibration=calibration_batches(1), fit_steps=2, progress=False)
     assert_unchanged(model, snap)
+
+
+def test_paired_covariances_pair_reference_and_own_inputs():
+    model = build("llama")
+    batches = as_batches(calibration_batches(2))
+    first, second = model.model.layers[0], model.model.layers[1]
+    target = {"q": second.self_attn.q_proj}
+
+    @contextlib.contextmanager
+    def reference():  # a different upstream: block 0's MLP output halved
+        with torch.no_grad():
+            first.mlp.down_proj.weight.mul_(0.5)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                first.mlp.down_proj.weight.mul_(2.0)
+
+    def inputs_of_q() -> torch.Tensor:
+        seen = []
+        handle = target["q"].register_forward_pre_hook(
+            lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+        handle.remove()
+        return torch.cat(seen)
+
+    own = inputs_of_q()
+    with reference():
+        ref = inputs_of_q()
+    snap = snapshot(model)
+    covs, cross = collect_paired_covariances(model, batches, target, second, reference)
+    n = own.shape[0]
+    torch.testing.assert_close(covs["q"], own.T @ own / n)
+    torch.testing.assert_close(cross["q"], ref.T @ own / n)
+    assert not torch.allclose(cross["q"], covs["q"])
+    assert_unchanged(model, snap)
+
+
+def test_matching_dense_outputs_undoes_upstream_error():
+    dense = build("llama")
+    batches = calibration_batches()
+    errors = {}
+    for match in (False, True):
+        model = build("llama")
+        compactify(model, config=CompactifyConfig(chi=3, match_dense=match, fit_steps=30),
+                   calibration=batches, progress=False)
+        errors[match] = output_error(model, dense, batches)
+    assert errors[True] < 0.9 * errors[False]

@@ -7,8 +7,8 @@ from torch import nn
 
 from tensornet_llm import MPOLinear, TTNSLinear
 from tensornet_llm.fit import (
-    CovarianceCollector, fit_weighted, kronecker_factors, kronecker_whitened, stable_cholesky,
-    weighted_error, whitened_svd,
+    CovarianceCollector, corrected_target, fit_weighted, kronecker_factors, kronecker_whitened,
+    stable_cholesky, weighted_error, whitened_svd,
 )
 
 LAYERS = [MPOLinear, TTNSLinear]
@@ -129,3 +129,28 @@ def test_kronecker_whitened_start_is_exact_at_full_chi_and_better_for_kronecker_
         assert white.bond_dims == plain.bond_dims
         err = lambda layer: weighted_error(layer.to_dense().detach(), weight, cov)
         assert err(white) < err(plain)
+
+
+# ----- fitting to the dense outputs -----------------------------------------------------------
+
+def test_corrected_target_is_the_weight_without_upstream_error():
+    w = torch.randn(7, 10, dtype=torch.float64)
+    x = anisotropic_inputs(50, 10, dead=2)
+    cov = x.T @ x / 50
+    torch.testing.assert_close(corrected_target(w, cov, cov), w, rtol=0, atol=0)
+
+
+@given(out_f=st.integers(1, 8), in_f=st.integers(2, 12), seed=st.integers(0, 10**6))
+@settings(max_examples=25, deadline=None)
+def test_corrected_target_solves_least_squares_to_the_reference_outputs(out_f, in_f, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 4 * in_f + 8
+    x = anisotropic_inputs(n, in_f, seed=seed)  # the layer's own inputs
+    x_ref = x + 0.3 * torch.randn(n, in_f, generator=g, dtype=torch.float64) * x.std(0)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    best = torch.linalg.lstsq(x, x_ref @ w.T).solution.T  # argmin ||X_r W^T - X W'^T||
+    got = corrected_target(w, x.T @ x / n, x_ref.T @ x / n, damp=0.0)
+    torch.testing.assert_close(got, best, rtol=1e-6, atol=1e-6 * float(best.abs().max()))
+    # A damped correction is still better than the plain weight on the reference outputs.
+    damped = corrected_target(w, x.T @ x / n, x_ref.T @ x / n)
+    assert (x_ref @ w.T - x @ damped.T).norm() < (x_ref @ w.T - x @ w.T).norm()

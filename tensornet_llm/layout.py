@@ -1,0 +1,68 @@
+"""Layouts: how one linear layer is cut into a tensor network.
+
+A layout is the network class, the number of sites and, optionally, the leg sizes per site
+(``in_shape``, ``out_shape``; ``None`` lets the layer factorise the features evenly). Two
+layouts of the same layer hold different parameters at the same bond dimension ``chi`` and
+approximate different weights well: a 3-site MPO of a ``576 x 1536`` weight splits both legs
+three ways, while the *low-rank* layout, a 2-site MPO with the whole output leg on the first
+site and the whole input leg on the second,
+
+    W[o, i] = sum_a A[o, a] B[a, i]         (out_shape = (out, 1), in_shape = (1, in))
+
+is the rank-``chi`` factorisation. Under a parameter budget ``compactify`` may offer each module
+several layouts and keep, per module, the one predicted to do the least damage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from .base import TensorNetworkLinear
+from .mpo import MPOLinear
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Network class, sites and optional leg sizes of one layer's tensor network."""
+
+    cls: type[TensorNetworkLinear]
+    n_sites: int
+    in_shape: tuple[int, ...] | None = None
+    out_shape: tuple[int, ...] | None = None
+
+    @classmethod
+    def low_rank(cls, in_features: int, out_features: int) -> "Layout":
+        """The rank-chi factorisation ``W = A B`` as a 2-site MPO (see the module docs)."""
+        return cls(MPOLinear, 2, (1, in_features), (out_features, 1))
+
+    @property
+    def is_low_rank(self) -> bool:
+        return self.n_sites == 2 and self.in_shape is not None and self.in_shape[0] == 1 and (
+            self.out_shape is not None and self.out_shape[1] == 1
+        )
+
+    @property
+    def name(self) -> str:
+        """Short label for reports: ``"mpo"``, ``"ttns"`` or ``"low-rank"``."""
+        return "low-rank" if self.is_low_rank else self.cls.method
+
+    def decompose(
+        self, weight: Tensor, bias: Tensor | None, chi: int, tol: float | None = None
+    ) -> TensorNetworkLinear:
+        """The layer of this layout cut from ``weight`` ``(out, in)`` at bond dimension ``chi``."""
+        return self.cls.from_weight(
+            weight, bias, chi, self.n_sites, in_shape=self.in_shape, out_shape=self.out_shape,
+            tol=tol,
+        )
+
+    def num_parameters(self, in_features: int, out_features: int, chi: int, bias: bool) -> int:
+        """Parameters (cores, plus the bias) of this layout's layer at ``chi``."""
+        probe = self.cls(
+            in_features, out_features, chi, self.n_sites, bias=bias, in_shape=self.in_shape,
+            out_shape=self.out_shape, device="meta",
+        )
+        return probe.num_parameters
