@@ -113,36 +113,12 @@ class TensorNetworkLinear(nn.Module):
         self.in_features = _check_int("in_features", in_features, 1)
         self.out_features = _check_int("out_features", out_features, 1)
         self.chi = _check_int("chi", chi, 1)
-        given = [len(s) for s in (in_shape, out_shape) if s is not None]
-        if n_sites is None:
-            n_sites = given[0] if given else 3
-        _check_int("n_sites", n_sites, 1)
-        if any(g != n_sites for g in given):
-            raise ValueError(
-                f"n_sites={n_sites} disagrees with the length of in_shape/out_shape ({given})"
-            )
         if strategy not in ("auto", "network", "dense"):
             raise ValueError(f"strategy must be 'auto', 'network' or 'dense', got {strategy!r}")
-        self.n_sites = n_sites
         self.strategy: Strategy = strategy
-        self.in_shape, self.padded_in = _resolve_shape("in_shape", in_features, in_shape, n_sites)
-        self.out_shape, self.padded_out = _resolve_shape(
-            "out_shape", out_features, out_shape, n_sites
-        )
-        site_dims = [o * i for o, i in zip(self.out_shape, self.in_shape)]
-        limits = self._max_bond_dims(site_dims, self.chi)
-        if bond_dims is None:
-            bond_dims = limits
-        else:
-            bond_dims = [int(b) for b in bond_dims]
-            if len(bond_dims) != len(limits) or any(
-                not 1 <= b <= lim for b, lim in zip(bond_dims, limits)
-            ):
-                raise ValueError(
-                    f"bond_dims must be {len(limits)} integers with 1 <= bond_dims[k] <= {limits}, "
-                    f"got {bond_dims}"
-                )
-        self.spec: NetworkSpec = self._network(self.out_shape, self.in_shape, tuple(bond_dims))
+        (self.n_sites, self.in_shape, self.padded_in, self.out_shape, self.padded_out,
+         self.spec) = self._geometry(in_features, out_features, chi, n_sites, in_shape, out_shape,
+                                     bond_dims)
         factory = {"device": device, "dtype": dtype}
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(shape, **factory))
@@ -154,7 +130,55 @@ class TensorNetworkLinear(nn.Module):
             self.register_parameter("bias", None)
         #: Singular values kept / discarded at each bond when built by :meth:`from_linear`.
         self.spectra: list[BondSpectrum] | None = None
-        self.reset_parameters()
+        if self.cores[0].device.type != "meta":  # meta tensors hold no values to initialise
+            self.reset_parameters()
+
+    @classmethod
+    def _geometry(
+        cls, in_features: int, out_features: int, chi: int, n_sites: int | None,
+        in_shape: Sequence[int] | None, out_shape: Sequence[int] | None,
+        bond_dims: Sequence[int] | None,
+    ) -> tuple[int, tuple[int, ...], int, tuple[int, ...], int, NetworkSpec]:
+        """Validated ``(n_sites, in_shape, padded_in, out_shape, padded_out, spec)``."""
+        given = [len(s) for s in (in_shape, out_shape) if s is not None]
+        if n_sites is None:
+            n_sites = given[0] if given else 3
+        _check_int("n_sites", n_sites, 1)
+        if any(g != n_sites for g in given):
+            raise ValueError(
+                f"n_sites={n_sites} disagrees with the length of in_shape/out_shape ({given})"
+            )
+        in_shape, padded_in = _resolve_shape("in_shape", in_features, in_shape, n_sites)
+        out_shape, padded_out = _resolve_shape("out_shape", out_features, out_shape, n_sites)
+        site_dims = [o * i for o, i in zip(out_shape, in_shape)]
+        limits = cls._max_bond_dims(site_dims, chi)
+        if bond_dims is None:
+            bond_dims = limits
+        else:
+            bond_dims = [int(b) for b in bond_dims]
+            if len(bond_dims) != len(limits) or any(
+                not 1 <= b <= lim for b, lim in zip(bond_dims, limits)
+            ):
+                raise ValueError(
+                    f"bond_dims must be {len(limits)} integers with 1 <= bond_dims[k] <= {limits}, "
+                    f"got {bond_dims}"
+                )
+        spec = cls._network(out_shape, in_shape, tuple(bond_dims))
+        return n_sites, in_shape, padded_in, out_shape, padded_out, spec
+
+    @classmethod
+    def count_parameters(
+        cls, in_features: int, out_features: int, chi: int, n_sites: int | None = None,
+        bias: bool = True, *, in_shape: Sequence[int] | None = None,
+        out_shape: Sequence[int] | None = None,
+    ) -> int:
+        """:attr:`num_parameters` of the layer these arguments would build, without building it
+        (the budget search asks this many thousands of times)."""
+        *_, spec = cls._geometry(_check_int("in_features", in_features, 1),
+                                 _check_int("out_features", out_features, 1),
+                                 _check_int("chi", chi, 1), n_sites, in_shape, out_shape, None)
+        cores = sum(math.prod(shape) for shape in cls._parameter_shapes(spec))
+        return cores + (out_features if bias else 0)
 
     # ----- what a subclass defines ------------------------------------------------------------
     @staticmethod
@@ -253,20 +277,19 @@ class TensorNetworkLinear(nn.Module):
         if tol is not None and not (isinstance(tol, (int, float)) and 0 <= tol < 1):
             raise ValueError(f"tol must be a float in [0, 1) or None, got {tol!r}")
         out_features, in_features = weight.shape
-        # A probe layer on the meta device resolves and validates shapes without allocating.
-        probe = cls(
-            in_features, out_features, chi, n_sites, bias=False, in_shape=in_shape,
-            out_shape=out_shape, device="meta",
+        n_sites, in_shape, padded_in, out_shape, padded_out, _ = cls._geometry(
+            in_features, out_features, _check_int("chi", chi, 1), n_sites, in_shape, out_shape,
+            None,
         )
         compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
         with torch.no_grad():
-            padded = weight.new_zeros((probe.padded_out, probe.padded_in), dtype=compute)
+            padded = weight.new_zeros((padded_out, padded_in), dtype=compute)
             padded[:out_features, :in_features] = weight.detach()
-            cores, spectra = cls._decompose(padded, probe.out_shape, probe.in_shape, chi, tol)
-        layer = cls(
-            in_features, out_features, chi, probe.n_sites, bias=bias is not None,
-            in_shape=probe.in_shape if probe.padded_in == in_features else None,
-            out_shape=probe.out_shape if probe.padded_out == out_features else None,
+            cores, spectra = cls._decompose(padded, out_shape, in_shape, chi, tol)
+        layer = nn.utils.skip_init(  # no random init: every value is overwritten below
+            cls, in_features, out_features, chi, n_sites, bias=bias is not None,
+            in_shape=in_shape if padded_in == in_features else None,
+            out_shape=out_shape if padded_out == out_features else None,
             bond_dims=cls._bond_dims_of(cores), strategy=strategy,
             device=weight.device, dtype=weight.dtype,
         )

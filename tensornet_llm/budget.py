@@ -93,21 +93,22 @@ def chi_for_params(cls: type[TensorNetworkLinear] | Layout, in_features: int, ou
     return lo
 
 
-def _damage(error: Tensor, reference: Tensor, grad_sq: Tensor | None) -> float:
-    """Damage of an error ``(out, in)`` (whitened when calibrated): Gauss-Newton with
-    ``grad_sq``, otherwise relative to ``reference`` (the weight, whitened likewise)."""
-    per_output = error.to(torch.float64).pow(2).sum(1)
+def _damage(row_sq: Tensor, reference_sq: float, grad_sq: Tensor | None) -> float:
+    """Damage of an error ``E`` ``(out, in)`` (whitened when calibrated) from its squared row
+    norms ``row_sq = sum_i E[o, i]^2`` ``(out,)``: Gauss-Newton with ``grad_sq``, otherwise
+    relative to ``reference_sq``, the squared norm of the weight (whitened likewise)."""
+    row_sq = row_sq.to(torch.float64)
     if grad_sq is not None:
-        return 0.5 * float((grad_sq.to(per_output) * per_output).sum())
-    return float(per_output.sum() / reference.to(torch.float64).pow(2).sum().clamp_min(1e-300))
+        return 0.5 * float((grad_sq.to(row_sq) * row_sq).sum())
+    return float(row_sq.sum()) / max(reference_sq, 1e-300)
 
 
 @torch.no_grad()
-def _start_errors(
+def _start_row_errors(
     layout: Layout, weight: Tensor, chis: list[int], cov: Tensor | None, factor: Tensor | None
 ) -> list[Tensor]:
-    """Per chi, the error ``(out, in)`` of the network ``compactify`` starts from, whitened
-    (``E L``, ``C = L L^T``) when ``cov`` is given.
+    """Per chi, the squared row norms ``(out,)`` of the error ``(out, in)`` of the network
+    ``compactify`` starts from, whitened (``E L``, ``C = L L^T``) when ``cov`` is given.
 
     With data that start is the cut of the weight whitened site by site
     (:func:`~.fit.kronecker_whitened`): an error the fit only lowers, and for the low-rank
@@ -116,23 +117,32 @@ def _start_errors(
     """
     target = weight if factor is None else weight @ factor
     if layout.is_low_rank:  # one SVD gives every rank's cut (of W, or of W L: SVD-LLM)
-        u, s, vh = torch.linalg.svd(target, full_matrices=False)
-        return [(u[:, chi:] * s[chi:]) @ vh[chi:] for chi in chis]
+        u, s, _ = torch.linalg.svd(target, full_matrices=False)
+        # The rank-chi cut leaves U[:, chi:] S[chi:] V[:, chi:]^T; V's columns are orthonormal,
+        # so row o's squared error is sum_{j >= chi} (U[o, j] s_j)^2: a reversed cumulative sum.
+        tail = (u * s).to(torch.float64).pow(2).flip(1).cumsum(1).flip(1)
+        zero = tail.new_zeros(tail.shape[0])
+        return [tail[:, chi] if chi < tail.shape[1] else zero for chi in chis]
     out_f, in_f = weight.shape
     probe = layout.cls(in_f, out_f, 1, layout.n_sites, in_shape=layout.in_shape,
                        out_shape=layout.out_shape, device="meta")
+
+    def rows(error: Tensor) -> Tensor:
+        return error.to(torch.float64).pow(2).sum(1)
+
     if cov is None or probe.padded_in != in_f or probe.padded_out != out_f:
-        return [target - layout.decompose(target, None, chi).to_dense() for chi in chis]
+        return [rows(target - layout.decompose(target, None, chi).to_dense()) for chi in chis]
     whitening = SiteWhitening(cov, probe.in_shape)
+    whitened = whitening.whiten(weight)  # shared by every chi's cut
     errors = []
     for chi in chis:
         probe = layout.cls(in_f, out_f, chi, layout.n_sites, in_shape=layout.in_shape,
                            out_shape=layout.out_shape, device="meta")
-        start = kronecker_whitened(probe, weight, cov, whitening)
+        start = kronecker_whitened(probe, weight, cov, whitening, whitened)
         if start is None:  # rank-deficient bonds: the plain cut of W L
-            errors.append(target - layout.decompose(target, None, chi).to_dense())
+            errors.append(rows(target - layout.decompose(target, None, chi).to_dense()))
         else:
-            errors.append((weight - start.to_dense().to(weight.dtype)) @ factor)
+            errors.append(rows((weight - start.to_dense().to(weight.dtype)) @ factor))
     return errors
 
 
@@ -201,15 +211,16 @@ def allocate(
             cov = covariances[name].to(device=w.device, dtype=torch.float64)
             factor = stable_cholesky(cov).to(w.dtype)
             reference = w @ factor
+        reference_sq = float(reference.to(torch.float64).pow(2).sum())
         options = [Option(None, dense, 0.0)]
         for layout in layouts:
             chis = sorted({chi_for_params(layout, in_f, out_f, None, int(k * dense) - (dense - weight.numel()))
                            for k in keep_grid})
             counts = {chi: layout.num_parameters(in_f, out_f, chi, bias is not None) for chi in chis}
             chis = [chi for chi in chis if counts[chi] < dense]
-            for chi, error in zip(chis, _start_errors(layout, w, chis, cov, factor)):
+            for chi, row_sq in zip(chis, _start_row_errors(layout, w, chis, cov, factor)):
                 options.append(Option(chi, counts[chi], _damage(
-                    error, reference, grad_sq[name] if grad_sq is not None else None), layout))
+                    row_sq, reference_sq, grad_sq[name] if grad_sq is not None else None), layout))
         ladders[name] = options
 
     before = sum(o[0].params for o in ladders.values())

@@ -5,13 +5,16 @@ process blocks in order, and :func:`collect_covariances` runs the calibration ba
 the model *up to and including* one block (the forward pass is cut right after it), collecting
 the input covariance of that block's targets. Since earlier blocks are already compressed at
 that point, each block is fitted to the activations the compressed model really produces (as
-SVD-LLM does), so errors do not compound unseen.
+SVD-LLM does), so errors do not compound unseen. Recomputing the earlier blocks for every block
+would cost ``O(L^2)`` block forwards: a :class:`BlockReplay` records each finished block's output
+once per batch and returns it to later passes, so each block runs about twice.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import Any, Callable, Iterable, Mapping
+import inspect
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -20,13 +23,74 @@ from .fit import CovarianceCollector
 from .targets import block_prefix, block_stacks
 
 __all__ = [
-    "as_batches", "calibrated_order", "collect_covariances", "collect_output_gradients",
+    "BlockReplay", "as_batches", "calibrated_order", "collect_covariances", "collect_output_gradients",
     "collect_paired_covariances", "model_inputs",
 ]
 
 
 class _StopForward(Exception):
     pass
+
+
+class _ReplayConflict(Exception):
+    """A finished block ran twice in one forward pass (shared weights): its output is not one
+    function of the batch, so it cannot be replayed."""
+
+
+class BlockReplay:
+    """Replay the outputs of finished blocks instead of recomputing them.
+
+    ``compactify`` calibrates blocks in forward order, each on the activations the already
+    compressed blocks before it produce. Once a block is :meth:`finish`-ed (all its modules in
+    their final state), the next forward pass over batch ``j`` runs it and records its output;
+    every later pass over batch ``j`` gets the recording back without running it. Its inputs
+    cannot change any more, since only blocks after it are still being replaced. Memory: one
+    output (``batch x seq x hidden``) per finished block and calibration batch.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._outputs: dict[int, tuple[nn.Module, dict[int, Any]]] = {}
+
+    def finish(self, block: nn.Module) -> None:
+        """From the next forward pass on, record and replay ``block``'s output."""
+        self._outputs.setdefault(id(block), (block, {}))
+
+    def disable(self) -> None:
+        self.enabled = False
+        self._outputs.clear()
+
+    @contextmanager
+    def batch(self, index: int) -> Iterator[None]:
+        """Within this context, one forward pass over calibration batch ``index`` replays."""
+        calls: dict[int, int] = {}
+        missing = object()
+        saved = []
+
+        def replaying(key: int, forward: Callable, recorded: dict[int, Any]) -> Callable:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                calls[key] = calls.get(key, 0) + 1
+                if calls[key] > 1:
+                    raise _ReplayConflict
+                if index not in recorded:
+                    recorded[index] = forward(*args, **kwargs)
+                return recorded[index]
+
+            return run
+
+        try:
+            for key, (block, recorded) in self._outputs.items():
+                # An instance attribute shadows the class's forward (accelerate's hooks use one
+                # too: keep and restore whatever is there).
+                saved.append((block, block.__dict__.get("forward", missing)))
+                block.forward = replaying(key, block.forward, recorded)
+            yield
+        finally:
+            for block, previous in saved:
+                if previous is missing:
+                    del block.forward
+                else:
+                    block.forward = previous
 
 
 def as_batches(calibration: Iterable[Any]) -> list[dict[str, Tensor]]:
@@ -76,6 +140,11 @@ def model_inputs(model: nn.Module, batch: dict[str, Tensor], device: torch.devic
     config = getattr(model, "config", None)
     if "decoder_input_ids" not in inputs and getattr(config, "is_encoder_decoder", False):
         inputs["decoder_input_ids"] = inputs["input_ids"]
+    # Calibration passes never decode further: no key/value cache.
+    if getattr(config, "use_cache", False) and "use_cache" not in inputs and (
+        "use_cache" in inspect.signature(model.forward).parameters
+    ):
+        inputs["use_cache"] = False
     return inputs
 
 
@@ -85,8 +154,27 @@ def collect_covariances(
     batches: list[dict[str, Tensor]],
     modules: dict[str, nn.Module],
     stop_after: nn.Module | None = None,
+    replay: BlockReplay | None = None,
 ) -> CovarianceCollector:
-    """Input covariances of ``modules`` over all batches; the forward stops after ``stop_after``."""
+    """Input covariances of ``modules`` over all batches; the forward stops after ``stop_after``.
+
+    With ``replay``, finished blocks return their recorded outputs instead of running (a model
+    that runs a block twice per pass turns replay off and is collected without it)."""
+    if replay is not None and replay.enabled:
+        try:
+            return _collect_covariances(model, batches, modules, stop_after, replay)
+        except _ReplayConflict:
+            replay.disable()
+    return _collect_covariances(model, batches, modules, stop_after, None)
+
+
+def _collect_covariances(
+    model: nn.Module,
+    batches: list[dict[str, Tensor]],
+    modules: dict[str, nn.Module],
+    stop_after: nn.Module | None,
+    replay: BlockReplay | None,
+) -> CovarianceCollector:
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -97,9 +185,13 @@ def collect_covariances(
     handle = stop_after.register_forward_hook(stop) if stop_after is not None else None
     try:
         with CovarianceCollector(modules) as collector:
-            for batch in batches:
+            for index, batch in enumerate(batches):
                 try:
-                    model(**model_inputs(model, batch, device))
+                    if replay is None:
+                        model(**model_inputs(model, batch, device))
+                    else:
+                        with replay.batch(index):
+                            model(**model_inputs(model, batch, device))
                 except _StopForward:
                     pass
     finally:

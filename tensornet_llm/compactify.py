@@ -13,10 +13,12 @@ from torch import nn
 from .base import TensorNetworkLinear, linear_weight
 from .budget import allocate
 from .calibrate import (
-    as_batches, calibrated_order, collect_covariances, collect_output_gradients,
+    BlockReplay, as_batches, calibrated_order, collect_covariances, collect_output_gradients,
     collect_paired_covariances,
 )
-from .fit import corrected_target, fit_weighted, kronecker_whitened, weighted_error
+from .fit import (
+    corrected_target, fit_weighted, kronecker_whitened, weighted_error, whitened_start_is_optimal,
+)
 from .layout import Layout
 from .mpo import MPOLinear
 from .report import CompactifyReport, LayerReport
@@ -51,7 +53,8 @@ class CompactifyConfig:
         tol: optional relative Frobenius tolerance: bonds keep fewer than ``chi`` values where
             the weight allows it.
         min_features: the default targets skip layers narrower than this.
-        fit_steps: with calibration data, L-BFGS iterations of the data-aware fit per layer.
+        fit_steps: with calibration data, L-BFGS iterations of the data-aware fit per layer
+            (none for low-rank layers, whose whitened start is already the optimum).
         low_rank: with ``ratio``, also offer every module the low-rank layout (a 2-site MPO
             with the whole output leg on one site and the whole input leg on the other: the
             rank-chi factorisation, see :mod:`tensornet_llm.layout`); the budget keeps, per
@@ -144,12 +147,14 @@ def _build(
         act_start = weighted_error(new.to_dense().detach(), target, cov)
         # Start from whichever is better on the data: TT-SVD of W, or of W whitened site by site.
         whitened = kronecker_whitened(new, target, cov)
+        optimal = False
         if whitened is not None:
             if weighted_error(whitened.to_dense().detach(), target, cov) < act_start:
                 with torch.no_grad():
                     for p, q in zip(new.cores, whitened.cores):
                         p.copy_(q)
-        if cfg.fit_steps > 0:
+                optimal = whitened_start_is_optimal(new)
+        if cfg.fit_steps > 0 and not optimal:  # an optimal start leaves the fit nothing to do
             fit_weighted(new, target, cov, steps=cfg.fit_steps)
     with torch.no_grad():
         dense = new.to_dense()
@@ -289,6 +294,8 @@ def compactify(
         skipped += [(n, f"left dense by the ratio={cfg.ratio} budget")
                     for n, _ in chosen if settings[n] is None]
         chosen = [(n, m) for n, m in chosen if settings[n] is not None]
+    # Blocks left wholly dense still take part in the calibration order (so they are replayed).
+    order_names = list(settings)
     params_before = _count(model)
     built: dict[int, tuple[TensorNetworkLinear, LayerReport]] = {}
     done: list[tuple[nn.Module, str, nn.Module]] = []
@@ -308,14 +315,17 @@ def compactify(
                 done.append(_swap(model, name, built[id(module)][0]))
         else:
             modules = dict(chosen)
-            for block, names in calibrated_order(model, list(modules)):
+            # Finished blocks replay their outputs (the paired pass needs the originals rerun).
+            replay = None if cfg.match_dense else BlockReplay()
+            for block, names in calibrated_order(model, order_names):
+                names = [n for n in names if n in modules]
                 fresh = {n: modules[n] for n in names if id(modules[n]) not in built}
                 if cfg.match_dense and done and fresh:
                     covs, cross = collect_paired_covariances(
                         model, batches, fresh, block, lambda: _originals_in_place(done)
                     )
                 elif fresh:
-                    collector = collect_covariances(model, batches, fresh, stop_after=block)
+                    collector = collect_covariances(model, batches, fresh, block, replay)
                     covs, cross = {n: collector.covariance(n) for n in fresh}, {}
                 for name in names:
                     module = modules[name]
@@ -326,6 +336,8 @@ def compactify(
                     done.append(_swap(model, name, built[id(module)][0]))
                     if bar is not None:
                         bar.update()
+                if replay is not None and block is not None:
+                    replay.finish(block)
     except BaseException:
         for parent, child, original in reversed(done):
             setattr(parent, child, original)

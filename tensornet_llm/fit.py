@@ -17,6 +17,8 @@ activation covariance ``C = X^T X / n``. With a Cholesky factor ``C = L L^T`` th
   reference inputs ``X_r`` (what the dense model feeds it) and its own inputs ``X`` (what the
   compressed earlier layers feed it), ``||X_r W^T - X W_hat^T||`` is ``||(W' - W_hat) L||`` up
   to a constant, for the corrected target ``W'``.
+* :func:`whitened_start_is_optimal` says when that start is already the minimiser (one bond,
+  every input leg on one site: the rank-chi factorisation), so fitting it is wasted work.
 * :func:`fit_weighted` refines a tensor-network layer's cores by L-BFGS on the exact weighted
   objective, starting from its current cores (e.g. TT-SVD) and returning the best iterate, so the
   weighted error never ends above where it started.
@@ -40,6 +42,7 @@ __all__ = [
     "FitResult",
     "kronecker_factors",
     "kronecker_whitened",
+    "whitened_start_is_optimal",
     "SiteWhitening",
     "corrected_target",
 ]
@@ -214,24 +217,40 @@ class SiteWhitening:
 @torch.no_grad()
 def kronecker_whitened(
     layer: TensorNetworkLinear, weight: Tensor, cov: Tensor,
-    whitening: SiteWhitening | None = None,
+    whitening: SiteWhitening | None = None, whitened: Tensor | None = None,
 ) -> TensorNetworkLinear | None:
     """A layer of ``layer``'s class and structure decomposed from ``W (L_1 x ... x L_N)``, its
     input legs mapped back by ``L_k^{-1}``; ``None`` for zero-padded layers (the covariance
-    does not cover the padding). ``whitening`` may pass the factors, computed once, for
-    several cuts of one layer."""
+    does not cover the padding). For several cuts of one layer, ``whitening`` may pass the
+    factors and ``whitened`` the whitened weight (``whitening.whiten(weight)``), computed once."""
     if layer.padded_in != layer.in_features or layer.padded_out != layer.out_features:
         return None
     if whitening is None:
         whitening = SiteWhitening(cov.to(weight.device), layer.in_shape)
+    if whitened is None:
+        whitened = whitening.whiten(weight)
     new = type(layer).from_weight(
-        whitening.whiten(weight).to(torch.float32), None, layer.chi,
+        whitened.to(torch.float32), None, layer.chi,
         layer.n_sites, in_shape=layer.in_shape, out_shape=layer.out_shape,
     )
     if new.bond_dims != layer.bond_dims:
         return None
     whitening.unwhiten_(new)
     return new
+
+
+def whitened_start_is_optimal(layer: TensorNetworkLinear) -> bool:
+    """Whether :func:`kronecker_whitened` already gives the minimiser of the weighted error.
+
+    True when the network has a single bond and at most one input site wider than 1 (the
+    low-rank layout, for one). Then the Kronecker approximation of the covariance is the
+    covariance itself (up to scale), the whole input leg sits on one side of the bond, and the
+    truncated SVD of ``W L`` across that bond is the best rank-chi tensor (Eckart-Young); mapping
+    the input leg back by ``L^-1`` keeps it optimal for ``||(W - W_hat) L||``. For more bonds
+    TT-SVD is only quasi-optimal and :func:`fit_weighted` can still improve the start.
+    """
+    return (len(layer.bond_dims) == 1 and sum(d > 1 for d in layer.in_shape) <= 1
+            and layer.padded_in == layer.in_features and layer.padded_out == layer.out_features)
 
 
 @dataclass

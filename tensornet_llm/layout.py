@@ -61,8 +61,7 @@ class Layout:
 
     def num_parameters(self, in_features: int, out_features: int, chi: int, bias: bool) -> int:
         """Parameters (cores, plus the bias) of this layout's layer at ``chi``."""
-        probe = self.cls(
-            in_features, out_features, chi, self.n_sites, bias=bias, in_shape=self.in_shape,
-            out_shape=self.out_shape, device="meta",
+        return self.cls.count_parameters(
+            in_features, out_features, chi, self.n_sites, bias, in_shape=self.in_shape,
+            out_shape=self.out_shape,
         )
-        return probe.num_parameters

@@ -30,10 +30,18 @@ ARCHS = {
 GENERATIVE = {"llama", "qwen2", "gemma2", "mistral", "gpt2", "gpt_neox", "opt", "falcon", "bloom", "t5"}
 
 
-def build(name: str, seed: int = 0):
+def build(name: str, seed: int = 0, layers: int | None = None):
+    """The tiny model ``name`` (2 blocks per stack, or ``layers``), seeded, in eval mode."""
     config_fn, cls = ARCHS[name]
+    config = config_fn()
+    if layers is not None:
+        config.num_hidden_layers = layers  # aliased to n_layer / num_layers where named so
+        if getattr(config, "num_decoder_layers", None):
+            config.num_decoder_layers = layers
+        if getattr(config, "layer_types", None):  # alternating sliding / full attention
+            config.layer_types = [config.layer_types[i % 2] for i in range(layers)]
     torch.manual_seed(seed)
-    return cls(config_fn()).eval()
+    return cls(config).eval()
 
 
 def inputs(name: str, seed: int = 0) -> dict:

@@ -1,5 +1,7 @@
 """Budgeted chi (compactify(ratio=...)): the allocation and its damage estimates."""
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -9,8 +11,9 @@ from models import build
 from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, save_compactified,
 )
-from tensornet_llm.budget import Option, _lower_hull, allocate, chi_for_params
+from tensornet_llm.budget import Option, _lower_hull, _start_row_errors, allocate, chi_for_params
 from tensornet_llm.calibrate import as_batches, collect_output_gradients
+from tensornet_llm.fit import kronecker_whitened, stable_cholesky, whitened_svd
 from tensornet_llm.layout import Layout
 from test_compactify import assert_unchanged, calibration_batches, snapshot
 
@@ -137,6 +140,32 @@ def test_low_rank_layout_is_the_truncated_svd(out_f, in_f, chi):
     assert layout.name == "low-rank" and Layout(MPOLinear, 3).name == "mpo"
 
 
+@given(out_f=st.integers(2, 30), in_f=st.integers(2, 30), seed=st.integers(0, 5),
+       low_rank=st.booleans())
+@settings(max_examples=15, deadline=None)
+def test_start_row_errors_are_the_row_norms_of_the_start_error(out_f, in_f, seed, low_rank):
+    """The budget's per-chi damages come from the squared row norms of ``(W - start) L``."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = torch.randn(4 * in_f, in_f, generator=g, dtype=torch.float64) * torch.rand(
+        in_f, generator=g, dtype=torch.float64)
+    cov = x.T @ x / x.shape[0]
+    factor = stable_cholesky(cov)
+    layout = Layout.low_rank(in_f, out_f) if low_rank else Layout(MPOLinear, 2)
+    chis = [1, 2, 3, min(in_f, out_f)]
+    rows = _start_row_errors(layout, w, chis, cov, factor)
+    for chi, row in zip(chis, rows):
+        if low_rank:
+            start = whitened_svd(w, cov, chi)
+        else:
+            probe = layout.cls(in_f, out_f, chi, 2, device="meta")
+            start = kronecker_whitened(probe, w, cov)
+            start = start.to_dense() if start is not None else (
+                layout.decompose(w @ factor, None, chi).to_dense()
+                - w @ factor) @ torch.linalg.inv(factor) + w
+        torch.testing.assert_close(row, ((w - start) @ factor).pow(2).sum(1))
+
+
 def structured(kind, seed):
     """A 32 x 32 linear whose weight is exactly rank 2 or exactly an MPO of bond 1 (4 x 8 sites)."""
     g = torch.Generator().manual_seed(seed)
@@ -164,16 +193,24 @@ def test_budget_picks_the_layout_that_fits_the_weight(calibrated):
     assert only_mpo.damage > 1e-3  # the rank-2 weights are no bond-1 Kronecker products
 
 
-def test_compactify_offers_low_rank_only_when_asked(tmp_path):
+def test_compactify_offers_low_rank_only_when_asked(tmp_path, monkeypatch):
+    cm = importlib.import_module("tensornet_llm.compactify")
+    fits = []
+    original = cm.fit_weighted
+    monkeypatch.setattr(cm, "fit_weighted", lambda layer, *a, **k: fits.append(layer) or
+                        original(layer, *a, **k))
     batches = calibration_batches(2)
     methods = {}
     for low_rank in (False, True):
         model = build("llama")
+        fits.clear()
         report = compactify(model, config=CompactifyConfig(ratio=0.5, low_rank=low_rank,
                                                            fit_steps=3), calibration=batches,
                             progress=False)
         methods[low_rank] = {r.method for r in report.layers}
         assert 0.4 <= report.kept_fraction <= 0.5
+        # A low-rank layer starts at its weighted optimum (whitened SVD): only the others fit.
+        assert len(fits) == sum(r.method != "low-rank" for r in report.layers)
     assert methods[False] == {"mpo"}
     assert "low-rank" in methods[True]
     # Low-rank layers are 2-site MPOs: they save and load like any other.

@@ -13,7 +13,9 @@ from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, TensorNetworkLinear, compactify, load_compactified,
     save_compactified,
 )
-from tensornet_llm.calibrate import as_batches, collect_paired_covariances
+from tensornet_llm.calibrate import (
+    BlockReplay, as_batches, collect_covariances, collect_paired_covariances,
+)
 
 FULL = 10**6
 
@@ -274,6 +276,62 @@ def test_calibration_works_across_architectures(arch):
     assert all(r.act_error is not None for r in report.layers)
     batch = inputs(arch)
     assert torch.isfinite(model(**batch).logits).all()
+
+
+class _NoReplay(BlockReplay):
+    def __init__(self) -> None:
+        super().__init__()
+        self.disable()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_replaying_finished_blocks_changes_nothing(arch, monkeypatch):
+    """Calibrated compactify replays the outputs of finished blocks instead of recomputing them:
+    the same covariances, hence the same fitted layers and logits, as recomputing everything."""
+    cm = importlib.import_module("tensornet_llm.compactify")
+    calib = [{"input_ids": b} for b in calibration_batches(2)]
+    runs = []
+    for replay in (BlockReplay, _NoReplay):
+        monkeypatch.setattr(cm, "BlockReplay", replay)
+        model = build(arch, layers=4)
+        report = compactify(model, chi=3, calibration=calib, fit_steps=3, progress=False)
+        with torch.no_grad():
+            runs.append(([r.act_error for r in report.layers], model(**inputs(arch)).logits))
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_block_replay_replays_and_steps_aside_for_blocks_run_twice():
+    torch.manual_seed(0)
+
+    class Twice(nn.Module):  # one block applied twice per pass (shared weights, ALBERT-style)
+        def __init__(self):
+            super().__init__()
+            self.block, self.head = nn.Linear(6, 6), nn.Linear(6, 4)
+
+        def forward(self, input_ids):
+            return self.head(self.block(self.block(input_ids.float())))
+
+    batches = [{"input_ids": torch.randn(5, 6)} for _ in range(2)]
+    plain = Twice()
+    want = collect_covariances(plain, batches, {"head": plain.head}).covariance("head")
+    replay = BlockReplay()
+    replay.finish(plain.block)
+    got = collect_covariances(plain, batches, {"head": plain.head}, replay=replay)
+    torch.testing.assert_close(got.covariance("head"), want)
+    assert not replay.enabled and "forward" not in plain.block.__dict__
+
+    seq = nn.Sequential(nn.Sequential(nn.Linear(6, 6)), nn.Linear(6, 6))
+    replay = BlockReplay()
+    replay.finish(seq[0])
+    calls = []
+    seq[0][0].register_forward_hook(lambda *a: calls.append(1))  # inside the replayed block
+    with replay.batch(0):
+        first = seq(batches[0]["input_ids"])
+    with replay.batch(0):
+        again = seq(batches[0]["input_ids"] * 0)  # replayed: the block's input is not read
+    assert len(calls) == 1 and torch.equal(first, again)
+    assert "forward" not in seq[0].__dict__
 
 
 @pytest.mark.parametrize("calibration, match", [([], "empty"), (["text"], "token-id")])

@@ -8,8 +8,9 @@ from torch import nn
 from tensornet_llm import MPOLinear, TTNSLinear
 from tensornet_llm.fit import (
     CovarianceCollector, corrected_target, fit_weighted, kronecker_factors, kronecker_whitened,
-    stable_cholesky, weighted_error, whitened_svd,
+    stable_cholesky, weighted_error, whitened_start_is_optimal, whitened_svd,
 )
+from tensornet_llm.layout import Layout
 
 LAYERS = [MPOLinear, TTNSLinear]
 
@@ -129,6 +130,36 @@ def test_kronecker_whitened_start_is_exact_at_full_chi_and_better_for_kronecker_
         assert white.bond_dims == plain.bond_dims
         err = lambda layer: weighted_error(layer.to_dense().detach(), weight, cov)
         assert err(white) < err(plain)
+
+
+@settings(max_examples=15, deadline=None)
+@given(in_f=st.integers(4, 40), out_f=st.integers(4, 40), chi=st.integers(1, 12),
+       seed=st.integers(0, 10**6), dead=st.integers(0, 3))
+def test_low_rank_whitened_start_is_the_optimum_the_fit_cannot_improve(in_f, out_f, chi, seed, dead):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = anisotropic_inputs(3 * in_f, in_f, seed=seed, dead=min(dead, in_f - 1))
+    cov = x.T @ x / x.shape[0]
+    layer = Layout.low_rank(in_f, out_f).decompose(w, None, chi)
+    start = kronecker_whitened(layer, w, cov)
+    assert whitened_start_is_optimal(start)
+    err = weighted_error(start.to_dense().detach(), w, cov)
+    # Same error as the SVD-LLM optimum of that rank (the rank is the bond the layer got).
+    rank = start.bond_dims[0]
+    assert err == pytest.approx(weighted_error(whitened_svd(w, cov, rank), w, cov), abs=1e-6)
+    fitted = fit_weighted(start, w, cov, steps=20)
+    assert fitted.final_error >= fitted.start_error - 1e-6
+
+
+def test_whitened_start_is_optimal_only_for_one_bond_with_the_input_on_one_site():
+    w = torch.randn(12, 30, dtype=torch.float64)
+    assert whitened_start_is_optimal(Layout.low_rank(30, 12).decompose(w, None, 4))
+    assert whitened_start_is_optimal(MPOLinear.from_weight(w, None, 4, 2, in_shape=(30, 1),
+                                                           out_shape=(1, 12)))
+    assert not whitened_start_is_optimal(MPOLinear.from_weight(w, None, 4, 2, in_shape=(5, 6),
+                                                               out_shape=(3, 4)))
+    assert not whitened_start_is_optimal(MPOLinear.from_weight(w, None, 4, 3))
+    assert not whitened_start_is_optimal(TTNSLinear.from_weight(w, None, 4, 4))
 
 
 # ----- fitting to the dense outputs -----------------------------------------------------------

@@ -9,6 +9,7 @@ from torch import nn
 
 from tensornet_llm import MPOLinear, TTNSLinear
 from tensornet_llm.contract import batch_bucket, get_plan
+from tensornet_llm.decompose import _svd
 
 LAYERS = [MPOLinear, TTNSLinear]
 FULL = 10**9  # a chi no bond can reach: nothing is truncated
@@ -226,6 +227,29 @@ def test_counts_and_repr(cls):
     assert math.isclose(layer.compression_ratio, 576 * 1536 / layer.num_parameters)
     assert max(layer.bond_dims) <= 32
     assert "bond_dims" in repr(layer) and "in_shape=(8, 9, 8)" in repr(layer)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+@given(in_f=sizes, out_f=sizes, chi=st.integers(1, 64), n_sites=st.integers(1, 4),
+       bias=st.booleans())
+def test_count_parameters_matches_the_built_layer(cls, in_f, out_f, chi, n_sites, bias):
+    layer = cls(in_f, out_f, chi, n_sites, bias=bias, device="meta")
+    assert cls.count_parameters(in_f, out_f, chi, n_sites, bias) == layer.num_parameters
+
+
+@given(rows=st.integers(1, 40), cols=st.integers(1, 40), wide=st.integers(1, 12),
+       seed=st.integers(0, 3))
+def test_svd_is_a_thin_svd_for_wide_tall_and_square_matrices(rows, cols, wide, seed):
+    g = torch.Generator().manual_seed(seed)
+    for shape in [(rows, cols * wide), (rows * wide, cols)]:  # wide >= 4: the QR route
+        mat = torch.randn(*shape, generator=g, dtype=torch.float64)
+        u, s, vh = _svd(mat)
+        k = min(shape)
+        assert u.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
+        torch.testing.assert_close((u * s) @ vh, mat)
+        torch.testing.assert_close(u.T @ u, torch.eye(k, dtype=mat.dtype))
+        torch.testing.assert_close(vh @ vh.T, torch.eye(k, dtype=mat.dtype))
+        torch.testing.assert_close(s, torch.linalg.svdvals(mat))
 
 
 @pytest.mark.parametrize("cls", LAYERS)
