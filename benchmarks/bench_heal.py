@@ -2,16 +2,17 @@
 training step of the compressed model against the dense one.
 
     python benchmarks/bench_heal.py [--keep 0.5 0.7] [--steps 0 50 100 200 400]
-                                    [--variants ce distill fit+ce fit+distill lr+distill]
+                                    [--variants ce distill fit+ce fit+distill lr+ce lr+distill]
                                     [--batch 4] [--seq 256] [--timing-only]
 
 Variants: ``ce`` heals on next-token loss from the plain TT-SVD start
 (``compactify(ratio=keep)`` without data); ``distill`` adds the KL to the dense teacher's
 logits; ``fit+...`` starts from the data-aware start (``compactify(ratio=keep,
-calibration=..., low_rank=False)``: 3-site MPOs only); ``lr+distill`` starts from
+calibration=..., low_rank=False)``: 3-site MPOs only); ``lr+...`` starts from
 ``compactify``'s default data-aware start, which may also give modules the low-rank layout.
-Healing text: Emma and Sense and Sensibility; calibration: Emma; perplexity:
-held-out Persuasion.
+Healing text: Emma and Sense and Sensibility (``--heal-texts``: any bundled texts but the
+held-out one; ``--heal-tokens`` in all); calibration: Emma; perplexity: held-out Persuasion.
+Results with other healing text belong in their own ``--out`` folder.
 
 The timing part runs each model in its own process (so peak memory is that process's alone):
 the same batch, forward + backward + AdamW step, dense model versus the compactified one at each
@@ -42,12 +43,13 @@ from tensornet_llm.evaluate import perplexity
 from tensornet_llm.models import default_cache_dir, load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("ce", "distill", "fit+ce", "fit+distill", "lr+distill")
+VARIANTS = ("ce", "distill", "fit+ce", "fit+distill", "lr+ce", "lr+distill")
 
 
-def healing_batches(tokenizer, n_tokens: int, seq: int, batch: int) -> list[torch.Tensor]:
-    ids = torch.cat([tokenize_text(tokenizer, t, n_tokens // len(CALIBRATION_TEXTS))
-                     for t in CALIBRATION_TEXTS])
+def healing_batches(tokenizer, texts: list[str], n_tokens: int, seq: int, batch: int
+                    ) -> list[torch.Tensor]:
+    """``n_tokens`` in all, an equal share from each text, as ``(batch, seq + 1)`` windows."""
+    ids = torch.cat([tokenize_text(tokenizer, t, n_tokens // len(texts)) for t in texts])
     return list(token_batches(ids, seq, batch))
 
 
@@ -201,6 +203,8 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens")
     parser.add_argument("--heal-tokens", type=int, default=65536)
+    parser.add_argument("--heal-texts", nargs="+", default=list(CALIBRATION_TEXTS),
+                        help="bundled texts to heal on (never the held-out one)")
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--timing-steps", type=int, default=4)
     parser.add_argument("--timing-only", action="store_true")
@@ -213,10 +217,12 @@ def main() -> None:
         print(json.dumps(_measure(args.measure, args.batch, args.seq, args.timing_steps)))
         return
 
+    if HELD_OUT_TEXT in args.heal_texts:
+        parser.error(f"--heal-texts must not include the held-out {HELD_OUT_TEXT}")
     teacher, tokenizer = load_smollm2()
     held_out = tokenize_text(tokenizer, HELD_OUT_TEXT, args.tokens)
     meta = {"held_out": f"{HELD_OUT_TEXT}, {held_out.numel()} tokens",
-            "healing": f"{' + '.join(CALIBRATION_TEXTS)}, {args.heal_tokens} tokens",
+            "healing": f"{' + '.join(args.heal_texts)}, {args.heal_tokens} tokens",
             "batch": args.batch, "seq": args.seq, "lr": args.lr,
             "threads": torch.get_num_threads()}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -224,13 +230,17 @@ def main() -> None:
     data = {"meta": meta, "curves": [], "timing": []}
     if path.is_file() and not args.fresh:
         saved = json.loads(path.read_text())
-        if all(saved["meta"].get(k) == v for k, v in meta.items()):
-            data = saved
+        differ = {k: saved["meta"].get(k) for k, v in meta.items() if saved["meta"].get(k) != v}
+        if differ:
+            parser.error(f"{path} was measured with {differ}: rerun with those settings, "
+                         "or --fresh to start over")
+        data = saved
     meta = data["meta"]
     if "dense_perplexity" not in meta:
         meta["dense_perplexity"] = perplexity(teacher, held_out)
     if not args.timing_only:
-        batches = healing_batches(tokenizer, args.heal_tokens, args.seq, args.batch)
+        batches = healing_batches(tokenizer, args.heal_texts, args.heal_tokens, args.seq,
+                                  args.batch)
         calib = list(token_batches(tokenize_text(tokenizer, CALIBRATION_TEXTS[0],
                                                  args.calibration_tokens), 512, 4))
         for keep in args.keep:

@@ -1,7 +1,7 @@
 """Perplexity versus parameters kept on SmolLM2-135M, for six ways of compressing it.
 
     python benchmarks/bench_quality.py [--keep 0.9 0.8 0.7 0.6 0.5] [--methods ...]
-                                       [--tokens 16384] [--calibration-tokens 4096]
+                                       [--tokens 8192] [--calibration-tokens 4096]
 
 At each keep fraction of the targeted (attention and MLP) parameters:
 
@@ -17,7 +17,9 @@ At each keep fraction of the targeted (attention and MLP) parameters:
                    offers every module the low-rank layout (a 2-site MPO that is the rank-chi
                    factorisation) and keeps, per module, the layout predicting less damage.
 
-Calibration on Emma, perplexity on held-out Persuasion (512-token windows). The SVD baselines
+Calibration on Emma; perplexity on two held-out texts (512-token windows), 8192 tokens each by
+default: Persuasion (a novel never calibrated on; the headline figure) and the second half of
+the Wikipedia sample (another domain). The SVD baselines
 are written back as dense matrices (only their perplexity and parameter count matter). Rows are
 appended to ``docs/results/bench_quality.json`` as they finish and a rerun skips the rows it
 has, so an interrupted run continues; ``--fresh`` starts over. Also writes ``bench_quality.md``
@@ -32,14 +34,14 @@ import time
 from pathlib import Path
 
 import torch
-from _plot import perplexity_plot
+from _plot import perplexity_panels
 
 from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, save_compactified,
 )
 from tensornet_llm.budget import chi_for_params
 from tensornet_llm.calibrate import as_batches, collect_covariances
-from tensornet_llm.data import HELD_OUT_TEXT, token_batches, tokenize_text
+from tensornet_llm.data import HELD_OUT_TEXT, read_text, token_batches, tokenize_text
 from tensornet_llm.evaluate import perplexity
 from tensornet_llm.fit import whitened_svd
 from tensornet_llm.models import default_cache_dir, load_smollm2
@@ -47,6 +49,7 @@ from tensornet_llm.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_TEXT = "austen_emma.txt"
+WIKI_TEXT = "enwiki_gensim.txt"  # held out from its middle on: the second half
 METHODS = ("svd", "wsvd", "mpo", "ttns", "mpo+fit", "ttns+fit", "mpo+lr+fit")
 N_SITES = 3
 
@@ -77,7 +80,13 @@ def uniform_chis(model, keep: float, cls) -> dict[str, int]:
         for name, m in find_targets(model)[0]}
 
 
-def run(method: str, keep: float, calib, covs, held_out, fit_steps: int) -> dict:
+def held_out_perplexities(model, held_out: dict) -> dict[str, float]:
+    """``{"perplexity": Persuasion, "perplexity_wiki": second half of Wikipedia}``."""
+    return {"perplexity": perplexity(model, held_out["persuasion"]),
+            "perplexity_wiki": perplexity(model, held_out["wiki"])}
+
+
+def run(method: str, keep: float, calib, covs, held_out: dict, fit_steps: int) -> dict:
     model, _ = load_smollm2()
     targets = sum(m.weight.numel() for _, m in find_targets(model)[0])
     t0 = time.perf_counter()
@@ -104,18 +113,20 @@ def run(method: str, keep: float, calib, covs, held_out, fit_steps: int) -> dict
                  "layout": {r.name: r.method for r in report.layers}}
     seconds = time.perf_counter() - t0
     return {"method": method, "keep": keep, "kept": kept, "seconds": seconds,
-            "perplexity": perplexity(model, held_out), **extra}
+            **held_out_perplexities(model, held_out), **extra}
 
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
     (out / "bench_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     dense = meta["dense_perplexity"]
     lines = ["# Quality at equal parameters (SmolLM2-135M, no fine-tuning)", "",
-             f"Calibration: {meta['calibration']}; perplexity on {meta['held_out']} (512-token "
-             f"windows); dense perplexity **{dense:.2f}**; {meta['threads']} CPU threads. "
+             f"Calibration: {meta['calibration']}; perplexity on {meta['held_out']} and on "
+             f"{meta['held_out_wiki']} (512-token windows, neither calibrated on); dense "
+             f"perplexity **{dense:.2f}** and **{meta['dense_perplexity_wiki']:.2f}**; "
+             f"{meta['threads']} CPU threads. "
              "Written by `benchmarks/bench_quality.py`; plot `bench_quality.png`.", "",
-             "Perplexity (time to compress in seconds; parameters kept, of the targeted "
-             "attention/MLP weights):", ""]
+             "Perplexity on Persuasion (time to compress in seconds; parameters kept, of the "
+             "targeted attention/MLP weights):", ""]
     keeps = sorted({r["keep"] for r in rows}, reverse=True)
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     lines += ["| method | " + " | ".join(f"keep {k:.0%}" for k in keeps) + " |",
@@ -127,13 +138,15 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
             cells.append("" if r is None else
                          f"{r['perplexity']:.4g} ({r['seconds']:.0f} s; {r['kept']:.1%})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Ratio to dense perplexity:", "",
-              "| method | " + " | ".join(f"keep {k:.0%}" for k in keeps) + " |",
-              "|---|" + "---|" * len(keeps)]
-    for m in methods:
-        cells = [next((f"{r['perplexity'] / dense:.3g}x" for r in rows
-                       if r["method"] == m and r["keep"] == k), "") for k in keeps]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for key, text, base in [("perplexity", "Persuasion", dense),
+                            ("perplexity_wiki", "the Wikipedia half", meta["dense_perplexity_wiki"])]:
+        lines += ["", f"Ratio to dense perplexity, {text}:", "",
+                  "| method | " + " | ".join(f"keep {k:.0%}" for k in keeps) + " |",
+                  "|---|" + "---|" * len(keeps)]
+        for m in methods:
+            cells = [next((f"{r[key] / base:.3g}x" for r in rows
+                           if r["method"] == m and r["keep"] == k), "") for k in keeps]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     fits = [r for r in rows if "left_dense" in r and r["method"].endswith("+fit")]
     if fits:
         lines += ["", "Modules the budget left dense (of 210): " + ", ".join(
@@ -149,11 +162,12 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
                   + ", ".join(f"keep {r['keep']:.0%}: {r['low_rank']} of {len(r['chi'])}"
                               for r in mixed) + "."]
     (out / "bench_quality.md").write_text("\n".join(lines) + "\n")
-    perplexity_plot(out / "bench_quality.png",
-                    {m: [(r["kept"], r["perplexity"]) for r in rows if r["method"] == m]
-                     for m in methods}, dense, "fraction of attention/MLP parameters kept",
-                    "SmolLM2-135M, no fine-tuning", invert_x=True,
-                    extra_lines={"1.5 x dense": 1.5 * dense})
+    panels = {f"SmolLM2-135M, no fine-tuning: {text}": (
+        {m: [(r["kept"], r[key]) for r in rows if r["method"] == m and key in r] for m in methods},
+        meta[f"dense_{key}"]) for text, key in (("Persuasion", "perplexity"),
+                                                ("Wikipedia half", "perplexity_wiki"))}
+    perplexity_panels(out / "bench_quality.png", panels, "fraction of attention/MLP parameters kept",
+                      invert_x=True, extra_ratios={"1.5 x dense": 1.5}, max_ratio=1000)
 
 
 def main() -> None:
@@ -161,29 +175,39 @@ def main() -> None:
     parser.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--calibration-tokens", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already measured")
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()
-    held_out = tokenize_text(tokenizer, HELD_OUT_TEXT, args.tokens)
+    wiki_half = len(read_text(WIKI_TEXT, start_char=0)) // 2
+    held_out = {"persuasion": tokenize_text(tokenizer, HELD_OUT_TEXT, args.tokens),
+                "wiki": tokenize_text(tokenizer, WIKI_TEXT, args.tokens, start_char=wiki_half)}
     calib = list(token_batches(tokenize_text(tokenizer, CALIBRATION_TEXT, args.calibration_tokens),
                                seq_len=512, batch_size=4))
     meta = {"calibration": f"{CALIBRATION_TEXT}, {args.calibration_tokens} tokens",
-            "held_out": f"{HELD_OUT_TEXT}, {held_out.numel()} tokens",
+            "held_out": f"{HELD_OUT_TEXT}, {held_out['persuasion'].numel()} tokens",
+            "held_out_wiki": f"{WIKI_TEXT} from character {wiki_half:,} (its second half), "
+                             f"{held_out['wiki'].numel()} tokens",
             "fit_steps": args.fit_steps, "threads": torch.get_num_threads()}
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     previous = args.out / "bench_quality.json"
     if previous.is_file() and not args.fresh:
         saved = json.loads(previous.read_text())
-        if all(saved["meta"].get(k) == v for k, v in meta.items()):
-            rows, meta = saved["rows"], saved["meta"]
+        differ = {k: saved["meta"].get(k) for k, v in meta.items() if saved["meta"].get(k) != v}
+        if differ:
+            parser.error(f"{previous} was measured with {differ}: rerun with those settings, "
+                         "or --fresh to start over")
+        rows, meta = saved["rows"], saved["meta"]
     if "dense_perplexity" not in meta:
-        meta["dense_perplexity"] = perplexity(model, held_out)
-    print(f"dense perplexity {meta['dense_perplexity']:.2f}", flush=True)
+        dense = held_out_perplexities(model, held_out)
+        meta["dense_perplexity"], meta["dense_perplexity_wiki"] = dense["perplexity"], dense[
+            "perplexity_wiki"]
+    print(f"dense perplexity {meta['dense_perplexity']:.2f}, Wikipedia half "
+          f"{meta['dense_perplexity_wiki']:.2f}", flush=True)
     covs = None
     if "wsvd" in args.methods:
         covs = collect_covariances(model, as_batches(calib), dict(find_targets(model)[0]))

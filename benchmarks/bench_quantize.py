@@ -4,7 +4,8 @@ of CompactifAI, measured).
     python benchmarks/bench_quantize.py [--compressed DIR] [--ratio 0.8] [--tokens 8192]
 
 Rows: dense fp32, dense fp16, dense int8 / int4 (every linear and the embedding table),
-compactified fp32 (``compactify(ratio=..., calibration=Emma)``, or the model in ``--compressed``,
+compactified fp32 (``compactify(ratio=..., calibration=Emma)``, the default method, which
+``bench_quality.py`` caches as ``smollm2-ratio{ratio}-lr-fit``; or the model in ``--compressed``,
 e.g. a healed one), compactified + int8, compactified + int4. Bytes in memory count parameters
 and buffers once (tied tables once); bytes on disk are the saved ``model.safetensors``.
 Perplexity on held-out Persuasion. Writes ``docs/results/bench_quantize.{json,md}``.
@@ -47,7 +48,7 @@ def main() -> None:
     held_out = tokenize_text(tokenizer, HELD_OUT_TEXT, args.tokens)
     source = args.compressed
     if source is None:
-        source = default_cache_dir() / "bench" / f"smollm2-ratio{args.ratio}-fit"
+        source = default_cache_dir() / "bench" / f"smollm2-ratio{args.ratio}-lr-fit"
         if not (source / "tensornet.json").is_file():
             model = copy.deepcopy(dense)
             calib = token_batches(tokenize_text(tokenizer, "austen_emma.txt", 4096), 512, 4)

@@ -1,17 +1,19 @@
 """Compress SmolLM2-135M to half its attention/MLP parameters, then heal it on Austen.
 
-    python examples/heal_smollm2.py [--keep 0.5] [--steps 200] [--work smollm2-heal]
+    python examples/heal_smollm2.py [--keep 0.5] [--steps 150] [--work smollm2-heal]
 
 1. ``compactify(ratio=keep, calibration=Emma)``: chi per layer under the budget, each layer fitted
    to its activations (saved to ``WORK/compressed``; reused when present).
-2. ``heal``: next-token loss plus distillation from the dense model's logits, on Emma and Sense
-   and Sensibility, batches of 4 x 256 tokens. The training state is checkpointed to
-   ``WORK/checkpoint`` every 25 steps: interrupt the script and rerun it to continue.
+2. ``heal``: next-token loss plus distillation from the dense model's logits, on 32,768 tokens
+   of each Austen novel but Persuasion, batches of 4 x 256 tokens. The training state is
+   checkpointed to ``WORK/checkpoint`` every 25 steps: interrupt the script and rerun it to
+   continue.
 3. Held-out perplexity (Persuasion) before and after; the healed model goes to ``WORK/healed``.
 
-Run time on 2 CPU cores: about 6-10 minutes for step 1 and ~11 s per healing step (so ~37
-minutes for 200 steps). Measured at keep 50%: perplexity 387 -> 119 after 50 steps -> 98 after
-200 (dense: 45.7); see docs/results/bench_heal.md.
+Run time on 2 CPU cores: about 4 minutes for step 1 and ~12 s per healing step (so ~30
+minutes for the default 150 steps). Measured at keep 50% (the budget gives every compressed
+module the low-rank layout on SmolLM2): perplexity 214 -> 79 after 50 steps -> 68 after 100 ->
+63 after 150 (dense: 45.7); see docs/results/heal_more_text/bench_heal.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from pathlib import Path
 import torch
 
 from tensornet_llm import compactify, heal, load_compactified, save_compactified
-from tensornet_llm.data import CALIBRATION_TEXTS, HELD_OUT_TEXT, token_batches, tokenize_text
+from tensornet_llm.data import (CALIBRATION_TEXTS, HEALING_TEXTS, HELD_OUT_TEXT, token_batches,
+                                 tokenize_text)
 from tensornet_llm.evaluate import perplexity
 from tensornet_llm.models import load_smollm2
 
@@ -31,7 +34,7 @@ from tensornet_llm.models import load_smollm2
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of parameters kept")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score")
     parser.add_argument("--work", type=Path, default=Path("smollm2-heal"))
@@ -54,7 +57,7 @@ def main() -> None:
     before = perplexity(model, held_out)
     print(f"perplexity: dense {dense_ppl:.2f}, compressed {before:.2f}")
 
-    text = torch.cat([tokenize_text(tokenizer, t, 32768) for t in CALIBRATION_TEXTS])
+    text = torch.cat([tokenize_text(tokenizer, t, 32768) for t in HEALING_TEXTS])
     batches = list(token_batches(text, seq_len=256, batch_size=4))
     result = heal(model, batches, steps=args.steps, lr=args.lr, teacher=teacher,
                   checkpoint_dir=args.work / "checkpoint", checkpoint_every=25)

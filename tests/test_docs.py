@@ -61,3 +61,24 @@ def test_example_and_benchmark_scripts_import_and_parse_arguments(script, monkey
         runpy.run_path(str(path), run_name="__main__")
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_quality_benchmark_report_is_written_from_rows(tmp_path, monkeypatch):
+    """bench_quality's writer: both texts' tables, a missing cell left blank, and the plot."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.syspath_prepend(str(DOCS.parent / "benchmarks"))
+    import bench_quality
+
+    meta = {"calibration": "c.txt, 8 tokens", "held_out": "p.txt, 8 tokens",
+            "held_out_wiki": "w.txt, 8 tokens", "fit_steps": 1, "threads": 1,
+            "dense_perplexity": 40.0, "dense_perplexity_wiki": 20.0}
+    rows = [{"method": m, "keep": k, "kept": k, "seconds": 1.0, "perplexity": p * k_mult,
+             "perplexity_wiki": 2 * p * k_mult}
+            for m, p in (("svd", 1e7), ("wsvd", 100.0)) for k, k_mult in ((0.9, 1), (0.5, 3))]
+    rows = [r for r in rows if not (r["method"] == "svd" and r["keep"] == 0.5)]
+    bench_quality.write(tmp_path, meta, rows)
+    text = (tmp_path / "bench_quality.md").read_text()
+    assert "| wsvd | 100 (1 s; 90.0%) | 300 (1 s; 50.0%) |" in text
+    assert "| svd | 1e+07 (1 s; 90.0%) |  |" in text
+    assert "| wsvd | 10x | 30x |" in text  # the Wikipedia ratios: 200 / 20, 600 / 20
+    assert (tmp_path / "bench_quality.png").stat().st_size > 10_000
