@@ -12,7 +12,8 @@ calibration=..., low_rank=False)``: 3-site MPOs only); ``lr+...`` starts from
 ``compactify``'s default data-aware start, which may also give modules the low-rank layout.
 Healing text: Emma and Sense and Sensibility (``--heal-texts``: any bundled texts but the
 held-out one; ``--heal-tokens`` in all); calibration: Emma; perplexity: held-out Persuasion.
-Results with other healing text belong in their own ``--out`` folder.
+``--hidden-weight`` adds matching the teacher's hidden states to the distill variants. Results
+with other healing text or loss belong in their own ``--out`` folder.
 
 The timing part runs each model in its own process (so peak memory is that process's alone):
 the same batch, forward + backward + AdamW step, dense model versus the compactified one at each
@@ -80,6 +81,7 @@ def heal_curve(keep: float, variant: str, args, tokenizer, teacher, batches, cal
     if max(args.steps) > 0:
         result = heal(model, batches, steps=max(args.steps), lr=args.lr,
                       teacher=teacher if variant.endswith("distill") else None,
+                      hidden_weight=args.hidden_weight if variant.endswith("distill") else 0.0,
                       warmup_steps=min(20, max(args.steps) // 10), progress=False,
                       callback=evaluate)
     return {"keep": keep, "variant": variant, "kept": kept,
@@ -157,7 +159,9 @@ def write(out: Path, data: dict) -> None:
     lines = ["# Healing SmolLM2-135M after compactify", "",
              f"Dense perplexity {meta['dense_perplexity']:.2f} on {meta['held_out']}; healing "
              f"batches of {meta['batch']} x {meta['seq']} tokens from {meta['healing']}, "
-             f"lr {meta['lr']}, {meta['threads']} CPU threads. Written by "
+             f"lr {meta['lr']}, "
+             + (f"hidden-state weight {meta['hidden_weight']}, " if meta.get("hidden_weight") else "")
+             + f"{meta['threads']} CPU threads. Written by "
              "`benchmarks/bench_heal.py`; plot `bench_heal.png`.", ""]
     curves = data["curves"]
     if curves:
@@ -203,6 +207,8 @@ def main() -> None:
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens")
     parser.add_argument("--heal-tokens", type=int, default=65536)
+    parser.add_argument("--hidden-weight", type=float, default=0.0,
+                        help="distill variants: weight of matching the teacher's hidden states")
     parser.add_argument("--heal-texts", nargs="+", default=list(CALIBRATION_TEXTS),
                         help="bundled texts to heal on (never the held-out one)")
     parser.add_argument("--calibration-tokens", type=int, default=4096)
@@ -225,6 +231,8 @@ def main() -> None:
             "healing": f"{' + '.join(args.heal_texts)}, {args.heal_tokens} tokens",
             "batch": args.batch, "seq": args.seq, "lr": args.lr,
             "threads": torch.get_num_threads()}
+    if args.hidden_weight:  # recorded only when used, so earlier results still match
+        meta["hidden_weight"] = args.hidden_weight
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_heal.json"
     data = {"meta": meta, "curves": [], "timing": []}
