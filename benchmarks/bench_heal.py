@@ -156,12 +156,11 @@ def timing(keeps: list[float], batch: int, seq: int, steps: int) -> list[dict]:
 def write(out: Path, data: dict) -> None:
     (out / "bench_heal.json").write_text(json.dumps(data, indent=1))
     meta = data["meta"]
+    hidden = f"hidden-state weight {meta['hidden_weight']}, " if meta.get("hidden_weight") else ""
     lines = ["# Healing SmolLM2-135M after compactify", "",
              f"Dense perplexity {meta['dense_perplexity']:.2f} on {meta['held_out']}; healing "
              f"batches of {meta['batch']} x {meta['seq']} tokens from {meta['healing']}, "
-             f"lr {meta['lr']}, "
-             + (f"hidden-state weight {meta['hidden_weight']}, " if meta.get("hidden_weight") else "")
-             + f"{meta['threads']} CPU threads. Written by "
+             f"lr {meta['lr']}, {hidden}{meta['threads']} CPU threads. Written by "
              "`benchmarks/bench_heal.py`; plot `bench_heal.png`.", ""]
     curves = data["curves"]
     if curves:
