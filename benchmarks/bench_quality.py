@@ -203,9 +203,7 @@ def main() -> None:
                          "or --fresh to start over")
         rows, meta = saved["rows"], saved["meta"]
     if "dense_perplexity" not in meta:
-        dense = held_out_perplexities(model, held_out)
-        meta["dense_perplexity"], meta["dense_perplexity_wiki"] = dense["perplexity"], dense[
-            "perplexity_wiki"]
+        meta.update({f"dense_{k}": v for k, v in held_out_perplexities(model, held_out).items()})
     print(f"dense perplexity {meta['dense_perplexity']:.2f}, Wikipedia half "
           f"{meta['dense_perplexity_wiki']:.2f}", flush=True)
     covs = None
