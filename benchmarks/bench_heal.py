@@ -3,7 +3,8 @@ training step of the compressed model against the dense one.
 
     python benchmarks/bench_heal.py [--keep 0.5 0.7] [--steps 0 50 100 200 400]
                                     [--variants ce distill fit+ce fit+distill lr+ce lr+distill]
-                                    [--batch 4] [--seq 256] [--timing-only]
+                                    [--batch 4] [--seq 256] [--lr 2e-4] [--timing-only]
+                                    [--mixed-precision auto|no|bf16] [--train all|cores]
 
 Variants: ``ce`` heals on next-token loss from the plain TT-SVD start
 (``compactify(ratio=keep)`` without data); ``distill`` adds the KL to the dense teacher's
@@ -12,8 +13,11 @@ calibration=..., low_rank=False)``: 3-site MPOs only); ``lr+...`` starts from
 ``compactify``'s default data-aware start, which may also give modules the low-rank layout.
 Healing text: Emma and Sense and Sensibility (``--heal-texts``: any bundled texts but the
 held-out one; ``--heal-tokens`` in all); calibration: Emma; perplexity: held-out Persuasion.
-``--hidden-weight`` adds matching the teacher's hidden states to the distill variants. Results
-with other healing text or loss belong in their own ``--out`` folder.
+``--hidden-weight`` adds matching the teacher's hidden states to the distill variants.
+``--mixed-precision auto`` (the default) heals and times in bf16 autocast on a GPU or an AMX
+CPU, as ``heal`` does; the first results (``docs/results/bench_heal.md``) are float32
+(``--mixed-precision no``). Results with other healing text, loss or precision belong in their
+own ``--out`` folder.
 
 The timing part runs each model in its own process (so peak memory is that process's alone):
 the same batch, forward + backward + AdamW step, dense model versus the compactified one at each
@@ -39,19 +43,13 @@ import torch
 from _plot import perplexity_plot
 
 from tensornet_llm import compactify, heal, load_compactified, save_compactified
-from tensornet_llm.data import CALIBRATION_TEXTS, HELD_OUT_TEXT, token_batches, tokenize_text
+from tensornet_llm.data import CALIBRATION_TEXTS, HELD_OUT_TEXT, text_batches, tokenize_text
 from tensornet_llm.evaluate import perplexity
+from tensornet_llm.heal import auto_precision
 from tensornet_llm.models import default_cache_dir, load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("ce", "distill", "fit+ce", "fit+distill", "lr+ce", "lr+distill")
-
-
-def healing_batches(tokenizer, texts: list[str], n_tokens: int, seq: int, batch: int
-                    ) -> list[torch.Tensor]:
-    """``n_tokens`` in all, an equal share from each text, as ``(batch, seq + 1)`` windows."""
-    ids = torch.cat([tokenize_text(tokenizer, t, n_tokens // len(texts)) for t in texts])
-    return list(token_batches(ids, seq, batch))
 
 
 def heal_curve(keep: float, variant: str, args, tokenizer, teacher, batches, calib, held_out
@@ -83,6 +81,7 @@ def heal_curve(keep: float, variant: str, args, tokenizer, teacher, batches, cal
                       teacher=teacher if variant.endswith("distill") else None,
                       hidden_weight=args.hidden_weight if variant.endswith("distill") else 0.0,
                       warmup_steps=min(20, max(args.steps) // 10), progress=False,
+                      mixed_precision=args.mixed_precision, train=args.train,
                       callback=evaluate)
     return {"keep": keep, "variant": variant, "kept": kept,
             "compress_seconds": compress_s, "perplexity": {str(k): v for k, v in curve.items()},
@@ -91,7 +90,7 @@ def heal_curve(keep: float, variant: str, args, tokenizer, teacher, batches, cal
 
 
 # ----- timing, one process per model --------------------------------------------------------
-def _measure(path: str, batch: int, seq: int, steps: int) -> dict:
+def _measure(path: str, batch: int, seq: int, steps: int, precision: str) -> dict:
     """Runs in a child process: load, then time training steps on one fixed batch."""
     model = load_compactified(path) if Path(path, "tensornet.json").is_file() else None
     if model is None:
@@ -108,7 +107,8 @@ def _measure(path: str, batch: int, seq: int, steps: int) -> dict:
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -124,7 +124,7 @@ def _measure(path: str, batch: int, seq: int, steps: int) -> dict:
             "params": params, "device": device}
 
 
-def timing(keeps: list[float], batch: int, seq: int, steps: int) -> list[dict]:
+def timing(keeps: list[float], batch: int, seq: int, steps: int, precision: str) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = {"dense": "smollm2"}
@@ -140,7 +140,8 @@ def timing(keeps: list[float], batch: int, seq: int, steps: int) -> list[dict]:
             for name, path in paths.items():
                 out = subprocess.run(
                     [sys.executable, __file__, "--measure", str(path), "--batch", str(batch),
-                     "--seq", str(seq), "--timing-steps", str(steps)],
+                     "--seq", str(seq), "--timing-steps", str(steps),
+                     "--mixed-precision", precision],
                     check=True, capture_output=True, text=True)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append({"model": name, "round": rnd, **row})
@@ -156,11 +157,13 @@ def timing(keeps: list[float], batch: int, seq: int, steps: int) -> list[dict]:
 def write(out: Path, data: dict) -> None:
     (out / "bench_heal.json").write_text(json.dumps(data, indent=1))
     meta = data["meta"]
-    hidden = f"hidden-state weight {meta['hidden_weight']}, " if meta.get("hidden_weight") else ""
+    extras = "".join(f"{label} {meta[key]}, " for key, label in (
+        ("hidden_weight", "hidden-state weight"), ("mixed_precision", "mixed precision"),
+        ("train", "training only the")) if meta.get(key))
     lines = ["# Healing SmolLM2-135M after compactify", "",
              f"Dense perplexity {meta['dense_perplexity']:.2f} on {meta['held_out']}; healing "
              f"batches of {meta['batch']} x {meta['seq']} tokens from {meta['healing']}, "
-             f"lr {meta['lr']}, {hidden}{meta['threads']} CPU threads. Written by "
+             f"lr {meta['lr']}, {extras}{meta['threads']} CPU threads. Written by "
              "`benchmarks/bench_heal.py`; plot `bench_heal.png`.", ""]
     curves = data["curves"]
     if curves:
@@ -178,7 +181,8 @@ def write(out: Path, data: dict) -> None:
     if data.get("timing"):
         dense_row = next(r for r in data["timing"] if r["model"] == "dense")
         lines += ["", f"Training step on one batch of {meta['batch']} x {meta['seq']} tokens "
-                  f"(forward, backward, AdamW; {dense_row['device']}; best of two interleaved "
+                  f"(forward, backward, AdamW; {dense_row['device']}, "
+                  f"{meta.get('mixed_precision', 'float32')}; best of two interleaved "
                   "rounds, each a separate process):", "",
                   "| model | parameters | median step (s) | vs dense | peak memory growth (MiB) "
                   "| vs dense |", "|---|---|---|---|---|---|"]
@@ -208,6 +212,10 @@ def main() -> None:
     parser.add_argument("--heal-tokens", type=int, default=65536)
     parser.add_argument("--hidden-weight", type=float, default=0.0,
                         help="distill variants: weight of matching the teacher's hidden states")
+    parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16"),
+                        help="healing and the timed steps (auto: bf16 on a GPU or an AMX CPU)")
+    parser.add_argument("--train", default="all", choices=("all", "cores"),
+                        help="parameters the healing updates")
     parser.add_argument("--heal-texts", nargs="+", default=list(CALIBRATION_TEXTS),
                         help="bundled texts to heal on (never the held-out one)")
     parser.add_argument("--calibration-tokens", type=int, default=4096)
@@ -218,8 +226,11 @@ def main() -> None:
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
+    if args.mixed_precision == "auto":
+        args.mixed_precision = auto_precision()
     if args.measure:
-        print(json.dumps(_measure(args.measure, args.batch, args.seq, args.timing_steps)))
+        print(json.dumps(_measure(args.measure, args.batch, args.seq, args.timing_steps,
+                                  args.mixed_precision)))
         return
 
     if HELD_OUT_TEXT in args.heal_texts:
@@ -230,8 +241,13 @@ def main() -> None:
             "healing": f"{' + '.join(args.heal_texts)}, {args.heal_tokens} tokens",
             "batch": args.batch, "seq": args.seq, "lr": args.lr,
             "threads": torch.get_num_threads()}
-    if args.hidden_weight:  # recorded only when used, so earlier results still match
+    # Recorded only where they differ from the first runs' settings, so those still match.
+    if args.hidden_weight:
         meta["hidden_weight"] = args.hidden_weight
+    if args.mixed_precision != "no":
+        meta["mixed_precision"] = args.mixed_precision
+    if args.train != "all":
+        meta["train"] = args.train
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_heal.json"
     data = {"meta": meta, "curves": [], "timing": []}
@@ -246,10 +262,8 @@ def main() -> None:
     if "dense_perplexity" not in meta:
         meta["dense_perplexity"] = perplexity(teacher, held_out)
     if not args.timing_only:
-        batches = healing_batches(tokenizer, args.heal_texts, args.heal_tokens, args.seq,
-                                  args.batch)
-        calib = list(token_batches(tokenize_text(tokenizer, CALIBRATION_TEXTS[0],
-                                                 args.calibration_tokens), 512, 4))
+        batches = text_batches(tokenizer, args.heal_texts, args.heal_tokens, args.seq, args.batch)
+        calib = text_batches(tokenizer, CALIBRATION_TEXTS[0], args.calibration_tokens, 512)
         for keep in args.keep:
             for variant in args.variants:
                 done = [c for c in data["curves"] if c["keep"] == keep and c["variant"] == variant]
@@ -260,7 +274,8 @@ def main() -> None:
                                                  calib, held_out))
                 write(args.out, data)
     if not args.no_timing:
-        data["timing"] = timing(args.keep, args.batch, args.seq, args.timing_steps)
+        data["timing"] = timing(args.keep, args.batch, args.seq, args.timing_steps,
+                                args.mixed_precision)
     write(args.out, data)
 
 

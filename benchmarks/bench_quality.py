@@ -41,7 +41,7 @@ from tensornet_llm import (
 )
 from tensornet_llm.budget import chi_for_params
 from tensornet_llm.calibrate import as_batches, collect_covariances
-from tensornet_llm.data import HELD_OUT_TEXT, read_text, token_batches, tokenize_text
+from tensornet_llm.data import HELD_OUT_TEXT, read_text, text_batches, tokenize_text
 from tensornet_llm.evaluate import perplexity
 from tensornet_llm.fit import whitened_svd
 from tensornet_llm.models import default_cache_dir, load_smollm2
@@ -185,8 +185,7 @@ def main() -> None:
     wiki_half = len(read_text(WIKI_TEXT, start_char=0)) // 2
     held_out = {"persuasion": tokenize_text(tokenizer, HELD_OUT_TEXT, args.tokens),
                 "wiki": tokenize_text(tokenizer, WIKI_TEXT, args.tokens, start_char=wiki_half)}
-    calib = list(token_batches(tokenize_text(tokenizer, CALIBRATION_TEXT, args.calibration_tokens),
-                               seq_len=512, batch_size=4))
+    calib = text_batches(tokenizer, CALIBRATION_TEXT, args.calibration_tokens, seq_len=512)
     meta = {"calibration": f"{CALIBRATION_TEXT}, {args.calibration_tokens} tokens",
             "held_out": f"{HELD_OUT_TEXT}, {held_out['persuasion'].numel()} tokens",
             "held_out_wiki": f"{WIKI_TEXT} from character {wiki_half:,} (its second half), "

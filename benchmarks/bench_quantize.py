@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tensornet_llm import compactify, load_compactified, quantize, save_compactified
-from tensornet_llm.data import HELD_OUT_TEXT, token_batches, tokenize_text
+from tensornet_llm.data import HELD_OUT_TEXT, text_batches, tokenize_text
 from tensornet_llm.evaluate import model_size_bytes, perplexity
 from tensornet_llm.models import default_cache_dir, load_smollm2
 from tensornet_llm.serialization import WEIGHTS_FILE
@@ -51,7 +51,7 @@ def main() -> None:
         source = default_cache_dir() / "bench" / f"smollm2-ratio{args.ratio}-lr-fit"
         if not (source / "tensornet.json").is_file():
             model = copy.deepcopy(dense)
-            calib = token_batches(tokenize_text(tokenizer, "austen_emma.txt", 4096), 512, 4)
+            calib = text_batches(tokenizer, "austen_emma.txt", 4096, seq_len=512)
             compactify(model, ratio=args.ratio, calibration=calib, fit_steps=30, progress=False)
             save_compactified(model, source)
     compressed = load_compactified(source)

@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tensornet_llm import compactify, load_compactified, save_compactified
-from tensornet_llm.data import token_batches, tokenize_text
+from tensornet_llm.data import text_batches
 from tensornet_llm.models import default_cache_dir, load_smollm2
 
 
@@ -39,8 +39,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     calibration = None
     if args.calibration:
-        ids = tokenize_text(tokenizer, args.calibration, args.calibration_tokens)
-        calibration = list(token_batches(ids, seq_len=512, batch_size=4))
+        calibration = text_batches(tokenizer, args.calibration, args.calibration_tokens,
+                                   seq_len=512)
     chi = args.chi if args.chi is not None or args.ratio is not None else 48
     report = compactify(model, chi=chi, ratio=args.ratio, method=args.method,
                         calibration=calibration)

@@ -20,7 +20,7 @@ import time
 import torch
 
 from tensornet_llm import compactify, save_compactified
-from tensornet_llm.data import HELD_OUT_TEXT, token_batches, tokenize_text
+from tensornet_llm.data import HELD_OUT_TEXT, text_batches, tokenize_text
 from tensornet_llm.evaluate import model_size_bytes, perplexity
 from tensornet_llm.models import load_smollm2
 
@@ -51,8 +51,8 @@ def main() -> None:
 
     calibration = None
     if args.calibration_tokens:
-        calib_ids = tokenize_text(tokenizer, "austen_emma.txt", args.calibration_tokens)
-        calibration = list(token_batches(calib_ids, seq_len=512, batch_size=4))
+        calibration = text_batches(tokenizer, "austen_emma.txt", args.calibration_tokens,
+                                   seq_len=512)
     ratio = args.ratio if args.ratio is not None or args.chi is not None else 0.8
     report = compactify(model, chi=args.chi, ratio=ratio, method=args.method,
                         n_sites=args.n_sites, calibration=calibration,

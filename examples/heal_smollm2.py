@@ -1,19 +1,23 @@
 """Compress SmolLM2-135M to half its attention/MLP parameters, then heal it on Austen.
 
-    python examples/heal_smollm2.py [--keep 0.5] [--steps 150] [--work smollm2-heal]
+    python examples/heal_smollm2.py [--keep 0.5] [--steps 300] [--work smollm2-heal]
 
 1. ``compactify(ratio=keep, calibration=Emma)``: chi per layer under the budget, each layer fitted
    to its activations (saved to ``WORK/compressed``; reused when present).
-2. ``heal``: next-token loss plus distillation from the dense model's logits, on 32,768 tokens
-   of each Austen novel but Persuasion, batches of 4 x 256 tokens. The training state is
+2. ``heal``: next-token loss plus distillation from the dense model's logits, on 65,536 tokens
+   of each Austen novel but Persuasion (one pass in 320 steps), batches of 4 x 256 tokens, bf16
+   autocast where the CPU has AMX (``mixed_precision="auto"``). The training state is
    checkpointed to ``WORK/checkpoint`` every 25 steps: interrupt the script and rerun it to
    continue.
 3. Held-out perplexity (Persuasion) before and after; the healed model goes to ``WORK/healed``.
 
-Run time on 2 CPU cores: about 4 minutes for step 1 and ~12 s per healing step (so ~30
-minutes for the default 150 steps). Measured at keep 50% (the budget gives every compressed
-module the low-rank layout on SmolLM2): perplexity 214 -> 79 after 50 steps -> 68 after 100 ->
-63 after 150 (dense: 45.7); see docs/results/heal_more_text/bench_heal.md.
+Run time on 2 CPU cores (Xeon with AMX): about 4 minutes for step 1 and ~3.6 s per healing
+step, so ~18 minutes for the default 300 steps (the float32 run of
+docs/results/heal_more_text took 12 s per step). Measured
+by ``benchmarks/bench_heal.py`` with these settings at keep 50% (the budget gives the compressed
+modules the low-rank layout on SmolLM2): perplexity 213.9 -> 82.0 after 50 steps -> 73.9 after
+100 -> 61.3 after 200 -> 55.1 after 300 (dense 45.7, so 1.21x) in 18 minutes; see
+docs/results/heal_bf16/bench_heal.md.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 from tensornet_llm import compactify, heal, load_compactified, save_compactified
-from tensornet_llm.data import (CALIBRATION_TEXTS, HEALING_TEXTS, HELD_OUT_TEXT, token_batches,
+from tensornet_llm.data import (CALIBRATION_TEXTS, HEALING_TEXTS, HELD_OUT_TEXT, text_batches,
                                  tokenize_text)
 from tensornet_llm.evaluate import perplexity
 from tensornet_llm.models import load_smollm2
@@ -34,8 +38,8 @@ from tensornet_llm.models import load_smollm2
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of parameters kept")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score")
     parser.add_argument("--work", type=Path, default=Path("smollm2-heal"))
     args = parser.parse_args()
@@ -49,7 +53,7 @@ def main() -> None:
         print(f"loaded {compressed}")
     else:
         model = copy.deepcopy(teacher)
-        calib = token_batches(tokenize_text(tokenizer, CALIBRATION_TEXTS[0], 4096), 512, 4)
+        calib = text_batches(tokenizer, CALIBRATION_TEXTS[0], 4096, seq_len=512)
         report = compactify(model, ratio=args.keep, calibration=calib)
         print(report.summary())
         save_compactified(model, compressed, tokenizer=tokenizer)
@@ -57,13 +61,12 @@ def main() -> None:
     before = perplexity(model, held_out)
     print(f"perplexity: dense {dense_ppl:.2f}, compressed {before:.2f}")
 
-    text = torch.cat([tokenize_text(tokenizer, t, 32768) for t in HEALING_TEXTS])
-    batches = list(token_batches(text, seq_len=256, batch_size=4))
+    batches = text_batches(tokenizer, HEALING_TEXTS, 65536 * len(HEALING_TEXTS))
     result = heal(model, batches, steps=args.steps, lr=args.lr, teacher=teacher,
-                  checkpoint_dir=args.work / "checkpoint", checkpoint_every=25)
+                  warmup_steps=20, checkpoint_dir=args.work / "checkpoint", checkpoint_every=25)
     after = perplexity(model, held_out)
-    print(f"healed {result.steps} steps ({result.resumed_from} from an earlier run) in "
-          f"{result.seconds:.0f} s; loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+    print(f"healed {result.steps} steps ({result.resumed_from} from an earlier run, "
+          f"mixed precision {result.mixed_precision}) in {result.seconds:.0f} s; loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
     print(f"perplexity: dense {dense_ppl:.2f}, compressed {before:.2f}, healed {after:.2f} "
           f"({after / dense_ppl:.2f}x dense)")
     save_compactified(model, args.work / "healed", tokenizer=tokenizer)

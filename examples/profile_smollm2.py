@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tensornet_llm.data import token_batches, tokenize_text
+from tensornet_llm.data import text_batches
 from tensornet_llm.models import load_smollm2
 from tensornet_llm.profiling import profile_model
 
@@ -32,8 +32,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()
-    ids = tokenize_text(tokenizer, "austen_emma.txt", args.calibration_tokens)
-    batches = list(token_batches(ids, seq_len=256, batch_size=4))
+    batches = text_batches(tokenizer, "austen_emma.txt", args.calibration_tokens)
     summary = profile_model(model, batches, args.out, keep=args.keep, method=args.method)
     print("\n".join((args.out / "sensitivity.txt").read_text().splitlines()[:12]))
     print(json.dumps(summary, indent=1))

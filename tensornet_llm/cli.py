@@ -86,17 +86,18 @@ def _positive(value: str) -> int:
     return _chi(value)
 
 
-def _text_batches(model_name: str, tokenizer, text: str, n_tokens: int | None, seq_len: int,
-                  batch_size: int, option: str) -> list:
-    """Token windows ``(batch, seq_len + 1)`` of a text file, for calibration or healing."""
-    from .data import token_batches, tokenize_text
+def _text_batches(model_name: str, tokenizer, text: str | list[str], n_tokens: int | None,
+                  seq_len: int, batch_size: int, option: str) -> list:
+    """Token windows ``(batch, seq_len + 1)`` of one text file or several, for calibration or
+    healing."""
+    from .data import text_batches
 
     if tokenizer is None:
         raise CliError(f"{model_name} has no tokenizer to read {option} with")
-    ids = tokenize_text(tokenizer, text, n_tokens)
-    batches = list(token_batches(ids, seq_len=seq_len, batch_size=batch_size))
+    batches = text_batches(tokenizer, text, n_tokens, seq_len, batch_size)
     if not batches:
-        raise CliError(f"{option} {text} has fewer than {seq_len} tokens")
+        raise CliError(f"{option} {' '.join(map(str, [text] if isinstance(text, str) else text))} "
+                       f"has fewer than {seq_len} tokens")
     return batches
 
 
@@ -189,7 +190,8 @@ def cmd_heal(args: argparse.Namespace) -> None:
                   gradient_accumulation_steps=args.accumulate,
                   checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
     save_compactified(model, out, tokenizer=tokenizer,
-                      healing={"source": args.model, "text": str(args.text), "steps": args.steps,
+                      healing={"source": args.model, "text": [str(t) for t in args.text],
+                               "steps": args.steps,
                                "lr": args.lr, "teacher": args.teacher,
                                "cores_only": args.cores_only})
     (out / "healing.json").write_text(json.dumps(result.to_dict()))
@@ -274,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("heal", help="fine-tune a compressed model (optionally distilled)")
     p.add_argument("model", help="a directory written by compress")
-    p.add_argument("--text", required=True, help="training text file (or bundled name)")
-    p.add_argument("--tokens", type=int, help="use at most this many tokens of --text")
+    p.add_argument("--text", required=True, nargs="+",
+                   help="training text files (or bundled names), joined in order")
+    p.add_argument("--tokens", type=int,
+                   help="use at most this many tokens of --text (an equal share of each)")
     p.add_argument("--steps", type=_positive, required=True, help="optimiser steps")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
     p.add_argument("--batch", type=_positive, default=4, help="sequences per step (default 4)")

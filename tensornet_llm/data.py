@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["DATA_DIR", "CALIBRATION_TEXTS", "HELD_OUT_TEXT", "HEALING_TEXTS", "text_path",
-           "read_text", "tokenize_text", "token_batches"]
+           "read_text", "tokenize_text", "token_batches", "text_batches"]
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
@@ -64,3 +64,19 @@ def token_batches(ids: Tensor, seq_len: int, batch_size: int, bos_token_id: int 
         windows = torch.cat([windows.new_full((n, 1), bos_token_id), windows], dim=1)
     for i in range(0, n, batch_size):
         yield windows[i : i + batch_size]
+
+
+def text_batches(tokenizer, texts: str | os.PathLike | Sequence[str | os.PathLike],
+                 n_tokens: int | None = None, seq_len: int = 256, batch_size: int = 4,
+                 bos_token_id: int | None = 0) -> list[Tensor]:
+    """Training or calibration batches ``(batch, seq_len + 1)`` from one text or several.
+
+    ``n_tokens`` in all (``None``: every token), an equal share from each text; the texts are
+    joined in order and cut into windows as :func:`token_batches` does.
+    """
+    names = [texts] if isinstance(texts, (str, os.PathLike)) else list(texts)
+    if not names:
+        raise ValueError("texts must name at least one text")
+    share = None if n_tokens is None else n_tokens // len(names)
+    ids = torch.cat([tokenize_text(tokenizer, name, share) for name in names])
+    return list(token_batches(ids, seq_len, batch_size, bos_token_id))

@@ -8,8 +8,8 @@ The loss of one micro-batch is::
 
 averaged over the tokens that count (``attention_mask`` and ``labels == -100`` respected).
 Training runs through :class:`accelerate.Accelerator`: device placement, gradient
-accumulation, mixed precision (bf16 where the GPU supports it) and checkpoints of the whole
-training state, so an interrupted run resumes where it stopped with the same data order.
+accumulation, mixed precision (bf16 where the GPU or CPU supports it) and checkpoints of the
+whole training state, so an interrupted run resumes where it stopped with the same data order.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ._io import atomic_directory
 from .base import TensorNetworkLinear
 from .calibrate import as_batches
 
-__all__ = ["HealConfig", "HealResult", "heal", "trainable_parameters"]
+__all__ = ["HealConfig", "HealResult", "auto_precision", "heal", "trainable_parameters"]
 
 Train = Literal["all", "cores"]
 PROGRESS_FILE = "progress.json"
@@ -48,7 +48,8 @@ class HealConfig:
         gradient_accumulation_steps: micro-batches per optimiser step.
         max_grad_norm: gradient clipping (``None``: off).
         mixed_precision: ``"no"``, ``"fp16"``, ``"bf16"`` or ``"auto"`` (bf16 on a GPU that
-            supports it, otherwise full precision).
+            supports it and on a CPU with AMX, otherwise full precision; see
+            :func:`auto_precision`). Weights, gradients and optimiser state stay float32.
         ce_weight, distill_weight, hidden_weight, temperature: the loss terms (module docs);
             ``distill_weight=None`` means 1.0 when a teacher is given, else 0.
         train: ``"all"`` parameters, or only the tensor-network ``"cores"``.
@@ -126,6 +127,7 @@ class HealResult:
     tokens: int = 0
     seconds: float = 0.0
     resumed_from: int = 0  # steps already done by an earlier run (read from the checkpoint)
+    mixed_precision: str = "no"  # what was used ("auto" resolved)
 
     @property
     def steps(self) -> int:
@@ -160,14 +162,20 @@ def _loss_terms(out, teacher_out, targets: Tensor, cfg: HealConfig, distill: flo
     logits = out.logits[:, :-1].float()
     keep = targets != -100
     n = keep.sum().clamp_min(1)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                         ignore_index=-100, reduction="sum") / n
+    # One log-softmax serves the cross-entropy and (at T = 1) the KL: every pass over the
+    # (batch, seq, vocab) logits is costly at a vocabulary of tens of thousands.
+    log_s = F.log_softmax(logits, -1)
+    picked = log_s.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    ce = -(picked * keep).sum() / n
     loss, terms = cfg.ce_weight * ce, {"ce": float(ce.detach()), "distill": 0.0, "hidden": 0.0}
     if teacher_out is not None and distill > 0:
         t = cfg.temperature
-        log_s = F.log_softmax(logits / t, -1)
-        log_t = F.log_softmax(teacher_out.logits[:, :-1].float() / t, -1)
-        kl = (log_t.exp() * (log_t - log_s)).sum(-1)  # KL(teacher || student) per position
+        log_s_t = log_s if t == 1 else F.log_softmax(logits / t, -1)
+        with torch.no_grad():
+            log_t = F.log_softmax(teacher_out.logits[:, :-1].float() / t, -1)
+            p_t = log_t.exp()
+            neg_entropy = (p_t * log_t).sum(-1)  # the teacher's part, constant for the student
+        kl = neg_entropy - (p_t * log_s_t).sum(-1)  # KL(teacher || student) per position
         kl = (kl * keep).sum() / n * t * t
         loss = loss + distill * kl
         terms["distill"] = float(kl.detach())
@@ -233,10 +241,7 @@ def heal(
     distill = (1.0 if teacher is not None else 0.0) if cfg.distill_weight is None \
         else cfg.distill_weight
 
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        gpu = torch.cuda.is_available() and not cfg.cpu
-        precision = "bf16" if gpu and torch.cuda.is_bf16_supported() else "no"
+    precision = auto_precision(cfg.cpu) if cfg.mixed_precision == "auto" else cfg.mixed_precision
     _allow_new_precision(precision)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=precision, cpu=cfg.cpu)
@@ -262,7 +267,7 @@ def heal(
     if teacher is not None:
         teacher.to(accelerator.device).eval().requires_grad_(False)
 
-    result = HealResult()
+    result = HealResult(mixed_precision=precision)
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
     if ckpt is not None and (ckpt / PROGRESS_FILE).is_file():
         accelerator.load_state(str(ckpt))
@@ -327,6 +332,16 @@ def heal(
         model.train(was_training)
         accelerator.free_memory()
     return result
+
+
+def auto_precision(cpu: bool = False) -> Literal["bf16", "no"]:
+    """What ``mixed_precision="auto"`` picks: bf16 on a CUDA GPU that supports it and on a CPU
+    with bf16 matrix units (Intel AMX), where bf16 matmuls run natively and much faster; full
+    precision elsewhere, where bf16 is emulated and slower."""
+    if torch.cuda.is_available() and not cpu:
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up with care
+    return "bf16" if amx is not None and amx() else "no"
 
 
 def _allow_new_precision(precision: str) -> None:
