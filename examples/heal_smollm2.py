@@ -66,7 +66,8 @@ def main() -> None:
                   warmup_steps=20, checkpoint_dir=args.work / "checkpoint", checkpoint_every=25)
     after = perplexity(model, held_out)
     print(f"healed {result.steps} steps ({result.resumed_from} from an earlier run, "
-          f"mixed precision {result.mixed_precision}) in {result.seconds:.0f} s; loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+          f"mixed precision {result.mixed_precision}) in {result.seconds:.0f} s; "
+          f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
     print(f"perplexity: dense {dense_ppl:.2f}, compressed {before:.2f}, healed {after:.2f} "
           f"({after / dense_ppl:.2f}x dense)")
     save_compactified(model, args.work / "healed", tokenizer=tokenizer)

@@ -94,10 +94,10 @@ def _text_batches(model_name: str, tokenizer, text: str | list[str], n_tokens: i
 
     if tokenizer is None:
         raise CliError(f"{model_name} has no tokenizer to read {option} with")
-    batches = text_batches(tokenizer, text, n_tokens, seq_len, batch_size)
+    names = [text] if isinstance(text, str) else text
+    batches = text_batches(tokenizer, names, n_tokens, seq_len, batch_size)
     if not batches:
-        raise CliError(f"{option} {' '.join(map(str, [text] if isinstance(text, str) else text))} "
-                       f"has fewer than {seq_len} tokens")
+        raise CliError(f"{option} {' '.join(names)} has fewer than {seq_len} tokens")
     return batches
 
 
