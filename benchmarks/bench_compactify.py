@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from tensornet_llm import compactify
-from tensornet_llm.data import HELD_OUT_TEXT, tokenize_text
-from tensornet_llm.evaluate import model_size_bytes, perplexity
-from tensornet_llm.models import load_smollm2
+from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
+from tensornet_llm.helpers.evaluate import model_size_bytes, perplexity
+from tensornet_llm.helpers.models import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 

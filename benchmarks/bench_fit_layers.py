@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 from tensornet_llm import MPOLinear
-from tensornet_llm.calibrate import as_batches, collect_covariances
-from tensornet_llm.data import token_batches, tokenize_text
-from tensornet_llm.fit import fit_weighted, weighted_error, whitened_svd
-from tensornet_llm.models import load_smollm2
+from tensornet_llm.compress.calibrate import as_batches, collect_covariances
+from tensornet_llm.helpers.data import token_batches, tokenize_text
+from tensornet_llm.compress.fit import fit_weighted, weighted_error, whitened_svd
+from tensornet_llm.helpers.models import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["model.layers.10.mlp.up_proj", "model.layers.10.self_attn.q_proj",

@@ -43,10 +43,10 @@ import torch
 from _plot import perplexity_plot
 
 from tensornet_llm import compactify, heal, load_compactified, save_compactified
-from tensornet_llm.data import CALIBRATION_TEXTS, HELD_OUT_TEXT, text_batches, tokenize_text
-from tensornet_llm.evaluate import perplexity
-from tensornet_llm.heal import auto_precision
-from tensornet_llm.models import default_cache_dir, load_smollm2
+from tensornet_llm.helpers.data import CALIBRATION_TEXTS, HELD_OUT_TEXT, text_batches, tokenize_text
+from tensornet_llm.helpers.evaluate import perplexity
+from tensornet_llm.train.heal import auto_precision
+from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("ce", "distill", "fit+ce", "fit+distill", "lr+ce", "lr+distill")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from tensornet_llm import MPOLinear, TTNSLinear, autotune
-from tensornet_llm.contract import get_plan
+from tensornet_llm.layers.contract import get_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"mpo": MPOLinear, "ttns": TTNSLinear}

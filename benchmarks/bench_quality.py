@@ -39,13 +39,13 @@ from _plot import perplexity_panels
 from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, save_compactified,
 )
-from tensornet_llm.budget import chi_for_params
-from tensornet_llm.calibrate import as_batches, collect_covariances
-from tensornet_llm.data import HELD_OUT_TEXT, read_text, text_batches, tokenize_text
-from tensornet_llm.evaluate import perplexity
-from tensornet_llm.fit import whitened_svd
-from tensornet_llm.models import default_cache_dir, load_smollm2
-from tensornet_llm.targets import find_targets
+from tensornet_llm.compress.budget import chi_for_params
+from tensornet_llm.compress.calibrate import as_batches, collect_covariances
+from tensornet_llm.helpers.data import HELD_OUT_TEXT, read_text, text_batches, tokenize_text
+from tensornet_llm.helpers.evaluate import perplexity
+from tensornet_llm.compress.fit import whitened_svd
+from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
+from tensornet_llm.compress.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_TEXT = "austen_emma.txt"

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from tensornet_llm import compactify, load_compactified, quantize, save_compactified
-from tensornet_llm.data import HELD_OUT_TEXT, text_batches, tokenize_text
-from tensornet_llm.evaluate import model_size_bytes, perplexity
-from tensornet_llm.models import default_cache_dir, load_smollm2
-from tensornet_llm.serialization import WEIGHTS_FILE
+from tensornet_llm.helpers.data import HELD_OUT_TEXT, text_batches, tokenize_text
+from tensornet_llm.helpers.evaluate import model_size_bytes, perplexity
+from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
+from tensornet_llm.saving.serialization import WEIGHTS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,9 +8,9 @@ non-overlapping 512-token windows with token 0 prepended: the reference is 30.70
 
 import argparse
 
-from tensornet_llm.data import tokenize_text
-from tensornet_llm.evaluate import perplexity
-from tensornet_llm.models import load_smollm2
+from tensornet_llm.helpers.data import tokenize_text
+from tensornet_llm.helpers.evaluate import perplexity
+from tensornet_llm.helpers.models import load_smollm2
 
 REFERENCE = 30.70
 

@@ -1,4 +1,4 @@
-"""Fit the cost-model weights of ``tensornet_llm.contract`` to measured layer timings.
+"""Fit the cost-model weights of ``tensornet_llm.layers.contract`` to measured layer timings.
 
 Reads ``docs/results/bench_layers.json`` (written by ``bench_layers.py``), recomputes for every
 measured strategy its FLOPs, elements moved and kernel count, and searches a grid of the three
@@ -20,7 +20,7 @@ import numpy as np
 import opt_einsum
 
 from tensornet_llm import MPOLinear, TTNSLinear
-from tensornet_llm.contract import (
+from tensornet_llm.layers.contract import (
     BATCH, FLOPS_PER_ELEMENT, FLOPS_PER_KERNEL, MATMUL_FLOP_WEIGHT, _step_costs, _symbol_sizes,
     get_plan,
 )

@@ -15,12 +15,18 @@ import sys
 from pathlib import Path
 
 API = Path(__file__).with_name("api.md")
-#: Modules in reading order: the model-level API first, then layers, then the pure functions.
-MODULES = [
-    "compactify", "layout", "report", "serialization", "budget", "sensitivity", "entanglement",
-    "profiling", "plots", "heal", "quantize", "autotune", "mpo", "ttns", "base", "factorize",
-    "decompose", "tree", "contract", "fit", "calibrate", "targets", "evaluate", "data", "models", "cli",
-]
+#: Rooms in reading order (the model-level API first, the pure functions last) and each room's
+#: modules in reading order.
+ROOMS = {
+    "compress": ["compactify", "report", "budget", "calibrate", "fit", "targets", "sensitivity",
+                 "entanglement", "profiling", "plots"],
+    "train": ["heal", "quantize"],
+    "saving": ["serialization"],
+    "layers": ["mpo", "ttns", "base", "layout", "quantized", "autotune", "factorize",
+               "decompose", "tree", "contract"],
+    "helpers": ["data", "evaluate", "models", "files"],
+}
+MODULES = [f"{room}.{name}" for room, names in ROOMS.items() for name in names] + ["cli"]
 
 
 def _doc(obj) -> str:
@@ -77,7 +83,15 @@ def render() -> str:
              "Generated from the docstrings by `docs/gen_api.py` (the tests check it is current). "
              "`import tensornet_llm` exposes: " + ", ".join(f"`{n}`" for n in tensornet_llm.__all__)
              + ".", ""]
+    lines += ["Rooms, from the top down (docs/architecture.md says what each may import): "
+              + ", ".join(f"[`{room}`](#room-{room})" for room in ROOMS) + ", and the command "
+              "line.", ""]
     for short in MODULES:
+        room = short.partition(".")[0] if "." in short else None
+        if room and short == f"{room}.{ROOMS[room][0]}":
+            package = importlib.import_module(f"tensornet_llm.{room}")
+            lines += [f'<a id="room-{room}"></a>', "", f"# Room `tensornet_llm.{room}`", "",
+                      _doc(package).replace("\n", " "), ""]
         module = importlib.import_module(f"tensornet_llm.{short}")
         lines += [f"## `tensornet_llm.{short}`", "", _doc(module).split("\n\n")[0], ""]
         for name in module.__all__:

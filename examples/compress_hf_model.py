@@ -16,8 +16,8 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tensornet_llm import compactify, load_compactified, save_compactified
-from tensornet_llm.data import text_batches
-from tensornet_llm.models import default_cache_dir, load_smollm2
+from tensornet_llm.helpers.data import text_batches
+from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ import time
 import torch
 
 from tensornet_llm import compactify, save_compactified
-from tensornet_llm.data import HELD_OUT_TEXT, text_batches, tokenize_text
-from tensornet_llm.evaluate import model_size_bytes, perplexity
-from tensornet_llm.models import load_smollm2
+from tensornet_llm.helpers.data import HELD_OUT_TEXT, text_batches, tokenize_text
+from tensornet_llm.helpers.evaluate import model_size_bytes, perplexity
+from tensornet_llm.helpers.models import load_smollm2
 
 
 def main() -> None:

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from tensornet_llm import compactify, heal, load_compactified, save_compactified
-from tensornet_llm.data import (CALIBRATION_TEXTS, HEALING_TEXTS, HELD_OUT_TEXT, text_batches,
+from tensornet_llm.helpers.data import (CALIBRATION_TEXTS, HEALING_TEXTS, HELD_OUT_TEXT, text_batches,
                                  tokenize_text)
-from tensornet_llm.evaluate import perplexity
-from tensornet_llm.models import load_smollm2
+from tensornet_llm.helpers.evaluate import perplexity
+from tensornet_llm.helpers.models import load_smollm2
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-from tensornet_llm.data import text_batches
-from tensornet_llm.models import load_smollm2
-from tensornet_llm.profiling import profile_model
+from tensornet_llm.helpers.data import text_batches
+from tensornet_llm.helpers.models import load_smollm2
+from tensornet_llm.compress.profiling import profile_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,20 +1,31 @@
-"""tensornet-llm: compress transformer language models with tensor networks."""
+"""tensornet-llm: compress transformer language models with tensor networks.
 
-from .autotune import TuneRow, autotune
-from .base import TensorNetworkLinear
-from .budget import Allocation, allocate
-from .compactify import CompactifyConfig, compactify
-from .decompose import BondSpectrum
-from .entanglement import EntanglementRow, entanglement_profile, layer_entropy
-from .factorize import factorize
-from .heal import HealConfig, HealResult, heal
-from .layout import Layout
-from .mpo import MPOLinear
-from .quantize import QuantizeConfig, QuantizeReport, quantize
-from .report import CompactifyReport, LayerReport
-from .sensitivity import SensitivityProfile, SensitivityRow, profile_sensitivity, rank_correlation
-from .serialization import load_compactified, save_compactified
-from .ttns import TTNSLinear
+The package is split into rooms whose imports only run downwards (see docs/architecture.md)::
+
+    layers/    the drop-in modules: MPOLinear, TTNSLinear, quantized layers (torch + opt_einsum)
+    helpers/   bundled text, the bundled model, perplexity, atomic files
+    saving/    save_compactified / load_compactified
+    compress/  compactify: targets, calibration, fit, budget; sensitivity and entanglement
+    train/     heal, quantize
+    cli.py     the tensornet-llm command
+
+Every public name is importable from here.
+"""
+
+import sys
+
+from . import _compat
+from .compress import (
+    Allocation, CompactifyConfig, CompactifyReport, EntanglementRow, LayerReport,
+    SensitivityProfile, SensitivityRow, allocate, compactify, entanglement_profile,
+    layer_entropy, profile_sensitivity, rank_correlation,
+)
+from .layers import (
+    BondSpectrum, Layout, MPOLinear, TensorNetworkLinear, TTNSLinear, TuneRow, autotune,
+    factorize,
+)
+from .saving import load_compactified, save_compactified
+from .train import HealConfig, HealResult, QuantizeConfig, QuantizeReport, heal, quantize
 
 __all__ = [
     "MPOLinear",
@@ -48,3 +59,5 @@ __all__ = [
     "TuneRow",
 ]
 __version__ = "0.1.0"
+
+_compat.register(sys.modules[__name__])

@@ -39,8 +39,8 @@ def load_any(spec: str, dtype: torch.dtype = torch.float32):
     a compactified directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import load_gguf, load_smollm2
-    from .serialization import STRUCTURE_FILE, load_compactified
+    from .helpers.models import load_gguf, load_smollm2
+    from .saving.serialization import STRUCTURE_FILE, load_compactified
 
     if spec == "smollm2":
         return load_smollm2(dtype=dtype)
@@ -90,7 +90,7 @@ def _text_batches(model_name: str, tokenizer, text: str | list[str], n_tokens: i
                   seq_len: int, batch_size: int, option: str) -> list:
     """Token windows ``(batch, seq_len + 1)`` of one text file or several, for calibration or
     healing."""
-    from .data import text_batches
+    from .helpers.data import text_batches
 
     if tokenizer is None:
         raise CliError(f"{model_name} has no tokenizer to read {option} with")
@@ -107,8 +107,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .compactify import compactify
-    from .serialization import save_compactified
+    from .compress.compactify import compactify
+    from .saving.serialization import save_compactified
 
     out = Path(args.out)
     _check_out(out, args.overwrite)
@@ -134,8 +134,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .data import tokenize_text
-    from .evaluate import model_size_bytes, perplexity
+    from .helpers.data import tokenize_text
+    from .helpers.evaluate import model_size_bytes, perplexity
 
     model, tokenizer = load_any(args.model, DTYPES[args.dtype])
     if tokenizer is None:
@@ -158,7 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from .profiling import profile_model
+    from .compress.profiling import profile_model
 
     out = Path(args.out)
     _check_out(out, args.overwrite)
@@ -174,8 +174,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_heal(args: argparse.Namespace) -> None:
-    from .heal import heal
-    from .serialization import STRUCTURE_FILE, save_compactified
+    from .train.heal import heal
+    from .saving.serialization import STRUCTURE_FILE, save_compactified
 
     out = Path(args.out)
     _check_out(out, args.overwrite)
@@ -201,8 +201,8 @@ def cmd_heal(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from .quantize import quantize
-    from .serialization import save_compactified
+    from .train.quantize import quantize
+    from .saving.serialization import save_compactified
 
     out = Path(args.out)
     _check_out(out, args.overwrite)

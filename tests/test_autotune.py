@@ -6,7 +6,7 @@ import torch
 from models import build, inputs
 from tensornet_llm import MPOLinear, TTNSLinear, autotune, compactify, quantize
 from tensornet_llm import contract
-from tensornet_llm.contract import batch_bucket, clear_plan_cache, get_plan, tuned_strategy
+from tensornet_llm.layers.contract import batch_bucket, clear_plan_cache, get_plan, tuned_strategy
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,10 @@ from models import build
 from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, save_compactified,
 )
-from tensornet_llm.budget import Option, _lower_hull, _start_row_errors, allocate, chi_for_params
-from tensornet_llm.calibrate import as_batches, collect_output_gradients
-from tensornet_llm.fit import kronecker_whitened, stable_cholesky, whitened_svd
-from tensornet_llm.layout import Layout
+from tensornet_llm.compress.budget import Option, _lower_hull, _start_row_errors, allocate, chi_for_params
+from tensornet_llm.compress.calibrate import as_batches, collect_output_gradients
+from tensornet_llm.compress.fit import kronecker_whitened, stable_cholesky, whitened_svd
+from tensornet_llm.layers.layout import Layout
 from test_compactify import assert_unchanged, calibration_batches, snapshot
 
 
@@ -194,7 +194,7 @@ def test_budget_picks_the_layout_that_fits_the_weight(calibrated):
 
 
 def test_compactify_offers_low_rank_only_when_asked(tmp_path, monkeypatch):
-    cm = importlib.import_module("tensornet_llm.compactify")
+    cm = importlib.import_module("tensornet_llm.compress.compactify")
     fits = []
     original = cm.fit_weighted
     monkeypatch.setattr(cm, "fit_weighted", lambda layer, *a, **k: fits.append(layer) or

@@ -13,7 +13,7 @@ from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, TensorNetworkLinear, compactify, load_compactified,
     save_compactified,
 )
-from tensornet_llm.calibrate import (
+from tensornet_llm.compress.calibrate import (
     BlockReplay, as_batches, collect_covariances, collect_paired_covariances,
 )
 
@@ -288,7 +288,7 @@ class _NoReplay(BlockReplay):
 def test_replaying_finished_blocks_changes_nothing(arch, monkeypatch):
     """Calibrated compactify replays the outputs of finished blocks instead of recomputing them:
     the same covariances, hence the same fitted layers and logits, as recomputing everything."""
-    cm = importlib.import_module("tensornet_llm.compactify")
+    cm = importlib.import_module("tensornet_llm.compress.compactify")
     calib = [{"input_ids": b} for b in calibration_batches(2)]
     runs = []
     for replay in (BlockReplay, _NoReplay):
@@ -344,7 +344,7 @@ def test_bad_calibration_leaves_model_untouched(calibration, match):
 
 
 def test_calibrated_failure_midway_undoes_every_swap(monkeypatch):
-    cm = importlib.import_module("tensornet_llm.compactify")
+    cm = importlib.import_module("tensornet_llm.compress.compactify")
 
     model = build("llama")
     snap = snapshot(model)

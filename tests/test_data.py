@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import char_tokenizer
-from tensornet_llm.data import read_text, text_batches, token_batches, tokenize_text
+from tensornet_llm.helpers.data import read_text, text_batches, token_batches, tokenize_text
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ import math
 import pytest
 from hypothesis import given, strategies as st
 
-from tensornet_llm.factorize import balanced_factors, centre_heavy, factorize, prime_factors
+from tensornet_llm.layers.factorize import balanced_factors, centre_heavy, factorize, prime_factors
 
 
 @pytest.mark.parametrize(

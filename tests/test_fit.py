@@ -6,11 +6,11 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from tensornet_llm import MPOLinear, TTNSLinear
-from tensornet_llm.fit import (
+from tensornet_llm.compress.fit import (
     CovarianceCollector, corrected_target, fit_weighted, kronecker_factors, kronecker_whitened,
     stable_cholesky, weighted_error, whitened_start_is_optimal, whitened_svd,
 )
-from tensornet_llm.layout import Layout
+from tensornet_llm.layers.layout import Layout
 
 LAYERS = [MPOLinear, TTNSLinear]
 

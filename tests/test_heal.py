@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from models import build
 from tensornet_llm import compactify
-from tensornet_llm.base import TensorNetworkLinear
-from tensornet_llm.heal import HealConfig, _loss_terms, auto_precision, heal, trainable_parameters
+from tensornet_llm.layers.base import TensorNetworkLinear
+from tensornet_llm.train.heal import HealConfig, _loss_terms, auto_precision, heal, trainable_parameters
 from test_compactify import assert_unchanged, snapshot
 
 

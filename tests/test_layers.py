@@ -8,8 +8,8 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 from tensornet_llm import MPOLinear, TTNSLinear
-from tensornet_llm.contract import batch_bucket, get_plan
-from tensornet_llm.decompose import _svd
+from tensornet_llm.layers.contract import batch_bucket, get_plan
+from tensornet_llm.layers.decompose import _svd
 
 LAYERS = [MPOLinear, TTNSLinear]
 FULL = 10**9  # a chi no bond can reach: nothing is truncated

@@ -8,12 +8,12 @@ from torch import nn
 
 from models import build
 from tensornet_llm import MPOLinear, compactify
-from tensornet_llm.calibrate import as_batches
-from tensornet_llm.factorize import factorize
-from tensornet_llm.entanglement import entanglement_profile, layer_entropy
-from tensornet_llm.plots import plot_entanglement, plot_sensitivity
-from tensornet_llm.sensitivity import calibration_loss, profile_sensitivity, rank_correlation
-from tensornet_llm.targets import find_targets
+from tensornet_llm.compress.calibrate import as_batches
+from tensornet_llm.layers.factorize import factorize
+from tensornet_llm.compress.entanglement import entanglement_profile, layer_entropy
+from tensornet_llm.compress.plots import plot_entanglement, plot_sensitivity
+from tensornet_llm.compress.sensitivity import calibration_loss, profile_sensitivity, rank_correlation
+from tensornet_llm.compress.targets import find_targets
 from test_compactify import assert_unchanged, calibration_batches, snapshot
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -60,7 +60,7 @@ def test_rows_measure_the_module_compressed_alone(profile_and_model):
 def test_profile_is_cached(profile_and_model, monkeypatch):
     profile, model, cache = profile_and_model
     assert len(list(cache.glob("*.json"))) == 1
-    monkeypatch.setattr("tensornet_llm.sensitivity.calibration_loss",
+    monkeypatch.setattr("tensornet_llm.compress.sensitivity.calibration_loss",
                         lambda *a: pytest.fail("recomputed despite the cache"))
     again = profile_sensitivity(model, calibration_batches(2), keep=(0.3, 0.6), cache_dir=cache,
                                 progress=False)

@@ -8,10 +8,11 @@ from hypothesis import given, settings, strategies as st
 
 from models import build, inputs
 from tensornet_llm import compactify, load_compactified, save_compactified
-from tensornet_llm.quantize import (
-    QuantizedEmbedding, QuantizedLinear, QuantizedTensorNetworkLinear, dequantize_tensor, quantize,
+from tensornet_llm.layers.quantized import (
+    QuantizedEmbedding, QuantizedLinear, QuantizedTensorNetworkLinear, dequantize_tensor,
     quantize_tensor,
 )
+from tensornet_llm.train.quantize import quantize
 from test_compactify import assert_unchanged, snapshot
 
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from tensornet_llm import compactify, load_compactified, save_compactified
-from tensornet_llm.data import tokenize_text
+from tensornet_llm.helpers.data import tokenize_text
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tensornet_llm.models import load_smollm2
+    from tensornet_llm.helpers.models import load_smollm2
 
     return load_smollm2
 

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._io import atomic_directory
-from .base import TensorNetworkLinear
-from .quantize import QUANTIZED_TYPES, _Quantized
+from ..helpers.files import atomic_directory
+from ..layers.base import TensorNetworkLinear
+from ..layers.layout import METHODS
+from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
 
 __all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE"]
 
@@ -77,10 +77,12 @@ def save_compactified(
         "format_version": FORMAT_VERSION,
         "architecture": type(model).__name__,
         "modules": {n: m.layout() for n, m in tensor_network_modules(model).items()},
-        "quantized": {n: m.layout() for n, m in model.named_modules() if isinstance(m, _Quantized)},
+        "quantized": {n: m.layout() for n, m in model.named_modules() if isinstance(m, QuantizedModule)},
         "aliases": aliases,
         **extra,
     }
+    from safetensors.torch import save_file
+
     with atomic_directory(target) as tmp:
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -127,9 +129,8 @@ def load_compactified(
         The model in eval mode, with the saved tensor-network structure and weights.
     """
     from accelerate import init_empty_weights
+    from safetensors.torch import load_file
     from transformers import AutoConfig, GenerationConfig
-
-    from .compactify import METHODS
 
     directory = Path(directory)
     structure_path = directory / STRUCTURE_FILE

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+__all__ = ["atomic_directory"]
+
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:

@@ -24,10 +24,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import linear_weight
+from ..layers.base import linear_weight
 from .budget import _damage, chi_for_params
 from .calibrate import as_batches, collect_covariances, collect_output_gradients, model_inputs
-from .compactify import METHODS
+from ..layers.layout import METHODS
 from .fit import stable_cholesky
 from .targets import Targets, block_prefix, block_stacks, find_targets
 
@@ -128,7 +128,7 @@ def _cache_path(cache_dir: str | os.PathLike | None | bool) -> Path | None:
     if cache_dir is False:
         return None
     if cache_dir is None or cache_dir is True:
-        from .models import default_cache_dir
+        from ..helpers.models import default_cache_dir
 
         return default_cache_dir() / "profiles"
     return Path(cache_dir)

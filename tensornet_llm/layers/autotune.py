@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .base import TensorNetworkLinear
 from .contract import NetworkSpec, batch_bucket, tune_strategy
-from .quantize import QuantizedTensorNetworkLinear
+from .quantized import QuantizedTensorNetworkLinear
 
 __all__ = ["TuneRow", "autotune"]
 
@@ -107,7 +107,7 @@ def _shape_key(module: nn.Module) -> tuple:
 
 
 def _contraction(module: nn.Module) -> tuple[NetworkSpec, list[Tensor], Tensor | None]:
-    """``(spec, operands, bias)`` a layer passes to :func:`~tensornet_llm.contract.tn_linear`
+    """``(spec, operands, bias)`` a layer passes to :func:`~tensornet_llm.layers.contract.tn_linear`
     (a quantized layer's operands dequantized, as its forward does on every call)."""
     if isinstance(module, QuantizedTensorNetworkLinear):
         structure = module.structure

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .base import TensorNetworkLinear
+from ..layers.base import TensorNetworkLinear
 
 __all__ = [
     "CovarianceCollector",

@@ -8,8 +8,8 @@ layer compresses well there), near 1 all values matter equally. The tree-tensor-
 of LLM layers uses this to say which layers tolerate a small chi.
 
 Dense targets are decomposed exactly (every singular value kept); layers that are already
-:class:`~tensornet_llm.base.TensorNetworkLinear` report the spectrum of the operator they
-compute now (:meth:`~tensornet_llm.base.TensorNetworkLinear.measure_spectra`).
+:class:`~tensornet_llm.layers.base.TensorNetworkLinear` report the spectrum of the operator they
+compute now (:meth:`~tensornet_llm.layers.base.TensorNetworkLinear.measure_spectra`).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .base import TensorNetworkLinear, is_linear_like
-from .compactify import METHODS
+from ..layers.base import TensorNetworkLinear, is_linear_like
+from ..layers.layout import METHODS
 from .sensitivity import module_position
 from .targets import Targets, find_targets
 

@@ -49,7 +49,7 @@ class MPOLinear(TensorNetworkLinear):
     Parameters: ``cores[k]`` of shape ``(r_{k-1}, o_k, i_k, r_k)``; ``bias`` ``(out_features,)``.
     Build from a trained layer with :meth:`from_linear` (TT-SVD, at most ``chi`` singular values
     per bond) or construct directly for a random, variance-preserving initialisation. See
-    :class:`~tensornet_llm.base.TensorNetworkLinear` for the arguments.
+    :class:`~tensornet_llm.layers.base.TensorNetworkLinear` for the arguments.
 
     Example:
         >>> layer = MPOLinear.from_linear(nn.Linear(576, 1536), chi=32)

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 from torch import nn
 
-from ._io import atomic_directory
+from ..helpers.files import atomic_directory
 from .entanglement import entanglement_profile, layer_entropy
 from .sensitivity import profile_sensitivity, rank_correlation
 

@@ -21,8 +21,13 @@ from torch import Tensor
 
 from .base import TensorNetworkLinear
 from .mpo import MPOLinear
+from .ttns import TTNSLinear
 
-__all__ = ["Layout"]
+__all__ = ["Layout", "METHODS"]
+
+#: The network classes by their ``method`` name (as ``compactify(method=...)`` and saved
+#: checkpoints spell them).
+METHODS: dict[str, type[TensorNetworkLinear]] = {"mpo": MPOLinear, "ttns": TTNSLinear}
 
 
 @dataclass(frozen=True)

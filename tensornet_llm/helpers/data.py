@@ -17,7 +17,7 @@ from torch import Tensor
 __all__ = ["DATA_DIR", "CALIBRATION_TEXTS", "HELD_OUT_TEXT", "HEALING_TEXTS", "text_path",
            "read_text", "tokenize_text", "token_batches", "text_batches"]
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
 #: Default split: calibrate / heal on these, report perplexity on held-out text.
 CALIBRATION_TEXTS = ("austen_emma.txt", "austen_sensesensibility.txt")

@@ -83,7 +83,7 @@ class TensorNetworkLinear(nn.Module):
         bias: learn an additive bias (kept dense).
         in_shape, out_shape: explicit leg sizes per site; their products must equal
             ``in_features`` / ``out_features``. By default balanced centre-heavy factors are chosen
-            (see :func:`tensornet_llm.factorize.factorize`; awkward sizes are zero-padded).
+            (see :func:`tensornet_llm.layers.factorize.factorize`; awkward sizes are zero-padded).
         bond_dims: explicit bond dimensions (each ``<= chi``); default: the largest allowed.
         strategy: ``"auto"`` (cheaper by FLOPs per call), ``"network"`` or ``"dense"``.
         device, dtype: as for ``nn.Linear``.

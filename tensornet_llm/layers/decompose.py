@@ -1,6 +1,6 @@
 """Decompose a dense matrix into tensor-network cores by truncated SVD (pure functions).
 
-Conventions shared with :mod:`tensornet_llm.contract`: the matrix ``W`` has shape
+Conventions shared with :mod:`tensornet_llm.layers.contract`: the matrix ``W`` has shape
 ``(out, in)`` with ``out = prod(out_shape)``, ``in = prod(in_shape)`` and row-major multi-indices
 (site 1 most significant).  Site ``k`` carries the pair of physical legs ``(o_k, i_k)`` of
 combined size ``d_k = o_k * i_k``.
@@ -8,7 +8,7 @@ combined size ``d_k = o_k * i_k``.
 * :func:`tt_svd` -- matrix product operator (tensor train) by sequential truncated SVD,
   cores ``(r_{k-1}, o_k, i_k, r_k)`` with ``r_0 = r_N = 1``.
 * :func:`ht_svd` -- tree tensor network (hierarchical Tucker) by truncated SVD of each node's
-  matricization of the original tensor, node layout as in :mod:`tensornet_llm.tree`.
+  matricization of the original tensor, node layout as in :mod:`tensornet_llm.layers.tree`.
 
 Both keep at most ``chi`` singular values per bond, or fewer where a relative tolerance ``tol``
 allows, and return the kept and discarded singular values of every bond. Both satisfy
@@ -201,7 +201,7 @@ def ht_svd(
     summed over all bonds (Grasedyck 2010, Thm. 3.11).
 
     Returns:
-        node tensors in the order of :func:`binary_tree` (see :mod:`tensornet_llm.tree` for leg
+        node tensors in the order of :func:`binary_tree` (see :mod:`tensornet_llm.layers.tree` for leg
         order) and one :class:`BondSpectrum` per non-root node (the bond to its parent).
     """
     n = len(out_shape)

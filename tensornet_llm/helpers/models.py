@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_directory
+from .files import atomic_directory
 
 __all__ = ["smollm2_gguf", "load_smollm2", "load_gguf", "default_cache_dir"]
 

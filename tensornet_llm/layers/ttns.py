@@ -2,7 +2,7 @@
 
 Leaf ``k`` carries the physical legs ``(o_k, i_k)`` and one bond to its parent; internal nodes
 join two child bonds to a parent bond; the root joins its two children (see
-:mod:`tensornet_llm.tree` for node order and leg order).  Compared with an MPO, correlations
+:mod:`tensornet_llm.layers.tree` for node order and leg order).  Compared with an MPO, correlations
 between distant sites pass through ``O(log N)`` bonds instead of ``O(N)``.
 """
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Mapping, TypeVar, Union
 
 from torch import nn
 
-from .base import TensorNetworkLinear, is_linear_like
+from ..layers.base import TensorNetworkLinear, is_linear_like
 
 __all__ = [
     "Filter", "matches", "resolve_override", "find_targets", "fused_expert_tensors", "block_stacks",

@@ -29,9 +29,9 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from .base import TensorNetworkLinear, linear_weight
+from ..layers.base import TensorNetworkLinear, linear_weight
 from .fit import SiteWhitening, kronecker_whitened, stable_cholesky
-from .layout import Layout
+from ..layers.layout import Layout
 
 __all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate"]
 

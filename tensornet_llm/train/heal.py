@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._io import atomic_directory
-from .base import TensorNetworkLinear
-from .calibrate import as_batches
+from ..helpers.files import atomic_directory
+from ..layers.base import TensorNetworkLinear
+from ..compress.calibrate import as_batches
 
 __all__ = ["HealConfig", "HealResult", "auto_precision", "heal", "trainable_parameters"]
 

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Literal, Mapping, Union
 import torch
 from torch import nn
 
-from .base import TensorNetworkLinear, linear_weight
+from ..layers.base import TensorNetworkLinear, linear_weight
 from .budget import allocate
 from .calibrate import (
     BlockReplay, as_batches, calibrated_order, collect_covariances, collect_output_gradients,
@@ -19,18 +19,15 @@ from .calibrate import (
 from .fit import (
     corrected_target, fit_weighted, kronecker_whitened, weighted_error, whitened_start_is_optimal,
 )
-from .layout import Layout
-from .mpo import MPOLinear
+from ..layers.layout import METHODS, Layout
 from .report import CompactifyReport, LayerReport
 from .targets import (
     DEFAULT_KEY, Targets, check_pattern, find_targets, fused_expert_tensors, resolve_override,
 )
-from .ttns import TTNSLinear
 
-__all__ = ["compactify", "CompactifyConfig", "METHODS"]
+__all__ = ["compactify", "CompactifyConfig"]
 
 Method = Literal["mpo", "ttns"]
-METHODS: dict[str, type[TensorNetworkLinear]] = {"mpo": MPOLinear, "ttns": TTNSLinear}
 PerModule = Union[int, Mapping[str, int]]
 DEFAULT_CHI = 32
 
@@ -44,11 +41,11 @@ class CompactifyConfig:
             (default 32 unless ``ratio`` is given).
         ratio: instead of ``chi``, the fraction of the targeted parameters to keep; each
             module's chi is then chosen (some modules may stay dense) to minimise the predicted
-            damage, see :mod:`tensornet_llm.budget`. Exclusive with ``chi``.
+            damage, see :mod:`tensornet_llm.compress.budget`. Exclusive with ``chi``.
         method: ``"mpo"`` or ``"ttns"``, or a per-module mapping like ``chi``.
         n_sites: sites per layer (int or per-module mapping).
         targets: ``None`` for every attention/MLP linear, patterns, or a filter on
-            ``(module, qualified_name)``; see :mod:`tensornet_llm.targets`.
+            ``(module, qualified_name)``; see :mod:`tensornet_llm.compress.targets`.
         exclude: patterns of modules to leave dense.
         tol: optional relative Frobenius tolerance: bonds keep fewer than ``chi`` values where
             the weight allows it.
@@ -57,7 +54,7 @@ class CompactifyConfig:
             (none for low-rank layers, whose whitened start is already the optimum).
         low_rank: with ``ratio``, also offer every module the low-rank layout (a 2-site MPO
             with the whole output leg on one site and the whole input leg on the other: the
-            rank-chi factorisation, see :mod:`tensornet_llm.layout`); the budget keeps, per
+            rank-chi factorisation, see :mod:`tensornet_llm.layers.layout`); the budget keeps, per
             module, whichever layout and chi predict the least damage.
         match_dense: with calibration data, fit each layer to the *dense* model's outputs
             (its weight on the dense model's inputs), so that it also undoes what the layers
@@ -242,102 +239,31 @@ def compactify(
         progress: show a progress bar while decomposing.
 
     Returns:
-        A :class:`~tensornet_llm.report.CompactifyReport`.
+        A :class:`~tensornet_llm.compress.report.CompactifyReport`.
 
     Example:
         >>> report = compactify(model, chi={"re:.*mlp.*": 16, "_default": 48}, exclude=["layers.0."])
         >>> print(report)
     """
-    cfg = CompactifyConfig(**vars(config)) if config is not None else CompactifyConfig()
-    for key, value in {"chi": chi, "ratio": ratio, "method": method, "n_sites": n_sites, "targets": targets,
-                       "exclude": exclude, "tol": tol, "fit_steps": fit_steps,
-                       "low_rank": low_rank}.items():
-        if value is not None:
-            if key == "exclude":
-                value = [value] if isinstance(value, str) else list(value)
-            setattr(cfg, key, value)
-    cfg.validate()
+    cfg = _merged_config(config, chi=chi, ratio=ratio, method=method, n_sites=n_sites,
+                         targets=targets, exclude=exclude, tol=tol, fit_steps=fit_steps,
+                         low_rank=low_rank)
     start = time.perf_counter()
-    chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
-    if not chosen:
-        raise ValueError(
-            f"targets={cfg.targets!r} (exclude={cfg.exclude!r}) matched no nn.Linear or Conv1D "
-            "module of the model"
-        )
-    skipped += [(name, f"fused MoE expert tensor {shape}, not tensorized")
-                for name, shape in fused_expert_tensors(model)]
-    # Resolve every per-module setting first: a missing pattern fails before any work.
     batches = as_batches(calibration) if calibration is not None else None
-    layouts = {
-        name: Layout(
-            METHODS[resolve_override(cfg.method, name, "method")],
-            resolve_override(cfg.n_sites, name, "n_sites"),
-        )
-        for name, _ in chosen
-    }
-    dense_target_params = 0
-    if cfg.ratio is None:
-        settings = {name: (layouts[name], resolve_override(cfg.effective_chi, name, "chi"))
-                    for name, _ in chosen}
-    else:
-        offered = {}
-        for name, module in chosen:
-            out_f, in_f = linear_weight(module)[0].shape
-            offered[name] = [layouts[name]] + (
-                [Layout.low_rank(in_f, out_f)] if cfg.low_rank else []
-            )
-        settings = _budget_settings(model, chosen, offered, cfg.ratio, batches)
-        left = {id(m): m for n, m in chosen if settings[n] is None}
-        dense_target_params = sum(
-            sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
-        )
-        skipped += [(n, f"left dense by the ratio={cfg.ratio} budget")
-                    for n, _ in chosen if settings[n] is None]
-        chosen = [(n, m) for n, m in chosen if settings[n] is not None]
-    # Blocks left wholly dense still take part in the calibration order (so they are replayed).
-    order_names = list(settings)
+    plan = _plan(model, cfg, batches)
     params_before = _count(model)
-    built: dict[int, tuple[TensorNetworkLinear, LayerReport]] = {}
-    done: list[tuple[nn.Module, str, nn.Module]] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(chosen), desc="compactify", unit="layer")
+        bar = tqdm(total=len(plan.chosen), desc="compactify", unit="layer")
+    built: dict[int, tuple[TensorNetworkLinear, LayerReport]] = {}
+    done: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         if batches is None:
-            for name, module in chosen:
-                if id(module) not in built:  # the same module under two names is built once
-                    built[id(module)] = _build(name, module, settings[name], cfg, None)
-                if bar is not None:
-                    bar.update()
-            for name, module in chosen:
-                done.append(_swap(model, name, built[id(module)][0]))
+            _replace_all(model, plan, cfg, built, done, bar)
         else:
-            modules = dict(chosen)
-            # Finished blocks replay their outputs (the paired pass needs the originals rerun).
-            replay = None if cfg.match_dense else BlockReplay()
-            for block, names in calibrated_order(model, order_names):
-                names = [n for n in names if n in modules]
-                fresh = {n: modules[n] for n in names if id(modules[n]) not in built}
-                if cfg.match_dense and done and fresh:
-                    covs, cross = collect_paired_covariances(
-                        model, batches, fresh, block, lambda: _originals_in_place(done)
-                    )
-                elif fresh:
-                    collector = collect_covariances(model, batches, fresh, block, replay)
-                    covs, cross = {n: collector.covariance(n) for n in fresh}, {}
-                for name in names:
-                    module = modules[name]
-                    if id(module) not in built:
-                        built[id(module)] = _build(
-                            name, module, settings[name], cfg, covs[name], cross.get(name)
-                        )
-                    done.append(_swap(model, name, built[id(module)][0]))
-                    if bar is not None:
-                        bar.update()
-                if replay is not None and block is not None:
-                    replay.finish(block)
+            _replace_block_by_block(model, plan, cfg, batches, built, done, bar)
     except BaseException:
         for parent, child, original in reversed(done):
             setattr(parent, child, original)
@@ -346,11 +272,124 @@ def compactify(
         if bar is not None:
             bar.close()
     return CompactifyReport(
-        layers=[row for _, row in built.values()], skipped=skipped,
+        layers=[row for _, row in built.values()], skipped=plan.skipped,
         model_params_before=params_before, model_params_after=_count(model),
         seconds=time.perf_counter() - start, ratio=cfg.ratio,
-        dense_target_params=dense_target_params,
+        dense_target_params=plan.dense_target_params,
     )
+
+
+def _merged_config(config: CompactifyConfig | None, **given: Any) -> CompactifyConfig:
+    """``config`` (or the defaults) with the keyword arguments that were given, validated."""
+    cfg = CompactifyConfig(**vars(config)) if config is not None else CompactifyConfig()
+    for key, value in given.items():
+        if value is not None:
+            if key == "exclude":
+                value = [value] if isinstance(value, str) else list(value)
+            setattr(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+@dataclass
+class _Plan:
+    """What ``compactify`` replaces and how, decided before any module is touched.
+
+    ``settings`` holds ``(layout, chi)`` per target name (``None``: left dense by the budget) in
+    model order; ``chosen`` the targets that are replaced."""
+
+    chosen: list[tuple[str, nn.Module]]
+    skipped: list[tuple[str, str]]
+    settings: dict[str, tuple[Layout, int] | None]
+    dense_target_params: int = 0
+
+
+def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Plan:
+    """Targets, and every module's layout and chi (from the budget when ``cfg.ratio`` is set).
+    Every per-module setting is resolved here, so a missing pattern fails before any work."""
+    chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
+    if not chosen:
+        raise ValueError(
+            f"targets={cfg.targets!r} (exclude={cfg.exclude!r}) matched no nn.Linear or Conv1D "
+            "module of the model"
+        )
+    skipped += [(name, f"fused MoE expert tensor {shape}, not tensorized")
+                for name, shape in fused_expert_tensors(model)]
+    layouts = {
+        name: Layout(
+            METHODS[resolve_override(cfg.method, name, "method")],
+            resolve_override(cfg.n_sites, name, "n_sites"),
+        )
+        for name, _ in chosen
+    }
+    if cfg.ratio is None:
+        settings = {name: (layouts[name], resolve_override(cfg.effective_chi, name, "chi"))
+                    for name, _ in chosen}
+        return _Plan(chosen, skipped, settings)
+    offered = {}
+    for name, module in chosen:
+        out_f, in_f = linear_weight(module)[0].shape
+        offered[name] = [layouts[name]] + ([Layout.low_rank(in_f, out_f)] if cfg.low_rank else [])
+    settings = _budget_settings(model, chosen, offered, cfg.ratio, batches)
+    left = {id(m): m for n, m in chosen if settings[n] is None}
+    dense_target_params = sum(
+        sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
+    )
+    skipped += [(n, f"left dense by the ratio={cfg.ratio} budget")
+                for n, _ in chosen if settings[n] is None]
+    chosen = [(n, m) for n, m in chosen if settings[n] is not None]
+    return _Plan(chosen, skipped, settings, dense_target_params)
+
+
+def _replace_all(
+    model: nn.Module, plan: _Plan, cfg: CompactifyConfig,
+    built: dict[int, tuple[TensorNetworkLinear, LayerReport]],
+    done: list[tuple[nn.Module, str, nn.Module]], bar,
+) -> None:
+    """Without calibration: decompose every module, then swap them all in."""
+    for name, module in plan.chosen:
+        if id(module) not in built:  # the same module under two names is built once
+            built[id(module)] = _build(name, module, plan.settings[name], cfg, None)
+        if bar is not None:
+            bar.update()
+    for name, module in plan.chosen:
+        done.append(_swap(model, name, built[id(module)][0]))
+
+
+def _replace_block_by_block(
+    model: nn.Module, plan: _Plan, cfg: CompactifyConfig, batches: list,
+    built: dict[int, tuple[TensorNetworkLinear, LayerReport]],
+    done: list[tuple[nn.Module, str, nn.Module]], bar,
+) -> None:
+    """With calibration: in forward order of the blocks, collect the inputs of a block's
+    targets (as the already-compressed earlier blocks produce them), fit, swap them in."""
+    modules = dict(plan.chosen)
+    # Finished blocks replay their outputs (the paired pass needs the originals rerun).
+    replay = None if cfg.match_dense else BlockReplay()
+    # Blocks left wholly dense still take part in the order (so they are replayed).
+    for block, names in calibrated_order(model, list(plan.settings)):
+        names = [n for n in names if n in modules]
+        fresh = {n: modules[n] for n in names if id(modules[n]) not in built}
+        covs: dict[str, torch.Tensor] = {}
+        cross: dict[str, torch.Tensor] = {}
+        if cfg.match_dense and done and fresh:
+            covs, cross = collect_paired_covariances(
+                model, batches, fresh, block, lambda: _originals_in_place(done)
+            )
+        elif fresh:
+            collector = collect_covariances(model, batches, fresh, block, replay)
+            covs = {n: collector.covariance(n) for n in fresh}
+        for name in names:
+            module = modules[name]
+            if id(module) not in built:
+                built[id(module)] = _build(
+                    name, module, plan.settings[name], cfg, covs[name], cross.get(name)
+                )
+            done.append(_swap(model, name, built[id(module)][0]))
+            if bar is not None:
+                bar.update()
+        if replay is not None and block is not None:
+            replay.finish(block)
 
 
 def _budget_settings(

@@ -1,0 +1,28 @@
+"""The drop-in layers: tensor-network replacements for ``nn.Linear`` and what they need.
+
+Everything here runs with torch and opt_einsum alone (no transformers, no accelerate). From the
+bottom up: how feature sizes split into sites (``factorize``, ``tree``), the decompositions of a
+dense matrix (``decompose``), the pure contraction functions and their cached plans
+(``contract``), the ``nn.Module`` classes (``base``, ``mpo``, ``ttns``), how one layer is cut
+(``layout``), the int8 / int4 layers (``quantized``) and the per-machine strategy timing
+(``autotune``). Nothing in this room knows about models: see ``tensornet_llm.compress``.
+"""
+
+from .autotune import TuneRow, autotune
+from .base import TensorNetworkLinear, is_linear_like, linear_weight
+from .decompose import BondSpectrum
+from .factorize import factorize
+from .layout import METHODS, Layout
+from .mpo import MPOLinear
+from .quantized import (
+    QuantizedEmbedding, QuantizedLinear, QuantizedModule, QuantizedTensorNetworkLinear,
+    QuantizedWeight,
+)
+from .ttns import TTNSLinear
+
+__all__ = [
+    "MPOLinear", "TTNSLinear", "TensorNetworkLinear", "BondSpectrum", "Layout", "METHODS",
+    "factorize", "is_linear_like", "linear_weight", "QuantizedWeight", "QuantizedLinear",
+    "QuantizedEmbedding", "QuantizedTensorNetworkLinear", "QuantizedModule", "autotune",
+    "TuneRow",
+]

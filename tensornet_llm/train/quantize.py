@@ -1,0 +1,176 @@
+"""Weight-only int8 / int4 quantization of a whole model: tensor-network cores, the linears
+left dense and the embeddings.
+
+CompactifAI's size figures come from two steps: tensorize, then quantize what remains.
+:func:`quantize` does the second step, replacing modules by the quantized layers of
+:mod:`tensornet_llm.layers.quantized`, so the model runs (and saves) anywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Iterable
+
+from torch import nn
+
+from ..compress.targets import check_pattern, matches
+from ..layers.base import TensorNetworkLinear, is_linear_like
+from ..layers.quantized import (
+    INT4_GROUP_SIZE, QuantizedEmbedding, QuantizedLinear, QuantizedModule,
+    QuantizedTensorNetworkLinear, QuantizedWeight,
+)
+
+__all__ = ["QuantizeConfig", "QuantizeReport", "quantize"]
+
+
+@dataclass
+class QuantizeConfig:
+    """What :func:`quantize` converts, and how.
+
+    Attributes:
+        bits: 8 or 4.
+        group_size: entries per scale; ``None`` means one scale per channel for int8 and
+            groups of 64 for int4. Must be even.
+        cores: quantize the cores of tensor-network layers.
+        dense: quantize linear layers that are not tensor networks (the LM head, excluded or
+            untargeted modules; for an uncompressed model, every linear).
+        embeddings: quantize ``nn.Embedding`` tables.
+        exclude: name patterns (as in :func:`tensornet_llm.compactify`) left in float.
+    """
+
+    bits: int = 8
+    group_size: int | None = None
+    cores: bool = True
+    dense: bool = True
+    embeddings: bool = True
+    exclude: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in (8, 4):
+            raise ValueError(f"bits must be 8 or 4, got {self.bits!r}")
+        g = self.group_size
+        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2):
+            raise ValueError(f"group_size must be None or an even integer >= 2, got {g!r}")
+        for flag in ("cores", "dense", "embeddings"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if isinstance(self.exclude, str):
+            self.exclude = (self.exclude,)
+        self.exclude = tuple(check_pattern(p, "exclude") for p in self.exclude)
+
+    @property
+    def effective_group_size(self) -> int | None:
+        return self.group_size if self.group_size or self.bits == 8 else INT4_GROUP_SIZE
+
+
+@dataclass
+class QuantizeReport:
+    """Bytes of every converted module's weights before and after."""
+
+    bits: int
+    group_size: int | None
+    rows: list[tuple[str, str, int, int]] = field(default_factory=list)  # name, kind, before, after
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r[2] for r in self.rows)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r[3] for r in self.rows)
+
+    def summary(self) -> str:
+        kinds: dict[str, list[int]] = {}
+        for _, kind, before, after in self.rows:
+            k = kinds.setdefault(kind, [0, 0, 0])
+            k[0] += 1
+            k[1] += before
+            k[2] += after
+        group = "per channel" if self.group_size is None else f"groups of {self.group_size}"
+        lines = [f"int{self.bits} ({group}): {len(self.rows)} modules, "
+                 f"{self.bytes_before / 2**20:.1f} MiB -> {self.bytes_after / 2**20:.1f} MiB"]
+        lines += [f"  {kind:<15} {n:>4} modules  {b / 2**20:8.2f} MiB -> {a / 2**20:7.2f} MiB"
+                  for kind, (n, b, a) in kinds.items()]
+        return "\n".join(lines)
+
+
+def _float_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=True)
+               if p is not getattr(module, "bias", None))
+
+
+def quantize(
+    model: nn.Module,
+    bits: int | None = None,
+    *,
+    group_size: int | None = None,
+    cores: bool | None = None,
+    dense: bool | None = None,
+    embeddings: bool | None = None,
+    exclude: Iterable[str] | None = None,
+    config: QuantizeConfig | None = None,
+) -> QuantizeReport:
+    """Quantize ``model``'s weights in place (tensor-network cores, dense linears, embeddings).
+
+    Arguments default to :class:`QuantizeConfig`'s fields (``config`` supplies others; explicit
+    keywords win). Everything is validated before any module is replaced. A tied input
+    embedding and LM head stay tied: both read one quantized table. Quantize after compactify
+    and after healing; the quantized weights are buffers, not trainable parameters.
+
+    Returns:
+        A :class:`QuantizeReport` with the bytes of each converted module before and after.
+    """
+    cfg = QuantizeConfig(**{f.name: getattr(config, f.name) for f in fields(QuantizeConfig)}
+                         ) if config is not None else QuantizeConfig()
+    given = {"bits": bits, "group_size": group_size, "cores": cores, "dense": dense,
+             "embeddings": embeddings, "exclude": tuple(exclude) if exclude is not None and
+             not isinstance(exclude, str) else exclude}
+    for key, value in given.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg.validate()
+    group = cfg.effective_group_size
+    plan: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or any(matches(name, p) for p in cfg.exclude) or isinstance(module, QuantizedModule):
+            continue
+        if isinstance(module, TensorNetworkLinear):
+            if cfg.cores:
+                plan.append((name, module))
+        elif isinstance(module, nn.Embedding):
+            if cfg.embeddings:
+                plan.append((name, module))
+        elif is_linear_like(module) and cfg.dense:
+            plan.append((name, module))
+    inside_network = {n for n, m in plan if isinstance(m, TensorNetworkLinear)}
+    plan = [(n, m) for n, m in plan if not any(n.startswith(p + ".") for p in inside_network)]
+
+    # Build every replacement first (nothing in the model changes if this fails).
+    by_weight: dict[int, QuantizedWeight] = {}
+    replacements: list[tuple[str, nn.Module, QuantizedModule]] = []
+    for name, module in plan:
+        if isinstance(module, TensorNetworkLinear):
+            new: QuantizedModule = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
+        elif isinstance(module, nn.Embedding):
+            shared = by_weight.get(id(module.weight))
+            new = QuantizedEmbedding(shared, module.padding_idx) if shared else \
+                QuantizedEmbedding.from_module(module, cfg.bits, group)
+            by_weight.setdefault(id(module.weight), new.qweight)
+        else:
+            shared = by_weight.get(id(getattr(module, "weight", None)))
+            new = QuantizedLinear.from_module(module, cfg.bits, group, shared)
+            by_weight.setdefault(id(module.weight), new.qweight)
+        replacements.append((name, module, new))
+
+    report = QuantizeReport(cfg.bits, group)
+    counted: set[int] = set()
+    for name, module, new in replacements:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        weights = [q for q in new.modules() if isinstance(q, QuantizedWeight)]
+        after = sum(q.nbytes for q in weights if id(q) not in counted)
+        before = _float_bytes(module) if after else 0  # a tied table counts once
+        counted.update(id(q) for q in weights)
+        report.rows.append((name, new.kind, before, after))
+    return report

@@ -1,0 +1,134 @@
+"""The rooms of the package import only downwards, and the old flat module paths still work."""
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tensornet_llm
+
+PACKAGE = Path(tensornet_llm.__file__).resolve().parent
+#: What each room may import from the package (itself included). ``top`` is the package's own
+#: modules (``__init__``, ``cli``): they may import everything.
+ALLOWED = {
+    "layers": {"layers"},
+    "helpers": {"helpers"},
+    "saving": {"saving", "layers", "helpers"},
+    "compress": {"compress", "saving", "layers", "helpers"},
+    "train": {"train", "compress", "saving", "layers", "helpers"},
+}
+#: Third-party packages the layers may use: they must run with torch and opt_einsum alone.
+LAYER_DEPENDENCIES = {"torch", "opt_einsum"}
+
+
+def room_of(dotted: str) -> str:
+    """``tensornet_llm.compress.fit`` -> ``compress``; the package's own modules -> ``top``."""
+    parts = dotted.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in ALLOWED) else "top"
+
+
+def package_modules() -> list[tuple[str, Path]]:
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out.append((".".join(parts), path))
+    return out
+
+
+def imports_of(dotted: str, path: Path) -> list[tuple[str, int]]:
+    """Absolute names of every module imported anywhere in the file (functions included)."""
+    is_package = path.name == "__init__.py"
+    base = dotted.split(".") if is_package else dotted.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = base[: len(base) - node.level + 1]
+                module = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                module = node.module
+            # "from . import x" imports the submodule x
+            names = [f"{module}.{a.name}" for a in node.names] if not node.module else [module]
+            found += [(n, node.lineno) for n in names]
+    return found
+
+
+MODULES = package_modules()
+
+
+def test_every_room_has_a_package_docstring_and_exports():
+    for room in ALLOWED:
+        package = importlib.import_module(f"tensornet_llm.{room}")
+        assert package.__doc__ and len(package.__doc__.split()) >= 20, room
+        assert package.__all__ and all(hasattr(package, n) for n in package.__all__), room
+
+
+@pytest.mark.parametrize("dotted,path", MODULES, ids=[m for m, _ in MODULES])
+def test_imports_only_run_downwards(dotted, path):
+    room = room_of(dotted)
+    for target, line in imports_of(dotted, path):
+        top = target.split(".")[0]
+        if top == "tensornet_llm":
+            target_room = room_of(target)
+            if room != "top":
+                assert target_room in ALLOWED[room], (
+                    f"{path.relative_to(PACKAGE.parent)}:{line} ({room}) imports {target} "
+                    f"({target_room}); {room} may import only {sorted(ALLOWED[room])}"
+                )
+        elif room == "layers":
+            assert top in sys.stdlib_module_names or top in LAYER_DEPENDENCIES, (
+                f"{path.relative_to(PACKAGE.parent)}:{line}: the layers import {target}; they "
+                f"must run with {sorted(LAYER_DEPENDENCIES)} and the standard library alone"
+            )
+
+
+def test_the_checker_sees_an_upward_import(tmp_path):
+    """The check above can fail: a relative import out of layers into compress is caught."""
+    fake = tmp_path / "tensornet_llm" / "layers" / "bad.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("def f():\n    from ..compress.fit import stable_cholesky\n"
+                    "import transformers\n")
+    found = dict(imports_of("tensornet_llm.layers.bad", fake))
+    assert room_of("tensornet_llm.compress.fit") not in ALLOWED["layers"]
+    assert "tensornet_llm.compress.fit" in found and "transformers" in found
+
+
+def test_layers_run_without_transformers_accelerate_or_safetensors():
+    """In a fresh interpreter where those packages cannot be imported, the whole package still
+    imports and a layer computes (they are imported only inside the functions needing them)."""
+    code = (
+        "import sys\n"
+        "for m in ('transformers', 'accelerate', 'safetensors', 'tqdm', 'matplotlib', 'peft'):\n"
+        "    sys.modules[m] = None\n"
+        "import torch\n"
+        "from tensornet_llm.layers import MPOLinear\n"
+        "layer = MPOLinear.from_linear(torch.nn.Linear(24, 36), chi=4)\n"
+        "assert layer(torch.randn(5, 24)).shape == (5, 36)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("old,new", sorted(tensornet_llm._compat.MOVED.items()))
+def test_old_module_paths_are_the_moved_modules(old, new):
+    assert importlib.import_module(f"tensornet_llm.{old}") is importlib.import_module(
+        f"tensornet_llm.{new}")
+
+
+def test_old_paths_keep_functions_and_split_modules_reexport():
+    from tensornet_llm.fit import whitened_svd
+    from tensornet_llm.quantize import QuantizedLinear, quantize, quantize_tensor
+
+    assert callable(tensornet_llm.compactify) and callable(tensornet_llm.heal)
+    assert whitened_svd is tensornet_llm.compress.fit.whitened_svd
+    assert quantize is importlib.import_module("tensornet_llm.train.quantize").quantize
+    assert QuantizedLinear is tensornet_llm.layers.quantized.QuantizedLinear
+    assert quantize_tensor is tensornet_llm.layers.quantized.quantize_tensor
+    assert tensornet_llm.data is tensornet_llm.helpers.data
