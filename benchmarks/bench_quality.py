@@ -41,11 +41,12 @@ from tensornet_llm import (
 )
 from tensornet_llm.compress.budget import chi_for_params
 from tensornet_llm.compress.calibrate import as_batches, collect_covariances
+from tensornet_llm.compress.fit import whitened_svd
+from tensornet_llm.compress.report import module_type
+from tensornet_llm.compress.targets import find_targets
 from tensornet_llm.helpers.data import HELD_OUT_TEXT, read_text, text_batches, tokenize_text
 from tensornet_llm.helpers.evaluate import perplexity
-from tensornet_llm.compress.fit import whitened_svd
 from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
-from tensornet_llm.compress.targets import find_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_TEXT = "austen_emma.txt"
@@ -116,6 +117,32 @@ def run(method: str, keep: float, calib, covs, held_out: dict, fit_steps: int) -
             **held_out_perplexities(model, held_out), **extra}
 
 
+def choices_table(rows: list[dict], kinds: list[str]) -> list[str]:
+    """What the budget chose per module type at each keep (the default method's rows): how many
+    modules of the type got each layout, the rest of the blocks left dense."""
+    if not rows:
+        return []
+    blocks = {name.split(".")[2] for r in rows for name in r["layout"]}
+    kinds = sorted(set(kinds) | {module_type(n) for r in rows for n in r["layout"]})
+    lines = ["", f"What the budget chose for the default (`mpo+lr+fit`), per module type: "
+             f"compressed modules by layout, of {len(blocks)} blocks (the rest left dense). From "
+             "the report's layouts (`CompactifyReport.choices()`):", "",
+             "| module type | " + " | ".join(f"keep {r['keep']:.0%}" for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    for kind in kinds:
+        cells = []
+        for r in rows:
+            counts: dict[str, int] = {}
+            for name, method in r["layout"].items():
+                if module_type(name) == kind:
+                    counts[method] = counts.get(method, 0) + 1
+            dense = len(blocks) - sum(counts.values())
+            cells.append(", ".join(f"{n} {m}" for m, n in sorted(counts.items()))
+                         + (", " if counts else "") + f"{dense} dense")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
     (out / "bench_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     dense = meta["dense_perplexity"]
@@ -161,6 +188,8 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         lines += ["", "Compressed modules given the low-rank layout (the rest are 3-site MPOs): "
                   + ", ".join(f"keep {r['keep']:.0%}: {r['low_rank']} of {len(r['chi'])}"
                               for r in mixed) + "."]
+    lines += choices_table([r for r in fits if r["method"] == "mpo+lr+fit" and "layout" in r],
+                           meta.get("module_types", []))
     (out / "bench_quality.md").write_text("\n".join(lines) + "\n")
     panels = {f"SmolLM2-135M, no fine-tuning: {text}": (
         {m: [(r["kept"], r[key]) for r in rows if r["method"] == m and key in r] for m in methods},
@@ -190,7 +219,8 @@ def main() -> None:
             "held_out": f"{HELD_OUT_TEXT}, {held_out['persuasion'].numel()} tokens",
             "held_out_wiki": f"{WIKI_TEXT} from character {wiki_half:,} (its second half), "
                              f"{held_out['wiki'].numel()} tokens",
-            "fit_steps": args.fit_steps, "threads": torch.get_num_threads()}
+            "fit_steps": args.fit_steps, "threads": torch.get_num_threads(),
+            "module_types": sorted({module_type(n) for n, _ in find_targets(model)[0]})}
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     previous = args.out / "bench_quality.json"

@@ -26,7 +26,7 @@ ROOMS = {
                "decompose", "tree", "contract"],
     "helpers": ["data", "evaluate", "models", "files"],
 }
-MODULES = [f"{room}.{name}" for room, names in ROOMS.items() for name in names] + ["cli"]
+MODULES = [f"{room}.{name}" for room, names in ROOMS.items() for name in names] + ["errors", "cli"]
 
 
 def _doc(obj) -> str:

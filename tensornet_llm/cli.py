@@ -10,8 +10,11 @@
     tensornet-llm quantize healed --bits 8 --out healed-int8
 
 MODEL is ``smollm2`` (the bundled SmolLM2-135M-Instruct), a GGUF file, a Hugging Face model
-directory, or a directory written by ``compress``. Errors print one line and exit with status 2;
-outputs are written to a temporary directory and renamed into place, never half-written.
+directory, or a directory written by ``compress``. Bad input (the library's own
+:class:`~tensornet_llm.errors.TensornetError`) prints one line and exits with status 2; anything
+else is a bug and shows its traceback. ``--out`` is checked before any work: an existing path
+needs ``--overwrite``, and one that cannot be created is refused. Every file of an output is
+written to a temporary directory that is renamed into place, never half-written.
 """
 
 from __future__ import annotations
@@ -25,13 +28,15 @@ from typing import Sequence
 
 import torch
 
+from .errors import TensornetError
+
 __all__ = ["main", "load_any"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CliError(Exception):
-    """An error reported as one line."""
+class CliError(TensornetError):
+    """A bad command line, reported as one line."""
 
 
 def load_any(spec: str, dtype: torch.dtype = torch.float32):
@@ -52,7 +57,12 @@ def load_any(spec: str, dtype: torch.dtype = torch.float32):
     if (path / STRUCTURE_FILE).is_file():
         model = load_compactified(path, dtype=dtype)
     elif (path / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        except (OSError, ValueError) as exc:  # transformers' words for a broken directory
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CliError(f"MODEL {path} cannot be loaded as a Hugging Face model: {first}"
+                           ) from exc
     else:
         raise CliError(f"{path} has neither config.json nor {STRUCTURE_FILE}")
     try:
@@ -102,8 +112,13 @@ def _text_batches(model_name: str, tokenizer, text: str | list[str], n_tokens: i
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
+    """Refuse an existing ``--out`` without ``--overwrite``, and one that cannot be created,
+    before any work starts."""
+    from .helpers.files import check_output
+
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise CliError(f"--out {out} exists; pass --overwrite to replace it")
+    check_output(out, overwrite=True)
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -128,8 +143,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
                 "calibration_tokens": args.calibration_tokens if args.calibration else None,
                 "fit_steps": args.fit_steps if args.calibration else None,
                 "low_rank": not args.no_low_rank if args.ratio is not None else None}
-    save_compactified(model, out, tokenizer=tokenizer, compactify=settings)
-    (out / "report.json").write_text(report.to_json())
+    save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
+                      files={"report.json": report.to_json()}, compactify=settings)
     print(f"saved to {out}")
 
 
@@ -167,7 +182,8 @@ def cmd_profile(args: argparse.Namespace) -> None:
                             args.seq, 4, "--calibration")
     summary = profile_model(model, batches, out, keep=args.keep, method=args.method,
                             n_sites=args.n_sites, progress=not args.quiet,
-                            cache_dir=False if args.no_cache else None)
+                            cache_dir=False if args.no_cache else None,
+                            overwrite=args.overwrite)
     print((out / "sensitivity.txt").read_text(), end="")
     print(json.dumps({k: v for k, v in summary.items() if k != "most_sensitive"}, indent=2))
     print(f"saved to {out}")
@@ -189,12 +205,11 @@ def cmd_heal(args: argparse.Namespace) -> None:
                   train="cores" if args.cores_only else "all",
                   gradient_accumulation_steps=args.accumulate,
                   checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
-    save_compactified(model, out, tokenizer=tokenizer,
+    save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
+                      files={"healing.json": json.dumps(result.to_dict())},
                       healing={"source": args.model, "text": [str(t) for t in args.text],
-                               "steps": args.steps,
-                               "lr": args.lr, "teacher": args.teacher,
+                               "steps": args.steps, "lr": args.lr, "teacher": args.teacher,
                                "cores_only": args.cores_only})
-    (out / "healing.json").write_text(json.dumps(result.to_dict()))
     first, last = result.losses[0], result.losses[-1]
     print(f"healed {result.steps} steps in {result.seconds:.0f} s: loss {first:.4f} -> {last:.4f}")
     print(f"saved to {out}")
@@ -210,7 +225,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     report = quantize(model, args.bits, group_size=args.group_size,
                       embeddings=not args.keep_embeddings, dense=not args.keep_dense)
     print(report.summary())
-    save_compactified(model, out, tokenizer=tokenizer,
+    save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
                       quantization={"source": args.model, "bits": args.bits,
                                     "group_size": report.group_size})
     print(f"saved to {out}")
@@ -315,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     try:
         args.func(args)
-    except (CliError, ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as exc:
+    except TensornetError as exc:  # bad input: one line; anything else is a bug (traceback)
         print(f"tensornet-llm: error: {exc}", file=sys.stderr)
         return 2
     return 0

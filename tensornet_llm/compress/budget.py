@@ -29,6 +29,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
 from ..layers.base import TensorNetworkLinear, linear_weight
 from .fit import SiteWhitening, kronecker_whitened, stable_cholesky
 from ..layers.layout import Layout
@@ -195,7 +196,7 @@ def allocate(
         ValueError: ``ratio`` outside (0, 1] or below what the smallest grid rung keeps.
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be a float in (0, 1], got {ratio!r}")
+        raise ArgumentError(f"ratio must be a float in (0, 1], got {ratio!r}")
     estimate = "weight" if covariances is None else ("fisher" if grad_sq is not None else "output")
     ladders: dict[str, list[Option]] = {}
     for name, module in modules.items():
@@ -228,7 +229,7 @@ def allocate(
     hulls = {n: _lower_hull(o) for n, o in ladders.items()}
     smallest = sum(h[-1].params for h in hulls.values())
     if smallest > budget:
-        raise ValueError(
+        raise ArgumentError(
             f"ratio={ratio} asks for {budget:,} parameters, but the smallest networks on the grid "
             f"need {smallest:,} ({smallest / before:.1%}); use ratio >= {smallest / before:.3f}"
         )

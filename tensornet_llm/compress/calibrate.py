@@ -13,18 +13,20 @@ once per batch and returns it to later passes, so each block runs about twice.
 from __future__ import annotations
 
 import inspect
+import warnings
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArgumentError, EstimateFallbackWarning
 from .fit import CovarianceCollector
 from .targets import block_prefix, block_stacks
 
 __all__ = [
     "BlockReplay", "as_batches", "calibrated_order", "collect_covariances", "collect_output_gradients",
-    "collect_paired_covariances", "model_inputs",
+    "collect_paired_covariances", "model_inputs", "output_gradients",
 ]
 
 
@@ -104,12 +106,12 @@ def as_batches(calibration: Iterable[Any]) -> list[dict[str, Tensor]]:
         elif isinstance(item, Mapping) and "input_ids" in item:
             batches.append(dict(item))
         else:
-            raise ValueError(
+            raise ArgumentError(
                 "calibration must yield token-id tensors or dicts with 'input_ids', got "
                 f"{type(item).__name__}"
             )
     if not batches:
-        raise ValueError("calibration is empty")
+        raise ArgumentError("calibration is empty")
     return batches
 
 
@@ -200,7 +202,7 @@ def _collect_covariances(
         model.train(was_training)
     missing = [n for n in modules if collector.tokens(n) == 0]
     if missing:
-        raise ValueError(f"no calibration activations reached {missing[:3]}")
+        raise ArgumentError(f"no calibration activations reached {missing[:3]}")
     return collector
 
 
@@ -273,7 +275,7 @@ def collect_paired_covariances(
         model.train(was_training)
     missing = [n for n in modules if counts[n] == 0]
     if missing:
-        raise ValueError(f"no calibration activations reached {missing[:3]}")
+        raise ArgumentError(f"no calibration activations reached {missing[:3]}")
     return ({n: own[n] / counts[n] for n in modules}, {n: cross[n] / counts[n] for n in modules})
 
 
@@ -285,9 +287,37 @@ def collect_output_gradients(
     One forward and backward pass per batch with the language-modelling loss (``labels`` =
     the input ids). With the input covariance ``C`` this gives the diagonal Gauss-Newton
     (empirical Fisher) estimate of how much a weight error ``E`` raises the mean token loss:
-    ``0.5 * sum_o E[g_o^2] (E C E^T)_oo``. Returns ``None`` when the model computes no loss
-    from ``labels`` (a bare encoder, say); parameters and their gradients are left untouched.
+    ``0.5 * sum_o E[g_o^2] (E C E^T)_oo``. Returns ``None``, with a
+    :class:`~tensornet_llm.errors.EstimateFallbackWarning` saying why, when the model computes no
+    loss from ``labels`` (see :func:`output_gradients`); parameters and their gradients are left
+    untouched.
     """
+    grads, reason = output_gradients(model, batches, modules)
+    if reason is not None:
+        warnings.warn(reason, EstimateFallbackWarning, stacklevel=2)
+    return grads
+
+
+def output_gradients(
+    model: nn.Module, batches: list[dict[str, Tensor]], modules: dict[str, nn.Module]
+) -> tuple[dict[str, Tensor] | None, str | None]:
+    """:func:`collect_output_gradients` without the warning: ``(gradients, None)``, or
+    ``(None, reason)`` when the model has no language-modelling loss to differentiate.
+
+    That is the case when ``model.forward`` takes no ``labels``, returns no ``loss``, or rejects
+    the ids as labels (``TypeError`` / ``ValueError`` from the forward pass, as a classification
+    head does); the reason names which, with the error's message. Any other exception is a real
+    failure and propagates.
+    """
+    try:
+        accepted = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    takes_labels = "labels" in accepted or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()
+    )
+    if not takes_labels:
+        return None, f"{type(model).__name__}.forward takes no labels, so there is no loss"
     device = next(model.parameters()).device
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
@@ -312,7 +342,7 @@ def collect_output_gradients(
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     leaf = getattr(embed, "weight", None)
     if not isinstance(leaf, Tensor):
-        return None
+        return None, f"{type(model).__name__} has no input embedding weight to differentiate to"
     saved = (leaf.requires_grad, leaf.grad)
     was_training = model.training
     model.eval()
@@ -324,11 +354,13 @@ def collect_output_gradients(
             try:
                 with torch.enable_grad():
                     out = model(**inputs, labels=inputs["input_ids"])
-            except (TypeError, ValueError):
-                return None
+            except (TypeError, ValueError) as exc:
+                message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                return None, (f"{type(model).__name__} rejected labels=input_ids "
+                              f"({type(exc).__name__}: {message})")
             loss = getattr(out, "loss", None)
             if loss is None:
-                return None
+                return None, f"{type(model).__name__} returned no loss for labels=input_ids"
             # Sum over tokens, so each token's gradient is its own loss's gradient.
             torch.autograd.grad(loss * inputs["input_ids"].numel(), [leaf])
     finally:
@@ -337,6 +369,7 @@ def collect_output_gradients(
         leaf.requires_grad_(saved[0])
         leaf.grad = saved[1]
         model.train(was_training)
-    if any(n not in sums for n in modules):
-        return None
-    return {n: sums[n] / counts[n] for n in modules}
+    unreached = [n for n in modules if n not in sums]
+    if unreached:
+        return None, f"no loss gradient reached {unreached[:3]}"
+    return {n: sums[n] / counts[n] for n in modules}, None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Union
@@ -10,16 +11,17 @@ from typing import Any, Iterable, Literal, Mapping, Union
 import torch
 from torch import nn
 
+from ..errors import ArgumentError, EstimateFallbackWarning
 from ..layers.base import TensorNetworkLinear, linear_weight
+from ..layers.layout import METHODS, Layout
 from .budget import allocate
 from .calibrate import (
-    BlockReplay, as_batches, calibrated_order, collect_covariances, collect_output_gradients,
-    collect_paired_covariances,
+    BlockReplay, as_batches, calibrated_order, collect_covariances, collect_paired_covariances,
+    output_gradients,
 )
 from .fit import (
     corrected_target, fit_weighted, kronecker_whitened, weighted_error, whitened_start_is_optimal,
 )
-from ..layers.layout import METHODS, Layout
 from .report import CompactifyReport, LayerReport
 from .targets import (
     DEFAULT_KEY, Targets, check_pattern, find_targets, fused_expert_tensors, resolve_override,
@@ -77,11 +79,11 @@ class CompactifyConfig:
     def validate(self) -> None:
         if self.ratio is not None:
             if self.chi is not None:
-                raise ValueError("chi and ratio are exclusive: give one of them, not both")
+                raise ArgumentError("chi and ratio are exclusive: give one of them, not both")
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (
                 0 < self.ratio <= 1
             ):
-                raise ValueError(f"ratio must be a float in (0, 1], got {self.ratio!r}")
+                raise ArgumentError(f"ratio must be a float in (0, 1], got {self.ratio!r}")
         else:
             _check_setting(self.effective_chi, "chi", lambda v: _is_int(v) and v >= 1,
                            "an integer >= 1")
@@ -90,14 +92,14 @@ class CompactifyConfig:
             self.method, "method", lambda v: v in METHODS, f"one of {sorted(METHODS)}"
         )
         if self.tol is not None and not (isinstance(self.tol, (int, float)) and 0 <= self.tol < 1):
-            raise ValueError(f"tol must be a float in [0, 1) or None, got {self.tol!r}")
+            raise ArgumentError(f"tol must be a float in [0, 1) or None, got {self.tol!r}")
         if not _is_int(self.min_features) or self.min_features < 1:
-            raise ValueError(f"min_features must be an integer >= 1, got {self.min_features!r}")
+            raise ArgumentError(f"min_features must be an integer >= 1, got {self.min_features!r}")
         if not _is_int(self.fit_steps) or self.fit_steps < 0:
-            raise ValueError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
+            raise ArgumentError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
         for flag in ("low_rank", "match_dense"):
             if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+                raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
 
@@ -113,13 +115,13 @@ def _is_int(v: object) -> bool:
 def _check_setting(value, argument: str, ok, allowed: str) -> None:
     values = value.items() if isinstance(value, Mapping) else [(None, value)]
     if isinstance(value, Mapping) and not value:
-        raise ValueError(f"{argument} mapping is empty")
+        raise ArgumentError(f"{argument} mapping is empty")
     for pattern, v in values:
         if pattern is not None and pattern != DEFAULT_KEY:
             check_pattern(pattern, argument)
         if not ok(v):
             where = f" for pattern {pattern!r}" if pattern is not None else ""
-            raise ValueError(f"{argument}{where} must be {allowed}, got {v!r}")
+            raise ArgumentError(f"{argument}{where} must be {allowed}, got {v!r}")
 
 
 def _count(model: nn.Module) -> int:
@@ -275,7 +277,7 @@ def compactify(
         layers=[row for _, row in built.values()], skipped=plan.skipped,
         model_params_before=params_before, model_params_after=_count(model),
         seconds=time.perf_counter() - start, ratio=cfg.ratio,
-        dense_target_params=plan.dense_target_params,
+        dense_target_params=plan.dense_target_params, estimate=plan.estimate, notes=plan.notes,
     )
 
 
@@ -302,6 +304,8 @@ class _Plan:
     skipped: list[tuple[str, str]]
     settings: dict[str, tuple[Layout, int] | None]
     dense_target_params: int = 0
+    estimate: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Plan:
@@ -309,7 +313,7 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Pla
     Every per-module setting is resolved here, so a missing pattern fails before any work."""
     chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
     if not chosen:
-        raise ValueError(
+        raise ArgumentError(
             f"targets={cfg.targets!r} (exclude={cfg.exclude!r}) matched no nn.Linear or Conv1D "
             "module of the model"
         )
@@ -330,7 +334,8 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Pla
     for name, module in chosen:
         out_f, in_f = linear_weight(module)[0].shape
         offered[name] = [layouts[name]] + ([Layout.low_rank(in_f, out_f)] if cfg.low_rank else [])
-    settings = _budget_settings(model, chosen, offered, cfg.ratio, batches)
+    notes: list[str] = []
+    settings, estimate = _budget_settings(model, chosen, offered, cfg.ratio, batches, notes)
     left = {id(m): m for n, m in chosen if settings[n] is None}
     dense_target_params = sum(
         sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
@@ -338,7 +343,7 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Pla
     skipped += [(n, f"left dense by the ratio={cfg.ratio} budget")
                 for n, _ in chosen if settings[n] is None]
     chosen = [(n, m) for n, m in chosen if settings[n] is not None]
-    return _Plan(chosen, skipped, settings, dense_target_params)
+    return _Plan(chosen, skipped, settings, dense_target_params, estimate, notes)
 
 
 def _replace_all(
@@ -394,9 +399,10 @@ def _replace_block_by_block(
 
 def _budget_settings(
     model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
-    ratio: float, batches: list | None,
-) -> dict[str, tuple[Layout, int] | None]:
-    """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget."""
+    ratio: float, batches: list | None, notes: list[str],
+) -> tuple[dict[str, tuple[Layout, int] | None], str]:
+    """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget, and
+    how damage was estimated. A weaker estimate than the data allows is warned and noted."""
     unique: dict[int, str] = {}
     for name, module in chosen:
         unique.setdefault(id(module), name)
@@ -405,10 +411,14 @@ def _budget_settings(
     if batches is not None:
         collector = collect_covariances(model, batches, modules)
         covs = {n: collector.covariance(n) for n in modules}
-        grads = collect_output_gradients(model, batches, modules)
+        grads, reason = output_gradients(model, batches, modules)
+        if reason is not None:
+            note = (f"budget damage estimated from the output error, not the loss: {reason}")
+            warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
+            notes.append(note)
     allocation = allocate(modules, ratio, {n: offered[n] for n in modules}, covs, grads)
     return {
         name: None if allocation.chi[key] is None else (allocation.layout[key], allocation.chi[key])
         for name, module in chosen
         for key in [unique[id(module)]]
-    }
+    }, allocation.estimate

@@ -20,6 +20,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..errors import ArgumentError
 from ..layers.base import TensorNetworkLinear, is_linear_like
 from ..layers.layout import METHODS
 from .sensitivity import module_position
@@ -60,9 +61,9 @@ def entanglement_profile(
         targets, exclude: which dense modules, as for :func:`~tensornet_llm.compactify`.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        raise ArgumentError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 2:
-        raise ValueError(f"n_sites must be an integer >= 2 (one bond at least), got {n_sites!r}")
+        raise ArgumentError(f"n_sites must be an integer >= 2 (one bond at least), got {n_sites!r}")
     layers: list[tuple[str, nn.Module]] = [
         (n, m) for n, m in model.named_modules() if isinstance(m, TensorNetworkLinear)
     ]

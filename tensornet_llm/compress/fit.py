@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
 from ..layers.base import TensorNetworkLinear
 
 __all__ = [
@@ -112,7 +113,7 @@ def stable_cholesky(cov: Tensor, rel_eps: float = 1e-6, max_tries: int = 12) -> 
         if int(info) == 0:
             return factor
         shift = rel_eps * scale if shift == 0.0 else shift * 10
-    raise ValueError(f"covariance is not positive semi-definite (tried a ridge up to {shift:.3g})")
+    raise ArgumentError(f"covariance is not positive semi-definite (tried a ridge up to {shift:.3g})")
 
 
 def weighted_error(approx: Tensor, weight: Tensor, cov: Tensor) -> float:
@@ -229,9 +230,10 @@ def kronecker_whitened(
         whitening = SiteWhitening(cov.to(weight.device), layer.in_shape)
     if whitened is None:
         whitened = whitening.whiten(weight)
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     new = type(layer).from_weight(
-        whitened.to(torch.float32), None, layer.chi,
-        layer.n_sites, in_shape=layer.in_shape, out_shape=layer.out_shape,
+        whitened.to(compute), None, layer.chi, layer.n_sites, in_shape=layer.in_shape,
+        out_shape=layer.out_shape,
     )
     if new.bond_dims != layer.bond_dims:
         return None

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import ArgumentError, MissingDependencyError
 from .entanglement import EntanglementRow
 from .sensitivity import SensitivityProfile
 
@@ -21,7 +22,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting needs matplotlib: pip install 'tensornet-llm[plots]'") from err
+        raise MissingDependencyError("plotting needs matplotlib: pip install 'tensornet-llm[plots]'") from err
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -60,11 +61,11 @@ def plot_sensitivity(profile: SensitivityProfile, path: str | os.PathLike,
 
     keeps = sorted({r.keep for r in profile.rows})
     if not keeps:
-        raise ValueError("the profile has no rows")
+        raise ArgumentError("the profile has no rows")
     keep = keeps[0] if keep is None else keep
     rows = [r for r in profile.rows if abs(r.keep - keep) < 1e-9]
     if not rows:
-        raise ValueError(f"keep={keep} is not in the profile; profiled: {keeps}")
+        raise ArgumentError(f"keep={keep} is not in the profile; profiled: {keeps}")
     blocks, kinds, grid = block_grid(rows, "delta_loss")
     positive = [v for line in grid for v in line if v is not None and v > 0]
     floor = min(positive) if positive else 1e-6
@@ -84,7 +85,7 @@ def plot_entanglement(rows: Sequence[EntanglementRow], path: str | os.PathLike) 
     """Mean normalised entanglement entropy of each layer across depth, per module type."""
     plt = _pyplot()
     if not rows:
-        raise ValueError("no entanglement rows to plot")
+        raise ArgumentError("no entanglement rows to plot")
     blocks, kinds, grid = block_grid(rows, "entropy")
     fig, ax = plt.subplots(figsize=(7, 4))
     for j, kind in enumerate(kinds):

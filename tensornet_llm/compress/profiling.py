@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 from torch import nn
 
-from ..helpers.files import atomic_directory
+from ..helpers.files import atomic_directory, check_output
 from .entanglement import entanglement_profile, layer_entropy
 from .sensitivity import profile_sensitivity, rank_correlation
 
@@ -41,9 +41,14 @@ def profile_model(
     cache_dir: str | os.PathLike | bool | None = None,
     progress: bool = True,
     plots: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Profile ``model`` and write the results to ``out_dir`` (atomically: a failure leaves no
-    half-written directory). Returns the summary (also in ``summary.json``)."""
+    half-written directory). Returns the summary (also in ``summary.json``).
+
+    An existing ``out_dir`` that is not a previous output of this library is refused before any
+    work, unless ``overwrite=True``."""
+    check_output(out_dir, overwrite)
     profile = profile_sensitivity(model, calibration, keep, method=method, n_sites=n_sites,
                                   cache_dir=cache_dir, progress=progress)
     bonds = entanglement_profile(model, method, n_sites, progress=progress)
@@ -65,7 +70,7 @@ def profile_model(
         summary["spearman_predicted_vs_measured"] = rank_correlation(predicted, measured)
     most = sorted(rows, key=lambda r: -r.delta_loss)[:5]
     summary["most_sensitive"] = [(r.name, r.delta_loss) for r in most]
-    with atomic_directory(Path(out_dir)) as tmp:
+    with atomic_directory(Path(out_dir), overwrite) as tmp:
         (tmp / "sensitivity.json").write_text(json.dumps(profile.to_dict(), indent=1))
         (tmp / "sensitivity.txt").write_text(profile.table() + "\n")
         (tmp / "entanglement.json").write_text(json.dumps([asdict(b) for b in bonds], indent=1))

@@ -6,7 +6,17 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["LayerReport", "CompactifyReport"]
+__all__ = ["LayerReport", "CompactifyReport", "module_type"]
+
+
+def module_type(name: str) -> str:
+    """The name inside its block: ``"self_attn.q_proj"`` for ``"model.layers.3.self_attn.q_proj"``
+    (what follows the first numeric component); the whole name outside any block."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[i + 1 :])
+    return name
 
 
 @dataclass
@@ -46,6 +56,12 @@ class CompactifyReport:
     ratio: float | None = None
     #: Parameters of targeted modules the budget left dense (counted as kept in full).
     dense_target_params: int = 0
+    #: How the budget estimated damage: ``"fisher"`` (Gauss-Newton loss increase),
+    #: ``"output"`` (relative output error on the calibration data) or ``"weight"`` (relative
+    #: weight error); ``None`` when chi was given.
+    estimate: str | None = None
+    #: Where the library did something weaker than asked, and why (also warned).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def target_params_before(self) -> int:
@@ -79,8 +95,24 @@ class CompactifyReport:
                 "seconds": self.seconds,
                 "ratio": self.ratio,
                 "dense_target_params": self.dense_target_params,
+                "estimate": self.estimate,
             },
+            "choices": self.choices(),
+            "notes": list(self.notes),
         }
+
+    def choices(self) -> dict[str, dict[str, int]]:
+        """How many modules of each type got each method: ``{"self_attn.q_proj": {"low-rank":
+        29, "dense": 1}, ...}``; ``"dense"`` counts targets the budget left dense. The type is
+        the name inside its block (what follows the block index, e.g. ``model.layers.3.``)."""
+        counts: dict[str, dict[str, int]] = {}
+        entries = [(r.name, r.method) for r in self.layers] + [
+            (n, "dense") for n, why in self.skipped if why.startswith("left dense")]
+        for name, method in entries:
+            kind = module_type(name)
+            counts.setdefault(kind, {})
+            counts[kind][method] = counts[kind].get(method, 0) + 1
+        return {k: dict(sorted(v.items())) for k, v in sorted(counts.items())}
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), **{"indent": 2, **kwargs})
@@ -116,4 +148,9 @@ class CompactifyReport:
                 f"{n} ({why})" for n, why in self.skipped[:8]
             ) + (" ..." if len(self.skipped) > 8 else ""))
         lines.append(self.summary())
+        if self.ratio is not None:
+            lines.append("chosen per module type: " + "; ".join(
+                f"{kind} " + ", ".join(f"{n} {m}" for m, n in methods.items())
+                for kind, methods in self.choices().items()))
+        lines += [f"note: {note}" for note in self.notes]
         return "\n".join(lines)

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
 from ..layers.base import linear_weight
 from .budget import _damage, chi_for_params
 from .calibrate import as_batches, collect_covariances, collect_output_gradients, model_inputs
@@ -104,7 +105,7 @@ def calibration_loss(model: nn.Module, batches: list[dict[str, Tensor]]) -> floa
             inputs = model_inputs(model, batch, device)
             out = model(**inputs, labels=inputs["input_ids"])
             if getattr(out, "loss", None) is None:
-                raise ValueError("the model returns no loss for labels=input_ids; sensitivity "
+                raise ArgumentError("the model returns no loss for labels=input_ids; sensitivity "
                                  "profiling needs a language-modelling head")
             n = inputs["input_ids"].numel()
             total += float(out.loss) * n
@@ -164,17 +165,17 @@ def profile_sensitivity(
         The model is left exactly as it was.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        raise ArgumentError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 1:
-        raise ValueError(f"n_sites must be an integer >= 1, got {n_sites!r}")
+        raise ArgumentError(f"n_sites must be an integer >= 1, got {n_sites!r}")
     keep = tuple(keep)
     if not keep or any(isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k < 1
                        for k in keep):
-        raise ValueError(f"keep must be fractions in (0, 1), got {keep!r}")
+        raise ArgumentError(f"keep must be fractions in (0, 1), got {keep!r}")
     batches = as_batches(calibration)
     chosen, _ = find_targets(model, targets, exclude)
     if not chosen:
-        raise ValueError(f"targets={targets!r} matched no linear module of the model")
+        raise ArgumentError(f"targets={targets!r} matched no linear module of the model")
     unique: dict[int, tuple[str, nn.Module]] = {}
     for name, module in chosen:
         unique.setdefault(id(module), (name, module))
@@ -244,7 +245,7 @@ def profile_sensitivity(
 def rank_correlation(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation of two equally long sequences (average ranks for ties)."""
     if len(x) != len(y) or len(x) < 2:
-        raise ValueError(f"x and y must have the same length >= 2, got {len(x)} and {len(y)}")
+        raise ArgumentError(f"x and y must have the same length >= 2, got {len(x)} and {len(y)}")
 
     def ranks(v: Sequence[float]) -> Tensor:
         t = torch.tensor(list(v), dtype=torch.float64)

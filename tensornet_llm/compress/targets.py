@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Mapping, TypeVar, Union
 
 from torch import nn
 
+from ..errors import ArgumentError
 from ..layers.base import TensorNetworkLinear, is_linear_like
 
 __all__ = [
@@ -45,12 +46,12 @@ def matches(name: str, pattern: str) -> bool:
 
 def check_pattern(pattern: object, argument: str) -> str:
     if not isinstance(pattern, str) or not pattern.strip("."):
-        raise ValueError(f"{argument} patterns must be non-empty strings, got {pattern!r}")
+        raise ArgumentError(f"{argument} patterns must be non-empty strings, got {pattern!r}")
     if pattern.startswith("re:"):
         try:
             re.compile(pattern[3:])
         except re.error as exc:
-            raise ValueError(f"{argument} has an invalid regex {pattern!r}: {exc}") from None
+            raise ArgumentError(f"{argument} has an invalid regex {pattern!r}: {exc}") from None
     return pattern
 
 
@@ -64,7 +65,7 @@ def resolve_override(value: T | Mapping[str, T], name: str, argument: str) -> T:
             return setting
     if DEFAULT_KEY in value:
         return value[DEFAULT_KEY]
-    raise ValueError(
+    raise ArgumentError(
         f"{argument} has no pattern matching module {name!r} and no {DEFAULT_KEY!r} entry; "
         f"patterns: {[p for p in value if p != DEFAULT_KEY]}"
     )
@@ -123,7 +124,7 @@ def find_targets(
     if targets is not None and not callable(targets):
         targets = [check_pattern(p, "targets") for p in targets]
         if not targets:
-            raise ValueError("targets must name at least one pattern, or be None for the default")
+            raise ArgumentError("targets must name at least one pattern, or be None for the default")
     stacks = block_stacks(model)
     heads = _head_ids(model)
     chosen: list[tuple[str, nn.Module]] = []
@@ -150,7 +151,7 @@ def find_targets(
                 continue
             if not is_linear_like(module):
                 if callable(targets):
-                    raise ValueError(
+                    raise ArgumentError(
                         f"targets selected {name!r} ({type(module).__name__}); only nn.Linear "
                         "and transformers' Conv1D can be tensorized"
                     )

@@ -14,6 +14,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError, InputFileError
+
 __all__ = ["DATA_DIR", "CALIBRATION_TEXTS", "HELD_OUT_TEXT", "HEALING_TEXTS", "text_path",
            "read_text", "tokenize_text", "token_batches", "text_batches"]
 
@@ -36,7 +38,7 @@ def text_path(name: str | os.PathLike) -> Path:
     for folder in (Path(os.environ.get("TENSORNET_LLM_DATA", DATA_DIR)), DATA_DIR):
         if (folder / path.name).is_file():
             return folder / path.name
-    raise FileNotFoundError(f"no text file {name!r} (looked in the working directory and {DATA_DIR})")
+    raise InputFileError(f"no text file {name!r} (looked in the working directory and {DATA_DIR})")
 
 
 def read_text(name: str | os.PathLike, start_char: int = 20_000, max_chars: int | None = None) -> str:
@@ -76,7 +78,7 @@ def text_batches(tokenizer, texts: str | os.PathLike | Sequence[str | os.PathLik
     """
     names = [texts] if isinstance(texts, (str, os.PathLike)) else list(texts)
     if not names:
-        raise ValueError("texts must name at least one text")
+        raise ArgumentError("texts must name at least one text")
     share = None if n_tokens is None else n_tokens // len(names)
     ids = torch.cat([tokenize_text(tokenizer, name, share) for name in names])
     return list(token_batches(ids, seq_len, batch_size, bos_token_id))

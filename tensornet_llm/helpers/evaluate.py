@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
 from .data import token_batches
 
 __all__ = ["perplexity", "mean_nll", "model_size_bytes"]
@@ -25,7 +26,7 @@ def mean_nll(model: nn.Module, ids: Tensor, window: int = 512, batch_size: int =
              bos_token_id: int | None = 0, progress: bool = False) -> float:
     """Mean next-token negative log-likelihood (nats) over the windows of ``ids`` (1-D)."""
     if ids.dim() != 1 or ids.numel() < window:
-        raise ValueError(f"ids must be 1-D with at least window={window} tokens, got {tuple(ids.shape)}")
+        raise ArgumentError(f"ids must be 1-D with at least window={window} tokens, got {tuple(ids.shape)}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

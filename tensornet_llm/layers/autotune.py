@@ -18,6 +18,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
 from .base import TensorNetworkLinear
 from .contract import NetworkSpec, batch_bucket, tune_strategy
 from .quantized import QuantizedTensorNetworkLinear
@@ -70,20 +71,20 @@ def autotune(
     if isinstance(batch_sizes, int) or not batch_sizes or any(
         not isinstance(b, int) or b < 1 for b in batch_sizes
     ):
-        raise ValueError(
+        raise ArgumentError(
             f"batch_sizes must be a non-empty sequence of ints >= 1, got {batch_sizes!r}"
         )
     if not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        raise ArgumentError(f"repeats must be an int >= 1, got {repeats!r}")
     if not min_seconds >= 0:
-        raise ValueError(f"min_seconds must be >= 0, got {min_seconds!r}")
+        raise ArgumentError(f"min_seconds must be >= 0, got {min_seconds!r}")
     # Layers with the same timing key share one measurement: (first such layer, all names).
     groups: dict[tuple, tuple[nn.Module, list[str]]] = {}
     for name, module in model.named_modules():
         if isinstance(module, (TensorNetworkLinear, QuantizedTensorNetworkLinear)):
             groups.setdefault((*_shape_key(module), type(module)), (module, []))[1].append(name)
     if not groups:
-        raise ValueError("model has no tensor-network layers to tune: run compactify first")
+        raise ArgumentError("model has no tensor-network layers to tune: run compactify first")
     rows = []
     buckets = sorted({batch_bucket(b) for b in batch_sizes})
     with torch.no_grad():

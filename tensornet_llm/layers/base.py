@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ArgumentError, ArgumentTypeError
 from .contract import NetworkSpec, Strategy, reconstruct, tn_linear
 from .decompose import BondSpectrum
 from .factorize import factorize
@@ -37,7 +38,7 @@ def is_linear_like(module: nn.Module) -> bool:
 def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """``(weight, bias)`` of a linear-like module, weight always as ``(out_features, in_features)``."""
     if not is_linear_like(module):
-        raise TypeError(
+        raise ArgumentTypeError(
             f"module must be nn.Linear or transformers' Conv1D, got {type(module).__name__}"
         )
     weight = module.weight.t() if _is_conv1d(module) else module.weight
@@ -46,7 +47,7 @@ def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -60,11 +61,11 @@ def _resolve_shape(
     if len(shape) != n_sites or any(
         isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape
     ):
-        raise ValueError(
+        raise ArgumentError(
             f"{name} must be {n_sites} positive integers (one per site), got {shape!r}"
         )
     if math.prod(shape) != features:
-        raise ValueError(
+        raise ArgumentError(
             f"{name}={shape} multiplies to {math.prod(shape)}, but the layer has {features} "
             f"features; the product must equal the feature count"
         )
@@ -114,7 +115,7 @@ class TensorNetworkLinear(nn.Module):
         self.out_features = _check_int("out_features", out_features, 1)
         self.chi = _check_int("chi", chi, 1)
         if strategy not in ("auto", "network", "dense"):
-            raise ValueError(f"strategy must be 'auto', 'network' or 'dense', got {strategy!r}")
+            raise ArgumentError(f"strategy must be 'auto', 'network' or 'dense', got {strategy!r}")
         self.strategy: Strategy = strategy
         (self.n_sites, self.in_shape, self.padded_in, self.out_shape, self.padded_out,
          self.spec) = self._geometry(in_features, out_features, chi, n_sites, in_shape, out_shape,
@@ -145,7 +146,7 @@ class TensorNetworkLinear(nn.Module):
             n_sites = given[0] if given else 3
         _check_int("n_sites", n_sites, 1)
         if any(g != n_sites for g in given):
-            raise ValueError(
+            raise ArgumentError(
                 f"n_sites={n_sites} disagrees with the length of in_shape/out_shape ({given})"
             )
         in_shape, padded_in = _resolve_shape("in_shape", in_features, in_shape, n_sites)
@@ -159,7 +160,7 @@ class TensorNetworkLinear(nn.Module):
             if len(bond_dims) != len(limits) or any(
                 not 1 <= b <= lim for b, lim in zip(bond_dims, limits)
             ):
-                raise ValueError(
+                raise ArgumentError(
                     f"bond_dims must be {len(limits)} integers with 1 <= bond_dims[k] <= {limits}, "
                     f"got {bond_dims}"
                 )
@@ -273,9 +274,9 @@ class TensorNetworkLinear(nn.Module):
     ) -> "TensorNetworkLinear":
         """Like :meth:`from_linear`, from a weight ``(out_features, in_features)`` and bias."""
         if weight.dim() != 2:
-            raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+            raise ArgumentError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
         if tol is not None and not (isinstance(tol, (int, float)) and 0 <= tol < 1):
-            raise ValueError(f"tol must be a float in [0, 1) or None, got {tol!r}")
+            raise ArgumentError(f"tol must be a float in [0, 1) or None, got {tol!r}")
         out_features, in_features = weight.shape
         n_sites, in_shape, padded_in, out_shape, padded_out, _ = cls._geometry(
             in_features, out_features, _check_int("chi", chi, 1), n_sites, in_shape, out_shape,
@@ -305,7 +306,7 @@ class TensorNetworkLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x (..., in_features) -> (..., out_features)``."""
         if x.shape[-1] != self.in_features:
-            raise ValueError(
+            raise ArgumentError(
                 f"input's last dimension must be in_features={self.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
@@ -412,7 +413,7 @@ class TensorNetworkLinear(nn.Module):
         if list(layer.in_shape) != list(layout["in_shape"]) or list(layer.out_shape) != list(
             layout["out_shape"]
         ):
-            raise ValueError(f"layout's padded shapes cannot be reproduced: {layout}")
+            raise ArgumentError(f"layout's padded shapes cannot be reproduced: {layout}")
         return layer
 
     def extra_repr(self) -> str:

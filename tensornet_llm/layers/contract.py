@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import ArgumentError
+
 __all__ = [
     "NetworkSpec",
     "ContractionPlan",
@@ -273,7 +275,7 @@ def tune_strategy(
         ``{"network": seconds, "dense": seconds}`` per call.
     """
     if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise ArgumentError(f"repeats must be >= 1, got {repeats}")
     ref = cores[0]
     bucket = batch_bucket(max(int(batch), 1))
     x = torch.randn(bucket, in_features, device=ref.device, dtype=ref.dtype)
@@ -405,7 +407,7 @@ def tn_linear(
         weight = reconstruct(spec, cores)[:out_features, :in_features]
         return F.linear(x, weight, bias)
     if strategy != "network":
-        raise ValueError(f"strategy must be 'auto', 'network' or 'dense', got {strategy!r}")
+        raise ArgumentError(f"strategy must be 'auto', 'network' or 'dense', got {strategy!r}")
     if spec.in_size != in_features:  # zero-pad the input legs; the padded columns never count
         x2 = F.pad(x2, (0, spec.in_size - in_features))
     y = contract_network(spec, x2, cores, plan)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+from ..errors import ArgumentError
+
 __all__ = ["factorize", "balanced_factors", "centre_heavy", "prime_factors"]
 
 
@@ -63,7 +65,7 @@ def balanced_factors(n: int, n_sites: int) -> tuple[int, ...]:
     the sizes found in neural networks.
     """
     if n < 1 or n_sites < 1:
-        raise ValueError(f"n and n_sites must be >= 1, got n={n}, n_sites={n_sites}")
+        raise ArgumentError(f"n and n_sites must be >= 1, got n={n}, n_sites={n_sites}")
     divisors = _divisors(n)
     best: tuple[float, tuple[int, ...]] | None = None
 
@@ -123,9 +125,9 @@ def factorize(n: int, n_sites: int, allow_padding: bool = True) -> tuple[tuple[i
     unless ``n`` has no balanced factorisation and ``allow_padding`` is true (see module docs).
     """
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"feature size must be a positive integer, got {n!r}")
+        raise ArgumentError(f"feature size must be a positive integer, got {n!r}")
     if not isinstance(n_sites, int) or n_sites < 1:
-        raise ValueError(f"n_sites must be an integer >= 1, got {n_sites!r}")
+        raise ArgumentError(f"n_sites must be an integer >= 1, got {n_sites!r}")
     exact = balanced_factors(n, n_sites)
     if not allow_padding or n_sites == 1 or _balanced_enough(exact, n, n_sites):
         return centre_heavy(exact), n

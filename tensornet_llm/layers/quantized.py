@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ArgumentError
 from .base import TensorNetworkLinear, linear_weight
 from .contract import tn_linear
 from .layout import METHODS
@@ -72,7 +73,7 @@ def quantize_tensor(
         holding two 4-bit codes per byte; ``scale``: float16 ``(channels, groups)``.
     """
     if bits not in (8, 4):
-        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+        raise ArgumentError(f"bits must be 8 or 4, got {bits!r}")
     rows = _rows(t.detach().float(), channel_dim)
     length, group, padded = _grouping(tuple(t.shape), channel_dim, group_size)
     rows = F.pad(rows, (0, padded - length))

@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ..errors import ArgumentError
+
 __all__ = ["TreeNode", "binary_tree"]
 
 
@@ -42,7 +44,7 @@ class TreeNode:
 def binary_tree(n_sites: int) -> tuple[TreeNode, ...]:
     """Balanced binary tree over ``n_sites`` leaves, nodes in post-order (root last)."""
     if n_sites < 1:
-        raise ValueError(f"n_sites must be >= 1, got {n_sites}")
+        raise ArgumentError(f"n_sites must be >= 1, got {n_sites}")
     nodes: list[TreeNode] = []
 
     def build(start: int, stop: int) -> int:

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from ..helpers.files import atomic_directory
+from ..errors import ArgumentError, CheckpointError, InputFileError
+from ..helpers.files import MARKER, atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
 from ..layers.layout import METHODS
 from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
@@ -34,6 +35,9 @@ __all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_
 STRUCTURE_FILE = "tensornet.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_VERSION = 1
+#: File names a save writes itself (``files=`` may not use them).
+RESERVED = frozenset({STRUCTURE_FILE, WEIGHTS_FILE, "config.json", "generation_config.json",
+                      MARKER})
 
 
 def tensor_network_modules(model: nn.Module) -> dict[str, TensorNetworkLinear]:
@@ -56,22 +60,36 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 
 
 def save_compactified(
-    model: nn.Module, save_directory: str | os.PathLike, tokenizer: Any = None, **extra: Any
+    model: nn.Module, save_directory: str | os.PathLike, tokenizer: Any = None, *,
+    overwrite: bool = False, files: Mapping[str, str | bytes] | None = None, **extra: Any
 ) -> Path:
     """Save ``model`` (compactified or not) so that :func:`load_compactified` rebuilds it.
 
     Args:
         tokenizer: optionally saved alongside (``tokenizer.save_pretrained``).
+        overwrite: replace ``save_directory`` even if it is not a previous output of this
+            library. Without it, an existing directory is replaced only if it is empty or was
+            written by this library (a previous save, say); anything else is refused before any
+            work, with :class:`~tensornet_llm.errors.OutputExistsError`.
+        files: more files to write into the directory, ``{name: text or bytes}`` (a report,
+            say); they are part of the same all-or-nothing write.
         extra: JSON-serialisable entries added to ``tensornet.json`` (e.g. the compactify
             settings).
 
     The directory is written to a temporary sibling first and renamed into place, so a failed
-    save never leaves a half-written directory. Returns the directory path.
+    or interrupted save never leaves a half-written directory, and a previous output is replaced
+    only once the new one is complete. Returns the directory path.
     """
     target = Path(save_directory)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
-        raise ValueError("model must be a Hugging Face PreTrainedModel with a config")
+        raise ArgumentError("model must be a Hugging Face PreTrainedModel with a config")
+    files = dict(files or {})
+    for name in files:
+        if not isinstance(name, str) or not name or Path(name).name != name or name in RESERVED:
+            raise ArgumentError(f"files: {name!r} is not a plain file name the save may use "
+                                f"(reserved: {sorted(RESERVED)})")
+    check_output(target, overwrite, known=(STRUCTURE_FILE,))
     state, aliases = _dedupe(model.state_dict())
     structure = {
         "format_version": FORMAT_VERSION,
@@ -83,7 +101,7 @@ def save_compactified(
     }
     from safetensors.torch import save_file
 
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, overwrite, known=(STRUCTURE_FILE,)) as tmp:
         config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -92,8 +110,46 @@ def save_compactified(
                   metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, content in files.items():
+            path = tmp / name
+            path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
         (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
     return target
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _read_structure(directory: Path) -> dict[str, Any]:
+    """``tensornet.json`` of a saved directory, checked to be what :func:`save_compactified`
+    writes."""
+    path = directory / STRUCTURE_FILE
+    if not directory.is_dir():
+        raise InputFileError(f"{directory} is not a directory")
+    if not path.is_file():
+        raise InputFileError(f"{directory} has no {STRUCTURE_FILE}: not saved by save_compactified")
+    try:
+        structure = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({_first_line(exc)})") from exc
+    if not isinstance(structure, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(structure).__name__}")
+    if structure.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported format_version "
+                              f"{structure.get('format_version')!r} (this version reads "
+                              f"{FORMAT_VERSION})")
+    for key in ("modules", "quantized", "aliases"):
+        value = structure.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise CheckpointError(f"{path}: {key!r} must map module names to entries")
+    if not all(isinstance(v, str) for v in structure.get("aliases", {}).values()):
+        raise CheckpointError(f"{path}: 'aliases' must map tensor names to tensor names")
+    for key in ("modules", "quantized"):
+        if not all(isinstance(v, dict) for v in structure.get(key, {}).values()):
+            raise CheckpointError(f"{path}: every {key!r} entry must be a JSON object")
+    return structure
 
 
 def _model_class(config, model_class, saved_architecture: str | None):
@@ -107,7 +163,7 @@ def _model_class(config, model_class, saved_architecture: str | None):
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    raise ValueError(
+    raise ArgumentError(
         f"cannot tell the model class from config.architectures={archs!r}; pass model_class="
     )
 
@@ -133,34 +189,52 @@ def load_compactified(
     from transformers import AutoConfig, GenerationConfig
 
     directory = Path(directory)
-    structure_path = directory / STRUCTURE_FILE
-    if not structure_path.is_file():
-        raise FileNotFoundError(f"{directory} has no {STRUCTURE_FILE}: not saved by save_compactified")
-    structure = json.loads(structure_path.read_text())
-    if structure.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported {STRUCTURE_FILE} format {structure.get('format_version')!r}")
-    config = AutoConfig.from_pretrained(directory)
+    structure = _read_structure(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{directory / 'config.json'}: cannot be read ({_first_line(exc)})"
+                              ) from exc
     cls = _model_class(config, model_class, structure.get("architecture"))
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
-    for name, layout in structure["modules"].items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, METHODS[layout["method"]].from_layout(layout, device="meta"))
-    for name, layout in structure.get("quantized", {}).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QUANTIZED_TYPES[layout["kind"]].from_layout(layout))
-    state = load_file(directory / WEIGHTS_FILE, device=str(device) if device else "cpu")
-    for alias, source in structure.get("aliases", {}).items():
+    where = directory / STRUCTURE_FILE
+    for section, build in (("modules", lambda l: METHODS[l["method"]].from_layout(l, device="meta")),
+                           ("quantized", lambda l: QUANTIZED_TYPES[l["kind"]].from_layout(l))):
+        for name, layout in structure.get(section, {}).items():
+            try:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                getattr(parent, child)  # the module must exist in this architecture
+                setattr(parent, child, build(layout))
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{where}: {section} entry {name!r} does not fit "
+                                      f"{cls.__name__} ({_first_line(exc)})") from exc
+    weights = directory / WEIGHTS_FILE
+    try:
+        state = load_file(weights, device=str(device) if device else "cpu")
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{weights}: missing") from exc
+    except Exception as exc:  # safetensors raises its own SafetensorError (not importable here)
+        raise CheckpointError(f"{weights}: cannot be read ({_first_line(exc)})") from exc
+    aliases = structure.get("aliases", {})
+    missing_sources = sorted({s for s in aliases.values() if s not in state})
+    if missing_sources:
+        raise CheckpointError(f"{where}: aliases name tensors {missing_sources[:3]} that "
+                              f"{WEIGHTS_FILE} does not hold")
+    for alias, source in aliases.items():
         state[alias] = state[source]
-    model.load_state_dict(state, strict=True, assign=True)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{weights} does not match {where} and config.json "
+                              f"({_first_line(exc)})") from exc
     # Quantized tables are tied through the aliases alone (their weights are not parameters).
-    if structure.get("aliases") and hasattr(model, "tie_weights") and not structure.get("quantized"):
+    if aliases and hasattr(model, "tie_weights") and not structure.get("quantized"):
         model.tie_weights()
     on_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if on_meta:
-        raise RuntimeError(f"parameters missing from the checkpoint: {on_meta[:5]}")
+        raise CheckpointError(f"{weights}: parameters missing: {on_meta[:5]}")
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if dtype is not None:

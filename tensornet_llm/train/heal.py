@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..helpers.files import atomic_directory
+from ..errors import ArgumentError, ArgumentTypeError
+from ..helpers.files import atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
 from ..compress.calibrate import as_batches
 
@@ -82,7 +83,7 @@ class HealConfig:
     def validate(self, has_teacher: bool) -> None:
         def check(name: str, ok: bool, allowed: str) -> None:
             if not ok:
-                raise ValueError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+                raise ArgumentError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
 
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -111,9 +112,9 @@ class HealConfig:
         check("checkpoint_every", is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
               "an integer >= 1")
         if not has_teacher and ((self.distill_weight or 0) > 0 or self.hidden_weight > 0):
-            raise ValueError("distill_weight and hidden_weight need a teacher= model")
+            raise ArgumentError("distill_weight and hidden_weight need a teacher= model")
         if self.ce_weight == 0 and not has_teacher:
-            raise ValueError("ce_weight=0 leaves no loss without a teacher= model")
+            raise ArgumentError("ce_weight=0 leaves no loss without a teacher= model")
 
 
 @dataclass
@@ -144,7 +145,7 @@ def trainable_parameters(model: nn.Module, train: Train = "all") -> list[nn.Para
     cores = {id(c): c for m in model.modules() if isinstance(m, TensorNetworkLinear)
              for c in m.cores}
     if not cores:
-        raise ValueError("train='cores' but the model has no tensor-network layers (compactify it first)")
+        raise ArgumentError("train='cores' but the model has no tensor-network layers (compactify it first)")
     return list(cores.values())
 
 
@@ -228,14 +229,17 @@ def heal(
         else HealConfig()
     unknown = set(options) - {f.name for f in fields(HealConfig)}
     if unknown:
-        raise TypeError(f"heal() got unknown options {sorted(unknown)}; allowed: "
+        raise ArgumentTypeError(f"heal() got unknown options {sorted(unknown)}; allowed: "
                         f"{[f.name for f in fields(HealConfig)]}")
     for key, value in {"steps": steps, "lr": lr, **options}.items():
         if value is not None or key in options:
             setattr(cfg, key, value)
     cfg.validate(teacher is not None)
     if teacher is model:
-        raise ValueError("teacher must be a separate (dense) model, not the model being healed")
+        raise ArgumentError("teacher must be a separate (dense) model, not the model being healed")
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+    if ckpt is not None:  # a directory that is not a checkpoint is refused before training
+        check_output(ckpt, known=(PROGRESS_FILE,))
     data = as_batches(batches)
     params = trainable_parameters(model, cfg.train)
     distill = (1.0 if teacher is not None else 0.0) if cfg.distill_weight is None \
@@ -268,7 +272,6 @@ def heal(
         teacher.to(accelerator.device).eval().requires_grad_(False)
 
     result = HealResult(mixed_precision=precision)
-    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
     if ckpt is not None and (ckpt / PROGRESS_FILE).is_file():
         accelerator.load_state(str(ckpt))
         saved = json.loads((ckpt / PROGRESS_FILE).read_text())
@@ -277,7 +280,7 @@ def heal(
         result.resumed_from = len(result.losses)
 
     def save_checkpoint() -> None:
-        with atomic_directory(ckpt) as tmp:
+        with atomic_directory(ckpt, known=(PROGRESS_FILE,)) as tmp:
             accelerator.save_state(str(tmp), safe_serialization=False)
             (tmp / PROGRESS_FILE).write_text(json.dumps(result.to_dict()))
 

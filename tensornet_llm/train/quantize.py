@@ -13,6 +13,7 @@ from typing import Iterable
 
 from torch import nn
 
+from ..errors import ArgumentError
 from ..compress.targets import check_pattern, matches
 from ..layers.base import TensorNetworkLinear, is_linear_like
 from ..layers.quantized import (
@@ -47,13 +48,13 @@ class QuantizeConfig:
 
     def validate(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in (8, 4):
-            raise ValueError(f"bits must be 8 or 4, got {self.bits!r}")
+            raise ArgumentError(f"bits must be 8 or 4, got {self.bits!r}")
         g = self.group_size
         if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2):
-            raise ValueError(f"group_size must be None or an even integer >= 2, got {g!r}")
+            raise ArgumentError(f"group_size must be None or an even integer >= 2, got {g!r}")
         for flag in ("cores", "dense", "embeddings"):
             if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+                raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
             self.exclude = (self.exclude,)
         self.exclude = tuple(check_pattern(p, "exclude") for p in self.exclude)
