@@ -20,7 +20,7 @@ API = Path(__file__).with_name("api.md")
 ROOMS = {
     "compress": ["compactify", "report", "budget", "calibrate", "fit", "targets", "sensitivity",
                  "entanglement", "profiling", "plots"],
-    "train": ["heal", "quantize"],
+    "train": ["heal", "quantize", "lora"],
     "saving": ["serialization"],
     "layers": ["mpo", "ttns", "base", "layout", "quantized", "autotune", "factorize",
                "decompose", "tree", "contract"],

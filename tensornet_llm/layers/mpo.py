@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
+from ..errors import ArgumentError
 from .base import TensorNetworkLinear
 from .contract import NetworkSpec
 from .decompose import BondSpectrum, mpo_bond_dims, tt_svd
@@ -90,3 +92,43 @@ class MPOLinear(TensorNetworkLinear):
     @staticmethod
     def _bond_dims_of(cores: Sequence[Tensor]) -> list[int]:
         return [int(c.shape[-1]) for c in cores[:-1]]
+
+    # ----- the low-rank layout: W = U V --------------------------------------------------------
+    @property
+    def is_low_rank(self) -> bool:
+        """Whether this is the low-rank layout (two sites, the whole output leg on the first and
+        the whole input leg on the second): ``W = U V`` with ``U = cores[0] (out, r)`` and
+        ``V = cores[1] (r, in)``."""
+        return (self.n_sites == 2 and self.in_shape[0] == 1 and self.out_shape[1] == 1
+                and self.padded_in == self.in_features and self.padded_out == self.out_features)
+
+    def _require_low_rank(self, what: str) -> None:
+        if not self.is_low_rank:
+            raise ArgumentError(f"{what} needs the low-rank layout (W = U V), not "
+                                f"in_shape={self.in_shape}, out_shape={self.out_shape}")
+
+    @torch.no_grad()
+    def append_factors_(self, left: Tensor, right: Tensor) -> None:
+        """``W <- W + left @ right`` exactly, by growing the rank: ``U <- [U, left]``,
+        ``V <- [V; right]`` (``left (out, k)``, ``right (k, in)``). The cores become new
+        parameters (an optimizer holding the old ones must be rebuilt)."""
+        self._require_low_rank("append_factors_")
+        out_f, in_f = self.out_features, self.in_features
+        k = left.shape[-1]
+        if left.shape != (out_f, k) or right.shape != (k, in_f):
+            raise ArgumentError(f"factors must be (out={out_f}, k) and (k, in={in_f}), got "
+                                f"{tuple(left.shape)} and {tuple(right.shape)}")
+        u, v = self.cores
+        self._set_cores([
+            torch.cat([u, left.to(u).reshape(1, out_f, 1, k)], dim=-1),
+            torch.cat([v, right.to(v).reshape(k, 1, in_f, 1)], dim=0),
+        ])
+
+    @torch.no_grad()
+    def truncate_bond_(self, rank: int) -> None:
+        """Keep the first ``rank`` terms of ``W = U V`` (undoes :meth:`append_factors_`)."""
+        self._require_low_rank("truncate_bond_")
+        if not 1 <= rank <= self.bond_dims[0]:
+            raise ArgumentError(f"rank must be in [1, {self.bond_dims[0]}], got {rank}")
+        u, v = self.cores
+        self._set_cores([u[..., :rank].clone(), v[:rank].clone()])

@@ -305,8 +305,10 @@ class QuantizedTensorNetworkLinear(QuantizedModule):
     def forward(self, x: Tensor) -> Tensor:
         s = self.structure
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        # The skeleton lives on the meta device: its table is decided for where the codes are.
+        table = s.dispatch_table(self.qcores[0].codes.device, x.dtype)
         return tn_linear(x, s.spec, s._operands(self.cores(x.dtype)), bias, s.in_features,
-                         s.out_features, s.strategy)
+                         s.out_features, table=table)
 
     def layout(self) -> dict[str, Any]:
         return {"kind": self.kind, "network": self.structure.layout(),

@@ -1,0 +1,220 @@
+"""Generation speed of compactified SmolLM2-135M against the dense model, end to end.
+
+    python benchmarks/bench_generate.py                       # the full grid (long)
+    python benchmarks/bench_generate.py --keep 0.8 0.5 --batch 1 --modes eager --dtypes float32
+
+For every model (dense; ``compactify(model, ratio=keep)`` at each ``--keep`` with the default
+layouts; a 3-site MPO and a TTNS model at ``--single-keep``), every batch size, mode (``eager``,
+or ``compiled``: ``torch.compile`` of the forward with a static KV cache) and dtype, it times
+greedy ``generate`` from a ``--prompt``-token prompt:
+
+* **prefill**: ``generate(max_new_tokens=1)``, tokens per second of prompt;
+* **decode**: ``(generate(max_new_tokens=1 + N) - prefill) / N`` per new token.
+
+Models are interleaved round by round (every model runs once per round, in the same process) and
+the fastest of ``--rounds`` rounds counts for each, so drift and interference hit all alike.
+Ratios are against the dense model in the same configuration; beside each decode ratio stands
+its ceiling, dense bytes read per decoded token over the model's (every weight that a token's
+forward pass reads: the linear layers and cores, the LM head; an embedding lookup reads one
+row), which is what a memory-bound decode can gain at most. Speed does not depend on the values
+of the weights, so the models are compressed without calibration. Writes
+``docs/results/bench_generate.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensornet_llm import compactify
+from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
+from tensornet_llm.helpers.models import load_smollm2
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decoded token reads: every parameter and buffer once (tied tensors
+    once), less the input embedding table, of which a token reads one row (unless the table is
+    also the LM head, which reads all of it)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight.data_ptr() != embed.data_ptr():
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def build_models(keeps: list[float], single_keep: float | None) -> dict[str, nn.Module]:
+    dense, _ = load_smollm2()
+    models = {"dense": dense}
+    for keep in keeps:
+        model = copy.deepcopy(dense)
+        compactify(model, ratio=keep, progress=False)
+        models[f"keep {keep:.0%}"] = model
+    if single_keep is not None:
+        for method, n_sites in (("mpo", 3), ("ttns", 4)):
+            model = copy.deepcopy(dense)
+            compactify(model, ratio=single_keep, method=method, n_sites=n_sites,
+                       low_rank=False, progress=False)
+            models[f"{method} keep {single_keep:.0%}"] = model
+    return {k: m.eval() for k, m in models.items()}
+
+
+def generate_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int, static: bool
+                     ) -> float:
+    kwargs = {"cache_implementation": "static"} if static else {}
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=0, **kwargs)
+    return time.perf_counter() - start
+
+
+def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, rounds: int,
+               mode: str, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """Fastest prefill and per-token decode seconds of every model, interleaved by round."""
+    ready = {}
+    for name, model in models.items():
+        model = model.to(dtype)
+        if mode == "compiled":
+            model = copy.copy(model)  # a shallow copy carries the compiled forward alone
+            model.forward = torch.compile(model.forward, dynamic=True)
+        ready[name] = model
+    best = {name: {"prefill": float("inf"), "total": float("inf")} for name in ready}
+    static = mode == "compiled"
+    with torch.inference_mode():
+        for name, model in ready.items():  # warm-up (and compilation)
+            generate_seconds(model, prompt, 2, static)
+        for _ in range(rounds):
+            for name, model in ready.items():
+                best[name]["prefill"] = min(best[name]["prefill"],
+                                            generate_seconds(model, prompt, 1, static))
+                best[name]["total"] = min(best[name]["total"],
+                                          generate_seconds(model, prompt, 1 + new_tokens, static))
+    for name, model in models.items():
+        model.to(torch.float32)
+    return {name: {"prefill": b["prefill"],
+                   "decode": max(b["total"] - b["prefill"], 1e-9) / new_tokens}
+            for name, b in best.items()}
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
+    (out / "bench_generate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = ["# Generation speed against dense (SmolLM2-135M)", "",
+             f"Greedy `generate` from a {meta['prompt']}-token prompt; decode is per new token "
+             f"over {meta['new_tokens']} new tokens; fastest of {meta['rounds']} interleaved rounds, "
+             f"{meta['threads']} CPU threads ({meta['machine']}). Ratios are dense time over the "
+             "model's time (above 1: faster than dense); the ceiling is dense bytes read per "
+             "decoded token over the model's. Models compressed with "
+             "`compactify(model, ratio=keep)` (default layouts, no calibration: speed does not "
+             "depend on the weights' values). Written by `benchmarks/bench_generate.py`.", "",
+             "| model | batch | mode | dtype | prefill tok/s | prefill vs dense | decode tok/s | "
+             "decode vs dense | decode ceiling | of ceiling |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ceiling = r["ceiling"]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['mode']} | {r['dtype']} | "
+            f"{r['prefill_tokens_per_s']:.0f} | {r['prefill_ratio']:.2f}x | "
+            f"{r['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | {ceiling:.2f}x | "
+            f"{(r['decode_ratio'] - 1) / (ceiling - 1):.0%} |" if ceiling > 1.001 else
+            f"| {r['model']} | {r['batch']} | {r['mode']} | {r['dtype']} | "
+            f"{r['prefill_tokens_per_s']:.0f} | {r['prefill_ratio']:.2f}x | "
+            f"{r['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | {ceiling:.2f}x | |")
+    lines += ["", "\"of ceiling\": the share of the possible decode gain reached, "
+              "(ratio - 1) / (ceiling - 1)."]
+    (out / "bench_generate.md").write_text("\n".join(lines) + "\n")
+    plot(out / "bench_generate.png", rows)
+
+
+def plot(path: Path, rows: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    configs = sorted({(r["batch"], r["mode"], r["dtype"]) for r in rows})
+    fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4.2), squeeze=False)
+    for ax, (batch, mode, dtype) in zip(axes[0], configs):
+        sel = [r for r in rows if (r["batch"], r["mode"], r["dtype"]) == (batch, mode, dtype)
+               and r["model"] != "dense"]
+        x = range(len(sel))
+        ax.bar([i - 0.2 for i in x], [r["prefill_ratio"] for r in sel], 0.4, label="prefill")
+        ax.bar([i + 0.2 for i in x], [r["decode_ratio"] for r in sel], 0.4, label="decode")
+        ax.scatter([i + 0.2 for i in x], [r["ceiling"] for r in sel], marker="_", s=400,
+                   color="black", label="decode ceiling", zorder=3)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks(list(x), [r["model"] for r in sel], rotation=30, ha="right")
+        ax.set_title(f"batch {batch}, {mode}, {dtype}")
+        ax.set_ylabel("speed vs dense (x)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.5])
+    parser.add_argument("--single-keep", type=float, default=0.5,
+                        help="keep of the 3-site MPO and TTNS models (0 to skip them)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"],
+                        choices=["eager", "compiled"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=DTYPES)
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens (default 64)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    args = parser.parse_args()
+
+    models = build_models(args.keep, args.single_keep or None)
+    _, tokenizer = load_smollm2()
+    ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
+    ceilings = {name: decode_bytes(models["dense"]) / decode_bytes(m) for name, m in models.items()}
+    meta = {"prompt": args.prompt, "new_tokens": args.new_tokens, "rounds": args.rounds,
+            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__}
+    rows = []
+    for dtype in args.dtypes:
+        for mode in args.modes:
+            for batch in args.batch:
+                prompt = ids[: batch * args.prompt].reshape(batch, args.prompt)
+                print(f"batch {batch}, {mode}, {dtype} ...", flush=True)
+                times = run_config(models, prompt, args.new_tokens, args.rounds, mode,
+                                   DTYPES[dtype])
+                dense = times["dense"]
+                for name, t in times.items():
+                    rows.append({
+                        "model": name, "batch": batch, "mode": mode, "dtype": dtype,
+                        "prefill_s": t["prefill"], "decode_s": t["decode"],
+                        "prefill_tokens_per_s": batch * args.prompt / t["prefill"],
+                        "decode_tokens_per_s": batch / t["decode"],
+                        "prefill_ratio": dense["prefill"] / t["prefill"],
+                        "decode_ratio": dense["decode"] / t["decode"],
+                        "ceiling": ceilings[name],
+                    })
+                    print(json.dumps(rows[-1]), flush=True)
+                gc.collect()
+                args.out.mkdir(parents=True, exist_ok=True)
+                write(args.out, meta, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""peft LoRA adapters on tensor-network layers: targeted like any module, only the adapters train,
+peft saves and loads them, merging is exact into low-rank layers and refused elsewhere."""
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from models import build, inputs  # noqa: E402
+from tensornet_llm import (  # noqa: E402
+    MPOLinear, TTNSLinear, compactify, load_compactified, load_lora_config, lora_config, quantize,
+    save_compactified,
+)
+from tensornet_llm.train.lora import MergeNotExactError, TensorNetworkLoraLinear  # noqa: E402
+
+
+def compressed(kind: str):
+    model = build("llama")
+    compactify(model, chi=4, method=kind, n_sites=3 if kind == "mpo" else 4, progress=False)
+    return model
+
+
+def trained(model, steps: int = 3):
+    """A few AdamW steps on the adapters; returns the loss before and after."""
+    batch = inputs("llama")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch, labels=batch["input_ids"]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("kind", ["mpo", "ttns", "low-rank"])
+def test_adapters_go_on_every_layer_kind_and_only_they_train(kind):
+    model = compressed(kind)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    peft_model = peft.get_peft_model(model, lora_config(r=4, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False))
+    wrapped = [m for m in peft_model.modules() if isinstance(m, TensorNetworkLoraLinear)]
+    assert len(wrapped) == 4  # q and v of both blocks
+    assert all(isinstance(m.get_base_layer(), (MPOLinear, TTNSLinear)) for m in wrapped)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    trained(peft_model)
+    for name, p in peft_model.named_parameters():
+        if "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base[key]), name  # the compressed model is untouched
+
+
+def test_adapters_save_and_load_with_peft(tmp_path):
+    model = compressed("mpo")
+    save_compactified(model, tmp_path / "model")
+    peft_model = peft.get_peft_model(model, lora_config(r=4, target_modules=["q_proj", "o_proj"],
+                                                        init_lora_weights=False))
+    trained(peft_model, steps=2)
+    batch = inputs("llama")
+    expected = peft_model(**batch).logits
+    peft_model.save_pretrained(tmp_path / "adapters")
+    again = peft.PeftModel.from_pretrained(load_compactified(tmp_path / "model"),
+                                           tmp_path / "adapters",
+                                           config=load_lora_config(tmp_path / "adapters"))
+    torch.testing.assert_close(again(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_into_a_low_rank_layer_is_exact_and_unmerges():
+    model = compressed("low-rank")
+    peft_model = peft.get_peft_model(model, lora_config(r=3, target_modules=["q_proj"],
+                                                        init_lora_weights=False))
+    batch = inputs("llama")
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+        layer = next(m for m in peft_model.modules() if isinstance(m, TensorNetworkLoraLinear))
+        rank = layer.get_base_layer().bond_dims[0]
+        layer.merge()
+        assert layer.get_base_layer().bond_dims[0] == rank + 3  # rank r + lora_r
+        for other in peft_model.modules():
+            if isinstance(other, TensorNetworkLoraLinear) and other is not layer:
+                other.merge()
+        torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+        assert layer.get_base_layer().bond_dims[0] == rank
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, TensorNetworkLoraLinear) for m in merged.modules())
+
+
+@pytest.mark.parametrize("kind", ["mpo", "ttns", "quantized"])
+def test_merging_that_cannot_be_exact_is_refused(kind):
+    model = compressed("mpo" if kind == "quantized" else kind)
+    if kind == "quantized":
+        quantize(model, bits=8)
+    peft_model = peft.get_peft_model(model, lora_config(r=2, target_modules=["q_proj"],
+                                                        init_lora_weights=False))
+    batch = inputs("llama")
+    with torch.no_grad():
+        before = peft_model(**batch).logits
+    with pytest.raises(MergeNotExactError, match="cannot be merged exactly"):
+        peft_model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, before)  # nothing half-merged
+
+
+def test_a_quantized_compressed_model_trains_adapters():
+    model = compressed("mpo")
+    quantize(model, bits=8)
+    peft_model = peft.get_peft_model(model, lora_config(r=4, target_modules=["q_proj", "v_proj"]))
+    losses = trained(peft_model, steps=4)
+    assert losses[-1] < losses[0]
