@@ -36,6 +36,7 @@ from torch import nn
 
 from tensornet_llm import compactify
 from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
+from tensornet_llm.helpers.evaluate import model_size_bytes
 from tensornet_llm.helpers.models import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,17 +47,10 @@ def decode_bytes(model: nn.Module) -> int:
     """Bytes of weights one decoded token reads: every parameter and buffer once (tied tensors
     once), less the input embedding table, of which a token reads one row (unless the table is
     also the LM head, which reads all of it)."""
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    if head is None or head.weight.data_ptr() != embed.data_ptr():
-        total -= embed.numel() * embed.element_size()
-    return total
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    return model_size_bytes(model) - (0 if tied else embed.numel() * embed.element_size())
 
 
 def build_models(keeps: list[float], single_keep: float | None) -> dict[str, nn.Module]:

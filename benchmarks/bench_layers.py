@@ -84,6 +84,8 @@ def run(grid: dict, budget_s: float, out_stem: str) -> list[dict]:
     for in_f, out_f in grid["shapes"]:
         linear = nn.Linear(in_f, out_f)
         for method, cls in METHODS.items():
+            if method not in grid.get("methods", METHODS):
+                continue
             for n_sites in grid["n_sites"]:
                 for chi in grid["chi"]:
                     layer = cls(in_f, out_f, chi, n_sites)
@@ -215,6 +217,13 @@ def write_markdown(rows: list[dict], summary: dict, path: Path, meta: dict) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small grid for a smoke run")
+    parser.add_argument("--shapes", nargs="+", help="only these shapes, e.g. 4096x11008")
+    parser.add_argument("--n-sites", type=int, nargs="+", help="only these site counts")
+    parser.add_argument("--chi", type=int, nargs="+", help="only these bond dimensions")
+    parser.add_argument("--tokens", type=int, nargs="+", help="only these token counts")
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="only these")
+    parser.add_argument("--stem", help="results file name (default: bench_layers, or "
+                        "bench_layers_quick with --quick)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
@@ -227,6 +236,13 @@ def main() -> None:
         grid = {"shapes": [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008)],
                 "n_sites": [3, 4], "chi": [16, 64], "tokens": [1, 16, 512, 2048]}
         stem, budget = "bench_layers", 0.3
+    for key in ("n_sites", "chi", "tokens"):
+        if getattr(args, key):
+            grid[key] = getattr(args, key)
+    if args.shapes:
+        grid["shapes"] = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    grid["methods"] = args.methods or sorted(METHODS)
+    stem = args.stem or stem
     meta = {"machine": f"{platform.processor() or platform.machine()}, "
             f"{torch.get_num_threads()} threads", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "grid": grid}

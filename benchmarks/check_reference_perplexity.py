@@ -1,4 +1,4 @@
-"""Check the perplexity protocol against the reference figure in ``data/README.md``.
+"""Check the perplexity protocol against the reference figure in ``tensornet_llm/helpers/texts/README.md``.
 
     python benchmarks/check_reference_perplexity.py
 

@@ -3,10 +3,11 @@
     tensornet-llm compress smollm2 --chi 64 --out smollm2-chi64
     tensornet-llm compress path/to/hf-model-dir --chi 32 --method ttns --exclude layers.0. --out out/
     tensornet-llm compress model.gguf --chi 48 --out out/
-    tensornet-llm compress smollm2 --ratio 0.8 --calibration austen_emma.txt --out smollm2-r80
-    tensornet-llm eval smollm2-r80 --text data/austen_persuasion.txt
-    tensornet-llm profile smollm2 --calibration austen_emma.txt --out smollm2-profile
-    tensornet-llm heal smollm2-r80 --text austen_emma.txt --steps 200 --teacher smollm2 --out healed
+    tensornet-llm compress smollm2 --ratio 0.8 --out smollm2-r80     # calibrated on the mixture
+    tensornet-llm eval smollm2-r80 --dense smollm2      # held-out perplexity of every domain
+    tensornet-llm eval smollm2-r80 --text austen_persuasion.txt
+    tensornet-llm profile smollm2 --out smollm2-profile
+    tensornet-llm heal smollm2-r80 --steps 200 --teacher smollm2 --out healed
     tensornet-llm quantize healed --bits 8 --out healed-int8
 
 MODEL is ``smollm2`` (the bundled SmolLM2-135M-Instruct), a GGUF file, a Hugging Face model
@@ -96,14 +97,16 @@ def _positive(value: str) -> int:
     return _chi(value)
 
 
-def _text_batches(model_name: str, tokenizer, text: str | list[str], n_tokens: int | None,
+def _text_batches(model_name: str, tokenizer, text: str | list[str] | None, n_tokens: int | None,
                   seq_len: int, batch_size: int, option: str) -> list:
     """Token windows ``(batch, seq_len + 1)`` of one text file or several, for calibration or
-    healing."""
-    from .helpers.data import text_batches
+    healing; without a text, the bundled mixture of every domain's fit part."""
+    from .helpers.data import healing_mix, text_batches
 
     if tokenizer is None:
         raise CliError(f"{model_name} has no tokenizer to read {option} with")
+    if text is None:
+        return healing_mix(tokenizer, n_tokens or 65536, seq_len, batch_size)
     names = [text] if isinstance(text, str) else text
     batches = text_batches(tokenizer, names, n_tokens, seq_len, batch_size)
     if not batches:
@@ -129,7 +132,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     _check_out(out, args.overwrite)
     model, tokenizer = load_any(args.model, DTYPES[args.dtype])
     calibration = None
-    if args.calibration:
+    if not args.no_calibration:  # a file, or by default the mixture of every domain's fit part
         calibration = _text_batches(args.model, tokenizer, args.calibration,
                                     args.calibration_tokens, 512, 4, "--calibration")
     report = compactify(
@@ -139,9 +142,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
     )
     print(report)
     settings = {"chi": args.chi, "ratio": args.ratio, "method": args.method, "n_sites": args.n_sites, "tol": args.tol,
-                "exclude": args.exclude, "source": args.model, "calibration": args.calibration,
-                "calibration_tokens": args.calibration_tokens if args.calibration else None,
-                "fit_steps": args.fit_steps if args.calibration else None,
+                "exclude": args.exclude, "source": args.model,
+                "calibration": None if args.no_calibration else args.calibration or "mixture",
+                "calibration_tokens": None if args.no_calibration else args.calibration_tokens,
+                "fit_steps": None if args.no_calibration else args.fit_steps,
                 "low_rank": not args.no_low_rank if args.ratio is not None else None}
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
                       files={"report.json": report.to_json()}, compactify=settings)
@@ -155,6 +159,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_any(args.model, DTYPES[args.dtype])
     if tokenizer is None:
         raise CliError(f"{args.model} has no tokenizer; save one with the model")
+    if args.text is None:
+        return _eval_domains(args, model, tokenizer)
     ids = tokenize_text(tokenizer, args.text, args.tokens)
     if ids.numel() < args.window:
         raise CliError(f"--text has {ids.numel()} tokens, fewer than --window {args.window}")
@@ -170,6 +176,35 @@ def cmd_eval(args: argparse.Namespace) -> None:
         f"perplexity {ppl:.3f} on {result['tokens']} tokens of {args.text} "
         f"({args.window}-token windows); {result['parameters']:,} parameters, "
         f"{result['size_mb']:.1f} MB"))
+
+
+def _eval_domains(args: argparse.Namespace, model, tokenizer) -> None:
+    """Perplexity on the held-out part of every bundled domain, with ratios to ``--dense``."""
+    from .helpers.evaluate import compare_to_dense, model_size_bytes, perplexity_table
+
+    t0 = time.perf_counter()
+    table = perplexity_table(model, tokenizer, args.tokens, window=args.window,
+                             progress=not args.quiet)
+    result = {"model": args.model, "tokens_per_domain": args.tokens, "window": args.window,
+              "perplexity": table, "parameters": sum(p.numel() for p in model.parameters()),
+              "size_mb": model_size_bytes(model) / 1e6}
+    if args.dense:
+        dense = perplexity_table(load_any(args.dense, DTYPES[args.dtype])[0], tokenizer,
+                                 args.tokens, window=args.window, progress=not args.quiet)
+        result["dense_perplexity"] = dense
+        result["ratio_to_dense"] = compare_to_dense(table, dense)
+    result["seconds"] = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    ratios = result.get("ratio_to_dense", {})
+    for name, ppl in table.items():
+        extra = f"  ({ratios[name]:.2f}x dense)" if ratios else ""
+        print(f"{name:<14} perplexity {ppl:9.3f}{extra}")
+    if ratios:
+        print(f"geometric mean of the ratios {ratios['geomean']:.3f}x, worst {ratios['worst']:.3f}x")
+    print(f"held-out text, {args.tokens} tokens per domain ({args.window}-token windows); "
+          f"{result['parameters']:,} parameters, {result['size_mb']:.1f} MB")
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -198,7 +233,16 @@ def cmd_heal(args: argparse.Namespace) -> None:
     if not (Path(args.model) / STRUCTURE_FILE).is_file():
         raise CliError(f"MODEL {args.model!r} must be a directory written by 'compress'")
     model, tokenizer = load_any(args.model)
-    teacher = load_any(args.teacher)[0] if args.teacher else None
+    teacher_name = args.teacher
+    if teacher_name is None and not args.no_teacher:
+        # Distil from the dense model the directory was compressed from, when it can be had.
+        structure = json.loads((Path(args.model) / STRUCTURE_FILE).read_text())
+        source = (structure.get("compactify") or {}).get("source")
+        if source == "smollm2" or (source and Path(source).exists()):
+            teacher_name = source
+            print(f"distilling from {source} (the model {args.model} was compressed from; "
+                  "--no-teacher to train on the text alone)")
+    teacher = load_any(teacher_name)[0] if teacher_name else None
     batches = _text_batches(args.model, tokenizer, args.text, args.tokens, args.seq, args.batch,
                             "--text")
     result = heal(model, batches, steps=args.steps, lr=args.lr, teacher=teacher,
@@ -207,8 +251,9 @@ def cmd_heal(args: argparse.Namespace) -> None:
                   checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
                       files={"healing.json": json.dumps(result.to_dict())},
-                      healing={"source": args.model, "text": [str(t) for t in args.text],
-                               "steps": args.steps, "lr": args.lr, "teacher": args.teacher,
+                      healing={"source": args.model,
+                               "text": [str(t) for t in args.text] if args.text else "mixture",
+                               "steps": args.steps, "lr": args.lr, "teacher": teacher_name,
                                "cores_only": args.cores_only})
     first, last = result.losses[0], result.losses[-1]
     print(f"healed {result.steps} steps in {result.seconds:.0f} s: loss {first:.4f} -> {last:.4f}")
@@ -249,10 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-sites", type=int, default=3, help="sites per layer (default 3)")
     p.add_argument("--tol", type=float, help="relative weight tolerance; bonds may keep fewer values")
     p.add_argument("--exclude", nargs="*", help="module patterns to keep dense, e.g. layers.0.")
-    p.add_argument("--calibration", help="text file (or bundled name) to fit the layers to; "
-                   "without it the weights alone are decomposed")
-    p.add_argument("--calibration-tokens", type=int, default=4096,
-                   help="calibration tokens, in 512-token windows (default 4096)")
+    p.add_argument("--calibration", help="text file (or bundled name) to fit the layers to "
+                   "(default: the bundled mixture of fiction, encyclopedia, technical prose and "
+                   "code)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="decompose the weights alone (fast, much worse without healing)")
+    p.add_argument("--calibration-tokens", type=int, default=16384,
+                   help="calibration tokens, in 512-token windows (default 16384: fewer fit the "
+                   "calibration text's domain more and others less, see bench_domains.md)")
     p.add_argument("--fit-steps", type=int, default=50, help="L-BFGS steps per layer (default 50)")
     p.add_argument("--no-low-rank", action="store_true",
                    help="with --ratio, use only the --method layout (by default the budget may "
@@ -265,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity, parameters and size of a model")
     p.add_argument("model", help="a directory written by compress, smollm2, a .gguf or a HF directory")
-    p.add_argument("--text", required=True, help="a text file, or a bundled text name")
+    p.add_argument("--text", help="a text file, or a bundled text name (default: the held-out "
+                   "part of every bundled domain, one perplexity each)")
+    p.add_argument("--dense", help="with the default domains, also score this model (smollm2, "
+                   ".gguf or directory) and print the ratios to it")
     p.add_argument("--tokens", type=int, default=8192, help="tokens to score (default 8192)")
     p.add_argument("--window", type=int, default=512, help="window length (default 512)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -275,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="layer sensitivity and entanglement tables and plots")
     p.add_argument("model", help="smollm2, a .gguf file, or a Hugging Face model directory")
-    p.add_argument("--calibration", required=True, help="text file (or bundled name)")
+    p.add_argument("--calibration", help="text file (or bundled name); default: the bundled "
+                   "mixture of every domain")
     p.add_argument("--calibration-tokens", type=int, default=1024,
                    help="tokens the loss is measured on (default 1024)")
     p.add_argument("--seq", type=_positive, default=256, help="window length (default 256)")
@@ -292,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("heal", help="fine-tune a compressed model (optionally distilled)")
     p.add_argument("model", help="a directory written by compress")
-    p.add_argument("--text", required=True, nargs="+",
-                   help="training text files (or bundled names), joined in order")
+    p.add_argument("--text", nargs="+",
+                   help="training text files (or bundled names), joined in order (default: the "
+                   "bundled mixture of every domain's fit part)")
     p.add_argument("--tokens", type=int,
                    help="use at most this many tokens of --text (an equal share of each)")
     p.add_argument("--steps", type=_positive, required=True, help="optimiser steps")
@@ -301,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq", type=_positive, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--accumulate", type=_positive, default=1, help="gradient accumulation steps")
-    p.add_argument("--teacher", help="dense model to distil from (smollm2, .gguf or directory)")
+    p.add_argument("--teacher", help="dense model to distil from (smollm2, .gguf or directory; "
+                   "default: the model MODEL was compressed from, when it can be loaded)")
+    p.add_argument("--no-teacher", action="store_true", help="no distillation")
     p.add_argument("--cores-only", action="store_true", help="train only the tensor-network cores")
     p.add_argument("--checkpoint-dir", help="keep the training state here; rerun to resume")
     p.add_argument("--out", required=True, help="output directory")

@@ -21,9 +21,9 @@ def _count_rebuilds(monkeypatch) -> list[int]:
     calls = [0]
     original = contract.rebuild
 
-    def counting(plan, cores):
+    def counting(plan, cores, *args):
         calls[0] += 1
-        return original(plan, cores)
+        return original(plan, cores, *args)
 
     monkeypatch.setattr(contract, "rebuild", counting)
     return calls

@@ -146,3 +146,23 @@ def test_eval_smollm2_json(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == 512 and 5 < result["perplexity"] < 200
     assert result["parameters"] == 134_515_008
+
+
+def test_defaults_calibrate_and_heal_on_the_mixture_distil_from_the_source_eval_every_domain(
+        tiny_dir, tmp_path, capsys):
+    compressed, healed = tmp_path / "c", tmp_path / "h"
+    assert main(["compress", str(tiny_dir), "--ratio", "0.6", "--calibration-tokens", "1024",
+                 "--fit-steps", "2", "--out", str(compressed), "--quiet"]) == 0
+    settings = json.loads((compressed / "tensornet.json").read_text())["compactify"]
+    assert settings["calibration"] == "mixture" and settings["calibration_tokens"] == 1024
+    capsys.readouterr()
+    assert main(["heal", str(compressed), "--steps", "2", "--tokens", "1024", "--seq", "32",
+                 "--batch", "2", "--out", str(healed), "--quiet"]) == 0
+    assert f"distilling from {tiny_dir}" in capsys.readouterr().out
+    record = json.loads((healed / "tensornet.json").read_text())["healing"]
+    assert record["teacher"] == str(tiny_dir) and record["text"] == "mixture"
+    assert main(["eval", str(healed), "--tokens", "128", "--window", "64", "--dense",
+                 str(tiny_dir), "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result["perplexity"]) == ["fiction", "encyclopedia", "technical", "code"]
+    assert result["ratio_to_dense"]["geomean"] > 0

@@ -51,7 +51,7 @@ def test_every_layer_kind_compiles_fullgraph_forward_and_backward(kind):
             eager = torch.autograd.grad(layer(x).square().sum(), [x, *params])
             for a, e in zip(grads, eager):
                 torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3)
-    table = (layer.structure if kind == "quantized" else layer).dispatch_table()
+    table = layer.dispatch_table()
     assert not counters["graph_break"]
     # dynamic shapes: one graph per regime of the dispatch table at most, plus the one for a
     # single row, which Dynamo always specialises (decode's shape)

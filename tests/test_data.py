@@ -3,8 +3,12 @@
 import pytest
 import torch
 
-from models import char_tokenizer
-from tensornet_llm.helpers.data import read_text, text_batches, token_batches, tokenize_text
+from models import build, char_tokenizer
+from tensornet_llm.helpers.data import (
+    DOMAINS, calibration_mix, domain_text, healing_mix, held_out_ids, read_text, text_batches,
+    token_batches, tokenize_text,
+)
+from tensornet_llm.helpers.evaluate import compare_to_dense, perplexity_table
 
 
 @pytest.fixture
@@ -42,3 +46,62 @@ def test_one_text_and_every_token(texts):
     assert torch.equal(torch.cat(text_batches(tok, texts[0], seq_len=100))[:, 1:].flatten(), ids)
     with pytest.raises(ValueError, match="at least one text"):
         text_batches(tok, [])
+
+
+# ----- the bundled domains ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("domain", list(DOMAINS))
+def test_held_out_text_never_occurs_in_fit_text(domain):
+    fit = "\n".join(domain_text(domain, "fit"))
+    held = "\n".join(domain_text(domain, "held_out"))
+    assert len(fit) > 200_000 and len(held) > 60_000
+    step = max(1, len(held) // 300)
+    shared = [i for i in range(0, len(held) - 200, step) if held[i:i + 200] in fit]
+    assert not shared, f"{domain}: held-out text at {shared[:3]} also in the fit text"
+
+
+def test_four_domains_of_different_kinds():
+    assert list(DOMAINS) == ["fiction", "encyclopedia", "technical", "code"]
+    code = "\n".join(domain_text("code", "held_out"))
+    assert "def " in code and "import " in code
+    assert "class Path" in code  # pathlib is held out
+    assert "class ArgumentParser" in "\n".join(domain_text("code", "fit"))
+    with pytest.raises(ValueError, match="domains must name"):
+        calibration_mix(char_tokenizer(), 512, domains=["poetry"])
+    with pytest.raises(ValueError, match="split"):
+        domain_text("code", "train")
+
+
+def test_calibration_mix_is_deterministic_balanced_and_from_fit_text():
+    tok = char_tokenizer()
+    mix = calibration_mix(tok, 8 * 256, seq_len=256)
+    assert len(mix) == 8 and all(w.shape == (1, 256) and w[0, 0] == 0 for w in mix)
+    again = calibration_mix(tok, 8 * 256, seq_len=256)
+    assert all(torch.equal(a, b) for a, b in zip(mix, again))
+    texts = ["".join(tok.convert_ids_to_tokens(w[0, 1:61].tolist())) for w in mix]
+    fits = {d: "\n".join(domain_text(d, "fit")) for d in DOMAINS}
+    # round robin: windows 0..3 come from the four domains in order, and so do 4..7
+    checked = 0
+    for i, text in enumerate(texts):
+        if "<unk>" not in text:  # characters outside the tiny vocabulary cannot be compared
+            assert text in fits[list(DOMAINS)[i % 4]], (i, text)
+            checked += 1
+    assert checked >= 4
+    assert len(calibration_mix(tok, 10, seq_len=64)) == 4  # at least one window per domain
+
+
+def test_healing_mix_batches():
+    batches = healing_mix(char_tokenizer(), 16 * 65, seq_len=64, batch_size=4)
+    assert [b.shape for b in batches] == [(4, 65)] * 4
+
+
+def test_perplexity_table_over_held_out_domains():
+    model, tok = build("llama"), char_tokenizer()
+    table = perplexity_table(model, tok, n_tokens=128, window=64)
+    assert list(table) == list(DOMAINS) and all(v > 1 for v in table.values())
+    ids = held_out_ids(tok, "fiction", 128)
+    assert ids.shape == (128,)
+    ratios = compare_to_dense({k: 2 * v for k, v in table.items()}, table)
+    assert ratios["geomean"] == pytest.approx(2.0) and ratios["worst"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="dense has no perplexity"):
+        compare_to_dense(table, {})

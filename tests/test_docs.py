@@ -48,7 +48,7 @@ def test_docs_links_resolve():
 
 
 @pytest.mark.parametrize("script", sorted(
-    p.relative_to(DOCS.parent) for folder in ("examples", "benchmarks")
+    p.relative_to(DOCS.parent) for folder in ("examples", "benchmarks", "scripts")
     for p in (DOCS.parent / folder).glob("[!_]*.py")), ids=str)
 def test_example_and_benchmark_scripts_import_and_parse_arguments(script, monkeypatch, capsys):
     """Every script imports (its imports of the package are current) and answers --help.

@@ -290,3 +290,14 @@ def test_float64_weights_are_whitened_and_fitted_in_float64():
     best = whitened_svd(weight, cov, 5)
     assert torch.allclose(start.to_dense(), best, atol=1e-10, rtol=0)
     json.dumps(start.layout())  # still an ordinary layer
+
+
+def test_shrinkage_is_validated_and_pulls_the_covariance_to_its_diagonal():
+    from tensornet_llm import CompactifyConfig
+    from tensornet_llm.compress.compactify import shrunk
+
+    with pytest.raises(ValueError, match="shrinkage"):
+        compactify(build("llama"), chi=2, config=CompactifyConfig(shrinkage=1.5))
+    cov = torch.tensor([[2.0, 1.0], [1.0, 4.0]])
+    assert torch.equal(shrunk(cov, 0.0), cov)
+    assert torch.allclose(shrunk(cov, 0.25), torch.tensor([[2.0, 0.75], [0.75, 4.0]]))

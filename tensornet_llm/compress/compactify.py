@@ -61,6 +61,9 @@ class CompactifyConfig:
             with the whole output leg on one site and the whole input leg on the other: the
             rank-chi factorisation, see :mod:`tensornet_llm.layers.layout`); the budget keeps, per
             module, whichever layout and chi predict the least damage.
+        shrinkage: with calibration data, use ``(1 - s) C + s diag(C)`` for every input
+            covariance ``C`` (budget and fit): directions the calibration text barely explores
+            keep some weight, so the fit generalises beyond it (0: the raw covariance).
         match_dense: with calibration data, fit each layer to the *dense* model's outputs
             (its weight on the dense model's inputs), so that it also undoes what the layers
             compressed before it changed in its inputs; ``False`` fits it to its own weight on
@@ -78,6 +81,7 @@ class CompactifyConfig:
     fit_steps: int = 50
     low_rank: bool = True
     match_dense: bool = False
+    shrinkage: float = 0.0
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -100,6 +104,9 @@ class CompactifyConfig:
             raise ArgumentError(f"min_features must be an integer >= 1, got {self.min_features!r}")
         if not _is_int(self.fit_steps) or self.fit_steps < 0:
             raise ArgumentError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
+        if isinstance(self.shrinkage, bool) or not isinstance(self.shrinkage, (int, float)) or not (
+                0 <= self.shrinkage <= 1):
+            raise ArgumentError(f"shrinkage must be a number in [0, 1], got {self.shrinkage!r}")
         for flag in ("low_rank", "match_dense"):
             if not isinstance(getattr(self, flag), bool):
                 raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -337,7 +344,8 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Pla
         offered[name] = [layouts[name]] + (
             [low_rank] if cfg.low_rank and layouts[name] != low_rank else [])
     notes: list[str] = []
-    settings, estimate = _budget_settings(model, chosen, offered, cfg.ratio, batches, notes)
+    settings, estimate = _budget_settings(model, chosen, offered, cfg.ratio, batches, notes,
+                                          cfg.shrinkage)
     left = {id(m): m for n, m in chosen if settings[n] is None}
     dense_target_params = sum(
         sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
@@ -346,6 +354,13 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Pla
                 for n, _ in chosen if settings[n] is None]
     chosen = [(n, m) for n, m in chosen if settings[n] is not None]
     return _Plan(chosen, skipped, settings, dense_target_params, estimate, notes)
+
+
+def shrunk(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """``(1 - s) C + s diag(C)``: the covariance pulled toward its diagonal."""
+    if not shrinkage:
+        return cov
+    return (1 - shrinkage) * cov + shrinkage * torch.diag_embed(cov.diagonal())
 
 
 def _layout(module: nn.Module, method: str, n_sites: int) -> Layout:
@@ -392,7 +407,7 @@ def _replace_block_by_block(
             )
         elif fresh:
             collector = collect_covariances(model, batches, fresh, block, replay)
-            covs = {n: collector.covariance(n) for n in fresh}
+            covs = {n: shrunk(collector.covariance(n), cfg.shrinkage) for n in fresh}
         for name in names:
             module = modules[name]
             if id(module) not in built:
@@ -408,7 +423,7 @@ def _replace_block_by_block(
 
 def _budget_settings(
     model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
-    ratio: float, batches: list | None, notes: list[str],
+    ratio: float, batches: list | None, notes: list[str], shrinkage: float = 0.0,
 ) -> tuple[dict[str, tuple[Layout, int] | None], str]:
     """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget, and
     how damage was estimated. A weaker estimate than the data allows is warned and noted."""
@@ -419,7 +434,7 @@ def _budget_settings(
     covs = grads = None
     if batches is not None:
         collector = collect_covariances(model, batches, modules)
-        covs = {n: collector.covariance(n) for n in modules}
+        covs = {n: shrunk(collector.covariance(n), shrinkage) for n in modules}
         grads, reason = output_gradients(model, batches, modules)
         if reason is not None:
             note = (f"budget damage estimated from the output error, not the loss: {reason}")

@@ -1,13 +1,24 @@
-"""Real English text for calibration and perplexity, and turning it into token batches.
+"""Bundled text for calibration, healing and perplexity, split by domain, and token batches.
 
-The repository bundles Jane Austen's six novels and a Wikipedia sample in ``data/`` (see its
-README). Evaluation protocol (the one the reference figures in ``data/README.md`` use): skip the
-first 20,000 characters (front matter), tokenize, and cut non-overlapping windows.
+The package ships a small corpus of four domains (``tensornet_llm/helpers/texts``, see its
+README for sources and licences): fiction (Jane Austen's six novels), encyclopedic text (a
+Wikipedia sample), technical prose (CPython's reference documentation) and source code (modules
+of the Python standard library). Every domain is split into a *fit* part, the only text
+calibration and healing draw from (:func:`calibration_mix`, :func:`healing_mix`), and a
+*held-out* part, the only text :func:`tensornet_llm.helpers.evaluate.perplexity_table` scores:
+the split is a boundary in :data:`DOMAINS`, shared by both parts, so they cannot overlap.
+
+Evaluation protocol (the one the reference figures in the texts' README use): skip the first
+20,000 characters of a file (front matter), tokenize, and cut non-overlapping windows.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -16,18 +27,212 @@ from torch import Tensor
 
 from ..errors import ArgumentError, InputFileError
 
-__all__ = ["DATA_DIR", "CALIBRATION_TEXTS", "HELD_OUT_TEXT", "HEALING_TEXTS", "text_path",
-           "read_text", "tokenize_text", "token_batches", "text_batches"]
+__all__ = ["DATA_DIR", "CALIBRATION_TEXTS", "HELD_OUT_TEXT", "HEALING_TEXTS", "Part", "Domain",
+           "DOMAINS", "domain_text", "calibration_mix", "healing_mix", "held_out_ids",
+           "text_path", "read_text", "tokenize_text", "token_batches", "text_batches"]
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "data"
+#: The bundled texts (package data); ``$TENSORNET_LLM_DATA`` names another folder to look in.
+DATA_DIR = Path(__file__).resolve().parent / "texts"
+#: Characters skipped at the start of a file (a novel's front matter).
+FRONT_MATTER = 20_000
 
-#: Default split: calibrate / heal on these, report perplexity on held-out text.
+#: Single-text defaults of earlier versions (all inside the fiction domain's split): calibrate or
+#: heal on these, report perplexity on the held-out novel.
 CALIBRATION_TEXTS = ("austen_emma.txt", "austen_sensesensibility.txt")
 HELD_OUT_TEXT = "austen_persuasion.txt"
-#: Every bundled novel but the held-out one: more distinct text for healing, which overfits
-#: the two calibration novels within a few hundred steps.
 HEALING_TEXTS = ("austen_emma.txt", "austen_sensesensibility.txt", "austen_mansfieldpark.txt",
                  "austen_prideprejudice.txt", "austen_northangerabbey.txt")
+
+
+@dataclass(frozen=True)
+class Part:
+    """A stretch of one bundled file: from ``start`` to ``stop``, each a fraction of the file's
+    characters or a marker string (the stretch starts / stops where the marker first occurs)."""
+
+    file: str
+    start: float | str = 0.0
+    stop: float | str = 1.0
+
+    def text(self) -> str:
+        text = _file_text(self.file)
+        begin, end = _offset(text, self.start, self.file), _offset(text, self.stop, self.file)
+        if begin == 0 and len(text) > 2 * FRONT_MATTER:
+            begin = FRONT_MATTER
+        return text[begin:end]
+
+
+def _offset(text: str, where: float | str, file: str) -> int:
+    if isinstance(where, str):
+        found = text.find(where)
+        if found < 0:
+            raise InputFileError(f"{file} has no marker {where!r}: the bundled texts are damaged")
+        return found
+    return int(len(text) * where)
+
+
+def _split(file: str, boundary: float | str) -> tuple[Part, Part]:
+    """The fit and held-out parts of one file, cut at one shared boundary (so disjoint)."""
+    return Part(file, 0.0, boundary), Part(file, boundary, 1.0)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A kind of text: the parts calibration and healing may use, and the parts only
+    evaluation reads."""
+
+    name: str
+    description: str
+    fit: tuple[Part, ...]
+    held_out: tuple[Part, ...]
+
+
+_WIKI = _split("enwiki_gensim.txt", 0.5)
+_DOCS = _split("python_docs.txt", "== strings ==")
+_CODE = _split("python_code.txt", "# ==== pathlib ====")
+
+#: The bundled domains, in report order.
+DOMAINS: dict[str, Domain] = {d.name: d for d in (
+    Domain("fiction", "Jane Austen's novels (held out: Persuasion)",
+           tuple(Part(f) for f in HEALING_TEXTS), (Part(HELD_OUT_TEXT),)),
+    Domain("encyclopedia", "a Wikipedia sample (held out: its second half)",
+           (_WIKI[0],), (_WIKI[1],)),
+    Domain("technical", "CPython's reference documentation (held out: topics from 'strings')",
+           (_DOCS[0],), (_DOCS[1],)),
+    Domain("code", "Python standard-library source (held out: pathlib, tarfile, ipaddress, "
+           "zipfile, gettext, cmd, tokenize)", (_CODE[0],), (_CODE[1],)),
+)}
+
+
+@lru_cache(maxsize=16)
+def _file_text(name: str) -> str:
+    return text_path(name).read_text(encoding="utf-8")
+
+
+def _domains(domains: Sequence[str] | None) -> list[Domain]:
+    names = list(DOMAINS) if domains is None else list(domains)
+    unknown = [n for n in names if n not in DOMAINS]
+    if unknown or not names:
+        raise ArgumentError(f"domains must name some of {list(DOMAINS)}, got {domains!r}")
+    return [DOMAINS[n] for n in names]
+
+
+def domain_text(domain: str, split: str) -> list[str]:
+    """The texts of one domain's ``"fit"`` or ``"held_out"`` split, one per part.
+
+    Held-out text leaves out every paragraph that shares a sentence (or line) of 50 characters
+    or more with the fit text, or occurs in it whole (the CPython documentation repeats passages across topics, the
+    Wikipedia sample across articles), so nothing scored was calibrated or healed on."""
+    if split not in ("fit", "held_out"):
+        raise ArgumentError(f"split must be 'fit' or 'held_out', got {split!r}")
+    _domains([domain])
+    return list(_fit_texts(domain) if split == "fit" else _held_out_texts(domain))
+
+
+@lru_cache(maxsize=None)
+def _fit_texts(domain: str) -> tuple[str, ...]:
+    return tuple(part.text() for part in DOMAINS[domain].fit)
+
+
+#: Sentences (or lines) this long that occur in both splits mark a passage as repeated.
+_REPEAT_MIN_CHARS = 50
+
+
+def _sentences(paragraph: str) -> list[str]:
+    return [s for s in re.split(r"(?<=[.!?:])\s+|\n", paragraph) if len(s) >= _REPEAT_MIN_CHARS]
+
+
+@lru_cache(maxsize=None)
+def _held_out_texts(domain: str) -> tuple[str, ...]:
+    fit = "\n\n".join(_fit_texts(domain))
+    seen = {s for s in _sentences(fit)}
+
+    def repeated(paragraph: str) -> bool:
+        return any(s in seen for s in _sentences(paragraph)) or (
+            len(paragraph.strip()) >= 80 and paragraph.strip() in fit)
+
+    return tuple("\n\n".join(p for p in part.text().split("\n\n") if not repeated(p))
+                 for part in DOMAINS[domain].held_out)
+
+
+def _spread_windows(tokenizer, texts: list[str], count: int, length: int) -> list[Tensor]:
+    """``count`` windows of ``length`` token ids, spread evenly through ``texts`` (each starting
+    at a line start), so that a few windows still see the whole of a domain."""
+    sizes = [len(t) for t in texts]
+    total = sum(sizes)
+    span = length * 8  # characters read per window (about 2-4 characters per token)
+    out = []
+    for j in range(count):
+        where = total * (j + 0.5) / count
+        k = 0
+        while k < len(texts) - 1 and where >= sizes[k]:
+            where -= sizes[k]
+            k += 1
+        text = texts[k]
+        begin = min(int(where), max(len(text) - span, 0))
+        line = text.find("\n", begin)
+        begin = line + 1 if 0 <= line < begin + span // 4 else begin
+        ids = tokenizer(text[begin:begin + span], add_special_tokens=False)["input_ids"][:length]
+        if len(ids) < length:
+            raise InputFileError(f"not enough text for {count} windows of {length} tokens")
+        out.append(torch.tensor(ids, dtype=torch.long))
+    return out
+
+
+def _mix(tokenizer, n_tokens: int, seq_len: int, domains: Sequence[str] | None,
+         bos_token_id: int | None) -> list[Tensor]:
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ArgumentError(f"n_tokens must be a positive integer, got {n_tokens!r}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ArgumentError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    chosen = _domains(domains)
+    windows = max(len(chosen), math.ceil(n_tokens / seq_len))
+    body = seq_len - (bos_token_id is not None)
+    per_domain = [_spread_windows(tokenizer, list(_fit_texts(d.name)),
+                                  windows // len(chosen) + (i < windows % len(chosen)), body)
+                  for i, d in enumerate(chosen)]
+    out = []
+    for j in range(max(len(w) for w in per_domain)):  # round robin: any prefix stays balanced
+        for w in per_domain:
+            if j < len(w):
+                ids = w[j] if bos_token_id is None else torch.cat(
+                    [w[j].new_tensor([bos_token_id]), w[j]])
+                out.append(ids.unsqueeze(0))
+    return out
+
+
+def calibration_mix(tokenizer, n_tokens: int = 16384, seq_len: int = 512,
+                    domains: Sequence[str] | None = None, bos_token_id: int | None = 0
+                    ) -> list[Tensor]:
+    """Calibration text from the fit part of every domain, an equal share of each.
+
+    Returns about ``n_tokens / seq_len`` (at least one per domain) token-id tensors of shape
+    ``(1, seq_len)``, each ``bos_token_id`` followed by text, spread evenly through each
+    domain's fit text and interleaved domain by domain. Deterministic: the same tokenizer gives
+    the same windows.
+    """
+    return _mix(tokenizer, n_tokens, seq_len, domains, bos_token_id)
+
+
+def healing_mix(tokenizer, n_tokens: int, seq_len: int = 256, batch_size: int = 4,
+                domains: Sequence[str] | None = None, bos_token_id: int | None = 0
+                ) -> list[Tensor]:
+    """Healing batches ``(batch_size, seq_len + 1)`` from the fit part of every domain, an equal
+    share of each (domains interleaved, so every batch mixes them)."""
+    windows = _mix(tokenizer, n_tokens, seq_len + 1, domains, bos_token_id)
+    return [torch.cat(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+
+
+def held_out_ids(tokenizer, domain: str, n_tokens: int | None = 8192) -> Tensor:
+    """Token ids ``(n,)`` of one domain's held-out text (what perplexity is measured on), at
+    most ``n_tokens`` of them, from the start of its held-out part."""
+    ids: list[int] = []
+    for text in domain_text(domain, "held_out"):
+        chars = None if n_tokens is None else (n_tokens - len(ids)) * 8
+        ids += tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if n_tokens is not None and len(ids) >= n_tokens:
+            break
+    out = torch.tensor(ids, dtype=torch.long)
+    return out if n_tokens is None else out[:n_tokens]
 
 
 def text_path(name: str | os.PathLike) -> Path:

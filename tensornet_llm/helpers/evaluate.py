@@ -4,21 +4,22 @@ Protocol: the stream is cut into non-overlapping windows of ``window`` tokens; e
 ``bos_token_id`` prepended (so every scored token has a context of at least that token) and all
 ``window`` tokens are scored. Perplexity is ``exp`` of the mean negative log-likelihood over all
 scored tokens. With SmolLM2, 40 windows of 512 tokens from character 20,000 of Pride and
-Prejudice give 30.70 (the reference figure in ``data/README.md``).
+Prejudice give 30.70 (the reference figure in ``tensornet_llm/helpers/texts/README.md``).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from .data import token_batches
+from .data import DOMAINS, held_out_ids, token_batches
 
-__all__ = ["perplexity", "mean_nll", "model_size_bytes"]
+__all__ = ["perplexity", "mean_nll", "model_size_bytes", "perplexity_table", "compare_to_dense"]
 
 
 @torch.no_grad()
@@ -64,3 +65,27 @@ def model_size_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+def perplexity_table(model: nn.Module, tokenizer, n_tokens: int = 8192,
+                     domains: Sequence[str] | None = None, window: int = 512,
+                     progress: bool = False) -> dict[str, float]:
+    """Perplexity on the held-out part of every bundled domain (or of ``domains``):
+    ``{"fiction": ..., "encyclopedia": ..., "technical": ..., "code": ...}``, ``n_tokens`` of
+    each, scored as :func:`perplexity` does. Never text that calibration or healing draw from
+    (see :mod:`tensornet_llm.helpers.data`)."""
+    names = list(DOMAINS) if domains is None else list(domains)
+    return {name: perplexity(model, held_out_ids(tokenizer, name, n_tokens), window,
+                             progress=progress) for name in names}
+
+
+def compare_to_dense(table: dict[str, float], dense: dict[str, float]) -> dict[str, float]:
+    """Ratios to dense per domain, plus ``"geomean"`` (the geometric mean of the ratios) and
+    ``"worst"`` (the largest ratio)."""
+    missing = sorted(set(table) - set(dense))
+    if missing or not table:
+        raise ArgumentError(f"dense has no perplexity for {missing} (or the table is empty)")
+    ratios = {name: table[name] / dense[name] for name in table}
+    values = list(ratios.values())
+    return {**ratios, "geomean": math.exp(sum(map(math.log, values)) / len(values)),
+            "worst": max(values)}

@@ -327,16 +327,23 @@ class TensorNetworkLinear(nn.Module):
         given); in eager mode it is redecided when those change. Under ``torch.compile`` it is
         read as it stands, so run ``autotune`` before compiling."""
         key, table = self._dispatch_state
-        if torch.compiler.is_compiling() and table is not None:
+        if table is not None and device is None and dtype is None and (
+                key == tune_version() or torch.compiler.is_compiling()):
             return table
         ref = self.cores[0]
-        device = torch.device(ref.device if device is None else device)
-        dtype = ref.dtype if dtype is None else dtype
-        wanted = (tune_version(), device.type, dtype)
-        if key != wanted:
-            table = dispatch_table(self.spec, self._strategy, device, dtype)
-            self.__dict__["_dispatch_state"] = (wanted, table)
+        table = dispatch_table(self.spec, self._strategy, ref.device if device is None else device,
+                               ref.dtype if dtype is None else dtype)
+        if device is None and dtype is None:  # the layer's own: kept until .to() or a tuning
+            self.__dict__["_dispatch_state"] = (tune_version(), table)
         return table
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .cuda(), .half(): measured choices belong to a device and dtype, so decide again
+        # (now, not at the next call, which may be inside a torch.compile trace)
+        result = super()._apply(fn, recurse)
+        self.__dict__["_dispatch_state"] = (None, None)
+        self.dispatch_table()
+        return result
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (..., in_features) -> (..., out_features)``."""

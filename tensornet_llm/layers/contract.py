@@ -28,6 +28,7 @@ bucket; ``"auto"`` then follows the measurement instead of the model (as
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -56,6 +57,7 @@ __all__ = [
     "rebuild",
     "contract_network",
     "reconstruct",
+    "clear_scratch",
     "tn_linear",
     "tune_strategy",
     "tuned_strategy",
@@ -216,7 +218,9 @@ def run_steps(steps: Steps, operands: Sequence[Tensor]) -> Tensor:
     """Execute a contraction program (see :data:`Steps`) on ``operands``."""
     ops = list(operands)
     for positions, equation in steps:
-        picked = [ops.pop(p) for p in positions]
+        # positions are descending, so these are the operands sequential pops would take
+        picked = [ops[p] for p in positions]
+        ops = [op for i, op in enumerate(ops) if i not in positions]
         ops.append(torch.einsum(equation, *picked))
     return ops[0]
 
@@ -322,18 +326,56 @@ def rebuild_plan(spec: NetworkSpec) -> RebuildPlan:
                        size(in_l), sizes[bond], size(out_r), size(in_r), two)
 
 
-def rebuild(plan: RebuildPlan, cores: Sequence[Tensor]) -> Tensor:
-    """The dense matrix ``(out_size, in_size)`` of the network (see :class:`RebuildPlan`)."""
+#: Rebuilt weights at least this large (elements) are written into a reused scratch buffer when
+#: no gradient is needed: a fresh buffer of that size costs more in page faults than the GEMM.
+SCRATCH_MIN_ELEMENTS = 1 << 20
+_SCRATCH = threading.local()
+
+
+def _scratch(size: int, like: Tensor) -> Tensor:
+    """A flat buffer of at least ``size`` elements on ``like``'s device and dtype, reused across
+    calls (one per thread, device and dtype; it grows to the largest rebuild and stays)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (like.device, like.dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = buffers[key] = torch.empty(size, device=like.device, dtype=like.dtype)
+    return buffer[:size]
+
+
+def clear_scratch() -> None:
+    """Free the scratch buffers that large rebuilds reuse (in this thread)."""
+    _SCRATCH.__dict__.pop("buffers", None)
+
+
+def rebuild(plan: RebuildPlan, cores: Sequence[Tensor], scratch: bool = False) -> Tensor:
+    """The dense matrix ``(out_size, in_size)`` of the network (see :class:`RebuildPlan`).
+
+    ``scratch``: write a large result into a reused buffer instead of a fresh one (only where
+    nothing keeps it past the next rebuild: inference, with no gradient to record).
+    """
     left = run_steps(plan.left_steps, [cores[i] for i in plan.left])
     if not plan.right:
         return left.reshape(plan.out_left, plan.in_left)
     right = run_steps(plan.right_steps, [cores[i] for i in plan.right])
-    product = left.reshape(-1, plan.bond) @ right.reshape(plan.bond, -1)
-    out_size = plan.out_left * plan.out_right
-    if plan.in_left == 1 or plan.out_right == 1:
-        return product.reshape(out_size, -1)
-    quad = product.reshape(plan.out_left, plan.in_left, plan.out_right, plan.in_right)
-    return quad.transpose(1, 2).reshape(out_size, -1)
+    left, right = left.reshape(-1, plan.bond), right.reshape(plan.bond, -1)
+    out_size, in_size = plan.out_left * plan.out_right, plan.in_left * plan.in_right
+    reorder = plan.in_left > 1 and plan.out_right > 1
+    n = out_size * in_size
+    if not scratch or n < SCRATCH_MIN_ELEMENTS or torch.compiler.is_compiling():
+        product = left @ right
+        if not reorder:
+            return product.reshape(out_size, -1)
+        quad = product.reshape(plan.out_left, plan.in_left, plan.out_right, plan.in_right)
+        return quad.transpose(1, 2).reshape(out_size, -1)
+    buffer = _scratch(2 * n if reorder else n, left)
+    product = torch.mm(left, right, out=buffer[:n].view(left.shape[0], right.shape[1]))
+    if not reorder:
+        return product.view(out_size, in_size)
+    weight = buffer[n:].view(plan.out_left, plan.out_right, plan.in_left, plan.in_right)
+    weight.copy_(product.view(plan.out_left, plan.in_left, plan.out_right, plan.in_right)
+                 .transpose(1, 2))
+    return weight.view(out_size, in_size)
 
 
 @lru_cache(maxsize=PLAN_CACHE_SIZE)
@@ -655,7 +697,8 @@ def tn_linear(
                 and not torch.compiler.is_compiling()):
             y = _RebuiltLinear.apply(x, plan, out_features, in_features, *cores)
             return y if bias is None else y + bias
-        weight = rebuild(plan, cores)[:out_features, :in_features]
+        scratch = not (torch.is_grad_enabled() and any(c.requires_grad for c in cores))
+        weight = rebuild(plan, cores, scratch)[:out_features, :in_features]
         return F.linear(x, weight, bias)
     if table.in_size != in_features:  # zero-pad the input legs; the padded columns never count
         x2 = F.pad(x2, (0, table.in_size - in_features))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ArgumentError
@@ -92,6 +93,19 @@ class MPOLinear(TensorNetworkLinear):
     @staticmethod
     def _bond_dims_of(cores: Sequence[Tensor]) -> list[int]:
         return [int(c.shape[-1]) for c in cores[:-1]]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x (..., in_features) -> (..., out_features)``; the low-rank layout runs as two
+        ``F.linear`` calls with no other work (the commonest layer, and decode is sensitive to
+        per-call overhead)."""
+        table = self.dispatch_table()
+        if table.rebuild.two_factors and len(table.regimes) == 1 and (
+                table.regimes[0].strategy == "factors") and x.shape[-1] == self.in_features:
+            u, v = self.cores._parameters.values()  # what iterating the list does, minus its overhead
+            rank = table.rebuild.bond
+            return F.linear(F.linear(x, v.view(rank, self.in_features)),
+                            u.view(self.out_features, rank), self.bias)
+        return super().forward(x)
 
     # ----- the low-rank layout: W = U V --------------------------------------------------------
     @property

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError
 from .base import TensorNetworkLinear, linear_weight
-from .contract import tn_linear
+from .contract import DispatchTable, tn_linear, tune_version
 from .layout import METHODS
 
 __all__ = [
@@ -281,6 +281,25 @@ class QuantizedTensorNetworkLinear(QuantizedModule):
         self.in_features, self.out_features = structure.in_features, structure.out_features
         self.qcores = nn.ModuleList(cores)
         self._set_bias(bias)
+        self.__dict__["_dispatch_state"] = (None, None)
+        self.dispatch_table()
+
+    def dispatch_table(self) -> DispatchTable:
+        """The float layer's dispatch table, decided for where the codes are and the dtype they
+        dequantize to (see :meth:`TensorNetworkLinear.dispatch_table`)."""
+        key, table = self._dispatch_state
+        if table is not None and (key == tune_version() or torch.compiler.is_compiling()):
+            return table
+        first = self.qcores[0]
+        table = self.structure.dispatch_table(first.codes.device, first.dtype)
+        self.__dict__["_dispatch_state"] = (tune_version(), table)
+        return table
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        self.__dict__["_dispatch_state"] = (None, None)
+        self.dispatch_table()  # decided now, outside any torch.compile trace
+        return result
 
     @staticmethod
     def _channel_dim(shape: tuple[int, ...]) -> int:
@@ -305,10 +324,8 @@ class QuantizedTensorNetworkLinear(QuantizedModule):
     def forward(self, x: Tensor) -> Tensor:
         s = self.structure
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        # The skeleton lives on the meta device: its table is decided for where the codes are.
-        table = s.dispatch_table(self.qcores[0].codes.device, x.dtype)
         return tn_linear(x, s.spec, s._operands(self.cores(x.dtype)), bias, s.in_features,
-                         s.out_features, table=table)
+                         s.out_features, table=self.dispatch_table())
 
     def layout(self) -> dict[str, Any]:
         return {"kind": self.kind, "network": self.structure.layout(),

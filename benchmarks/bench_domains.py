@@ -1,0 +1,125 @@
+"""Held-out perplexity on every bundled domain after compression, by calibration text.
+
+    python benchmarks/bench_domains.py [--keep 0.8] [--calibrations mixture emma]
+                                       [--calibration-tokens 4096] [--shrinkage 0]
+                                       [--tokens 8192]
+
+For each keep fraction and calibration text, ``compactify(model, ratio=keep, calibration=...)``
+(default layouts, ``--fit-steps`` per layer, ``--shrinkage`` of every input covariance toward
+its diagonal) on SmolLM2-135M, then perplexity on the held-out
+part of each domain (fiction, encyclopedia, technical prose, code; ``--tokens`` each), its ratio
+to dense, the geometric mean and the worst ratio. Calibrations:
+
+* ``mixture``: ``calibration_mix``, an equal share of every domain's fit part (the default of
+  the CLI and the examples);
+* ``emma``: the single novel earlier versions calibrated on (as in ``bench_quality.py``).
+
+Rows are appended to ``docs/results/bench_domains.json`` as they finish (a rerun skips rows it
+has; ``--fresh`` starts over) and rendered to ``bench_domains.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tensornet_llm import CompactifyConfig, compactify
+from tensornet_llm.helpers.data import DOMAINS, calibration_mix, text_batches
+from tensornet_llm.helpers.evaluate import compare_to_dense, perplexity_table
+from tensornet_llm.helpers.models import load_smollm2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def calibration(tokenizer, name: str, n_tokens: int) -> list:
+    if name == "mixture":
+        return calibration_mix(tokenizer, n_tokens, seq_len=512)
+    if name == "emma":
+        return text_batches(tokenizer, "austen_emma.txt", n_tokens, seq_len=512)
+    raise SystemExit(f"unknown calibration {name!r}")
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
+    (out / "bench_domains.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    dense = meta["dense"]
+    names = list(dense)
+    lines = ["# Held-out perplexity on every domain (SmolLM2-135M, no fine-tuning)", "",
+             f"`compactify(model, ratio=keep, calibration=...)` with the default layouts, "
+             f"{meta['fit_steps']} fit steps per layer; perplexity on {meta['tokens']} held-out "
+             f"tokens of each domain (512-token "
+             f"windows), text no calibration draws from. {meta['threads']} CPU threads. Written "
+             "by `benchmarks/bench_domains.py`.", "",
+             "| calibration | tokens | shrinkage | keep | " + " | ".join(names)
+             + " | geometric mean | worst | compress time |",
+             "|---|---|---|---|" + "---|" * (len(names) + 3)]
+    lines.append("| dense | | | 100% | " + " | ".join(f"{dense[n]:.2f}" for n in names)
+                 + " | 1.00x | 1.00x | |")
+    for r in rows:
+        ratios = r["ratios"]
+        lines.append(f"| {r['calibration']} | {r['calibration_tokens']} | {r['shrinkage']} | "
+                     f"{r['keep']:.0%} | " + " | ".join(
+            f"{r['perplexity'][n]:.2f} ({ratios[n]:.2f}x)" for n in names)
+            + f" | {ratios['geomean']:.2f}x | {ratios['worst']:.2f}x | {r['seconds']:.0f} s |")
+    (out / "bench_domains.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.8])
+    parser.add_argument("--calibrations", nargs="+", default=["mixture", "emma"],
+                        choices=["mixture", "emma"])
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--shrinkage", type=float, default=0.0)
+    parser.add_argument("--fit-steps", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--fresh", action="store_true")
+    args = parser.parse_args()
+
+    model, tokenizer = load_smollm2()
+    meta = {"tokens": args.tokens, "fit_steps": args.fit_steps, "threads": torch.get_num_threads(),
+            "domains": {n: d.description for n, d in DOMAINS.items()}}
+    path = args.out / "bench_domains.json"
+    rows: list[dict] = []
+    if path.is_file() and not args.fresh:
+        saved = json.loads(path.read_text())
+        differ = {k: v for k, v in meta.items() if saved["meta"].get(k) != v}
+        if differ:
+            parser.error(f"{path} was measured with other settings ({sorted(differ)}); "
+                         "use --fresh or the same settings")
+        meta, rows = saved["meta"], saved["rows"]
+    if "dense" not in meta:
+        meta["dense"] = perplexity_table(model, tokenizer, args.tokens)
+        print("dense", json.dumps(meta["dense"]), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for keep in args.keep:
+        for name in args.calibrations:
+            key = (name, keep, args.calibration_tokens, args.shrinkage)
+            if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"]) == key
+                   for r in rows):
+                continue
+            student, _ = load_smollm2()
+            start = time.perf_counter()
+            report = compactify(student, ratio=keep,
+                                calibration=calibration(tokenizer, name, args.calibration_tokens),
+                                fit_steps=args.fit_steps, progress=False,
+                                config=CompactifyConfig(shrinkage=args.shrinkage))
+            seconds = time.perf_counter() - start
+            table = perplexity_table(student, tokenizer, args.tokens)
+            rows.append({"calibration": name, "keep": keep, "seconds": seconds,
+                         "calibration_tokens": args.calibration_tokens,
+                         "shrinkage": args.shrinkage,
+                         "kept": report.kept_fraction, "perplexity": table,
+                         "ratios": compare_to_dense(table, meta["dense"]),
+                         "choices": report.choices()})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
+            write(args.out, meta, rows)
+    write(args.out, meta, rows)
+
+
+if __name__ == "__main__":
+    main()
