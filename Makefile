@@ -1,5 +1,5 @@
-# make demo : set up .venv (if missing) and compress the bundled SmolLM2-135M, printing size and
-#             perplexity before and after.
+# make demo : set up .venv (if missing) and compress the bundled SmolLM2-135M, printing size,
+#             decode speed and held-out perplexity of every domain before and after.
 # make test : set up .venv (if missing) and run the test suite.
 PYTHON ?= python3
 VENV   ?= .venv
