@@ -21,7 +21,7 @@ from .contract import (
 from .decompose import BondSpectrum
 from .factorize import factorize
 
-__all__ = ["TensorNetworkLinear", "linear_weight", "is_linear_like"]
+__all__ = ["TensorNetworkLinear", "DispatchCache", "linear_weight", "is_linear_like"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -74,7 +74,39 @@ def _resolve_shape(
     return shape, features
 
 
-class TensorNetworkLinear(nn.Module):
+class DispatchCache(nn.Module):
+    """Keeps a layer's :class:`~tensornet_llm.layers.contract.DispatchTable` between calls.
+
+    A subclass says how its table is decided (:meth:`_decide_dispatch`); the table is kept until
+    the measured choices change (:func:`~tensornet_llm.layers.contract.tune_version`) or the
+    module moves (``.to()``, ``.half()``), and is decided again right then, outside any
+    ``torch.compile`` trace. Under ``torch.compile`` the kept table is read as it stands.
+    """
+
+    def _decide_dispatch(self) -> DispatchTable:
+        raise NotImplementedError
+
+    def _forget_dispatch(self) -> None:
+        self.__dict__["_dispatch_state"] = (None, None)
+
+    def _cached_dispatch(self) -> DispatchTable:
+        key, table = self.__dict__.get("_dispatch_state", (None, None))
+        if table is not None and (key == tune_version() or torch.compiler.is_compiling()):
+            return table
+        table = self._decide_dispatch()
+        self.__dict__["_dispatch_state"] = (tune_version(), table)
+        return table
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .cuda(), .half(): measured choices belong to a device and dtype, so decide again
+        # (now, not at the next call, which may be inside a torch.compile trace)
+        result = super()._apply(fn, recurse)
+        self._forget_dispatch()
+        self._cached_dispatch()
+        return result
+
+
+class TensorNetworkLinear(DispatchCache):
     """Base class: ``y = x W^T + b`` with ``W`` stored as a tensor network.
 
     Args:
@@ -315,8 +347,8 @@ class TensorNetworkLinear(nn.Module):
         if value not in ("auto", "network", "dense"):
             raise ArgumentError(f"strategy must be 'auto', 'network' or 'dense', got {value!r}")
         self.__dict__["_strategy"] = value
-        self.__dict__["_dispatch_state"] = (None, None)
-        self.dispatch_table()
+        self._forget_dispatch()
+        self._cached_dispatch()
 
     def dispatch_table(self, device: torch.device | str | None = None,
                        dtype: torch.dtype | None = None) -> DispatchTable:
@@ -326,24 +358,15 @@ class TensorNetworkLinear(nn.Module):
         :func:`~tensornet_llm.autotune` measured for the cores' device and dtype (or the ones
         given); in eager mode it is redecided when those change. Under ``torch.compile`` it is
         read as it stands, so run ``autotune`` before compiling."""
-        key, table = self._dispatch_state
-        if table is not None and device is None and dtype is None and (
-                key == tune_version() or torch.compiler.is_compiling()):
-            return table
-        ref = self.cores[0]
-        table = dispatch_table(self.spec, self._strategy, ref.device if device is None else device,
-                               ref.dtype if dtype is None else dtype)
         if device is None and dtype is None:  # the layer's own: kept until .to() or a tuning
-            self.__dict__["_dispatch_state"] = (tune_version(), table)
-        return table
+            return self._cached_dispatch()
+        ref = self.cores[0]
+        return dispatch_table(self.spec, self._strategy, ref.device if device is None else device,
+                              ref.dtype if dtype is None else dtype)
 
-    def _apply(self, fn, recurse: bool = True):
-        # .to(), .cuda(), .half(): measured choices belong to a device and dtype, so decide again
-        # (now, not at the next call, which may be inside a torch.compile trace)
-        result = super()._apply(fn, recurse)
-        self.__dict__["_dispatch_state"] = (None, None)
-        self.dispatch_table()
-        return result
+    def _decide_dispatch(self) -> DispatchTable:
+        ref = self.cores[0]
+        return dispatch_table(self.spec, self._strategy, ref.device, ref.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x (..., in_features) -> (..., out_features)``."""
@@ -364,7 +387,7 @@ class TensorNetworkLinear(nn.Module):
         grad = self.cores[0].requires_grad
         self.cores = nn.ParameterList(nn.Parameter(c.detach(), requires_grad=grad) for c in cores)
         self.spectra = None
-        self.__dict__["_dispatch_state"] = (None, None)
+        self._forget_dispatch()
 
     def to_dense(self) -> Tensor:
         """The weight this network represents, ``(out_features, in_features)``."""

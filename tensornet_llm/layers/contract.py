@@ -55,6 +55,7 @@ __all__ = [
     "dispatch_table",
     "run_steps",
     "rebuild",
+    "factors_linear",
     "contract_network",
     "reconstruct",
     "clear_scratch",
@@ -643,6 +644,20 @@ class _RebuiltLinear(torch.autograd.Function):
         return (grad_x, None, None, None, *grads)
 
 
+def factors_linear(x: Tensor, cores: Sequence[Tensor], plan: RebuildPlan, bias: Tensor | None,
+                   in_features: int, out_features: int) -> Tensor:
+    """``y = x (A B)^T + bias`` for a two-factor network (``plan.two_factors``) as two thin
+    matmuls, no einsum: ``A`` is the left core as ``(out, bond)``, ``B`` the right one as
+    ``(bond, in)`` (reshapes, so the boundary legs of size 1 may still be on the cores)."""
+    a = cores[plan.left[0]].reshape(plan.out_left, plan.bond)
+    b = cores[plan.right[0]].reshape(plan.bond, plan.in_right)
+    if plan.out_left != out_features:
+        a = a[:out_features]
+    if plan.in_right != in_features:
+        b = b[:, :in_features]
+    return F.linear(F.linear(x, b), a, bias)
+
+
 def tn_linear(
     x: Tensor,
     spec: NetworkSpec,
@@ -686,19 +701,14 @@ def tn_linear(
     x2 = x.reshape(-1, in_features)
     regime = table.regime(x2.shape[0])
     plan = table.rebuild
-    if regime.strategy == "factors":  # W = A B: two thin matmuls, no einsum
-        a = cores[plan.left[0]].reshape(plan.out_left, plan.bond)[:out_features]
-        b = cores[plan.right[0]].reshape(plan.bond, plan.in_right)
-        if table.in_size != in_features:
-            b = b[:, :in_features]
-        return F.linear(F.linear(x, b), a, bias)
+    if regime.strategy == "factors":
+        return factors_linear(x, cores, plan, bias, in_features, out_features)
     if regime.strategy == "dense" or x2.shape[0] == 0:
-        if (torch.is_grad_enabled() and any(c.requires_grad for c in cores)
-                and not torch.compiler.is_compiling()):
+        training = torch.is_grad_enabled() and any(c.requires_grad for c in cores)
+        if training and not torch.compiler.is_compiling():
             y = _RebuiltLinear.apply(x, plan, out_features, in_features, *cores)
             return y if bias is None else y + bias
-        scratch = not (torch.is_grad_enabled() and any(c.requires_grad for c in cores))
-        weight = rebuild(plan, cores, scratch)[:out_features, :in_features]
+        weight = rebuild(plan, cores, scratch=not training)[:out_features, :in_features]
         return F.linear(x, weight, bias)
     if table.in_size != in_features:  # zero-pad the input legs; the padded columns never count
         x2 = F.pad(x2, (0, table.in_size - in_features))

@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ArgumentError
 from .base import TensorNetworkLinear
-from .contract import NetworkSpec
+from .contract import NetworkSpec, factors_linear
 from .decompose import BondSpectrum, mpo_bond_dims, tt_svd
 
 __all__ = ["MPOLinear", "mpo_network"]
@@ -101,10 +100,9 @@ class MPOLinear(TensorNetworkLinear):
         table = self.dispatch_table()
         if table.rebuild.two_factors and len(table.regimes) == 1 and (
                 table.regimes[0].strategy == "factors") and x.shape[-1] == self.in_features:
-            u, v = self.cores._parameters.values()  # what iterating the list does, minus its overhead
-            rank = table.rebuild.bond
-            return F.linear(F.linear(x, v.view(rank, self.in_features)),
-                            u.view(self.out_features, rank), self.bias)
+            cores = tuple(self.cores._parameters.values())  # iterating the list, minus its overhead
+            return factors_linear(x, cores, table.rebuild, self.bias, self.in_features,
+                                  self.out_features)
         return super().forward(x)
 
     # ----- the low-rank layout: W = U V --------------------------------------------------------

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from .base import TensorNetworkLinear, linear_weight
-from .contract import DispatchTable, tn_linear, tune_version
+from .base import DispatchCache, TensorNetworkLinear, linear_weight
+from .contract import DispatchTable, tn_linear
 from .layout import METHODS
 
 __all__ = [
@@ -264,7 +264,7 @@ class QuantizedEmbedding(QuantizedModule):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-class QuantizedTensorNetworkLinear(QuantizedModule):
+class QuantizedTensorNetworkLinear(QuantizedModule, DispatchCache):
     """A :class:`TensorNetworkLinear` whose cores are stored quantized (each core's channels
     are its larger end bond). Same contraction, same shapes as the float layer."""
 
@@ -281,25 +281,16 @@ class QuantizedTensorNetworkLinear(QuantizedModule):
         self.in_features, self.out_features = structure.in_features, structure.out_features
         self.qcores = nn.ModuleList(cores)
         self._set_bias(bias)
-        self.__dict__["_dispatch_state"] = (None, None)
-        self.dispatch_table()
+        self._cached_dispatch()
 
     def dispatch_table(self) -> DispatchTable:
         """The float layer's dispatch table, decided for where the codes are and the dtype they
         dequantize to (see :meth:`TensorNetworkLinear.dispatch_table`)."""
-        key, table = self._dispatch_state
-        if table is not None and (key == tune_version() or torch.compiler.is_compiling()):
-            return table
-        first = self.qcores[0]
-        table = self.structure.dispatch_table(first.codes.device, first.dtype)
-        self.__dict__["_dispatch_state"] = (tune_version(), table)
-        return table
+        return self._cached_dispatch()
 
-    def _apply(self, fn, recurse: bool = True):
-        result = super()._apply(fn, recurse)
-        self.__dict__["_dispatch_state"] = (None, None)
-        self.dispatch_table()  # decided now, outside any torch.compile trace
-        return result
+    def _decide_dispatch(self) -> DispatchTable:
+        first = self.qcores[0]
+        return self.structure.dispatch_table(first.codes.device, first.dtype)
 
     @staticmethod
     def _channel_dim(shape: tuple[int, ...]) -> int:
