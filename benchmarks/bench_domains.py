@@ -12,7 +12,9 @@ to dense, the geometric mean and the worst ratio. Calibrations:
 
 * ``mixture``: ``calibration_mix``, an equal share of every domain's fit part (the default of
   the CLI and the examples);
-* ``emma``: the single novel earlier versions calibrated on (as in ``bench_quality.py``).
+* ``emma``: the single novel earlier versions calibrated on (as in ``bench_quality.py``);
+* ``generated``: ``generated_text``, windows sampled from the dense model itself (no data);
+* ``mixture+generated``: half of the tokens from each of the two above.
 
 Rows are appended to ``docs/results/bench_domains.json`` as they finish (a rerun skips rows it
 has; ``--fresh`` starts over) and rendered to ``bench_domains.md``.
@@ -28,18 +30,23 @@ from pathlib import Path
 import torch
 
 from tensornet_llm import CompactifyConfig, compactify
-from tensornet_llm.helpers.data import DOMAINS, calibration_mix, text_batches
+from tensornet_llm.helpers.data import DOMAINS, calibration_mix, generated_text, text_batches
 from tensornet_llm.helpers.evaluate import compare_to_dense, perplexity_table
 from tensornet_llm.helpers.models import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def calibration(tokenizer, name: str, n_tokens: int) -> list:
+def calibration(model, tokenizer, name: str, n_tokens: int) -> list:
     if name == "mixture":
         return calibration_mix(tokenizer, n_tokens, seq_len=512)
     if name == "emma":
         return text_batches(tokenizer, "austen_emma.txt", n_tokens, seq_len=512)
+    if name == "generated":
+        return generated_text(model, tokenizer, n_tokens, seq_len=512)
+    if name == "mixture+generated":
+        return (calibration_mix(tokenizer, n_tokens // 2, seq_len=512)
+                + generated_text(model, tokenizer, n_tokens // 2, seq_len=512))
     raise SystemExit(f"unknown calibration {name!r}")
 
 
@@ -71,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=float, nargs="+", default=[0.8])
     parser.add_argument("--calibrations", nargs="+", default=["mixture", "emma"],
-                        choices=["mixture", "emma"])
+                        choices=["mixture", "emma", "generated", "mixture+generated"])
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--shrinkage", type=float, default=0.0)
     parser.add_argument("--fit-steps", type=int, default=30)
@@ -103,9 +110,9 @@ def main() -> None:
                    for r in rows):
                 continue
             student, _ = load_smollm2()
+            data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
             start = time.perf_counter()
-            report = compactify(student, ratio=keep,
-                                calibration=calibration(tokenizer, name, args.calibration_tokens),
+            report = compactify(student, ratio=keep, calibration=data,
                                 fit_steps=args.fit_steps, progress=False,
                                 config=CompactifyConfig(shrinkage=args.shrinkage))
             seconds = time.perf_counter() - start

@@ -18,13 +18,13 @@ API = Path(__file__).with_name("api.md")
 #: Rooms in reading order (the model-level API first, the pure functions last) and each room's
 #: modules in reading order.
 ROOMS = {
-    "compress": ["compactify", "report", "budget", "calibrate", "fit", "targets", "sensitivity",
+    "compress": ["compactify", "stream", "report", "budget", "calibrate", "fit", "targets", "sensitivity",
                  "entanglement", "profiling", "plots"],
     "train": ["heal", "quantize", "lora"],
     "saving": ["serialization"],
     "layers": ["mpo", "ttns", "base", "layout", "quantized", "autotune", "factorize",
                "decompose", "tree", "contract"],
-    "helpers": ["data", "evaluate", "models", "files"],
+    "helpers": ["data", "generated", "evaluate", "models", "files"],
 }
 MODULES = [f"{room}.{name}" for room, names in ROOMS.items() for name in names] + ["errors", "cli"]
 

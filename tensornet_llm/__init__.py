@@ -18,7 +18,7 @@ from . import _compat
 from .compress import (
     Allocation, CompactifyConfig, CompactifyReport, EntanglementRow, LayerReport,
     SensitivityProfile, SensitivityRow, allocate, compactify, entanglement_profile,
-    layer_entropy, profile_sensitivity, rank_correlation,
+    compactify_pretrained, layer_entropy, profile_sensitivity, rank_correlation,
 )
 from .layers import (
     BondSpectrum, Layout, MPOLinear, TensorNetworkLinear, TTNSLinear, TuneRow, autotune,
@@ -33,6 +33,7 @@ __all__ = [
     "TensorNetworkLinear",
     "BondSpectrum",
     "compactify",
+    "compactify_pretrained",
     "CompactifyConfig",
     "CompactifyReport",
     "LayerReport",

@@ -3,6 +3,7 @@
     tensornet-llm compress smollm2 --chi 64 --out smollm2-chi64
     tensornet-llm compress path/to/hf-model-dir --chi 32 --method ttns --exclude layers.0. --out out/
     tensornet-llm compress model.gguf --chi 48 --out out/
+    tensornet-llm compress path/to/hf-model-dir --ratio 0.5 --stream --out out/  # block by block
     tensornet-llm compress smollm2 --ratio 0.8 --out smollm2-r80     # calibrated on the mixture
     tensornet-llm eval smollm2-r80 --dense smollm2      # held-out perplexity of every domain
     tensornet-llm eval smollm2-r80 --text austen_persuasion.txt
@@ -73,14 +74,24 @@ def load_any(spec: str, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def _chi(value: str) -> int:
-    try:
-        chi = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value!r}") from None
-    if chi < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {chi}")
-    return chi
+def _at_least(lowest: int):
+    """An argparse type: an integer >= ``lowest``."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {lowest}, got {value!r}") from None
+        if number < lowest:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lowest}, got {number}")
+        return number
+
+    return parse
+
+
+_chi = _positive = _at_least(1)
+_non_negative = _at_least(0)
 
 
 def _fraction(value: str) -> float:
@@ -91,10 +102,6 @@ def _fraction(value: str) -> float:
     if not 0 < ratio <= 1:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {ratio}")
     return ratio
-
-
-def _positive(value: str) -> int:
-    return _chi(value)
 
 
 def _text_batches(model_name: str, tokenizer, text: str | list[str] | None, n_tokens: int | None,
@@ -130,25 +137,63 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     _check_out(out, args.overwrite)
+    if args.stream:
+        return _compress_streaming(args, out)
     model, tokenizer = load_any(args.model, DTYPES[args.dtype])
     calibration = None
     if not args.no_calibration:  # a file, or by default the mixture of every domain's fit part
         calibration = _text_batches(args.model, tokenizer, args.calibration,
                                     args.calibration_tokens, 512, 4, "--calibration")
-    report = compactify(
-        model, chi=args.chi, ratio=args.ratio, method=args.method, n_sites=args.n_sites,
-        tol=args.tol, exclude=args.exclude or None, calibration=calibration,
-        fit_steps=args.fit_steps, low_rank=not args.no_low_rank, progress=not args.quiet,
-    )
+    report = compactify(model, calibration=calibration, progress=not args.quiet,
+                        **_compress_options(args))
     print(report)
-    settings = {"chi": args.chi, "ratio": args.ratio, "method": args.method, "n_sites": args.n_sites, "tol": args.tol,
-                "exclude": args.exclude, "source": args.model,
-                "calibration": None if args.no_calibration else args.calibration or "mixture",
-                "calibration_tokens": None if args.no_calibration else args.calibration_tokens,
-                "fit_steps": None if args.no_calibration else args.fit_steps,
-                "low_rank": not args.no_low_rank if args.ratio is not None else None}
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
-                      files={"report.json": report.to_json()}, compactify=settings)
+                      files={"report.json": report.to_json()}, compactify=_settings(args))
+    print(f"saved to {out}")
+
+
+def _compress_options(args: argparse.Namespace) -> dict:
+    return dict(chi=args.chi, ratio=args.ratio, method=args.method, n_sites=args.n_sites,
+                tol=args.tol, exclude=args.exclude or None, fit_steps=args.fit_steps,
+                low_rank=not args.no_low_rank)
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The command's settings, recorded in the output's ``tensornet.json``."""
+    calibrated = not args.no_calibration
+    return {"chi": args.chi, "ratio": args.ratio, "method": args.method,
+            "n_sites": args.n_sites, "tol": args.tol, "exclude": args.exclude,
+            "source": args.model, "stream": args.stream,
+            "calibration": args.calibration or "mixture" if calibrated else None,
+            "calibration_tokens": args.calibration_tokens if calibrated else None,
+            "fit_steps": args.fit_steps if calibrated else None,
+            "low_rank": not args.no_low_rank if args.ratio is not None else None}
+
+
+def _compress_streaming(args: argparse.Namespace, out: Path) -> None:
+    """``compress DIR --stream``: block by block from the checkpoint, never the whole model."""
+    from transformers import AutoTokenizer
+
+    from .compress.stream import compactify_pretrained
+
+    source = Path(args.model)
+    if not (source / "config.json").is_file():
+        raise CliError(f"--stream reads a Hugging Face model directory with safetensors "
+                       f"weights; MODEL {args.model!r} is not one")
+    calibration = None
+    if not args.no_calibration:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+        calibration = _text_batches(args.model, tokenizer, args.calibration,
+                                    args.calibration_tokens, 512, 4, "--calibration")
+    options = {k: v for k, v in _compress_options(args).items() if v is not None}
+    report = compactify_pretrained(source, out, calibration=calibration,
+                                   dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+                                   progress=not args.quiet, metadata={"compactify": _settings(args)},
+                                   **options)
+    print(report)
     print(f"saved to {out}")
 
 
@@ -299,14 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "code)")
     p.add_argument("--no-calibration", action="store_true",
                    help="decompose the weights alone (fast, much worse without healing)")
-    p.add_argument("--calibration-tokens", type=int, default=16384,
+    p.add_argument("--calibration-tokens", type=_positive, default=16384,
                    help="calibration tokens, in 512-token windows (default 16384: fewer fit the "
                    "calibration text's domain more and others less, see bench_domains.md)")
-    p.add_argument("--fit-steps", type=int, default=50, help="L-BFGS steps per layer (default 50)")
+    p.add_argument("--fit-steps", type=_non_negative, default=50, help="L-BFGS steps per layer (default 50)")
     p.add_argument("--no-low-rank", action="store_true",
                    help="with --ratio, use only the --method layout (by default the budget may "
                    "also give a layer the low-rank 2-site MPO, the rank-chi factorisation)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--stream", action="store_true",
+                   help="read a Hugging Face directory block by block and write the output as "
+                        "it goes: memory for about two blocks, not the model")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -318,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "part of every bundled domain, one perplexity each)")
     p.add_argument("--dense", help="with the default domains, also score this model (smollm2, "
                    ".gguf or directory) and print the ratios to it")
-    p.add_argument("--tokens", type=int, default=8192, help="tokens to score (default 8192)")
-    p.add_argument("--window", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--tokens", type=_positive, default=8192, help="tokens to score (default 8192)")
+    p.add_argument("--window", type=_positive, default=512, help="window length (default 512)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -329,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="smollm2, a .gguf file, or a Hugging Face model directory")
     p.add_argument("--calibration", help="text file (or bundled name); default: the bundled "
                    "mixture of every domain")
-    p.add_argument("--calibration-tokens", type=int, default=1024,
+    p.add_argument("--calibration-tokens", type=_positive, default=1024,
                    help="tokens the loss is measured on (default 1024)")
     p.add_argument("--seq", type=_positive, default=256, help="window length (default 256)")
     p.add_argument("--keep", type=_fraction, nargs="+", default=[0.5],
@@ -348,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", nargs="+",
                    help="training text files (or bundled names), joined in order (default: the "
                    "bundled mixture of every domain's fit part)")
-    p.add_argument("--tokens", type=int,
+    p.add_argument("--tokens", type=_positive,
                    help="use at most this many tokens of --text (an equal share of each)")
     p.add_argument("--steps", type=_positive, required=True, help="optimiser steps")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
@@ -368,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="int8 / int4 weights of a (compressed) model")
     p.add_argument("model", help="a directory written by compress or heal, smollm2, or a HF directory")
     p.add_argument("--bits", type=int, choices=[8, 4], default=8)
-    p.add_argument("--group-size", type=int, help="entries per scale (default: per channel for "
+    p.add_argument("--group-size", type=_positive, help="entries per scale (default: per channel for "
                    "int8, 64 for int4)")
     p.add_argument("--keep-embeddings", action="store_true", help="leave embeddings in float")
     p.add_argument("--keep-dense", action="store_true",

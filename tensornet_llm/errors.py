@@ -14,7 +14,7 @@ from __future__ import annotations
 __all__ = [
     "TensornetError", "ArgumentError", "ArgumentTypeError", "InputFileError",
     "OutputExistsError", "OutputNotWritableError", "CheckpointError", "MissingDependencyError",
-    "EstimateFallbackWarning",
+    "NonFiniteActivationError", "EstimateFallbackWarning",
 ]
 
 
@@ -45,6 +45,11 @@ class OutputNotWritableError(TensornetError, PermissionError):
 
 class CheckpointError(TensornetError, ValueError):
     """A saved model directory is incomplete, corrupted or does not match its description."""
+
+
+class NonFiniteActivationError(ArgumentError):
+    """Calibration text drove the model to NaN or Inf activations (a model that overflows in
+    float16, say), so nothing can be fitted to them; the message names the first module."""
 
 
 class MissingDependencyError(TensornetError, ImportError):

@@ -105,3 +105,48 @@ def test_perplexity_table_over_held_out_domains():
     assert ratios["geomean"] == pytest.approx(2.0) and ratios["worst"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="dense has no perplexity"):
         compare_to_dense(table, {})
+
+
+def test_generated_text_is_sampled_cached_and_leaves_the_rng(tmp_path):
+    import torch
+
+    from models import build, char_tokenizer
+    from tensornet_llm.data import generated_text
+
+    model, tok = build("llama"), char_tokenizer()
+    state = torch.random.get_rng_state()
+    windows = generated_text(model, tok, 100, seq_len=24, batch_size=2, cache_dir=tmp_path,
+                             prompts=["It is", "The"], progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert len(windows) == 5 and all(w.shape == (1, 24) for w in windows)
+    assert all(int(w[0, 0]) == (tok.bos_token_id or 0) for w in windows)
+    first = tok("It is", add_special_tokens=False)["input_ids"]
+    assert windows[0][0, 1:1 + len(first)].tolist() == first  # a window starts from its prompt
+    assert len({tuple(w[0].tolist()) for w in windows}) == 5  # sampled, not greedy
+    assert int(max(w.max() for w in windows)) < model.config.vocab_size
+    # The cache returns the same windows without sampling again; another seed differs.
+    cached = generated_text(model, tok, 100, seq_len=24, batch_size=2, cache_dir=tmp_path,
+                            prompts=["It is", "The"], progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(windows, cached))
+    assert len(list(tmp_path.iterdir())) == 1
+    other = generated_text(model, tok, 100, seq_len=24, batch_size=2, cache_dir=False, seed=1,
+                           prompts=["It is", "The"], progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(windows, other))
+    with torch.no_grad():  # a different model is a different cache entry
+        next(model.parameters()).add_(1.0)
+    generated_text(model, tok, 100, seq_len=24, batch_size=2, cache_dir=tmp_path,
+                   prompts=["It is", "The"], progress=False)
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_generated_text_refuses_bad_settings():
+    from models import build, char_tokenizer
+    from tensornet_llm.data import generated_text
+    from tensornet_llm.errors import ArgumentError
+
+    model, tok = build("llama"), char_tokenizer()
+    for kwargs, message in [(dict(n_tokens=0), "n_tokens"), (dict(temperature=0), "temperature"),
+                            (dict(top_p=1.5), "top_p"), (dict(seq_len=4, prompts=["long prompt"]),
+                                                         "shorter than seq_len")]:
+        with pytest.raises(ArgumentError, match=message):
+            generated_text(model, tok, **{"n_tokens": 10, **kwargs}, cache_dir=False)

@@ -185,3 +185,50 @@ def test_corrected_target_solves_least_squares_to_the_reference_outputs(out_f, i
     # A damped correction is still better than the plain weight on the reference outputs.
     damped = corrected_target(w, x.T @ x / n, x_ref.T @ x / n)
     assert (x_ref @ w.T - x @ damped.T).norm() < (x_ref @ w.T - x @ w.T).norm()
+
+
+def test_modules_reading_one_input_share_one_covariance_and_conflicts_fall_back():
+    import torch
+    from torch import nn
+
+    from models import build
+    from tensornet_llm.compress.calibrate import collect_covariances
+    from tensornet_llm.compress.fit import CovarianceCollector, SharedInputConflict
+
+    model = build("llama")
+    attn = model.model.layers[0].self_attn
+    modules = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj}
+    batches = [{"input_ids": torch.randint(2, 90, (2, 12), generator=torch.Generator().manual_seed(i))}
+               for i in range(3)]
+    shared = collect_covariances(model, batches, modules)
+    with CovarianceCollector(modules) as alone:  # share=False: one sum per module
+        for b in batches:
+            model(**b)
+    for name in modules:
+        torch.testing.assert_close(shared.covariance(name), alone.covariance(name))
+    taken = {n: shared.take(n) for n in modules}
+    assert taken["q"] is taken["k"] is taken["v"] and taken["o"] is not taken["q"]
+    assert not shared._sums  # all taken: nothing held any more
+
+    class Swapping(nn.Module):  # b reads a's input on the first call only
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.calls = nn.Linear(4, 4), nn.Linear(4, 4), 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.a(x) + self.b(x if self.calls == 1 else 2 * x)
+
+    net = Swapping()
+    with pytest.raises(SharedInputConflict):
+        with CovarianceCollector({"a": net.a, "b": net.b}, share=True):
+            net(torch.randn(3, 4))
+            net(torch.randn(3, 4))
+    net.calls = 0
+    xs = [torch.randn(3, 4) for _ in range(2)]
+    result = collect_covariances(net, [{"x": x} for x in xs], {"a": net.a, "b": net.b})
+    # The shared pass stopped at call 2 (b read another input); the pass again without sharing
+    # (calls 3 and 4, where b reads 2 x) is what counts.
+    gram = sum(x.T.double() @ x.double() for x in xs) / 6
+    torch.testing.assert_close(result.covariance("a"), gram)
+    torch.testing.assert_close(result.covariance("b"), 4 * gram)

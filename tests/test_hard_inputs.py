@@ -141,3 +141,92 @@ def test_the_wheel_installs_with_its_texts_and_runs_from_elsewhere(tmp_path):
         cwd=elsewhere, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (elsewhere / "out" / "tensornet.json").is_file()
+
+
+def test_nan_activations_in_calibration_name_the_module_and_leave_the_model(tmp_path):
+    import torch
+
+    from tensornet_llm.errors import NonFiniteActivationError
+
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # an overflowing block: every activation after it is NaN
+        model.model.layers[1].input_layernorm.weight.fill_(float("nan"))
+    before["model.layers.1.input_layernorm.weight"].fill_(float("nan"))
+    calibration = [torch.randint(2, 90, (1, 16))]
+    with pytest.raises(NonFiniteActivationError, match=r"model\.layers\.1\.self_attn\.q_proj"):
+        compactify(model, chi=3, calibration=calibration, progress=False)
+    with pytest.raises(NonFiniteActivationError, match="NaN or Inf"):
+        compactify(model, ratio=0.5, calibration=calibration, progress=False)
+    from tensornet_llm import TensorNetworkLinear
+
+    # Block 0 was replaced before block 1's calibration failed: the swap was undone.
+    assert not any(isinstance(m, TensorNetworkLinear) for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(after[k].nan_to_num(), v.nan_to_num()) for k, v in before.items())
+
+
+@pytest.mark.parametrize("data, message", [
+    ([], "is empty"),
+    ([__import__("torch").zeros(1, 0, dtype=__import__("torch").long)], "item 0 has 0 tokens"),
+    (["some text"], "token-id tensors"),
+])
+def test_empty_or_bad_calibration_is_refused_before_any_work(data, message):
+    model = build("llama")
+    with pytest.raises(TensornetError, match=message):
+        compactify(model, chi=3, calibration=data, progress=False)
+
+
+def test_healing_needs_two_tokens_per_sequence():
+    import torch
+
+    from tensornet_llm import heal
+
+    model = build("llama")
+    with pytest.raises(TensornetError, match="batches: item 1 has 1 tokens"):
+        heal(model, [torch.randint(2, 90, (1, 8)), torch.randint(2, 90, (2, 1))], steps=1,
+             progress=False)
+
+
+@pytest.mark.parametrize("option", ["--calibration-tokens", "--fit-steps"])
+def test_cli_refuses_counts_out_of_range_before_work(option, tmp_path, capsys):
+    value = "-1" if option == "--fit-steps" else "0"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "smollm2", "--chi", "4", option, value, "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2 and option in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: "{not json",
+    lambda c: json.dumps({**json.loads(c), "hidden_size": 48}),       # shapes no longer match
+    lambda c: json.dumps({**json.loads(c), "num_hidden_layers": 1}),  # tensors left over
+    lambda c: json.dumps({k: v for k, v in json.loads(c).items() if k != "model_type"}),
+])
+def test_a_broken_or_mismatched_config_is_one_line_naming_a_file(saved, tmp_path, edit, capsys):
+    path = copy_of(saved, tmp_path)
+    config = path / "config.json"
+    config.write_text(edit(config.read_text()))
+    with pytest.raises(TensornetError, match=r"config\.json|tensornet\.json|model\.safetensors"):
+        load_compactified(path)
+    assert main(["eval", str(path), "--tokens", "64", "--window", "32", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused_before_any_work(tmp_path):
+    import torch
+
+    from tensornet_llm import compactify_pretrained, heal, profile_sensitivity
+
+    model = build("llama")  # 96 rows
+    foreign = [torch.tensor([[5, 7, 96, 3]])]
+    for call in (lambda: compactify(model, chi=3, calibration=foreign, progress=False),
+                 lambda: heal(model, foreign, steps=1, progress=False),
+                 lambda: profile_sensitivity(model, foreign, cache_dir=False, progress=False)):
+        with pytest.raises(TensornetError, match="item 0 holds token ids in \\[3, 96\\].*96 rows"):
+            call()
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(TensornetError, match="96 rows"):
+        compactify_pretrained(tmp_path / "src", tmp_path / "out", chi=3, calibration=foreign)
+    assert not (tmp_path / "out").exists()

@@ -34,7 +34,7 @@ from ..layers.base import TensorNetworkLinear, linear_weight
 from .fit import SiteWhitening, kronecker_whitened, stable_cholesky
 from ..layers.layout import Layout
 
-__all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate"]
+__all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate", "choose", "ladder"]
 
 #: Keep fractions (of a module's dense parameters) tried for every module.
 KEEP_GRID = (0.04, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -195,35 +195,62 @@ def allocate(
     Raises:
         ValueError: ``ratio`` outside (0, 1] or below what the smallest grid rung keeps.
     """
+    check_ratio(ratio)
+    estimate = "weight" if covariances is None else ("fisher" if grad_sq is not None else "output")
+    ladders = {
+        name: ladder(module, settings[name],
+                     covariances[name] if covariances is not None else None,
+                     grad_sq[name] if grad_sq is not None else None, keep_grid)
+        for name, module in modules.items()
+    }
+    return choose(ladders, ratio, estimate)
+
+
+def check_ratio(ratio: object) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ArgumentError(f"ratio must be a float in (0, 1], got {ratio!r}")
-    estimate = "weight" if covariances is None else ("fisher" if grad_sq is not None else "output")
-    ladders: dict[str, list[Option]] = {}
-    for name, module in modules.items():
-        setting = settings[name]
-        layouts = [Layout(*setting)] if isinstance(setting, tuple) else list(setting)
-        weight, bias = linear_weight(module)
-        out_f, in_f = weight.shape
-        dense = weight.numel() + (bias.numel() if bias is not None else 0)
-        w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-        cov = factor = None
-        reference = w
-        if covariances is not None:  # errors are measured whitened, E L (see the module docs)
-            cov = covariances[name].to(device=w.device, dtype=torch.float64)
-            factor = stable_cholesky(cov).to(w.dtype)
-            reference = w @ factor
-        reference_sq = float(reference.to(torch.float64).pow(2).sum())
-        options = [Option(None, dense, 0.0)]
-        for layout in layouts:
-            chis = sorted({chi_for_params(layout, in_f, out_f, None, int(k * dense) - (dense - weight.numel()))
-                           for k in keep_grid})
-            counts = {chi: layout.num_parameters(in_f, out_f, chi, bias is not None) for chi in chis}
-            chis = [chi for chi in chis if counts[chi] < dense]
-            for chi, row_sq in zip(chis, _start_row_errors(layout, w, chis, cov, factor)):
-                options.append(Option(chi, counts[chi], _damage(
-                    row_sq, reference_sq, grad_sq[name] if grad_sq is not None else None), layout))
-        ladders[name] = options
 
+
+@torch.no_grad()
+def ladder(
+    module: nn.Module,
+    setting: tuple[type[TensorNetworkLinear], int] | list[Layout],
+    covariance: Tensor | None = None,
+    grad_sq: Tensor | None = None,
+    keep_grid: tuple[float, ...] = KEEP_GRID,
+) -> list[Option]:
+    """One module's options: dense first, then each offered layout at each chi of the grid,
+    with its estimated damage (see the module docs). Needs the module's weight, and nothing
+    else of the model: a streaming pass builds the ladders one block at a time."""
+    layouts = [Layout(*setting)] if isinstance(setting, tuple) else list(setting)
+    weight, bias = linear_weight(module)
+    out_f, in_f = weight.shape
+    dense = weight.numel() + (bias.numel() if bias is not None else 0)
+    w = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    cov = factor = None
+    reference = w
+    if covariance is not None:  # errors are measured whitened, E L (see the module docs)
+        cov = covariance.to(device=w.device, dtype=torch.float64)
+        factor = stable_cholesky(cov).to(w.dtype)
+        reference = w @ factor
+    reference_sq = float(reference.to(torch.float64).pow(2).sum())
+    options = [Option(None, dense, 0.0)]
+    for layout in layouts:
+        chis = sorted({chi_for_params(layout, in_f, out_f, None,
+                                      int(k * dense) - (dense - weight.numel()))
+                       for k in keep_grid})
+        counts = {chi: layout.num_parameters(in_f, out_f, chi, bias is not None) for chi in chis}
+        chis = [chi for chi in chis if counts[chi] < dense]
+        for chi, row_sq in zip(chis, _start_row_errors(layout, w, chis, cov, factor)):
+            options.append(Option(chi, counts[chi], _damage(row_sq, reference_sq, grad_sq), layout))
+    return options
+
+
+def choose(ladders: Mapping[str, list[Option]], ratio: float, estimate: str) -> Allocation:
+    """The allocation over ready ladders (``{name: ladder(...)}``) that keeps at most ``ratio``
+    of their dense parameters with the least summed damage."""
+    check_ratio(ratio)
+    ladders = dict(ladders)
     before = sum(o[0].params for o in ladders.values())
     budget = int(math.floor(ratio * before))
     hulls = {n: _lower_hull(o) for n, o in ladders.items()}

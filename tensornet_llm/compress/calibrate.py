@@ -13,19 +13,21 @@ once per batch and returns it to later passes, so each block runs about twice.
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentError, EstimateFallbackWarning
-from .fit import CovarianceCollector
+from .fit import CovarianceCollector, SharedInputConflict
 from .targets import block_prefix, block_stacks
 
 __all__ = [
-    "BlockReplay", "as_batches", "calibrated_order", "collect_covariances", "collect_output_gradients",
+    "BlockReplay", "as_batches", "calibrated_order", "check_token_ids", "collect_covariances", "collect_output_gradients",
     "collect_paired_covariances", "model_inputs", "output_gradients",
 ]
 
@@ -48,15 +50,36 @@ class BlockReplay:
     every later pass over batch ``j`` gets the recording back without running it. Its inputs
     cannot change any more, since only blocks after it are still being replaced. Memory: one
     output (``batch x seq x hidden``) per finished block and calibration batch.
+
+    With ``spill_dir``, recordings that only pass through (a block's output whose successor is
+    replayed too, so nothing reads it) are moved to files there and memory-mapped back: their
+    pages are read only if something does read them, and memory holds about two recordings, not
+    one per block. Streaming compression uses this.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, spill_dir: str | os.PathLike | None = None) -> None:
         self.enabled = True
         self._outputs: dict[int, tuple[nn.Module, dict[int, Any]]] = {}
+        self._spill_dir = Path(spill_dir) if spill_dir is not None else None
+        self._spilled: set[int] = set()
 
     def finish(self, block: nn.Module) -> None:
         """From the next forward pass on, record and replay ``block``'s output."""
         self._outputs.setdefault(id(block), (block, {}))
+        if self._spill_dir is not None:
+            # The block finished two before this one has its recording complete, and its
+            # successor's too: from now on nothing needs to read it.
+            keys = list(self._outputs)
+            if len(keys) >= 3 and keys[-3] not in self._spilled:
+                self._spill(keys[-3])
+
+    def _spill(self, key: int) -> None:
+        recorded = self._outputs[key][1]
+        for index, value in list(recorded.items()):
+            path = self._spill_dir / f"replay-{key}-{index}.pt"
+            torch.save(value, path)
+            recorded[index] = torch.load(path, mmap=True, weights_only=False)
+        self._spilled.add(key)
 
     def disable(self) -> None:
         self.enabled = False
@@ -95,24 +118,49 @@ class BlockReplay:
                     block.forward = previous
 
 
-def as_batches(calibration: Iterable[Any]) -> list[dict[str, Tensor]]:
+def as_batches(calibration: Iterable[Any], min_tokens: int = 1,
+               argument: str = "calibration") -> list[dict[str, Tensor]]:
     """Materialise calibration data: token-id tensors ``(batch, seq)`` or ``(seq,)``, or dicts
-    of model inputs (a DataLoader of either works)."""
+    of model inputs (a DataLoader of either works). Every sequence must hold at least
+    ``min_tokens`` tokens (next-token training needs 2); ``argument`` names the data in errors."""
     batches = []
-    for item in calibration:
+    for index, item in enumerate(calibration):
         if isinstance(item, Tensor):
             ids = item if item.dim() == 2 else item.reshape(1, -1)
-            batches.append({"input_ids": ids.long()})
+            batch = {"input_ids": ids.long()}
         elif isinstance(item, Mapping) and "input_ids" in item:
-            batches.append(dict(item))
+            batch = dict(item)
+            ids = batch["input_ids"]
         else:
             raise ArgumentError(
-                "calibration must yield token-id tensors or dicts with 'input_ids', got "
+                f"{argument} must yield token-id tensors or dicts with 'input_ids', got "
                 f"{type(item).__name__}"
             )
+        if not isinstance(ids, Tensor) or ids.dim() != 2:
+            raise ArgumentError(f"{argument}: item {index} is not a (batch, seq) tensor of token ids")
+        if ids.numel() == 0 or ids.shape[1] < min_tokens:
+            raise ArgumentError(f"{argument}: item {index} has {ids.shape[1]} tokens per sequence "
+                                f"(shape {tuple(ids.shape)}); at least {min_tokens} needed")
+        batches.append(batch)
     if not batches:
-        raise ArgumentError("calibration is empty")
+        raise ArgumentError(f"{argument} is empty")
     return batches
+
+
+def check_token_ids(model: nn.Module, batches: list[dict[str, Tensor]],
+                    argument: str = "calibration") -> None:
+    """Refuse token ids the model's input embedding has no row for (text tokenized for another
+    model, say), before any work; otherwise the first forward pass fails deep inside."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embed, "num_embeddings", None)
+    if not isinstance(rows, int):
+        return
+    for index, batch in enumerate(batches):
+        ids = batch["input_ids"]
+        if ids.numel() and (int(ids.max()) >= rows or int(ids.min()) < 0):
+            raise ArgumentError(
+                f"{argument}: item {index} holds token ids in [{int(ids.min())}, {int(ids.max())}]"
+                f", but the model's vocabulary has {rows} rows (tokenized for another model?)")
 
 
 def calibrated_order(
@@ -162,12 +210,17 @@ def collect_covariances(
 
     With ``replay``, finished blocks return their recorded outputs instead of running (a model
     that runs a block twice per pass turns replay off and is collected without it)."""
-    if replay is not None and replay.enabled:
+    for share in (True, False):  # sharing one sum between modules of one input saves memory
         try:
-            return _collect_covariances(model, batches, modules, stop_after, replay)
-        except _ReplayConflict:
-            replay.disable()
-    return _collect_covariances(model, batches, modules, stop_after, None)
+            if replay is not None and replay.enabled:
+                try:
+                    return _collect_covariances(model, batches, modules, stop_after, replay, share)
+                except _ReplayConflict:
+                    replay.disable()
+            return _collect_covariances(model, batches, modules, stop_after, None, share)
+        except SharedInputConflict:
+            continue
+    raise AssertionError("unreachable: a collection without sharing has no conflict")
 
 
 def _collect_covariances(
@@ -176,6 +229,7 @@ def _collect_covariances(
     modules: dict[str, nn.Module],
     stop_after: nn.Module | None,
     replay: BlockReplay | None,
+    share: bool = False,
 ) -> CovarianceCollector:
     device = next(model.parameters()).device
     was_training = model.training
@@ -186,7 +240,7 @@ def _collect_covariances(
 
     handle = stop_after.register_forward_hook(stop) if stop_after is not None else None
     try:
-        with CovarianceCollector(modules) as collector:
+        with CovarianceCollector(modules, share) as collector:
             for index, batch in enumerate(batches):
                 try:
                     if replay is None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Union
 
 import torch
 from torch import nn
@@ -16,8 +17,8 @@ from ..layers.base import TensorNetworkLinear, linear_weight
 from ..layers.layout import METHODS, Layout
 from .budget import allocate
 from .calibrate import (
-    BlockReplay, as_batches, calibrated_order, collect_covariances, collect_paired_covariances,
-    output_gradients,
+    BlockReplay, as_batches, calibrated_order, check_token_ids, collect_covariances,
+    collect_paired_covariances, output_gradients,
 )
 from .fit import (
     corrected_target, fit_weighted, kronecker_whitened, weighted_error, whitened_start_is_optimal,
@@ -68,6 +69,11 @@ class CompactifyConfig:
             (its weight on the dense model's inputs), so that it also undoes what the layers
             compressed before it changed in its inputs; ``False`` fits it to its own weight on
             the inputs the compressed model gives it.
+        gradients: with ``ratio`` and calibration data, weigh each module's output error by
+            the loss gradient at its output (the Gauss-Newton estimate of the loss increase);
+            ``False`` budgets by the relative output error alone, as streaming compression
+            (:func:`~tensornet_llm.compress.stream.compactify_pretrained`) does, since loss
+            gradients need the whole model at once.
     """
 
     chi: PerModule | None = None
@@ -82,6 +88,7 @@ class CompactifyConfig:
     low_rank: bool = True
     match_dense: bool = False
     shrinkage: float = 0.0
+    gradients: bool = True
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -107,7 +114,7 @@ class CompactifyConfig:
         if isinstance(self.shrinkage, bool) or not isinstance(self.shrinkage, (int, float)) or not (
                 0 <= self.shrinkage <= 1):
             raise ArgumentError(f"shrinkage must be a number in [0, 1], got {self.shrinkage!r}")
-        for flag in ("low_rank", "match_dense"):
+        for flag in ("low_rank", "match_dense", "gradients"):
             if not isinstance(getattr(self, flag), bool):
                 raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
@@ -132,6 +139,17 @@ def _check_setting(value, argument: str, ok, allowed: str) -> None:
         if not ok(v):
             where = f" for pattern {pattern!r}" if pattern is not None else ""
             raise ArgumentError(f"{argument}{where} must be {allowed}, got {v!r}")
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor, rows: int = 256) -> float:
+    """``||approx - exact||_F / ||exact||_F`` in float64, ``rows`` rows at a time (no float64
+    copy of a whole weight)."""
+    diff = norm = 0.0
+    for a, e in zip(approx.split(rows), exact.split(rows)):
+        e64 = e.double()
+        diff += float((a.double() - e64).pow(2).sum())
+        norm += float(e64.pow(2).sum())
+    return math.sqrt(diff) / max(math.sqrt(norm), 1e-30)
 
 
 def _count(model: nn.Module) -> int:
@@ -169,8 +187,7 @@ def _build(
         dense = new.to_dense()
     if cov is not None:
         act_end = weighted_error(dense, target, cov)
-    w = weight.detach().double()
-    err = float((dense.double() - w).norm() / w.norm().clamp_min(1e-30))
+    err = relative_error(dense, weight.detach())
     for p in new.cores:
         p.requires_grad_(weight.requires_grad)
     if bias is not None:
@@ -263,6 +280,8 @@ def compactify(
                          low_rank=low_rank)
     start = time.perf_counter()
     batches = as_batches(calibration) if calibration is not None else None
+    if batches is not None:
+        check_token_ids(model, batches)
     plan = _plan(model, cfg, batches)
     params_before = _count(model)
     bar = None
@@ -319,9 +338,12 @@ class _Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Plan:
+def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
+          budget: Callable | None = None) -> _Plan:
     """Targets, and every module's layout and chi (from the budget when ``cfg.ratio`` is set).
-    Every per-module setting is resolved here, so a missing pattern fails before any work."""
+    Every per-module setting is resolved here, so a missing pattern fails before any work.
+    ``budget(chosen, offered) -> (settings, estimate)`` replaces the in-memory budget pass
+    (streaming compression builds the ladders block by block)."""
     chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
     if not chosen:
         raise ArgumentError(
@@ -344,8 +366,11 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None) -> _Pla
         offered[name] = [layouts[name]] + (
             [low_rank] if cfg.low_rank and layouts[name] != low_rank else [])
     notes: list[str] = []
-    settings, estimate = _budget_settings(model, chosen, offered, cfg.ratio, batches, notes,
-                                          cfg.shrinkage)
+    if budget is None:
+        settings, estimate = _budget_settings(model, chosen, offered, cfg.ratio, batches, notes,
+                                              cfg.shrinkage, cfg.gradients)
+    else:
+        settings, estimate = budget(chosen, offered)
     left = {id(m): m for n, m in chosen if settings[n] is None}
     dense_target_params = sum(
         sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
@@ -407,7 +432,7 @@ def _replace_block_by_block(
             )
         elif fresh:
             collector = collect_covariances(model, batches, fresh, block, replay)
-            covs = {n: shrunk(collector.covariance(n), cfg.shrinkage) for n in fresh}
+            covs = {n: shrunk(collector.take(n), cfg.shrinkage) for n in fresh}
         for name in names:
             module = modules[name]
             if id(module) not in built:
@@ -424,6 +449,7 @@ def _replace_block_by_block(
 def _budget_settings(
     model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
     ratio: float, batches: list | None, notes: list[str], shrinkage: float = 0.0,
+    gradients: bool = True,
 ) -> tuple[dict[str, tuple[Layout, int] | None], str]:
     """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget, and
     how damage was estimated. A weaker estimate than the data allows is warned and noted."""
@@ -435,7 +461,7 @@ def _budget_settings(
     if batches is not None:
         collector = collect_covariances(model, batches, modules)
         covs = {n: shrunk(collector.covariance(n), shrinkage) for n in modules}
-        grads, reason = output_gradients(model, batches, modules)
+        grads, reason = output_gradients(model, batches, modules) if gradients else (None, None)
         if reason is not None:
             note = (f"budget damage estimated from the output error, not the loss: {reason}")
             warnings.warn(note, EstimateFallbackWarning, stacklevel=4)

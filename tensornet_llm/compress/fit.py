@@ -26,12 +26,13 @@ activation covariance ``C = X^T X / n``. With a Cholesky factor ``C = L L^T`` th
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, NonFiniteActivationError
 from ..layers.base import TensorNetworkLinear
 
 __all__ = [
@@ -49,6 +50,11 @@ __all__ = [
 ]
 
 
+class SharedInputConflict(Exception):
+    """Modules that read the same input tensor on a first call read different ones later: their
+    shared sum is wrong, so the collection must run again without sharing."""
+
+
 class CovarianceCollector:
     """Accumulate ``C = X^T X / n`` of the inputs reaching each given module.
 
@@ -57,24 +63,52 @@ class CovarianceCollector:
         with CovarianceCollector({"q": model.layers[0].self_attn.q_proj}) as cov:
             model(batch)
         cov.covariance("q")   # (in_features, in_features), float64
+
+    Modules that read the very same input tensor (q, k and v of one attention; gate and up of
+    one MLP) share one sum with ``share=True``: the first to be called owns it, the others only
+    check, on every call, that they see the owner's current input (else
+    :class:`SharedInputConflict` is raised and the caller collects again without sharing).
     """
 
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, modules: dict[str, nn.Module], share: bool = False) -> None:
         self.modules = modules
+        self.share = share
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._batches: dict[str, int] = {}  # forward calls seen, to name the bad one
+        self._owner: dict[str, str] = {}  # module -> the module whose sum it shares
+        self._current: tuple[weakref.ref, int, str] | None = None  # last owner's input
+        self._taken: dict[str, Tensor] = {}  # owner -> its covariance, while sharers remain
+        self._taken_by: set[str] = set()
         self._handles: list = []
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-            gram = x.T @ x
-            if name in self._sums:
-                self._sums[name] += gram
+            source = args[0]
+            current = self._current
+            same = (current is not None and current[0]() is source
+                    and current[1] == source._version)
+            if self.share and name not in self._counts and same:
+                self._owner[name] = current[2]  # first call: the owner's very input
+            if name in self._owner:
+                if not (same and current[2] == self._owner[name]):
+                    raise SharedInputConflict(name)
+                self._counts[name] = self._counts.get(name, 0) + source.numel() // source.shape[-1]
+                return
+            x = source.detach().reshape(-1, source.shape[-1])
+            if not bool(torch.isfinite(x).all()):
+                raise NonFiniteActivationError(
+                    f"calibration: the inputs of {name} hold NaN or Inf values (batch "
+                    f"{self._batches.get(name, 0)} of the calibration data); a model that "
+                    "overflows in float16 needs float32 or bfloat16")
+            self._batches[name] = self._batches.get(name, 0) + 1
+            x = x.to(torch.float64)
+            if name in self._sums:  # accumulated in place: no (in, in) temporary
+                self._sums[name].addmm_(x.T, x)
             else:
-                self._sums[name] = gram
+                self._sums[name] = x.T @ x
             self._counts[name] = self._counts.get(name, 0) + x.shape[0]
+            self._current = (weakref.ref(source), source._version, name)
 
         return hook
 
@@ -88,11 +122,30 @@ class CovarianceCollector:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._current = None
 
     def covariance(self, name: str) -> Tensor:
-        if name not in self._sums:
+        """``X^T X / n`` of ``name``'s inputs, ``(in_features, in_features)`` float64."""
+        owner = self._owner.get(name, name)
+        if owner not in self._sums:
             raise KeyError(f"no activations reached module {name!r}")
-        return self._sums[name] / self._counts[name]
+        return self._sums[owner] / self._counts[name]
+
+    def take(self, name: str) -> Tensor:
+        """:meth:`covariance`, computed in place, once per shared sum: the modules sharing an
+        input get the same tensor, and the collector lets go of it (one ``(in, in)`` float64
+        matrix less in memory). Use instead of :meth:`covariance`, not beside it."""
+        owner = self._owner.get(name, name)
+        if owner not in self._sums:
+            raise KeyError(f"no activations reached module {name!r}")
+        if owner not in self._taken:
+            self._taken[owner] = self._sums[owner].div_(self._counts[owner])
+        result = self._taken[owner]
+        self._taken_by.add(name)
+        users = [n for n, o in self._owner.items() if o == owner] + [owner]
+        if all(u in self._taken_by for u in users):  # every sharer has it: let go
+            del self._sums[owner], self._taken[owner]
+        return result
 
     def tokens(self, name: str) -> int:
         return self._counts.get(name, 0)
@@ -116,13 +169,16 @@ def stable_cholesky(cov: Tensor, rel_eps: float = 1e-6, max_tries: int = 12) -> 
     raise ArgumentError(f"covariance is not positive semi-definite (tried a ridge up to {shift:.3g})")
 
 
-def weighted_error(approx: Tensor, weight: Tensor, cov: Tensor) -> float:
-    """Relative output error ``sqrt(tr(E C E^T) / tr(W C W^T))`` with ``E = W - approx``."""
+def weighted_error(approx: Tensor, weight: Tensor, cov: Tensor, rows: int = 256) -> float:
+    """Relative output error ``sqrt(tr(E C E^T) / tr(W C W^T))`` with ``E = W - approx``, in
+    float64, ``rows`` rows of the weight at a time (no float64 copy of the whole weight)."""
     cov = cov.to(torch.float64)
-    e = (weight - approx).to(torch.float64)
-    w = weight.to(torch.float64)
-    num = float(((e @ cov) * e).sum())
-    den = float(((w @ cov) * w).sum())
+    num = den = 0.0
+    for a, w in zip(approx.split(rows), weight.split(rows)):
+        w = w.to(torch.float64)
+        e = w - a.to(torch.float64)
+        num += float(((e @ cov) * e).sum())
+        den += float(((w @ cov) * w).sum())
     return (max(num, 0.0) / max(den, 1e-300)) ** 0.5
 
 
@@ -196,13 +252,20 @@ class SiteWhitening:
             for f in self.factors
         ]
 
-    def whiten(self, weight: Tensor) -> Tensor:
-        """``W (L_1 x ... x L_N)`` for ``W`` ``(out, prod(in_shape))``, in float64."""
+    def whiten(self, weight: Tensor, dtype: torch.dtype = torch.float64,
+               rows: int = 256) -> Tensor:
+        """``W (L_1 x ... x L_N)`` for ``W`` ``(out, prod(in_shape))``, computed in float64
+        ``rows`` output rows at a time and returned in ``dtype``."""
         out_f = weight.shape[0]
-        w = weight.detach().to(torch.float64).reshape(out_f, *self.in_shape)
-        for k, factor in enumerate(self.factors):  # W[o, i_1.., i_k, ..] L_k[i_k, j_k]
-            w = torch.movedim(torch.tensordot(w, factor.to(w.device), dims=([k + 1], [0])), -1, k + 1)
-        return w.reshape(out_f, -1)
+        result = torch.empty(out_f, weight.shape[1], dtype=dtype, device=weight.device)
+        for start in range(0, out_f, rows):
+            w = weight[start:start + rows].detach().to(torch.float64)
+            w = w.reshape(w.shape[0], *self.in_shape)
+            for k, factor in enumerate(self.factors):  # W[o, i_1.., i_k, ..] L_k[i_k, j_k]
+                w = torch.movedim(torch.tensordot(w, factor.to(w.device), dims=([k + 1], [0])),
+                                  -1, k + 1)
+            result[start:start + rows] = w.reshape(w.shape[0], -1)
+        return result
 
     @torch.no_grad()
     def unwhiten_(self, layer: TensorNetworkLinear) -> None:
@@ -228,9 +291,9 @@ def kronecker_whitened(
         return None
     if whitening is None:
         whitening = SiteWhitening(cov.to(weight.device), layer.in_shape)
-    if whitened is None:
-        whitened = whitening.whiten(weight)
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if whitened is None:
+        whitened = whitening.whiten(weight, compute)
     new = type(layer).from_weight(
         whitened.to(compute), None, layer.chi, layer.n_sites, in_shape=layer.in_shape,
         out_shape=layer.out_shape,

@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from ..errors import ArgumentError
 from ..layers.base import linear_weight
 from .budget import _damage, chi_for_params
-from .calibrate import as_batches, collect_covariances, collect_output_gradients, model_inputs
+from .calibrate import (
+    as_batches, check_token_ids, collect_covariances, collect_output_gradients, model_inputs,
+)
 from ..layers.layout import METHODS
 from .fit import stable_cholesky
 from .targets import Targets, block_prefix, block_stacks, find_targets
@@ -173,6 +175,7 @@ def profile_sensitivity(
                        for k in keep):
         raise ArgumentError(f"keep must be fractions in (0, 1), got {keep!r}")
     batches = as_batches(calibration)
+    check_token_ids(model, batches)
     chosen, _ = find_targets(model, targets, exclude)
     if not chosen:
         raise ArgumentError(f"targets={targets!r} matched no linear module of the model")

@@ -26,10 +26,12 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError, InputFileError
+from .generated import generated_text  # text sampled from the model itself: data-free
 
 __all__ = ["DATA_DIR", "CALIBRATION_TEXTS", "HELD_OUT_TEXT", "HEALING_TEXTS", "Part", "Domain",
            "DOMAINS", "domain_text", "calibration_mix", "healing_mix", "held_out_ids",
-           "text_path", "read_text", "tokenize_text", "token_batches", "text_batches"]
+           "text_path", "read_text", "tokenize_text", "token_batches", "text_batches",
+           "generated_text"]
 
 #: The bundled texts (package data); ``$TENSORNET_LLM_DATA`` names another folder to look in.
 DATA_DIR = Path(__file__).resolve().parent / "texts"

@@ -5,6 +5,9 @@ Directory layout::
     config.json               the base model's Hugging Face config
     generation_config.json    (when the model has one)
     model.safetensors         every parameter and persistent buffer; tied tensors stored once
+                              (or shards ``model-00001-of-00009.safetensors`` ... with the
+                              Hugging Face index ``model.safetensors.index.json``, as streaming
+                              compression writes them)
     tensornet.json            the structure: per replaced module its method, shapes, bond dims;
                               per quantized module its kind, bits and grouping; and which
                               state-dict keys alias another (tied weights)
@@ -30,14 +33,30 @@ from ..layers.base import TensorNetworkLinear
 from ..layers.layout import METHODS
 from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
 
-__all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE"]
+__all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE",
+           "WEIGHTS_INDEX", "shard_name", "structure"]
 
 STRUCTURE_FILE = "tensornet.json"
 WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 FORMAT_VERSION = 1
 #: File names a save writes itself (``files=`` may not use them).
-RESERVED = frozenset({STRUCTURE_FILE, WEIGHTS_FILE, "config.json", "generation_config.json",
-                      MARKER})
+RESERVED = frozenset({STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, "config.json",
+                      "generation_config.json", MARKER})
+
+
+def shard_name(index: int, total: int) -> str:
+    """The Hugging Face name of weight shard ``index`` (from 1) of ``total``."""
+    return f"model-{index:05d}-of-{total:05d}.safetensors"
+
+
+def structure(architecture: str, modules: Mapping[str, dict], quantized: Mapping[str, dict],
+              aliases: Mapping[str, str], **extra: Any) -> dict[str, Any]:
+    """The content of ``tensornet.json``: the layouts of the replaced and quantized modules by
+    name, and which state-dict keys alias another."""
+    return {"format_version": FORMAT_VERSION, "architecture": architecture,
+            "modules": dict(modules), "quantized": dict(quantized), "aliases": dict(aliases),
+            **extra}
 
 
 def tensor_network_modules(model: nn.Module) -> dict[str, TensorNetworkLinear]:
@@ -91,14 +110,11 @@ def save_compactified(
                                 f"(reserved: {sorted(RESERVED)})")
     check_output(target, overwrite, known=(STRUCTURE_FILE,))
     state, aliases = _dedupe(model.state_dict())
-    structure = {
-        "format_version": FORMAT_VERSION,
-        "architecture": type(model).__name__,
-        "modules": {n: m.layout() for n, m in tensor_network_modules(model).items()},
-        "quantized": {n: m.layout() for n, m in model.named_modules() if isinstance(m, QuantizedModule)},
-        "aliases": aliases,
-        **extra,
-    }
+    description = structure(
+        type(model).__name__,
+        {n: m.layout() for n, m in tensor_network_modules(model).items()},
+        {n: m.layout() for n, m in model.named_modules() if isinstance(m, QuantizedModule)},
+        aliases, **extra)
     from safetensors.torch import save_file
 
     with atomic_directory(target, overwrite, known=(STRUCTURE_FILE,)) as tmp:
@@ -113,7 +129,7 @@ def save_compactified(
         for name, content in files.items():
             path = tmp / name
             path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
-        (tmp / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
+        (tmp / STRUCTURE_FILE).write_text(json.dumps(description, indent=1))
     return target
 
 
@@ -152,6 +168,35 @@ def _read_structure(directory: Path) -> dict[str, Any]:
     return structure
 
 
+def _read_weights(directory: Path, device: str) -> tuple[dict[str, torch.Tensor], Path]:
+    """Every saved tensor (from ``model.safetensors``, or from the shards the index names) and
+    the path errors should name."""
+    from safetensors.torch import load_file
+
+    index = directory / WEIGHTS_INDEX
+    if index.is_file() and not (directory / WEIGHTS_FILE).is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) and Path(f).name == f for f in files):
+                raise ValueError("shard names must be plain file names")
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({_first_line(exc)})"
+                                  ) from exc
+    else:
+        index, files = directory / WEIGHTS_FILE, [WEIGHTS_FILE]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = directory / name
+        try:
+            state.update(load_file(path, device=device))
+        except FileNotFoundError as exc:
+            raise CheckpointError(f"{path}: missing") from exc
+        except Exception as exc:  # safetensors raises its own SafetensorError (not importable)
+            raise CheckpointError(f"{path}: cannot be read ({_first_line(exc)})") from exc
+    return state, index
+
+
 def _model_class(config, model_class, saved_architecture: str | None):
     if model_class is not None:
         return model_class
@@ -185,7 +230,6 @@ def load_compactified(
         The model in eval mode, with the saved tensor-network structure and weights.
     """
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, GenerationConfig
 
     directory = Path(directory)
@@ -210,18 +254,12 @@ def load_compactified(
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{where}: {section} entry {name!r} does not fit "
                                       f"{cls.__name__} ({_first_line(exc)})") from exc
-    weights = directory / WEIGHTS_FILE
-    try:
-        state = load_file(weights, device=str(device) if device else "cpu")
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{weights}: missing") from exc
-    except Exception as exc:  # safetensors raises its own SafetensorError (not importable here)
-        raise CheckpointError(f"{weights}: cannot be read ({_first_line(exc)})") from exc
+    state, weights = _read_weights(directory, str(device) if device else "cpu")
     aliases = structure.get("aliases", {})
     missing_sources = sorted({s for s in aliases.values() if s not in state})
     if missing_sources:
         raise CheckpointError(f"{where}: aliases name tensors {missing_sources[:3]} that "
-                              f"{WEIGHTS_FILE} does not hold")
+                              f"{weights.name} does not hold")
     for alias, source in aliases.items():
         state[alias] = state[source]
     try:

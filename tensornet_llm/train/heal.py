@@ -10,13 +10,22 @@ averaged over the tokens that count (``attention_mask`` and ``labels == -100`` r
 Training runs through :class:`accelerate.Accelerator`: device placement, gradient
 accumulation, mixed precision (bf16 where the GPU or CPU supports it) and checkpoints of the
 whole training state, so an interrupted run resumes where it stopped with the same data order.
+
+Launched on ``N`` processes (``torchrun --nproc_per_node N`` or ``accelerate launch``, on GPUs
+or on CPUs with gloo), every process runs :func:`heal` on the same ``batches`` and trains on its
+share of them data-parallel: the batches are taken in groups of ``N`` consecutive ones (the
+groups reshuffled every pass), batch ``i`` of a group going to rank ``i mod N``, and gradients
+are averaged across ranks. One step on ``N`` processes is therefore one step on the ``N``
+batches of a group together, as one process would take it on their concatenation.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
@@ -28,7 +37,7 @@ from torch import Tensor, nn
 from ..errors import ArgumentError, ArgumentTypeError
 from ..helpers.files import atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
-from ..compress.calibrate import as_batches
+from ..compress.calibrate import as_batches, check_token_ids
 
 __all__ = ["HealConfig", "HealResult", "auto_precision", "heal", "trainable_parameters"]
 
@@ -57,7 +66,8 @@ class HealConfig:
         checkpoint_dir: where to keep the latest training state; an existing one is resumed.
         checkpoint_every: optimiser steps between checkpoints (and one at the end).
         seed: data order and RNG.
-        cpu: train on the CPU even when a GPU is present.
+        cpu: train on the CPU even when a GPU is present (a multi-process launch on a machine
+            without a GPU trains on the CPUs without it).
         progress: show a progress bar with the loss.
     """
 
@@ -217,12 +227,13 @@ def heal(
         teacher: the dense model for distillation (kept frozen, moved to the training device).
         config: a :class:`HealConfig`; ``options`` are any of its fields and win over it.
         callback: called as ``callback(step, result)`` after every optimiser step (e.g. to
-            evaluate); it may switch the model to eval mode, training mode is restored after.
+            evaluate), on every process of a multi-process launch; it may switch the model to
+            eval mode, training mode is restored after.
 
     Returns:
         A :class:`HealResult` with the loss history (including steps a resumed checkpoint had).
     """
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from tqdm.auto import tqdm
 
     cfg = HealConfig(**{f.name: getattr(config, f.name) for f in fields(HealConfig)}) if config \
@@ -240,15 +251,23 @@ def heal(
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
     if ckpt is not None:  # a directory that is not a checkpoint is refused before training
         check_output(ckpt, known=(PROGRESS_FILE,))
-    data = as_batches(batches)
+    data = as_batches(batches, min_tokens=2, argument="batches")
+    check_token_ids(model, data, "batches")
     params = trainable_parameters(model, cfg.train)
     distill = (1.0 if teacher is not None else 0.0) if cfg.distill_weight is None \
         else cfg.distill_weight
 
-    precision = auto_precision(cfg.cpu) if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    # Under torchrun / accelerate launch without a GPU, accelerate runs data-parallel on the
+    # CPUs (gloo) only when told cpu=True; otherwise every rank would train alone.
+    cpu = cfg.cpu or (launched() and not torch.cuda.is_available())
+    precision = auto_precision(cpu) if cfg.mixed_precision == "auto" else cfg.mixed_precision
     _allow_new_precision(precision)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=precision, cpu=cfg.cpu)
+                              mixed_precision=precision, cpu=cpu)
+    ranks, rank = accelerator.num_processes, accelerator.process_index
+    if len(data) < ranks:
+        raise ArgumentError(f"batches: {len(data)} batch(es) cannot be shared by {ranks} "
+                            "processes; give at least one per process")
     torch.manual_seed(cfg.seed)
 
     chosen = {id(p) for p in params}
@@ -269,7 +288,12 @@ def heal(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if teacher is not None:
-        teacher.to(accelerator.device).eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False)
+        if accelerator.distributed_type == DistributedType.FSDP:
+            # Sharded like the student, for teachers that do not fit one device either.
+            teacher = accelerator.prepare_model(teacher)
+        else:
+            teacher.to(accelerator.device)
 
     result = HealResult(mixed_precision=precision)
     if ckpt is not None and (ckpt / PROGRESS_FILE).is_file():
@@ -280,20 +304,28 @@ def heal(
         result.resumed_from = len(result.losses)
 
     def save_checkpoint() -> None:
-        with atomic_directory(ckpt, known=(PROGRESS_FILE,)) as tmp:
-            accelerator.save_state(str(tmp), safe_serialization=False)
-            (tmp / PROGRESS_FILE).write_text(json.dumps(result.to_dict()))
+        # The main process owns the directory; every process writes its RNG state into it.
+        main = accelerator.is_main_process
+        with atomic_directory(ckpt, known=(PROGRESS_FILE,)) if main else nullcontext() as tmp:
+            path = _broadcast(str(tmp) if main else None, accelerator)
+            accelerator.save_state(path, safe_serialization=False)
+            accelerator.wait_for_everyone()
+            if main:
+                (tmp / PROGRESS_FILE).write_text(json.dumps(result.to_dict()))
+        accelerator.wait_for_everyone()
 
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.steps, initial=result.steps, desc="healing", unit="step",
-               disable=not cfg.progress)
+               disable=not cfg.progress or not accelerator.is_main_process)
+    groups = len(data) // ranks  # a remainder of fewer than `ranks` batches is left out
     start = time.perf_counter() - result.seconds
     wrapped.train()
     try:
         while result.steps < cfg.steps:
             step_terms = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hidden": 0.0}
             for micro in range(accum):
-                batch = data[_order(len(data), result.steps * accum + micro, cfg.seed)]
+                group = _order(groups, result.steps * accum + micro, cfg.seed)
+                batch = data[group * ranks + rank]
                 batch = {k: v.to(accelerator.device) if isinstance(v, Tensor) else v
                          for k, v in batch.items()}
                 inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -311,10 +343,16 @@ def heal(
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                step_terms["loss"] += float(loss.detach()) / accum
-                for k, v in terms.items():
+                # Every rank records the terms averaged over the ranks, and all tokens seen.
+                values = torch.tensor([float(loss.detach()), terms["ce"], terms["distill"],
+                                       terms["hidden"], float((_targets(batch) != -100).sum())],
+                                      dtype=torch.float64, device=accelerator.device)
+                if ranks > 1:
+                    values = accelerator.reduce(values, reduction="sum")
+                    values[:4] /= ranks
+                for k, v in zip(("loss", "ce", "distill", "hidden"), values[:4].tolist()):
                     step_terms[k] += v / accum
-                result.tokens += int((_targets(batch) != -100).sum())
+                result.tokens += int(values[4])
             result.losses.append(step_terms["loss"])
             for k in ("ce", "distill", "hidden"):
                 getattr(result, k).append(step_terms[k])
@@ -335,6 +373,22 @@ def heal(
         model.train(was_training)
         accelerator.free_memory()
     return result
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by ``torchrun`` or ``accelerate launch``
+    (which set ``WORLD_SIZE``; MPI launchers set their own)."""
+    sizes = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    return any(int(os.environ.get(k, "1") or 1) > 1 for k in sizes)
+
+
+def _broadcast(value: str | None, accelerator) -> str:
+    """The main process's ``value``, on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 def auto_precision(cpu: bool = False) -> Literal["bf16", "no"]:
