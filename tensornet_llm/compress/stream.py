@@ -214,11 +214,14 @@ class _Stream:
                     module._parameters[name] = first
 
 
-def _release_memory() -> None:
+def _release_memory(collect: bool = True) -> None:
     """Hand freed memory back to the system. glibc keeps freed blocks of the heap for reuse; the
     many differently sized buffers of a block's decompositions then pile up as resident memory
-    (about 20 MB per SmolLM2 block) unless the heap is trimmed."""
-    gc.collect()
+    (about 20 MB per SmolLM2 block) unless the heap is trimmed. ``collect``: first run the
+    garbage collector (for reference cycles; a freed block's modules may hold some), which
+    costs about 0.2 s, so not after every module."""
+    if collect:
+        gc.collect()
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to trim
@@ -514,7 +517,7 @@ def _compress_block(stream: _Stream, prefix: str, block: nn.Module,
         module.to("meta")  # the plan still holds the original: free its weight
         rows.append(row)
         layouts[name] = new.layout()
-        _release_memory()  # the fit's float64 buffers, before the next module's
+        _release_memory(collect=False)  # the fit's float64 buffers, before the next module's
 
 
 @contextmanager
