@@ -37,7 +37,8 @@ from ..errors import ArgumentError, CheckpointError, InputFileError
 from ..helpers.files import atomic_directory, check_output
 from ..layers.layout import Layout
 from ..saving.serialization import (
-    STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, _first_line, _model_class, shard_name, structure,
+    STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, _first_line, _model_class, read_weight_map,
+    shard_name, structure,
 )
 from .budget import choose, ladder
 from .calibrate import BlockReplay, as_batches, check_token_ids, collect_covariances
@@ -71,13 +72,7 @@ class CheckpointReader:
             for key in self._keys(single, safe_open):
                 self.files[key] = single
         elif index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                if not all(isinstance(f, str) and Path(f).name == f for f in weight_map.values()):
-                    raise ValueError("shard names must be plain file names")
-            except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a safetensors index ({_first_line(exc)})"
-                                      ) from exc
+            weight_map = read_weight_map(index)
             for path in sorted({self.directory / f for f in weight_map.values()}):
                 for key in self._keys(path, safe_open):  # every shard's header is checked now
                     self.files[key] = path
@@ -352,10 +347,7 @@ def compactify_pretrained(
         return _streamed_budget(stream, cfg, batches, chosen, offered, progress, out.parent)
 
     plan = _plan(model, cfg, batches, budget)
-    outside = [n for n, _ in plan.chosen if not _block_of(n, block_stacks(model))]
-    if outside:
-        raise ArgumentError(f"streaming compresses modules inside the transformer blocks only; "
-                            f"targets outside them: {outside[:3]}")
+    _targets_by_block(stream, plan.chosen)  # any outside the blocks: refused before any work
     if batches is not None and cfg.ratio is not None:
         notes.append("budget damage estimated from the output error, not the loss: streaming "
                      "compression has no whole model to differentiate")
@@ -454,11 +446,9 @@ class _Walk:
         return {n: shrunk(collector.take(n), shrinkage) for n in modules}
 
 
-def _streamed_budget(stream: _Stream, cfg: CompactifyConfig, batches: list | None,
-                     chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
-                     progress: bool, spill_parent: Path):
-    """The budget pass of :func:`~.compactify._plan`, one block at a time over the dense
-    model: every module's ladder, then one choice over all of them."""
+def _targets_by_block(stream: _Stream, chosen: list[tuple[str, nn.Module]]
+                      ) -> dict[str, list[str]]:
+    """``{block prefix: target names in it}``; a target outside every block is refused."""
     stacks = block_stacks(stream.model)
     names_in: dict[str, list[str]] = {}
     for name, _ in chosen:
@@ -466,6 +456,15 @@ def _streamed_budget(stream: _Stream, cfg: CompactifyConfig, batches: list | Non
     if "" in names_in:
         raise ArgumentError(f"streaming compresses modules inside the transformer blocks only; "
                             f"targets outside them: {names_in[''][:3]}")
+    return names_in
+
+
+def _streamed_budget(stream: _Stream, cfg: CompactifyConfig, batches: list | None,
+                     chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
+                     progress: bool, spill_parent: Path):
+    """The budget pass of :func:`~.compactify._plan`, one block at a time over the dense
+    model: every module's ladder, then one choice over all of them."""
+    names_in = _targets_by_block(stream, chosen)
     ladders = {}
     with _spill_directory(spill_parent) as spill:
         walk = _Walk(stream, batches, spill)
@@ -485,10 +484,7 @@ def _compress_blocks(stream: _Stream, plan, cfg: CompactifyConfig, batches: list
                      tmp: Path, rows: list[LayerReport], layouts: dict[str, dict],
                      progress: bool) -> dict[str, str]:
     """Replace each block's targets and write the block to its shard; the weight map."""
-    stacks = block_stacks(stream.model)
-    names_in: dict[str, list[str]] = {}
-    for name, _ in plan.chosen:
-        names_in.setdefault(_block_of(name, stacks), []).append(name)
+    names_in = _targets_by_block(stream, plan.chosen)
     total = _shard_count(stream)
     weight_map: dict[str, str] = {}
     with _spill_directory(tmp) as spill:

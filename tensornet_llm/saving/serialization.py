@@ -168,6 +168,17 @@ def _read_structure(directory: Path) -> dict[str, Any]:
     return structure
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """``{tensor name: shard file name}`` of a Hugging Face safetensors index, checked."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not all(isinstance(f, str) and Path(f).name == f for f in weight_map.values()):
+            raise ValueError("shard names must be plain file names")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index}: not a safetensors index ({_first_line(exc)})") from exc
+    return weight_map
+
+
 def _read_weights(directory: Path, device: str) -> tuple[dict[str, torch.Tensor], Path]:
     """Every saved tensor (from ``model.safetensors``, or from the shards the index names) and
     the path errors should name."""
@@ -175,14 +186,7 @@ def _read_weights(directory: Path, device: str) -> tuple[dict[str, torch.Tensor]
 
     index = directory / WEIGHTS_INDEX
     if index.is_file() and not (directory / WEIGHTS_FILE).is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-            if not all(isinstance(f, str) and Path(f).name == f for f in files):
-                raise ValueError("shard names must be plain file names")
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index}: not a safetensors index ({_first_line(exc)})"
-                                  ) from exc
+        files = sorted(set(read_weight_map(index).values()))
     else:
         index, files = directory / WEIGHTS_FILE, [WEIGHTS_FILE]
     state: dict[str, torch.Tensor] = {}
