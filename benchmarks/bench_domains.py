@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 from tensornet_llm import CompactifyConfig, compactify
 from tensornet_llm.helpers.data import DOMAINS, calibration_mix, generated_text, text_batches
-from tensornet_llm.helpers.evaluate import compare_to_dense, perplexity_table
+from tensornet_llm.helpers.evaluate import perplexity_table
 from tensornet_llm.helpers.models import load_smollm2
+
+from _rows import domain_table, held_out_row, resume
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,25 +53,16 @@ def calibration(model, tokenizer, name: str, n_tokens: int) -> list:
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
     (out / "bench_domains.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    dense = meta["dense"]
-    names = list(dense)
     lines = ["# Held-out perplexity on every domain (SmolLM2-135M, no fine-tuning)", "",
              f"`compactify(model, ratio=keep, calibration=...)` with the default layouts, "
              f"{meta['fit_steps']} fit steps per layer; perplexity on {meta['tokens']} held-out "
              f"tokens of each domain (512-token "
              f"windows), text no calibration draws from. {meta['threads']} CPU threads. Written "
-             "by `benchmarks/bench_domains.py`.", "",
-             "| calibration | tokens | shrinkage | keep | " + " | ".join(names)
-             + " | geometric mean | worst | compress time |",
-             "|---|---|---|---|" + "---|" * (len(names) + 3)]
-    lines.append("| dense | | | 100% | " + " | ".join(f"{dense[n]:.2f}" for n in names)
-                 + " | 1.00x | 1.00x | |")
-    for r in rows:
-        ratios = r["ratios"]
-        lines.append(f"| {r['calibration']} | {r['calibration_tokens']} | {r['shrinkage']} | "
-                     f"{r['keep']:.0%} | " + " | ".join(
-            f"{r['perplexity'][n]:.2f} ({ratios[n]:.2f}x)" for n in names)
-            + f" | {ratios['geomean']:.2f}x | {ratios['worst']:.2f}x | {r['seconds']:.0f} s |")
+             "by `benchmarks/bench_domains.py`.", ""]
+    lines += domain_table(meta["dense"], rows, {
+        "calibration": lambda r: r["calibration"],
+        "tokens": lambda r: str(r["calibration_tokens"]),
+        "shrinkage": lambda r: str(r["shrinkage"]), "keep": lambda r: f"{r['keep']:.0%}"})
     (out / "bench_domains.md").write_text("\n".join(lines) + "\n")
 
 
@@ -90,15 +82,7 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     meta = {"tokens": args.tokens, "fit_steps": args.fit_steps, "threads": torch.get_num_threads(),
             "domains": {n: d.description for n, d in DOMAINS.items()}}
-    path = args.out / "bench_domains.json"
-    rows: list[dict] = []
-    if path.is_file() and not args.fresh:
-        saved = json.loads(path.read_text())
-        differ = {k: v for k, v in meta.items() if saved["meta"].get(k) != v}
-        if differ:
-            parser.error(f"{path} was measured with other settings ({sorted(differ)}); "
-                         "use --fresh or the same settings")
-        meta, rows = saved["meta"], saved["rows"]
+    meta, rows = resume(args.out / "bench_domains.json", meta, args.fresh, parser)
     if "dense" not in meta:
         meta["dense"] = perplexity_table(model, tokenizer, args.tokens)
         print("dense", json.dumps(meta["dense"]), flush=True)
@@ -109,20 +93,15 @@ def main() -> None:
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"]) == key
                    for r in rows):
                 continue
-            student, _ = load_smollm2()
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
-            start = time.perf_counter()
-            report = compactify(student, ratio=keep, calibration=data,
-                                fit_steps=args.fit_steps, progress=False,
-                                config=CompactifyConfig(shrinkage=args.shrinkage))
-            seconds = time.perf_counter() - start
-            table = perplexity_table(student, tokenizer, args.tokens)
-            rows.append({"calibration": name, "keep": keep, "seconds": seconds,
+            config = CompactifyConfig(shrinkage=args.shrinkage)
+            row = held_out_row(
+                lambda student: compactify(student, ratio=keep, calibration=data,
+                                           fit_steps=args.fit_steps, progress=False,
+                                           config=config), tokenizer, args.tokens, meta["dense"])
+            rows.append({"calibration": name, "keep": keep,
                          "calibration_tokens": args.calibration_tokens,
-                         "shrinkage": args.shrinkage,
-                         "kept": report.kept_fraction, "perplexity": table,
-                         "ratios": compare_to_dense(table, meta["dense"]),
-                         "choices": report.choices()})
+                         "shrinkage": args.shrinkage, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
             write(args.out, meta, rows)
     write(args.out, meta, rows)

@@ -18,11 +18,12 @@ from . import _compat
 from .compress import (
     Allocation, CompactifyConfig, CompactifyReport, EntanglementRow, LayerReport,
     SensitivityProfile, SensitivityRow, allocate, compactify, entanglement_profile,
-    compactify_pretrained, layer_entropy, profile_sensitivity, rank_correlation,
+    GroupFit, basis_sharing, compactify_pretrained, fit_group, layer_entropy,
+    profile_sensitivity, rank_correlation,
 )
 from .layers import (
-    BondSpectrum, Layout, MPOLinear, TensorNetworkLinear, TTNSLinear, TuneRow, autotune,
-    factorize,
+    BondSpectrum, CrossLayerLinear, Layout, MPOLinear, SharedBases, TensorNetworkLinear,
+    TTNSLinear, TuneRow, autotune, factorize,
 )
 from .saving import load_compactified, save_compactified
 from .train import HealConfig, HealResult, QuantizeConfig, QuantizeReport, heal, quantize
@@ -31,6 +32,11 @@ __all__ = [
     "MPOLinear",
     "TTNSLinear",
     "TensorNetworkLinear",
+    "CrossLayerLinear",
+    "SharedBases",
+    "fit_group",
+    "basis_sharing",
+    "GroupFit",
     "BondSpectrum",
     "compactify",
     "compactify_pretrained",

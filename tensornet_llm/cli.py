@@ -155,7 +155,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def _compress_options(args: argparse.Namespace) -> dict:
     return dict(chi=args.chi, ratio=args.ratio, method=args.method, n_sites=args.n_sites,
                 tol=args.tol, exclude=args.exclude or None, fit_steps=args.fit_steps,
-                low_rank=not args.no_low_rank)
+                low_rank=not args.no_low_rank, cross_layer=args.cross_layer)
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -167,7 +167,8 @@ def _settings(args: argparse.Namespace) -> dict:
             "calibration": args.calibration or "mixture" if calibrated else None,
             "calibration_tokens": args.calibration_tokens if calibrated else None,
             "fit_steps": args.fit_steps if calibrated else None,
-            "low_rank": not args.no_low_rank if args.ratio is not None else None}
+            "low_rank": not args.no_low_rank if args.ratio is not None else None,
+            "cross_layer": args.cross_layer}
 
 
 def _compress_streaming(args: argparse.Namespace, out: Path) -> None:
@@ -351,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-low-rank", action="store_true",
                    help="with --ratio, use only the --method layout (by default the budget may "
                    "also give a layer the low-rank 2-site MPO, the rank-chi factorisation)")
+    p.add_argument("--cross-layer", type=_positive, metavar="G",
+                   help="share bases between the same-role modules of every G consecutive "
+                        "blocks (cross-layer networks; see docs/cross-layer.md)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--stream", action="store_true",
                    help="read a Hugging Face directory block by block and write the output as "

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ArgumentError, EstimateFallbackWarning
 from ..layers.base import TensorNetworkLinear, linear_weight
+from ..layers.cross_layer import SIDES
 from ..layers.layout import METHODS, Layout
 from .budget import allocate
 from .calibrate import (
@@ -74,6 +75,16 @@ class CompactifyConfig:
             ``False`` budgets by the relative output error alone, as streaming compression
             (:func:`~tensornet_llm.compress.stream.compactify_pretrained`) does, since loss
             gradients need the whole model at once.
+        cross_layer: make the same-role modules of every ``cross_layer`` consecutive blocks one
+            cross-layer network with shared bases (:mod:`tensornet_llm.compress.groups`;
+            ``method`` and ``n_sites`` do not apply), an int or per-module mapping (``1``: a
+            group of one, a low-rank layer); ``None`` (default): per-layer networks.
+        cross_layer_side: which bases a group shares: ``"input"`` (Basis Sharing's
+            ``W_l = C_l V``), ``"output"`` (``W_l = U C_l``), ``"both"`` (``W_l = U C_l V``) or
+            ``"auto"`` (per group, whichever has the least output error at the same parameter
+            count); a string or per-module mapping.
+        sweeps: alternating sweeps of each cross-layer group's fit
+            (:func:`~tensornet_llm.compress.sweeps.fit_group`).
     """
 
     chi: PerModule | None = None
@@ -89,6 +100,9 @@ class CompactifyConfig:
     match_dense: bool = False
     shrinkage: float = 0.0
     gradients: bool = True
+    cross_layer: PerModule | None = None
+    cross_layer_side: Union[str, Mapping[str, str]] = "auto"
+    sweeps: int = 2
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -119,6 +133,16 @@ class CompactifyConfig:
                 raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
             self.exclude = [self.exclude]
+        if self.cross_layer is not None:
+            _check_setting(self.cross_layer, "cross_layer", lambda v: _is_int(v) and v >= 1,
+                           "an integer >= 1 (blocks per group)")
+            if self.match_dense:
+                raise ArgumentError("match_dense does not apply with cross_layer (a group spans "
+                                    "several blocks and is fitted on the dense model's inputs)")
+        _check_setting(self.cross_layer_side, "cross_layer_side",
+                       lambda v: v in (*SIDES, "auto"), f"one of {[*SIDES, 'auto']}")
+        if not _is_int(self.sweeps) or self.sweeps < 0:
+            raise ArgumentError(f"sweeps must be an integer >= 0, got {self.sweeps!r}")
 
     @property
     def effective_chi(self) -> PerModule:
@@ -237,6 +261,7 @@ def compactify(
     calibration: Iterable[Any] | None = None,
     fit_steps: int | None = None,
     low_rank: bool | None = None,
+    cross_layer: PerModule | None = None,
     config: CompactifyConfig | None = None,
     progress: bool = True,
 ) -> CompactifyReport:
@@ -265,6 +290,9 @@ def compactify(
         fit_steps: L-BFGS iterations per layer for that fit (default 50).
         low_rank: with ``ratio``, also offer every module the low-rank layout (default True);
             see :class:`CompactifyConfig`.
+        cross_layer: make the same-role modules of every ``cross_layer`` consecutive blocks one
+            network with shared bases (:mod:`tensornet_llm.compress.groups`); with ``ratio``
+            every group keeps that fraction of its parameters. Off (``None``) by default.
         config: a :class:`CompactifyConfig`; explicit keyword arguments override its fields.
         progress: show a progress bar while decomposing.
 
@@ -277,11 +305,15 @@ def compactify(
     """
     cfg = _merged_config(config, chi=chi, ratio=ratio, method=method, n_sites=n_sites,
                          targets=targets, exclude=exclude, tol=tol, fit_steps=fit_steps,
-                         low_rank=low_rank)
+                         low_rank=low_rank, cross_layer=cross_layer)
     start = time.perf_counter()
     batches = as_batches(calibration) if calibration is not None else None
     if batches is not None:
         check_token_ids(model, batches)
+    if cfg.cross_layer is not None:
+        from .groups import compactify_groups  # groups builds on this module
+
+        return compactify_groups(model, cfg, batches, progress)
     plan = _plan(model, cfg, batches)
     params_before = _count(model)
     bar = None
@@ -352,19 +384,13 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
         )
     skipped += [(name, f"fused MoE expert tensor {shape}, not tensorized")
                 for name, shape in fused_expert_tensors(model)]
-    layouts = {name: _layout(module, resolve_override(cfg.method, name, "method"),
-                             resolve_override(cfg.n_sites, name, "n_sites"))
-               for name, module in chosen}
     if cfg.ratio is None:
-        settings = {name: (layouts[name], resolve_override(cfg.effective_chi, name, "chi"))
-                    for name, _ in chosen}
+        settings = {name: (_layout(module, resolve_override(cfg.method, name, "method"),
+                                   resolve_override(cfg.n_sites, name, "n_sites")),
+                           resolve_override(cfg.effective_chi, name, "chi"))
+                    for name, module in chosen}
         return _Plan(chosen, skipped, settings)
-    offered = {}
-    for name, module in chosen:
-        out_f, in_f = linear_weight(module)[0].shape
-        low_rank = Layout.low_rank(in_f, out_f)
-        offered[name] = [layouts[name]] + (
-            [low_rank] if cfg.low_rank and layouts[name] != low_rank else [])
+    offered = {name: offered_layouts(name, module, cfg) for name, module in chosen}
     notes: list[str] = []
     if budget is None:
         settings, estimate = _budget_settings(model, chosen, offered, cfg.ratio, batches, notes,
@@ -386,6 +412,16 @@ def shrunk(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
     if not shrinkage:
         return cov
     return (1 - shrinkage) * cov + shrinkage * torch.diag_embed(cov.diagonal())
+
+
+def offered_layouts(name: str, module: nn.Module, cfg: CompactifyConfig) -> list[Layout]:
+    """The layouts the budget offers module ``name``: its ``method`` / ``n_sites`` layout, and
+    the low-rank one too when ``cfg.low_rank``."""
+    layout = _layout(module, resolve_override(cfg.method, name, "method"),
+                     resolve_override(cfg.n_sites, name, "n_sites"))
+    out_f, in_f = linear_weight(module)[0].shape
+    low_rank = Layout.low_rank(in_f, out_f)
+    return [layout] + ([low_rank] if cfg.low_rank and layout != low_rank else [])
 
 
 def _layout(module: nn.Module, method: str, n_sites: int) -> Layout:

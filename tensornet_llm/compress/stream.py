@@ -327,6 +327,9 @@ def compactify_pretrained(
     if compactify_options.get("match_dense"):
         raise ArgumentError("match_dense needs the dense and the compressed model at once; "
                             "streaming compression cannot offer it")
+    if compactify_options.get("cross_layer") is not None:
+        raise ArgumentError("cross_layer groups span several blocks; streaming compression "
+                            "holds one block at a time and cannot offer them")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ArgumentError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     cfg = _merged_config(None, chi=chi, ratio=ratio, **compactify_options)

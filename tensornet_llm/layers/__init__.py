@@ -3,13 +3,15 @@
 Everything here runs with torch and opt_einsum alone (no transformers, no accelerate). From the
 bottom up: how feature sizes split into sites (``factorize``, ``tree``), the decompositions of a
 dense matrix (``decompose``), the pure contraction functions and their cached plans
-(``contract``), the ``nn.Module`` classes (``base``, ``mpo``, ``ttns``), how one layer is cut
+(``contract``), the ``nn.Module`` classes (``base``, ``mpo``, ``ttns``; ``cross_layer`` for
+networks shared by same-role layers of several blocks), how one layer is cut
 (``layout``), the int8 / int4 layers (``quantized``) and the per-machine strategy timing
 (``autotune``). Nothing in this room knows about models: see ``tensornet_llm.compress``.
 """
 
 from .autotune import TuneRow, autotune
 from .base import TensorNetworkLinear, is_linear_like, linear_weight
+from .cross_layer import CrossLayerLinear, SharedBases
 from .decompose import BondSpectrum
 from .factorize import factorize
 from .layout import METHODS, Layout
@@ -24,5 +26,5 @@ __all__ = [
     "MPOLinear", "TTNSLinear", "TensorNetworkLinear", "BondSpectrum", "Layout", "METHODS",
     "factorize", "is_linear_like", "linear_weight", "QuantizedWeight", "QuantizedLinear",
     "QuantizedEmbedding", "QuantizedTensorNetworkLinear", "QuantizedModule", "autotune",
-    "TuneRow",
+    "TuneRow", "CrossLayerLinear", "SharedBases",
 ]

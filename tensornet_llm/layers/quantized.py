@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..errors import ArgumentError
 from .base import DispatchCache, TensorNetworkLinear, linear_weight
 from .contract import DispatchTable, tn_linear
+from .cross_layer import CrossLayerLinear
 from .layout import METHODS
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedEmbedding",
     "QuantizedTensorNetworkLinear",
+    "QuantizedCrossLayerLinear",
     "QuantizedModule",
     "quantize_tensor",
     "dequantize_tensor",
@@ -335,6 +337,70 @@ class QuantizedTensorNetworkLinear(QuantizedModule, DispatchCache):
                 f"bond_dims={s.bond_dims}")
 
 
+class QuantizedCrossLayerLinear(QuantizedModule):
+    """A :class:`~tensornet_llm.layers.cross_layer.CrossLayerLinear` with quantized bases and
+    core: ``x V^T C^T U^T + bias`` (a ``None`` basis is the identity). Members of one group hold
+    the same :class:`QuantizedWeight` for each shared basis, so it is stored once."""
+
+    kind = "cross_layer"
+
+    def __init__(self, in_basis: QuantizedWeight | None, out_basis: QuantizedWeight | None,
+                 core: QuantizedWeight, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_basis, self.out_basis, self.qcore = in_basis, out_basis, core
+        self.in_features = in_basis.shape[1] if in_basis is not None else core.shape[1]
+        self.out_features = out_basis.shape[0] if out_basis is not None else core.shape[0]
+        self._set_bias(bias)
+
+    @classmethod
+    def from_module(cls, module: CrossLayerLinear, bits: Bits, group_size: int | None,
+                    shared: dict[int, QuantizedWeight]) -> "QuantizedCrossLayerLinear":
+        """``shared`` maps ``id`` of a float basis to its quantized form, filled on the first
+        member of each group, so the members keep one quantized basis."""
+        bases = []
+        for basis in (module.shared.in_basis, module.shared.out_basis):
+            if basis is not None and id(basis) not in shared:
+                shared[id(basis)] = QuantizedWeight(basis, bits, group_size, 0)
+            bases.append(None if basis is None else shared[id(basis)])
+        return cls(*bases, QuantizedWeight(module.core, bits, group_size, 0), module.bias)
+
+    def to_dense(self) -> Tensor:
+        """The dequantized weight ``(out_features, in_features)``."""
+        w = self.qcore()
+        if self.in_basis is not None:
+            w = w @ self.in_basis()
+        return w if self.out_basis is None else self.out_basis() @ w
+
+    weight = property(to_dense)
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.in_basis is not None:
+            x = F.linear(x, self.in_basis(x.dtype))
+        if self.out_basis is None:
+            return F.linear(x, self.qcore(x.dtype), bias)
+        return F.linear(F.linear(x, self.qcore(x.dtype)), self.out_basis(x.dtype), bias)
+
+    def layout(self) -> dict[str, Any]:
+        return {"kind": self.kind, "core": self.qcore.spec(), "bias": self.bias is not None,
+                **{name: None if q is None else q.spec()
+                   for name, q in (("in_basis", self.in_basis), ("out_basis", self.out_basis))}}
+
+    @classmethod
+    def from_layout(cls, layout: dict[str, Any]) -> "QuantizedCrossLayerLinear":
+        """Placeholders; a group's shared bases are stored once and loaded into every member
+        through the checkpoint's aliases (the same tensors, not copies)."""
+        bases = [None if layout[n] is None else QuantizedWeight.empty(layout[n])
+                 for n in ("in_basis", "out_basis")]
+        core = QuantizedWeight.empty(layout["core"])
+        out = bases[1].shape[0] if bases[1] is not None else core.shape[0]
+        return cls(*bases, core, torch.empty(out, device="meta") if layout["bias"] else None)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
 QUANTIZED_TYPES: dict[str, type[QuantizedModule]] = {
-    c.kind: c for c in (QuantizedLinear, QuantizedEmbedding, QuantizedTensorNetworkLinear)
+    c.kind: c for c in (QuantizedLinear, QuantizedEmbedding, QuantizedTensorNetworkLinear,
+                        QuantizedCrossLayerLinear)
 }

@@ -9,8 +9,9 @@ Directory layout::
                               Hugging Face index ``model.safetensors.index.json``, as streaming
                               compression writes them)
     tensornet.json            the structure: per replaced module its method, shapes, bond dims;
-                              per quantized module its kind, bits and grouping; and which
-                              state-dict keys alias another (tied weights)
+                              per cross-layer member its group, index and ranks; per quantized
+                              module its kind, bits and grouping; and which state-dict keys
+                              alias another (tied weights, the bases a cross-layer group shares)
 
 Loading builds the base architecture from ``config.json`` without allocating weights, swaps in
 tensor-network modules of exactly the saved structure, then assigns the saved tensors, so the
@@ -30,6 +31,7 @@ from torch import nn
 from ..errors import ArgumentError, CheckpointError, InputFileError
 from ..helpers.files import MARKER, atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
+from ..layers.cross_layer import CrossLayerLinear, SharedBases, cross_layer_members, group_names
 from ..layers.layout import METHODS
 from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
 
@@ -114,7 +116,7 @@ def save_compactified(
         type(model).__name__,
         {n: m.layout() for n, m in tensor_network_modules(model).items()},
         {n: m.layout() for n, m in model.named_modules() if isinstance(m, QuantizedModule)},
-        aliases, **extra)
+        aliases, **_cross_layer_section(model), **extra)
     from safetensors.torch import save_file
 
     with atomic_directory(target, overwrite, known=(STRUCTURE_FILE,)) as tmp:
@@ -131,6 +133,32 @@ def save_compactified(
             path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
         (tmp / STRUCTURE_FILE).write_text(json.dumps(description, indent=1))
     return target
+
+
+def _cross_layer_section(model: nn.Module) -> dict[str, Any]:
+    members = cross_layer_members(model)
+    if not members:
+        return {}
+    groups = group_names(members)
+    return {"cross_layer": {n: m.layout(groups[n]) for n, m in members.items()}}
+
+
+def _build_cross_layer(model: nn.Module, entries: Mapping[str, dict], where: Path) -> None:
+    """Swap in the saved cross-layer members on ``meta``; the members of one group get one
+    :class:`SharedBases`, so loading the (aliased) shared tensors restores the sharing."""
+    shared: dict[str, SharedBases] = {}
+    for name, layout in entries.items():
+        try:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            getattr(parent, child)  # the module must exist in this architecture
+            member = CrossLayerLinear.from_layout(layout, shared.get(layout["group"]),
+                                                  device="meta")
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: cross_layer entry {name!r} does not fit "
+                                  f"{type(model).__name__} ({_first_line(exc)})") from exc
+        shared.setdefault(layout["group"], member.shared)
+        setattr(parent, child, member)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -258,6 +286,7 @@ def load_compactified(
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{where}: {section} entry {name!r} does not fit "
                                       f"{cls.__name__} ({_first_line(exc)})") from exc
+    _build_cross_layer(model, structure.get("cross_layer", {}), where)
     state, weights = _read_weights(directory, str(device) if device else "cpu")
     aliases = structure.get("aliases", {})
     missing_sources = sorted({s for s in aliases.values() if s not in state})

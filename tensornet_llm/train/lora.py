@@ -2,8 +2,9 @@
 
 peft only knows the layer types it ships; this module teaches it the tensor-network ones through
 peft's custom-module dispatch. :func:`lora_config` returns an ordinary ``peft.LoraConfig`` that
-also maps :class:`~tensornet_llm.layers.base.TensorNetworkLinear` and the quantized tensor-network
-layer to :class:`TensorNetworkLoraLinear`, so ``peft.get_peft_model(model, lora_config(...))``
+also maps :class:`~tensornet_llm.layers.base.TensorNetworkLinear`, the cross-layer members
+(:class:`~tensornet_llm.layers.cross_layer.CrossLayerLinear`) and their quantized forms to
+:class:`TensorNetworkLoraLinear`, so ``peft.get_peft_model(model, lora_config(...))``
 puts adapters on a compactified model like on any other::
 
     from peft import PeftModel, get_peft_model
@@ -36,8 +37,9 @@ from torch import nn
 
 from ..errors import ArgumentError
 from ..layers.base import TensorNetworkLinear
+from ..layers.cross_layer import CrossLayerLinear
 from ..layers.mpo import MPOLinear
-from ..layers.quantized import QuantizedTensorNetworkLinear
+from ..layers.quantized import QuantizedCrossLayerLinear, QuantizedTensorNetworkLinear
 
 __all__ = ["lora_config", "load_lora_config", "TensorNetworkLoraLinear", "MergeNotExactError"]
 
@@ -61,7 +63,9 @@ class TensorNetworkLoraLinear(_PeftLoraLinear):
         if isinstance(base_layer, QuantizedTensorNetworkLinear):
             first = base_layer.qcores[0]
             return first.codes.device, first.dtype
-        core = base_layer.cores[0]
+        if isinstance(base_layer, QuantizedCrossLayerLinear):
+            return base_layer.qcore.codes.device, base_layer.qcore.dtype
+        core = base_layer.core if isinstance(base_layer, CrossLayerLinear) else base_layer.cores[0]
         return core.device, core.dtype
 
     def _mergeable(self, adapter: str) -> MPOLinear:
@@ -74,8 +78,9 @@ class TensorNetworkLoraLinear(_PeftLoraLinear):
             kind = type(base).__name__
             raise MergeNotExactError(
                 f"adapter {adapter!r} cannot be merged exactly into this {kind}: only a low-rank "
-                "layer (W = U V) absorbs B A without changing its structure; keep the adapter "
-                "unmerged (it costs two thin matmuls per call)")
+                "layer (W = U V) absorbs B A without changing its structure (a cross-layer "
+                "member would change the bases its group shares); keep the adapter unmerged "
+                "(it costs two thin matmuls per call)")
         return base
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -113,7 +118,9 @@ class TensorNetworkLoraLinear(_PeftLoraLinear):
 
 
 _CUSTOM = {TensorNetworkLinear: TensorNetworkLoraLinear,
-           QuantizedTensorNetworkLinear: TensorNetworkLoraLinear}
+           QuantizedTensorNetworkLinear: TensorNetworkLoraLinear,
+           CrossLayerLinear: TensorNetworkLoraLinear,
+           QuantizedCrossLayerLinear: TensorNetworkLoraLinear}
 
 
 def lora_config(**kwargs: Any) -> LoraConfig:

@@ -16,8 +16,9 @@ from torch import nn
 from ..errors import ArgumentError
 from ..compress.targets import check_pattern, matches
 from ..layers.base import TensorNetworkLinear, is_linear_like
+from ..layers.cross_layer import CrossLayerLinear
 from ..layers.quantized import (
-    INT4_GROUP_SIZE, QuantizedEmbedding, QuantizedLinear, QuantizedModule,
+    INT4_GROUP_SIZE, QuantizedCrossLayerLinear, QuantizedEmbedding, QuantizedLinear, QuantizedModule,
     QuantizedTensorNetworkLinear, QuantizedWeight,
 )
 
@@ -95,9 +96,15 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-def _float_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters(recurse=True)
-               if p is not getattr(module, "bias", None))
+def _float_bytes(module: nn.Module, counted: set[int]) -> int:
+    """Bytes of ``module``'s float weights (not the bias) not yet in ``counted``, which it
+    joins (the bases a cross-layer group shares count on its first member)."""
+    total = 0
+    for p in module.parameters(recurse=True):
+        if p is not getattr(module, "bias", None) and id(p) not in counted:
+            counted.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
 
 
 def quantize(
@@ -135,7 +142,7 @@ def quantize(
     for name, module in model.named_modules():
         if not name or any(matches(name, p) for p in cfg.exclude) or isinstance(module, QuantizedModule):
             continue
-        if isinstance(module, TensorNetworkLinear):
+        if isinstance(module, (TensorNetworkLinear, CrossLayerLinear)):
             if cfg.cores:
                 plan.append((name, module))
         elif isinstance(module, nn.Embedding):
@@ -143,7 +150,8 @@ def quantize(
                 plan.append((name, module))
         elif is_linear_like(module) and cfg.dense:
             plan.append((name, module))
-    inside_network = {n for n, m in plan if isinstance(m, TensorNetworkLinear)}
+    inside_network = {n for n, m in plan
+                      if isinstance(m, (TensorNetworkLinear, CrossLayerLinear))}
     plan = [(n, m) for n, m in plan if not any(n.startswith(p + ".") for p in inside_network)]
 
     # Build every replacement first (nothing in the model changes if this fails).
@@ -152,6 +160,8 @@ def quantize(
     for name, module in plan:
         if isinstance(module, TensorNetworkLinear):
             new: QuantizedModule = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
+        elif isinstance(module, CrossLayerLinear):  # a group's bases are quantized once
+            new = QuantizedCrossLayerLinear.from_module(module, cfg.bits, group, by_weight)
         elif isinstance(module, nn.Embedding):
             shared = by_weight.get(id(module.weight))
             new = QuantizedEmbedding(shared, module.padding_idx) if shared else \
@@ -171,7 +181,7 @@ def quantize(
         setattr(parent, child, new)
         weights = [q for q in new.modules() if isinstance(q, QuantizedWeight)]
         after = sum(q.nbytes for q in weights if id(q) not in counted)
-        before = _float_bytes(module) if after else 0  # a tied table counts once
+        before = _float_bytes(module, counted) if after else 0  # a tied table counts once
         counted.update(id(q) for q in weights)
         report.rows.append((name, new.kind, before, after))
     return report

@@ -1,0 +1,159 @@
+"""Cross-layer networks against the per-layer default and Basis Sharing (SmolLM2-135M).
+
+    python benchmarks/bench_cross_layer.py [--keep 0.6 0.4 0.8] [--methods ...]
+                                           [--calibration-tokens 4096] [--tokens 4096]
+
+Every method keeps the same fraction of the targeted parameters, calibrated on the same
+``calibration_mix`` windows, no fine-tuning; perplexity on the held-out part of every domain:
+
+* ``per-layer``: ``compactify(model, ratio=keep, calibration=...)``, the default (per-module
+  layouts and chi chosen by the budget, block-by-block fit);
+* ``svd-llm``: the matched low-rank control, every module at the same keep, whitened SVD
+  (SVD-LLM; ``cross_layer=1``, input side);
+* ``basis-sharing``: the cross-layer control, Basis Sharing as published (arXiv 2410.03765):
+  every group at the same keep; q, k, v, gate and up shared over pairs of blocks, o and down per
+  layer; input basis, no sweeps (one SVD of the stacked weights whitened by the summed input
+  covariance);
+* ``cross-layer G``: ``compactify(model, ratio=keep, calibration=..., cross_layer=G)``: the
+  budget chooses per group between a cross-layer network (any side, at any size of the grid),
+  per-layer networks for its members, or dense; groups fitted with two sweeps.
+
+Also written: the spectra of the cross-layer bonds (``--spectra``): for each role, the whitened
+singular values of a single layer against those of two and four stacked consecutive layers.
+Rows are appended to ``docs/results/bench_cross_layer.json`` as they finish (a rerun skips
+rows it has) and rendered to ``bench_cross_layer.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from tensornet_llm import CompactifyConfig, compactify
+from tensornet_llm.helpers.data import calibration_mix
+from tensornet_llm.helpers.evaluate import perplexity_table
+from tensornet_llm.helpers.models import load_smollm2
+
+from _rows import domain_table, held_out_row, resume
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["per-layer", "svd-llm", "basis-sharing", "cross-layer 2", "cross-layer 4"]
+#: Basis Sharing's grouping: q, k, v, gate, up over pairs of blocks; o and down per layer.
+BASIS_SHARING_GROUPS = {"re:.*(o_proj|down_proj)": 1, "_default": 2}
+
+
+def uniform_chi(model, sizes, keep: float) -> dict:
+    """``chi`` per group (by its first member's exact name) so that every group keeps ``keep``
+    of its parameters with a shared input basis: the uniform compression of the published
+    methods (a group of one is SVD-LLM's whitened SVD)."""
+    from tensornet_llm.compress.groups import find_groups
+    from tensornet_llm.compress.sweeps import group_ranks
+    from tensornet_llm.compress.targets import find_targets
+
+    chi = {"_default": 1}
+    for group in find_groups(find_targets(model)[0], sizes):
+        out_f, in_f = group.shape
+        rank, _ = group_ranks("input", in_f, out_f, len(group.names), keep)
+        chi["re:" + group.names[0].replace(".", "[.]")] = rank
+    return chi
+
+
+def compress(model, name: str, keep: float, data):
+    if name == "per-layer":
+        return compactify(model, ratio=keep, calibration=data, progress=False)
+    if name in ("svd-llm", "basis-sharing"):  # the published methods: uniform, no sweeps
+        sizes = 1 if name == "svd-llm" else BASIS_SHARING_GROUPS
+        return compactify(model, chi=uniform_chi(model, sizes, keep), calibration=data,
+                          cross_layer=sizes, progress=False,
+                          config=CompactifyConfig(cross_layer_side="input", sweeps=0))
+    size = int(name.split()[-1])  # ours: the budget chooses per group, sides auto, 2 sweeps
+    return compactify(model, ratio=keep, calibration=data, cross_layer=size, progress=False)
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
+    (out / "bench_cross_layer.json").write_text(json.dumps({"meta": meta, "rows": rows},
+                                                           indent=1))
+    lines = ["# Cross-layer networks, per-layer default, Basis Sharing (SmolLM2-135M, no "
+             "fine-tuning)", "",
+             f"Every method keeps the same fraction of the targeted parameters, calibrated on "
+             f"{meta['calibration_tokens']} tokens of `calibration_mix`; perplexity on "
+             f"{meta['tokens']} held-out tokens of each domain. {meta['threads']} CPU threads. "
+             "Written by `benchmarks/bench_cross_layer.py`.", ""]
+    lines += domain_table(meta["dense"], sorted(
+        rows, key=lambda r: (-r["keep"], METHODS.index(r["method"]))), {
+        "method": lambda r: r["method"], "keep": lambda r: f"{r['keep']:.0%}",
+        "kept": lambda r: f"{r['kept']:.1%}"})
+    if meta.get("spectra"):
+        lines += ["", "## How much consecutive layers share", "",
+                  "Rank that holds 90% of the whitened energy (sum of squared singular values) "
+                  "of one layer, and of 2 and 4 stacked consecutive layers (blocks 12-15), "
+                  "against 2x and 4x the single layer's: a stacked rank well below the multiple "
+                  "means the layers share input directions.", "",
+                  "| role | 1 layer | 2 stacked (2x one) | 4 stacked (4x one) |", "|---|---|---|---|"]
+        for role, ranks in meta["spectra"].items():
+            lines.append(f"| {role} | {ranks['1']} | {ranks['2']} ({2 * ranks['1']}) | "
+                         f"{ranks['4']} ({4 * ranks['1']}) |")
+    (out / "bench_cross_layer.md").write_text("\n".join(lines) + "\n")
+
+
+def spectra(model, batches) -> dict:
+    """Per role: the rank holding 90% of the whitened energy of 1, 2 and 4 stacked layers."""
+    from tensornet_llm.compress.calibrate import as_batches, collect_covariances
+    from tensornet_llm.compress.sweeps import stacked_spectrum
+
+    roles = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    names = {r: [f"model.layers.{b}.{r}" for b in range(12, 16)] for r in roles}
+    modules = {n: model.get_submodule(n) for ns in names.values() for n in ns}
+    collector = collect_covariances(model, as_batches(batches), modules)
+    out = {}
+    for role, ns in names.items():
+        out[role] = {}
+        for g in (1, 2, 4):
+            s = stacked_spectrum([modules[n].weight for n in ns[:g]],
+                                 [collector.covariance(n) for n in ns[:g]])
+            energy = (s ** 2).cumsum(0) / (s ** 2).sum()
+            out[role][str(g)] = int((energy < 0.9).sum()) + 1
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.6, 0.4, 0.8])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--fresh", action="store_true")
+    args = parser.parse_args()
+
+    model, tokenizer = load_smollm2()
+    meta = {"tokens": args.tokens, "calibration_tokens": args.calibration_tokens,
+            "threads": torch.get_num_threads()}
+    meta, rows = resume(args.out / "bench_cross_layer.json", meta, args.fresh, parser)
+    data = calibration_mix(tokenizer, args.calibration_tokens, seq_len=512)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if "spectra" not in meta:
+        meta["spectra"] = spectra(model, data)
+        print("spectra", json.dumps(meta["spectra"]), flush=True)
+    if "dense" not in meta:
+        meta["dense"] = perplexity_table(model, tokenizer, args.tokens)
+        print("dense", json.dumps(meta["dense"]), flush=True)
+        write(args.out, meta, rows)
+    for keep in args.keep:
+        for name in args.methods:
+            if any((r["method"], r["keep"]) == (name, keep) for r in rows):
+                continue
+            rows.append({"method": name, "keep": keep, **held_out_row(
+                lambda student: compress(student, name, keep, data), tokenizer, args.tokens,
+                meta["dense"])})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
+            write(args.out, meta, rows)
+    write(args.out, meta, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,361 @@
+"""``compactify(model, cross_layer=G)``: same-role modules of ``G`` consecutive blocks become one
+cross-layer network (:mod:`tensornet_llm.layers.cross_layer`), fitted by :mod:`.sweeps`.
+
+A *role* is a module's name inside its block (``self_attn.q_proj``); a group is a run of at
+most ``G`` modules of one role, one shape and one bias setting, in consecutive blocks of one
+stack (a stack of 30 blocks with ``G = 4`` gives seven groups of four and one of two). Modules
+outside the block stacks form groups of one (a group of one is a low-rank layer).
+
+With calibration the input covariances come from one pass of the *dense* model (as in Basis
+Sharing and SVD-LLM): a group spans several blocks, so the block-by-block refitting of the
+per-layer path, which feeds each block the outputs of the compressed blocks before it, does not
+apply. With ``ratio`` the budget of :mod:`.budget` chooses per group, by the same predicted
+damage: the group as one cross-layer network at some size (and side), its members as per-layer
+networks (each at its own chi and layout, fitted on the dense model's inputs), or dense.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import ArgumentError, EstimateFallbackWarning
+from ..layers.base import linear_weight
+from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases
+from .budget import KEEP_GRID, Option, _damage, _lower_hull, choose, ladder
+from .calibrate import collect_covariances, output_gradients
+from .compactify import (
+    CompactifyConfig, _build, _count, _swap, offered_layouts, relative_error, shrunk,
+)
+from .report import CompactifyReport, LayerReport
+from .sweeps import GroupFit, fit_group, group_parameters, group_ranks, start_row_errors
+from .targets import find_targets, resolve_override
+
+__all__ = ["Group", "compactify_groups", "find_groups"]
+
+
+@dataclass
+class Group:
+    """Modules of one role in consecutive blocks: ``names`` and ``modules`` in block order."""
+
+    role: str
+    names: list[str]
+    modules: list[nn.Module]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out, in)`` of every member's weight."""
+        return tuple(linear_weight(self.modules[0])[0].shape)
+
+    @property
+    def dense_parameters(self) -> int:
+        out_f, in_f = self.shape
+        return len(self.modules) * out_f * in_f
+
+
+def _stack_role(name: str) -> tuple[tuple[str, str], int]:
+    """``((stack, role), block index)``, split at the first numeric component of ``name``
+    (``("encoder.block", "layer.0.SelfAttention.q"), 3`` for ``encoder.block.3.layer.0.
+    SelfAttention.q``: blocks that hold lists of their own are grouped by the outer list)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return (".".join(parts[:i]), ".".join(parts[i + 1:])), int(part)
+    return ("", name), 0
+
+
+def find_groups(chosen: list[tuple[str, nn.Module]],
+                size: int | Mapping[str, int]) -> list[Group]:
+    """Split the targets ``chosen`` (in model order) into groups of at most ``size`` (or
+    ``{pattern: size, "_default": size}`` per module) same-role modules of consecutive blocks
+    (see the module docs); groups come in model order of their first member. A module reachable
+    under two names is grouped once, under the first."""
+    runs: dict[tuple, list[tuple[int, str, nn.Module]]] = {}
+    seen: set[int] = set()
+    order: list[tuple] = []
+    for name, module in chosen:
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        weight, bias = linear_weight(module)
+        key, index = _stack_role(name)
+        key += (tuple(weight.shape), bias is not None, resolve_override(size, name, "cross_layer"))
+        if key not in runs:
+            runs[key] = []
+            order.append(key)
+        runs[key].append((index, name, module))
+    groups: list[Group] = []
+    for key in order:
+        members = sorted(runs[key], key=lambda t: t[0])
+        current: list[tuple[int, str, nn.Module]] = []
+        for member in members:
+            if current and (len(current) == key[-1] or member[0] != current[-1][0] + 1):
+                groups.append(Group(key[1], [n for _, n, _ in current], [m for _, _, m in current]))
+                current = []
+            current.append(member)
+        groups.append(Group(key[1], [n for _, n, _ in current], [m for _, _, m in current]))
+    position = {name: i for i, (name, _) in enumerate(chosen)}
+    return sorted(groups, key=lambda g: position[g.names[0]])
+
+
+def _ranks(group: Group, side: str, cfg: CompactifyConfig) -> tuple[int | None, int | None]:
+    out_f, in_f = group.shape
+    if cfg.ratio is not None:
+        return group_ranks(side, in_f, out_f, len(group.modules), cfg.ratio)
+    chi = resolve_override(cfg.effective_chi, group.names[0], "chi")
+    return (min(chi, in_f) if side != "output" else None,
+            min(chi, out_f) if side != "input" else None)
+
+
+def _fit(group: Group, cfg: CompactifyConfig, covs: list | None) -> tuple[str, GroupFit]:
+    """The group's side and fit; ``"auto"`` starts every side within the parameters the input
+    side would have and sweeps the one whose start has the least output error."""
+    side = resolve_override(cfg.cross_layer_side, group.names[0], "cross_layer_side")
+    weights = [linear_weight(m)[0].detach() for m in group.modules]
+    out_f, in_f = group.shape
+    g = len(group.modules)
+    if side != "auto":
+        in_rank, out_rank = _ranks(group, side, cfg)
+        return side, fit_group(weights, covs, side=side, in_rank=in_rank, out_rank=out_rank,
+                               sweeps=cfg.sweeps)
+    if cfg.ratio is not None:
+        keep = cfg.ratio
+    else:
+        keep = group_parameters("input", in_f, out_f, g, *_ranks(group, "input", cfg)) / (
+            group.dense_parameters)
+    starts = {}  # every side's closed-form start, at the same parameters; sweep the best
+    for candidate in SIDES:
+        in_rank, out_rank = group_ranks(candidate, in_f, out_f, g, keep)
+        fit = fit_group(weights, covs, side=candidate, in_rank=in_rank, out_rank=out_rank,
+                        sweeps=0)
+        starts[candidate] = (fit.history[-1], in_rank, out_rank, fit)
+    side = min(starts, key=lambda c: starts[c][0])
+    _, in_rank, out_rank, fit = starts[side]
+    if cfg.sweeps and side != "output":
+        fit = fit_group(weights, covs, side=side, in_rank=in_rank, out_rank=out_rank,
+                        sweeps=cfg.sweeps)
+    return side, fit
+
+
+def _members(group: Group, fit: GroupFit) -> list[CrossLayerLinear]:
+    """The drop-in modules of a fitted group, on the originals' device and dtype."""
+    weight, _ = linear_weight(group.modules[0])
+    kw = {"device": weight.device, "dtype": weight.dtype}
+    out_f, in_f = group.shape
+    shared = SharedBases(
+        in_f, out_f, None if fit.in_basis is None else fit.in_basis.shape[0],
+        None if fit.out_basis is None else fit.out_basis.shape[1], len(group.modules), **kw)
+    with torch.no_grad():
+        for param, value in ((shared.in_basis, fit.in_basis), (shared.out_basis, fit.out_basis)):
+            if param is not None:
+                param.copy_(value)
+                param.requires_grad_(weight.requires_grad)
+    members = []
+    for index, module in enumerate(group.modules):
+        w, bias = linear_weight(module)
+        member = CrossLayerLinear(shared, index, bias is not None, **kw)
+        with torch.no_grad():
+            member.core.copy_(fit.cores[index])
+            if bias is not None:
+                member.bias.copy_(bias)
+        member.core.requires_grad_(w.requires_grad)
+        if bias is not None:
+            member.bias.requires_grad_(bias.requires_grad)
+        member.train(module.training)
+        members.append(member)
+    return members
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """What the budget chose for a group: leave it ``"dense"``, compress its ``"members"``
+    one by one (their per-layer options), or make it one cross-layer ``"group"`` (``side``
+    and ``ranks``; ``None``: from ``chi`` and ``cross_layer_side``)."""
+
+    kind: str
+    members: tuple[Option, ...] = ()
+    side: str | None = None
+    ranks: tuple[int | None, int | None] | None = None
+
+
+def _reference_sq(weight: torch.Tensor, cov: torch.Tensor | None) -> float:
+    w = weight.detach().to(torch.float64)
+    return float(((w @ cov.to(torch.float64)) * w).sum()) if cov is not None else float(
+        w.pow(2).sum())
+
+
+def _group_ladder(group: Group, cfg: CompactifyConfig, covs: dict | None, grads: dict | None,
+                  ) -> tuple[list[Option], list[_Choice]]:
+    """One ladder for the whole group: dense; the members' per-layer ladders summed (their
+    lower hulls merged in order of damage per parameter, as the budget would step them); and
+    the group as one cross-layer network at every keep of the grid, for every side offered.
+    Each rung's ``chi`` is its index in the returned choices."""
+    choices: list[_Choice] = []
+    options: list[Option] = []
+
+    def add(params: int, damage: float, choice: _Choice) -> None:
+        options.append(Option(len(choices), params, damage))
+        choices.append(choice)
+
+    names, modules = group.names, group.modules
+    hulls = [_lower_hull(ladder(m, offered_layouts(n, m, cfg),
+                                covs[n] if covs else None, grads[n] if grads else None))
+             for n, m in zip(names, modules)]
+    dense = sum(h[0].params for h in hulls)
+    add(dense, 0.0, _Choice("dense"))
+    position = [0] * len(hulls)
+    steps = sorted(((h[k].damage - h[k - 1].damage) / (h[k - 1].params - h[k].params), m, k)
+                   for m, h in enumerate(hulls) for k in range(1, len(h)))
+    for _, m, k in steps:  # a hull's steps get dearer, so each member's come in order
+        position[m] = k
+        picked = tuple(h[p] for h, p in zip(hulls, position))
+        add(sum(o.params for o in picked), sum(o.damage for o in picked),
+            _Choice("members", picked))
+    if len(modules) == 1:  # a group of one is a per-layer low-rank layer, offered above
+        return options, choices
+    out_f, in_f = group.shape
+    g = len(modules)
+    weights = [linear_weight(m)[0] for m in modules]
+    group_covs = [covs[n] for n in names] if covs else None
+    references = [_reference_sq(w, c) for w, c in zip(weights, group_covs or [None] * g)]
+    biases = sum(b.numel() for m in modules for b in [linear_weight(m)[1]] if b is not None)
+    side = resolve_override(cfg.cross_layer_side, names[0], "cross_layer_side")
+    for candidate in SIDES if side == "auto" else (side,):
+        # "both" is priced rank by rank, so on every other rung of the grid
+        grid = KEEP_GRID[::2] if candidate == "both" else KEEP_GRID
+        ranks = sorted({group_ranks(candidate, in_f, out_f, g, keep) for keep in grid},
+                       key=lambda r: (r[0] or 0, r[1] or 0))
+        for rank, rows in zip(ranks, start_row_errors(weights, group_covs, candidate, ranks)):
+            params = group_parameters(candidate, in_f, out_f, g, *rank) + biases
+            if params < dense:
+                add(params, sum(_damage(r, ref, grads[n] if grads else None)
+                                for r, ref, n in zip(rows, references, names)),
+                    _Choice("group", side=candidate, ranks=rank))
+    return options, choices
+
+
+def _budget(model: nn.Module, groups: list[Group], cfg: CompactifyConfig, batches: list | None,
+            covs: dict | None, notes: list[str]) -> tuple[list[_Choice], str]:
+    """Per group, the choice that keeps at most ``cfg.ratio`` of the targeted parameters with
+    the least summed damage (the same estimate and greedy as the per-layer budget)."""
+    grads = None
+    if batches is not None and cfg.gradients:
+        modules = {n: m for g in groups for n, m in zip(g.names, g.modules)}
+        grads, reason = output_gradients(model, batches, modules)
+        if reason is not None:
+            note = f"budget damage estimated from the output error, not the loss: {reason}"
+            warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
+            notes.append(note)
+    estimate = "weight" if covs is None else ("fisher" if grads is not None else "output")
+    ladders, table = {}, {}
+    for group in groups:
+        ladders[group.names[0]], table[group.names[0]] = _group_ladder(group, cfg, covs, grads)
+    allocation = choose(ladders, cfg.ratio, estimate)
+    return [table[g.names[0]][allocation.chi[g.names[0]]] for g in groups], estimate
+
+
+def _group_rows(group: Group, side: str, fit: GroupFit, members: list[CrossLayerLinear],
+                calibrated: bool, seconds: float) -> list[LayerReport]:
+    rows = []
+    for index, (name, module, member) in enumerate(zip(group.names, group.modules, members)):
+        weight, bias = linear_weight(module)
+        rows.append(LayerReport(
+            name=name, in_features=member.in_features, out_features=member.out_features,
+            method=f"cross-layer {side} x{len(members)}",
+            chi=max(member.core.shape), bond_dims=list(member.shared.core_shape),
+            params_before=weight.numel() + (bias.numel() if bias is not None else 0),
+            # the shared bases are counted once, on the group's first member
+            params_after=member.own_parameters + (member.shared_parameters if index == 0 else 0),
+            rel_error=relative_error(member.to_dense().detach(), weight.detach()),
+            seconds=seconds / len(members),
+            act_error_start=fit.start_errors[index] if calibrated else None,
+            act_error=fit.errors[index] if calibrated else None,
+        ))
+    return rows
+
+
+def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
+                      progress: bool = True) -> CompactifyReport:
+    """:func:`~.compactify.compactify` with ``cross_layer`` set: every group is fitted before
+    the first module is swapped, so an error leaves the model untouched. With ``ratio`` the
+    budget chooses per group between the cross-layer network (at some size), the members'
+    own per-layer networks, and leaving them dense."""
+    start = time.perf_counter()
+    chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
+    if not chosen:
+        raise ArgumentError(
+            f"targets={cfg.targets!r} (exclude={cfg.exclude!r}) matched no nn.Linear or Conv1D "
+            "module of the model")
+    groups = find_groups(chosen, cfg.cross_layer)
+    for group in groups:  # every per-module setting resolves before any work
+        resolve_override(cfg.cross_layer_side, group.names[0], "cross_layer_side")
+        for name, module in zip(group.names, group.modules):
+            if cfg.ratio is None:
+                resolve_override(cfg.effective_chi, name, "chi")
+            else:
+                offered_layouts(name, module, cfg)
+    params_before = _count(model)
+    covs = None
+    if batches is not None:
+        modules = {n: m for g in groups for n, m in zip(g.names, g.modules)}
+        collector = collect_covariances(model, batches, modules)
+        covs = {n: shrunk(collector.take(n), cfg.shrinkage) for n in modules}  # shared sums stay shared
+    notes = [f"cross-layer groups of up to {cfg.cross_layer} blocks per role"
+             + (", fitted to input covariances of the dense model" if covs is not None else "")]
+    estimate = None
+    if cfg.ratio is None:
+        plans = [_Choice("group") for _ in groups]
+    else:
+        plans, estimate = _budget(model, groups, cfg, batches, covs, notes)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(groups), desc="compactify (cross-layer)", unit="group")
+    built: dict[int, nn.Module] = {}
+    rows: list[LayerReport] = []
+    dense_target_params = 0
+    try:
+        for group, plan in zip(groups, plans):
+            t0 = time.perf_counter()
+            if plan.kind == "group":
+                group_covs = None if covs is None else [covs[n] for n in group.names]
+                if plan.ranks is None:
+                    side, fit = _fit(group, cfg, group_covs)
+                else:
+                    side = plan.side
+                    fit = fit_group([linear_weight(m)[0] for m in group.modules], group_covs,
+                                    side=side, in_rank=plan.ranks[0], out_rank=plan.ranks[1],
+                                    sweeps=cfg.sweeps)
+                members = _members(group, fit)
+                rows += _group_rows(group, side, fit, members, covs is not None,
+                                    time.perf_counter() - t0)
+                built.update((id(m), new) for m, new in zip(group.modules, members))
+            else:
+                options = plan.members or (Option(None, 0, 0.0),) * len(group.modules)
+                for name, module, option in zip(group.names, group.modules, options):
+                    if option.chi is None:
+                        skipped.append((name, f"left dense by the ratio={cfg.ratio} budget"))
+                        dense_target_params += sum(
+                            p.numel() for p in linear_weight(module) if p is not None)
+                        continue
+                    new, row = _build(name, module, (option.layout, option.chi), cfg,
+                                      covs[name] if covs else None)
+                    built[id(module)] = new
+                    rows.append(row)
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    for name, module in chosen:  # nothing can fail from here on
+        if id(module) in built:
+            _swap(model, name, built[id(module)])
+    return CompactifyReport(
+        layers=rows, skipped=skipped, model_params_before=params_before,
+        model_params_after=_count(model), seconds=time.perf_counter() - start, ratio=cfg.ratio,
+        dense_target_params=dense_target_params, estimate=estimate, notes=notes)
