@@ -8,6 +8,10 @@ Every method keeps the same fraction of the targeted parameters, calibrated on t
 
 * ``per-layer``: ``compactify(model, ratio=keep, calibration=...)``, the default (per-module
   layouts and chi chosen by the budget, block-by-block fit);
+* ``cross-layer 1``: the same budget and layouts as ``per-layer``, through the cross-layer path
+  with groups of one: every module fitted on the *dense* model's inputs instead of block by
+  block on the compressed model's (what the cross-layer path must do), to separate that effect
+  from sharing;
 * ``svd-llm``: the matched low-rank control, every module at the same keep, whitened SVD
   (SVD-LLM; ``cross_layer=1``, input side);
 * ``basis-sharing``: the cross-layer control, Basis Sharing as published (arXiv 2410.03765):
@@ -17,6 +21,9 @@ Every method keeps the same fraction of the targeted parameters, calibrated on t
 * ``cross-layer G``: ``compactify(model, ratio=keep, calibration=..., cross_layer=G)``: the
   budget chooses per group between a cross-layer network (any side, at any size of the grid),
   per-layer networks for its members, or dense; groups fitted with two sweeps.
+
+Rows marked ``(dense inputs)`` were measured before groups were fitted block by block: every
+module was fitted on the dense model's inputs (including ``cross-layer 1``'s per-layer ones).
 
 Also written: the spectra of the cross-layer bonds (``--spectra``): for each role, the whitened
 singular values of a single layer against those of two and four stacked consecutive layers.
@@ -40,7 +47,7 @@ from tensornet_llm.helpers.models import load_smollm2
 from _rows import domain_table, held_out_row, resume
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["per-layer", "svd-llm", "basis-sharing", "cross-layer 2", "cross-layer 4"]
+METHODS = ["per-layer", "cross-layer 1", "svd-llm", "basis-sharing", "cross-layer 2", "cross-layer 4"]
 #: Basis Sharing's grouping: q, k, v, gate, up over pairs of blocks; o and down per layer.
 BASIS_SHARING_GROUPS = {"re:.*(o_proj|down_proj)": 1, "_default": 2}
 
@@ -82,8 +89,9 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              f"{meta['calibration_tokens']} tokens of `calibration_mix`; perplexity on "
              f"{meta['tokens']} held-out tokens of each domain. {meta['threads']} CPU threads. "
              "Written by `benchmarks/bench_cross_layer.py`.", ""]
+    order = {m: i for i, m in enumerate(METHODS)}  # earlier variants' rows after the current
     lines += domain_table(meta["dense"], sorted(
-        rows, key=lambda r: (-r["keep"], METHODS.index(r["method"]))), {
+        rows, key=lambda r: (-r["keep"], order.get(r["method"], len(order)), r["method"])), {
         "method": lambda r: r["method"], "keep": lambda r: f"{r['keep']:.0%}",
         "kept": lambda r: f"{r['kept']:.1%}"})
     if meta.get("spectra"):

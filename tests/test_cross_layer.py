@@ -345,3 +345,37 @@ def test_lora_adapters_train_on_cross_layer_members_and_refuse_to_merge():
     assert all(p.grad is not None for n, p in peft_model.named_parameters() if n in trainable)
     with pytest.raises(MergeNotExactError, match="cross-layer"):
         peft_model.merge_and_unload()
+
+
+def test_groups_of_one_are_the_per_layer_path_exactly():
+    """Same budget, same block-by-block fit on the compressed model's inputs: same model."""
+    x = inputs("llama")
+    per_layer, grouped = build("llama", layers=3), build("llama", layers=3)
+    a = compactify(per_layer, ratio=0.5, calibration=CALIBRATION, fit_steps=5, progress=False)
+    b = compactify(grouped, ratio=0.5, calibration=CALIBRATION, fit_steps=5, cross_layer=1,
+                   progress=False)
+    assert a.choices() == b.choices()
+    with torch.no_grad():
+        assert torch.equal(per_layer(**x).logits, grouped(**x).logits)
+
+
+def test_a_failure_in_the_block_by_block_fit_restores_every_module(monkeypatch):
+    from tensornet_llm.compress import groups as grouping
+
+    model = build("llama", layers=4)
+    originals = dict(model.named_modules())
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return fit_group(*args, **kwargs)
+
+    monkeypatch.setattr(grouping, "fit_group", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        compactify(model, chi=4, calibration=CALIBRATION, cross_layer=2, progress=False,
+                   config=CompactifyConfig(cross_layer_side="input"))
+    assert len(calls) == 3
+    assert all(originals[n] is m for n, m in model.named_modules() if n in originals)
+    assert not any(isinstance(m, CrossLayerLinear) for m in model.modules())

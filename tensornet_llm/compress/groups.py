@@ -6,12 +6,13 @@ most ``G`` modules of one role, one shape and one bias setting, in consecutive b
 stack (a stack of 30 blocks with ``G = 4`` gives seven groups of four and one of two). Modules
 outside the block stacks form groups of one (a group of one is a low-rank layer).
 
-With calibration the input covariances come from one pass of the *dense* model (as in Basis
-Sharing and SVD-LLM): a group spans several blocks, so the block-by-block refitting of the
-per-layer path, which feeds each block the outputs of the compressed blocks before it, does not
-apply. With ``ratio`` the budget of :mod:`.budget` chooses per group, by the same predicted
-damage: the group as one cross-layer network at some size (and side), its members as per-layer
-networks (each at its own chi and layout, fitted on the dense model's inputs), or dense.
+With calibration the modules are fitted in forward order of the blocks, as in the per-layer
+path: each block's inputs come from the compressed blocks before it. A shared network is fitted
+once its last member's block is reached, on each member's covariance as the pass reached it
+(its earlier members still dense while the later ones are collected).
+With ``ratio`` the budget of :mod:`.budget` chooses per group, by the same predicted
+damage (from one pass of the dense model): the group as one cross-layer network at some size (and side), its members as per-layer
+networks (each at its own chi and layout), or dense.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ..errors import ArgumentError, EstimateFallbackWarning
 from ..layers.base import linear_weight
 from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases
 from .budget import KEEP_GRID, Option, _damage, _lower_hull, choose, ladder
-from .calibrate import collect_covariances, output_gradients
+from .calibrate import BlockReplay, calibrated_order, collect_covariances, output_gradients
 from .compactify import (
     CompactifyConfig, _build, _count, _swap, offered_layouts, relative_error, shrunk,
 )
@@ -103,17 +104,17 @@ def find_groups(chosen: list[tuple[str, nn.Module]],
 
 
 def _ranks(group: Group, side: str, cfg: CompactifyConfig) -> tuple[int | None, int | None]:
+    """The ranks ``chi`` gives the shared bases of ``side`` (clipped to the features)."""
     out_f, in_f = group.shape
-    if cfg.ratio is not None:
-        return group_ranks(side, in_f, out_f, len(group.modules), cfg.ratio)
     chi = resolve_override(cfg.effective_chi, group.names[0], "chi")
     return (min(chi, in_f) if side != "output" else None,
             min(chi, out_f) if side != "input" else None)
 
 
 def _fit(group: Group, cfg: CompactifyConfig, covs: list | None) -> tuple[str, GroupFit]:
-    """The group's side and fit; ``"auto"`` starts every side within the parameters the input
-    side would have and sweeps the one whose start has the least output error."""
+    """The group's side and fit at ``chi`` (without ``ratio``); ``"auto"`` starts every side
+    within the parameters the input side has at ``chi`` and sweeps the one whose start has the
+    least output error."""
     side = resolve_override(cfg.cross_layer_side, group.names[0], "cross_layer_side")
     weights = [linear_weight(m)[0].detach() for m in group.modules]
     out_f, in_f = group.shape
@@ -122,11 +123,8 @@ def _fit(group: Group, cfg: CompactifyConfig, covs: list | None) -> tuple[str, G
         in_rank, out_rank = _ranks(group, side, cfg)
         return side, fit_group(weights, covs, side=side, in_rank=in_rank, out_rank=out_rank,
                                sweeps=cfg.sweeps)
-    if cfg.ratio is not None:
-        keep = cfg.ratio
-    else:
-        keep = group_parameters("input", in_f, out_f, g, *_ranks(group, "input", cfg)) / (
-            group.dense_parameters)
+    keep = group_parameters("input", in_f, out_f, g, *_ranks(group, "input", cfg)) / (
+        group.dense_parameters)
     starts = {}  # every side's closed-form start, at the same parameters; sweep the best
     for candidate in SIDES:
         in_rank, out_rank = group_ranks(candidate, in_f, out_f, g, keep)
@@ -278,6 +276,43 @@ def _group_rows(group: Group, side: str, fit: GroupFit, members: list[CrossLayer
     return rows
 
 
+def _in_block_order(model: nn.Module, groups: list[Group], plans: list[_Choice],
+                    cfg: CompactifyConfig, batches: list, realise, bar) -> None:
+    """Fit in forward order of the blocks, like the per-layer path: each block's inputs come
+    from the already-compressed blocks before it. A module compressed alone is realised as soon
+    as its block is reached; a shared network when its last member's block is (its earlier
+    members stay dense until then). A block is replayed only once every block up to it is
+    final."""
+    group_of = {n: i for i, g in enumerate(groups) for n in g.names}
+    modules = {n: m for g in groups for n, m in zip(g.names, g.modules)}
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    replay = BlockReplay()
+    unfinished: list[nn.Module] = []
+    for block, names in calibrated_order(model, list(modules)):
+        collector = collect_covariances(model, batches, {n: modules[n] for n in names}, block,
+                                        replay)
+        for name in names:
+            pending.setdefault(group_of[name], {})[name] = shrunk(collector.take(name),
+                                                                  cfg.shrinkage)
+        for index in list(pending):
+            group, plan = groups[index], plans[index]
+            ready = pending[index]
+            if plan.kind != "group":  # members on their own: as soon as they are reached
+                realise(group, plan, ready, [n for n in names if n in ready])
+            if len(ready) == len(group.names):
+                if plan.kind == "group":
+                    realise(group, plan, ready, group.names)
+                del pending[index]
+                if bar is not None:
+                    bar.update()
+        if block is not None:
+            unfinished.append(block)
+            if not pending:  # every block so far holds its final modules
+                for finished in unfinished:
+                    replay.finish(finished)
+                unfinished = []
+
+
 def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
                       progress: bool = True) -> CompactifyReport:
     """:func:`~.compactify.compactify` with ``cross_layer`` set: every group is fitted before
@@ -300,12 +335,11 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
                 offered_layouts(name, module, cfg)
     params_before = _count(model)
     covs = None
-    if batches is not None:
+    if batches is not None and cfg.ratio is not None:  # the budget's: the dense model's inputs
         modules = {n: m for g in groups for n, m in zip(g.names, g.modules)}
         collector = collect_covariances(model, batches, modules)
-        covs = {n: shrunk(collector.take(n), cfg.shrinkage) for n in modules}  # shared sums stay shared
-    notes = [f"cross-layer groups of up to {cfg.cross_layer} blocks per role"
-             + (", fitted to input covariances of the dense model" if covs is not None else "")]
+        covs = {n: shrunk(collector.take(n), cfg.shrinkage) for n in modules}
+    notes = [f"cross-layer groups of up to {cfg.cross_layer} blocks per role"]
     estimate = None
     if cfg.ratio is None:
         plans = [_Choice("group") for _ in groups]
@@ -316,45 +350,65 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(groups), desc="compactify (cross-layer)", unit="group")
-    built: dict[int, nn.Module] = {}
     rows: list[LayerReport] = []
-    dense_target_params = 0
-    try:
-        for group, plan in zip(groups, plans):
-            t0 = time.perf_counter()
-            if plan.kind == "group":
-                group_covs = None if covs is None else [covs[n] for n in group.names]
-                if plan.ranks is None:
-                    side, fit = _fit(group, cfg, group_covs)
-                else:
-                    side = plan.side
-                    fit = fit_group([linear_weight(m)[0] for m in group.modules], group_covs,
-                                    side=side, in_rank=plan.ranks[0], out_rank=plan.ranks[1],
-                                    sweeps=cfg.sweeps)
-                members = _members(group, fit)
-                rows += _group_rows(group, side, fit, members, covs is not None,
-                                    time.perf_counter() - t0)
-                built.update((id(m), new) for m, new in zip(group.modules, members))
+    dense: list[tuple[str, nn.Module]] = []
+    done: list[tuple[nn.Module, str, nn.Module]] = []
+    names_of = {id(m): [n for n, mm in chosen if mm is m] for _, m in chosen}
+
+    def realise(group: Group, plan: _Choice, group_covs: dict | None, names: list[str]) -> None:
+        """Build ``names`` of ``group`` as planned (all of it for a shared network) and swap
+        them in under every name they have."""
+        t0 = time.perf_counter()
+        built: list[tuple[nn.Module, nn.Module]] = []
+        if plan.kind == "group":
+            covs_list = None if group_covs is None else [group_covs[n] for n in group.names]
+            if plan.ranks is None:
+                side, fit = _fit(group, cfg, covs_list)
             else:
-                options = plan.members or (Option(None, 0, 0.0),) * len(group.modules)
-                for name, module, option in zip(group.names, group.modules, options):
-                    if option.chi is None:
-                        skipped.append((name, f"left dense by the ratio={cfg.ratio} budget"))
-                        dense_target_params += sum(
-                            p.numel() for p in linear_weight(module) if p is not None)
-                        continue
-                    new, row = _build(name, module, (option.layout, option.chi), cfg,
-                                      covs[name] if covs else None)
-                    built[id(module)] = new
-                    rows.append(row)
-            if bar is not None:
-                bar.update()
+                side = plan.side
+                fit = fit_group([linear_weight(m)[0] for m in group.modules], covs_list,
+                                side=side, in_rank=plan.ranks[0], out_rank=plan.ranks[1],
+                                sweeps=cfg.sweeps)
+            members = _members(group, fit)
+            rows.extend(_group_rows(group, side, fit, members, covs_list is not None,
+                                    time.perf_counter() - t0))
+            built = list(zip(group.modules, members))
+        else:
+            options = plan.members or (Option(None, 0, 0.0),) * len(group.modules)
+            for name, module, option in zip(group.names, group.modules, options):
+                if name not in names:
+                    continue
+                if option.chi is None:
+                    dense.append((name, module))
+                    continue
+                new, row = _build(name, module, (option.layout, option.chi), cfg,
+                                  group_covs[name] if group_covs else None)
+                built.append((module, new))
+                rows.append(row)
+        for module, new in built:
+            for name in names_of[id(module)]:
+                done.append(_swap(model, name, new))
+
+    try:
+        if batches is None:
+            for group, plan in zip(groups, plans):
+                realise(group, plan, None, group.names)
+                if bar is not None:
+                    bar.update()
+        else:
+            notes.append("each block's modules fitted on the inputs the compressed blocks before "
+                         "it give (a shared network once its last member's block is reached)")
+            _in_block_order(model, groups, plans, cfg, batches, realise, bar)
+    except BaseException:
+        for parent, child, original in reversed(done):
+            setattr(parent, child, original)
+        raise
     finally:
         if bar is not None:
             bar.close()
-    for name, module in chosen:  # nothing can fail from here on
-        if id(module) in built:
-            _swap(model, name, built[id(module)])
+    skipped += [(n, f"left dense by the ratio={cfg.ratio} budget") for n, _ in dense]
+    dense_target_params = sum(sum(p.numel() for p in linear_weight(m) if p is not None)
+                              for _, m in dense)
     return CompactifyReport(
         layers=rows, skipped=skipped, model_params_before=params_before,
         model_params_after=_count(model), seconds=time.perf_counter() - start, ratio=cfg.ratio,
