@@ -228,6 +228,21 @@ def _build(
 
 
 @contextmanager
+def swaps_undone_on_error(done: list[tuple[nn.Module, str, nn.Module]], bar=None):
+    """On any error inside, put back every original module ``done`` swapped out (newest
+    first) and re-raise; the progress bar ``bar`` is closed either way."""
+    try:
+        yield
+    except BaseException:
+        for parent, child, original in reversed(done):
+            setattr(parent, child, original)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@contextmanager
 def _originals_in_place(done: list[tuple[nn.Module, str, nn.Module]]):
     """Temporarily put the original modules back where ``done`` swapped them out."""
     current = [(parent, child, getattr(parent, child)) for parent, child, _ in done]
@@ -323,18 +338,11 @@ def compactify(
         bar = tqdm(total=len(plan.chosen), desc="compactify", unit="layer")
     built: dict[int, tuple[TensorNetworkLinear, LayerReport]] = {}
     done: list[tuple[nn.Module, str, nn.Module]] = []
-    try:
+    with swaps_undone_on_error(done, bar):
         if batches is None:
             _replace_all(model, plan, cfg, built, done, bar)
         else:
             _replace_block_by_block(model, plan, cfg, batches, built, done, bar)
-    except BaseException:
-        for parent, child, original in reversed(done):
-            setattr(parent, child, original)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
     return CompactifyReport(
         layers=[row for _, row in built.values()], skipped=plan.skipped,
         model_params_before=params_before, model_params_after=_count(model),

@@ -31,6 +31,7 @@ from .budget import KEEP_GRID, Option, _damage, _lower_hull, choose, ladder
 from .calibrate import BlockReplay, calibrated_order, collect_covariances, output_gradients
 from .compactify import (
     CompactifyConfig, _build, _count, _swap, offered_layouts, relative_error, shrunk,
+    swaps_undone_on_error,
 )
 from .report import CompactifyReport, LayerReport
 from .sweeps import GroupFit, fit_group, group_parameters, group_ranks, start_row_errors
@@ -389,7 +390,7 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
             for name in names_of[id(module)]:
                 done.append(_swap(model, name, new))
 
-    try:
+    with swaps_undone_on_error(done, bar):
         if batches is None:
             for group, plan in zip(groups, plans):
                 realise(group, plan, None, group.names)
@@ -399,13 +400,6 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
             notes.append("each block's modules fitted on the inputs the compressed blocks before "
                          "it give (a shared network once its last member's block is reached)")
             _in_block_order(model, groups, plans, cfg, batches, realise, bar)
-    except BaseException:
-        for parent, child, original in reversed(done):
-            setattr(parent, child, original)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
     skipped += [(n, f"left dense by the ratio={cfg.ratio} budget") for n, _ in dense]
     dense_target_params = sum(sum(p.numel() for p in linear_weight(m) if p is not None)
                               for _, m in dense)
