@@ -11,6 +11,9 @@ greedy ``generate`` from a ``--prompt``-token prompt:
 * **prefill**: ``generate(max_new_tokens=1)``, tokens per second of prompt;
 * **decode**: ``(generate(max_new_tokens=1 + N) - prefill) / N`` per new token.
 
+``--fuse`` adds, for every keep, the same model after ``fuse_siblings`` (q/k/v and gate/up
+input sides as one matmul; eager only, since compiled code runs the layers unfused).
+
 Models are interleaved round by round (every model runs once per round, in the same process) and
 the fastest of ``--rounds`` rounds counts for each, so drift and interference hit all alike.
 Ratios are against the dense model in the same configuration; beside each decode ratio stands
@@ -34,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensornet_llm import compactify
+from tensornet_llm import compactify, fuse_siblings
 from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
 from tensornet_llm.helpers.evaluate import model_size_bytes
 from tensornet_llm.helpers.models import load_smollm2
@@ -53,13 +56,18 @@ def decode_bytes(model: nn.Module) -> int:
     return model_size_bytes(model) - (0 if tied else embed.numel() * embed.element_size())
 
 
-def build_models(keeps: list[float], single_keep: float | None) -> dict[str, nn.Module]:
+def build_models(keeps: list[float], single_keep: float | None, fuse: bool = False
+                 ) -> dict[str, nn.Module]:
     dense, _ = load_smollm2()
     models = {"dense": dense}
     for keep in keeps:
         model = copy.deepcopy(dense)
         compactify(model, ratio=keep, progress=False)
         models[f"keep {keep:.0%}"] = model
+        if fuse:  # the same model with its low-rank siblings fused (a copy runs unfused)
+            fused = copy.deepcopy(model)
+            fuse_siblings(fused)
+            models[f"keep {keep:.0%} fused"] = fused
     if single_keep is not None:
         for method, n_sites in (("mpo", 3), ("ttns", 4)):
             model = copy.deepcopy(dense)
@@ -84,6 +92,8 @@ def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: i
     ready = {}
     for name, model in models.items():
         model = model.to(dtype)
+        if mode == "compiled" and name.endswith(" fused"):
+            continue  # fusion is an eager path: compiled, it is the unfused model
         if mode == "compiled":
             model = copy.copy(model)  # a shallow copy carries the compiled forward alone
             model.forward = torch.compile(model.forward, dynamic=True)
@@ -175,10 +185,12 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens (default 64)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fuse", action="store_true",
+                        help="also time each keep with fuse_siblings (eager only)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
 
-    models = build_models(args.keep, args.single_keep or None)
+    models = build_models(args.keep, args.single_keep or None, args.fuse)
     _, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
     ceilings = {name: decode_bytes(models["dense"]) / decode_bytes(m) for name, m in models.items()}

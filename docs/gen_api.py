@@ -18,12 +18,12 @@ API = Path(__file__).with_name("api.md")
 #: Rooms in reading order (the model-level API first, the pure functions last) and each room's
 #: modules in reading order.
 ROOMS = {
-    "compress": ["compactify", "stream", "groups", "sweeps", "report", "budget", "calibrate", "fit",
+    "compress": ["compactify", "stream", "groups", "sweeps", "fuse", "report", "budget", "calibrate", "fit",
                  "targets", "sensitivity",
                  "entanglement", "profiling", "plots"],
     "train": ["heal", "quantize", "lora"],
     "saving": ["serialization"],
-    "layers": ["mpo", "ttns", "cross_layer", "base", "layout", "quantized", "autotune", "factorize",
+    "layers": ["mpo", "ttns", "cross_layer", "siblings", "base", "layout", "quantized", "autotune", "factorize",
                "decompose", "tree", "contract"],
     "helpers": ["data", "generated", "evaluate", "models", "files"],
 }

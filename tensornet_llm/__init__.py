@@ -18,8 +18,8 @@ from . import _compat
 from .compress import (
     Allocation, CompactifyConfig, CompactifyReport, EntanglementRow, LayerReport,
     SensitivityProfile, SensitivityRow, allocate, compactify, entanglement_profile,
-    GroupFit, basis_sharing, compactify_pretrained, fit_group, layer_entropy,
-    profile_sensitivity, rank_correlation,
+    GroupFit, basis_sharing, compactify_pretrained, fit_group, fuse_siblings, layer_entropy,
+    profile_sensitivity, rank_correlation, unfuse_siblings,
 )
 from .layers import (
     BondSpectrum, CrossLayerLinear, Layout, MPOLinear, SharedBases, TensorNetworkLinear,
@@ -40,6 +40,8 @@ __all__ = [
     "BondSpectrum",
     "compactify",
     "compactify_pretrained",
+    "fuse_siblings",
+    "unfuse_siblings",
     "CompactifyConfig",
     "CompactifyReport",
     "LayerReport",

@@ -291,18 +291,31 @@ def cmd_heal(args: argparse.Namespace) -> None:
     teacher = load_any(teacher_name)[0] if teacher_name else None
     batches = _text_batches(args.model, tokenizer, args.text, args.tokens, args.seq, args.batch,
                             "--text")
+    check = None
+    if args.check_tokens:  # text of every domain that healing never reads
+        from .helpers.data import check_mix
+
+        check = check_mix(tokenizer, args.check_tokens, seq_len=min(512, args.check_tokens))
     result = heal(model, batches, steps=args.steps, lr=args.lr, teacher=teacher,
                   train="cores" if args.cores_only else "all",
                   gradient_accumulation_steps=args.accumulate,
-                  checkpoint_dir=args.checkpoint_dir, progress=not args.quiet)
+                  checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, check=check,
+                  check_every=args.check_every, on_rise=args.on_rise)
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
                       files={"healing.json": json.dumps(result.to_dict())},
                       healing={"source": args.model,
                                "text": [str(t) for t in args.text] if args.text else "mixture",
                                "steps": args.steps, "lr": args.lr, "teacher": teacher_name,
-                               "cores_only": args.cores_only})
+                               "cores_only": args.cores_only,
+                               "check_tokens": args.check_tokens, "on_rise": args.on_rise,
+                               "stopped_early": result.stopped_early})
     first, last = result.losses[0], result.losses[-1]
     print(f"healed {result.steps} steps in {result.seconds:.0f} s: loss {first:.4f} -> {last:.4f}")
+    if result.checks:
+        (_, start), best = result.checks[0], min(v for _, v in result.checks)
+        print(f"check perplexity (every domain, text healing never read): {start:.2f} -> "
+              f"{result.checks[-1][1]:.2f}, best {best:.2f} at step {result.best_step}"
+              + ("; stopped there, as it rose after" if result.stopped_early else ""))
     print(f"saved to {out}")
 
 
@@ -412,6 +425,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-teacher", action="store_true", help="no distillation")
     p.add_argument("--cores-only", action="store_true", help="train only the tensor-network cores")
     p.add_argument("--checkpoint-dir", help="keep the training state here; rerun to resume")
+    p.add_argument("--check-tokens", type=_non_negative, default=2048,
+                   help="tokens of every domain's check text (never trained on) whose perplexity "
+                   "is watched during healing (default 2048; 0: no checks)")
+    p.add_argument("--check-every", type=_positive, default=50,
+                   help="steps between checks (default 50)")
+    p.add_argument("--on-rise", choices=["stop", "warn"], default="stop",
+                   help="when the check perplexity rises twice in a row: stop and keep the best "
+                   "weights (default), or warn and go on")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -14,7 +14,7 @@ from __future__ import annotations
 __all__ = [
     "TensornetError", "ArgumentError", "ArgumentTypeError", "InputFileError",
     "OutputExistsError", "OutputNotWritableError", "CheckpointError", "MissingDependencyError",
-    "NonFiniteActivationError", "EstimateFallbackWarning",
+    "NonFiniteActivationError", "EstimateFallbackWarning", "HealingCheckWarning",
 ]
 
 
@@ -60,3 +60,8 @@ class EstimateFallbackWarning(UserWarning):
     """The library measured something a weaker way than asked (the budget's damage from the
     output error because the model has no loss to differentiate, say). The reason is in the
     message, and ``compactify`` also records it in its report."""
+
+
+class HealingCheckWarning(UserWarning):
+    """Perplexity on the check text rose during healing (``heal(..., check=...,
+    on_rise="warn")``): training on the healing text is costing quality elsewhere."""

@@ -161,6 +161,14 @@ def test_defaults_calibrate_and_heal_on_the_mixture_distil_from_the_source_eval_
     assert f"distilling from {tiny_dir}" in capsys.readouterr().out
     record = json.loads((healed / "tensornet.json").read_text())["healing"]
     assert record["teacher"] == str(tiny_dir) and record["text"] == "mixture"
+    assert record["check_tokens"] == 2048 and record["on_rise"] == "stop"
+    history = json.loads((healed / "healing.json").read_text())
+    assert [step for step, _ in history["checks"]] == [0, 2]  # before and after
+    assert main(["heal", str(compressed), "--steps", "1", "--tokens", "1024", "--seq", "32",
+                 "--batch", "2", "--check-tokens", "0", "--out", str(healed), "--overwrite",
+                 "--quiet"]) == 0
+    assert json.loads((healed / "healing.json").read_text())["checks"] == []
+    capsys.readouterr()
     assert main(["eval", str(healed), "--tokens", "128", "--window", "64", "--dense",
                  str(tiny_dir), "--json", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -5,6 +5,7 @@ import torch
 
 from models import build, char_tokenizer
 from tensornet_llm.helpers.data import (
+    CHECK_SHARE, check_mix,
     DOMAINS, calibration_mix, domain_text, healing_mix, held_out_ids, read_text, text_batches,
     token_batches, tokenize_text,
 )
@@ -93,6 +94,28 @@ def test_calibration_mix_is_deterministic_balanced_and_from_fit_text():
 def test_healing_mix_batches():
     batches = healing_mix(char_tokenizer(), 16 * 65, seq_len=64, batch_size=4)
     assert [b.shape for b in batches] == [(4, 65)] * 4
+
+
+def test_the_check_text_is_the_end_of_the_fit_text_that_healing_never_reads():
+    tok = char_tokenizer()
+    for domain in DOMAINS:
+        fit, heal_part, check = (domain_text(domain, s) for s in ("fit", "heal", "check"))
+        assert len(fit) == len(heal_part) == len(check)
+        for f, h, c in zip(fit, heal_part, check):
+            assert h + c == f and h.endswith("\n")
+            assert 0.02 * len(f) < len(c) <= CHECK_SHARE * len(f) + 1
+    windows = check_mix(tok, 8 * 128, seq_len=128)
+    assert len(windows) == 8 and all(w.shape == (1, 128) for w in windows)
+    checks = {d: "\n".join(domain_text(d, "check")) for d in DOMAINS}
+    heals = {d: "\n".join(domain_text(d, "heal")) for d in DOMAINS}
+    compared = 0
+    for i, w in enumerate(windows):
+        text = "".join(tok.convert_ids_to_tokens(w[0, 1:61].tolist()))
+        if "<unk>" not in text:
+            domain = list(DOMAINS)[i % 4]
+            assert text in checks[domain] and text not in heals[domain], (i, text)
+            compared += 1
+    assert compared >= 4
 
 
 def test_perplexity_table_over_held_out_domains():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from models import build
 from tensornet_llm import compactify
 from tensornet_llm.layers.base import TensorNetworkLinear
+from tensornet_llm.errors import HealingCheckWarning
 from tensornet_llm.train.heal import HealConfig, _loss_terms, auto_precision, heal, trainable_parameters
 from test_compactify import assert_unchanged, snapshot
 
@@ -156,6 +157,9 @@ def test_interrupted_run_resumes_to_the_same_weights(compressed, tmp_path):
     (dict(mixed_precision="fp8"), "mixed_precision must be"),
     (dict(distill_weight=1.0), "need a teacher"),
     (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be"),
+    (dict(on_rise="halt"), "on_rise must be 'stop' or 'warn'"),
+    (dict(check_every=0), "check_every must be an integer >= 1"),
+    (dict(check_tolerance=-0.1), "check_tolerance must be a number >= 0"),
 ])
 def test_bad_options_fail_before_training(compressed, options, message):
     model, _ = compressed
@@ -176,3 +180,41 @@ def test_config_object_and_keywords_combine(compressed):
     model, _ = compressed
     result = heal(model, batches(), config=HealConfig(steps=2, lr=1e-3, progress=False), steps=1)
     assert result.steps == 1
+
+
+def check_perplexity(model, data):
+    return float(torch.exp(torch.tensor(mean_loss(model, data))))
+
+
+def test_a_rising_check_stops_healing_and_restores_the_best_weights(compressed):
+    model, _ = compressed
+    check = batches(2, seed=5)  # other text than the healing batches
+    # A learning rate far too high: the check perplexity rises within a few steps.
+    result = heal(model, batches(), steps=40, lr=0.3, warmup_steps=0, max_grad_norm=None,
+                  check=check, check_every=2, check_patience=2, progress=False)
+    assert result.stopped_early and result.steps < 40
+    steps = [s for s, _ in result.checks]
+    assert steps == list(range(0, result.steps + 1, 2))
+    best_step, best = min(result.checks, key=lambda c: c[1])
+    assert result.best_step == best_step
+    assert all(v > best * 1.02 for s, v in result.checks[-2:])  # two rises in a row
+    assert check_perplexity(model, check) == pytest.approx(best, rel=1e-4)  # best restored
+
+
+def test_a_rising_check_can_warn_instead(compressed):
+    model, _ = compressed
+    with pytest.warns(HealingCheckWarning, match="check perplexity rose"):
+        result = heal(model, batches(), steps=12, lr=0.3, warmup_steps=0, max_grad_norm=None,
+                      check=batches(2, seed=5), check_every=2, on_rise="warn", progress=False)
+    assert result.steps == 12 and not result.stopped_early and len(result.checks) == 7
+
+
+def test_a_falling_check_lets_healing_run_to_the_end(compressed):
+    model, _ = compressed
+    data = batches()
+    result = heal(model, data, steps=6, lr=3e-3, warmup_steps=0, check=data, check_every=2,
+                  progress=False)
+    assert not result.stopped_early and result.steps == 6
+    assert [s for s, _ in result.checks] == [0, 2, 4, 6]
+    assert result.checks[-1][1] < result.checks[0][1] and result.best_step == 6
+    assert result.to_dict()["checks"] == result.checks

@@ -7,6 +7,9 @@ of the Python standard library). Every domain is split into a *fit* part, the on
 calibration and healing draw from (:func:`calibration_mix`, :func:`healing_mix`), and a
 *held-out* part, the only text :func:`tensornet_llm.helpers.evaluate.perplexity_table` scores:
 the split is a boundary in :data:`DOMAINS`, shared by both parts, so they cannot overlap.
+The last :data:`CHECK_SHARE` of every fit text is kept out of healing (:func:`healing_mix`
+never reads it) for the checks that stop healing when general quality falls
+(:func:`check_mix`).
 
 Evaluation protocol (the one the reference figures in the texts' README use): skip the first
 20,000 characters of a file (front matter), tokenize, and cut non-overlapping windows.
@@ -29,7 +32,8 @@ from ..errors import ArgumentError, InputFileError
 from .generated import generated_text  # text sampled from the model itself: data-free
 
 __all__ = ["DATA_DIR", "CALIBRATION_TEXTS", "HELD_OUT_TEXT", "HEALING_TEXTS", "Part", "Domain",
-           "DOMAINS", "domain_text", "calibration_mix", "healing_mix", "held_out_ids",
+           "DOMAINS", "domain_text", "calibration_mix", "healing_mix", "check_mix", "CHECK_SHARE",
+           "held_out_ids",
            "text_path", "read_text", "tokenize_text", "token_batches", "text_batches",
            "generated_text"]
 
@@ -118,21 +122,47 @@ def _domains(domains: Sequence[str] | None) -> list[Domain]:
     return [DOMAINS[n] for n in names]
 
 
+SPLITS = ("fit", "held_out", "heal", "check")
+
+
 def domain_text(domain: str, split: str) -> list[str]:
-    """The texts of one domain's ``"fit"`` or ``"held_out"`` split, one per part.
+    """The texts of one domain's split, one per part: ``"fit"`` (what calibration reads),
+    ``"held_out"`` (what perplexity is scored on), or the two pieces of the fit text,
+    ``"heal"`` (what healing reads) and ``"check"`` (its last :data:`CHECK_SHARE`, from a line
+    start: what checks during healing score).
 
     Held-out text leaves out every paragraph that shares a sentence (or line) of 50 characters
-    or more with the fit text, or occurs in it whole (the CPython documentation repeats passages across topics, the
-    Wikipedia sample across articles), so nothing scored was calibrated or healed on."""
-    if split not in ("fit", "held_out"):
-        raise ArgumentError(f"split must be 'fit' or 'held_out', got {split!r}")
+    or more with the fit text, or occurs in it whole (the CPython documentation repeats passages
+    across topics, the Wikipedia sample across articles), so nothing scored was calibrated or
+    healed on."""
+    if split not in SPLITS:
+        raise ArgumentError(f"split must be one of {SPLITS}, got {split!r}")
     _domains([domain])
-    return list(_fit_texts(domain) if split == "fit" else _held_out_texts(domain))
+    if split == "held_out":
+        return list(_held_out_texts(domain))
+    return list(_fit_texts(domain) if split == "fit" else _heal_check_texts(domain)[
+        split == "check"])
 
 
 @lru_cache(maxsize=None)
 def _fit_texts(domain: str) -> tuple[str, ...]:
     return tuple(part.text() for part in DOMAINS[domain].fit)
+
+
+#: The share of every fit text (its end) that healing leaves out for the checks.
+CHECK_SHARE = 0.04
+
+
+@lru_cache(maxsize=None)
+def _heal_check_texts(domain: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Every fit text cut in two at the first line start after ``1 - CHECK_SHARE`` of it."""
+    heal, check = [], []
+    for text in _fit_texts(domain):
+        cut = text.find("\n", int(len(text) * (1 - CHECK_SHARE)))
+        cut = len(text) if cut < 0 else cut + 1
+        heal.append(text[:cut])
+        check.append(text[cut:])
+    return tuple(heal), tuple(check)
 
 
 #: Sentences (or lines) this long that occur in both splits mark a passage as repeated.
@@ -181,7 +211,7 @@ def _spread_windows(tokenizer, texts: list[str], count: int, length: int) -> lis
 
 
 def _mix(tokenizer, n_tokens: int, seq_len: int, domains: Sequence[str] | None,
-         bos_token_id: int | None) -> list[Tensor]:
+         bos_token_id: int | None, split: str = "fit") -> list[Tensor]:
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ArgumentError(f"n_tokens must be a positive integer, got {n_tokens!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
@@ -189,7 +219,7 @@ def _mix(tokenizer, n_tokens: int, seq_len: int, domains: Sequence[str] | None,
     chosen = _domains(domains)
     windows = max(len(chosen), math.ceil(n_tokens / seq_len))
     body = seq_len - (bos_token_id is not None)
-    per_domain = [_spread_windows(tokenizer, list(_fit_texts(d.name)),
+    per_domain = [_spread_windows(tokenizer, domain_text(d.name, split),
                                   windows // len(chosen) + (i < windows % len(chosen)), body)
                   for i, d in enumerate(chosen)]
     out = []
@@ -219,9 +249,19 @@ def healing_mix(tokenizer, n_tokens: int, seq_len: int = 256, batch_size: int = 
                 domains: Sequence[str] | None = None, bos_token_id: int | None = 0
                 ) -> list[Tensor]:
     """Healing batches ``(batch_size, seq_len + 1)`` from the fit part of every domain, an equal
-    share of each (domains interleaved, so every batch mixes them)."""
-    windows = _mix(tokenizer, n_tokens, seq_len + 1, domains, bos_token_id)
+    share of each (domains interleaved, so every batch mixes them), less the part kept for
+    :func:`check_mix`."""
+    windows = _mix(tokenizer, n_tokens, seq_len + 1, domains, bos_token_id, split="heal")
     return [torch.cat(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
+
+
+def check_mix(tokenizer, n_tokens: int = 2048, seq_len: int = 512,
+              domains: Sequence[str] | None = None, bos_token_id: int | None = 0
+              ) -> list[Tensor]:
+    """Windows ``(1, seq_len)`` for the checks during healing (``heal(..., check=...)``): an
+    equal share of every domain's ``"check"`` split, text :func:`healing_mix` never reads and
+    :func:`~tensornet_llm.helpers.evaluate.perplexity_table` never scores."""
+    return _mix(tokenizer, n_tokens, seq_len, domains, bos_token_id, split="check")
 
 
 def held_out_ids(tokenizer, domain: str, n_tokens: int | None = 8192) -> Tensor:

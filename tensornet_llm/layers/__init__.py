@@ -6,7 +6,8 @@ dense matrix (``decompose``), the pure contraction functions and their cached pl
 (``contract``), the ``nn.Module`` classes (``base``, ``mpo``, ``ttns``; ``cross_layer`` for
 networks shared by same-role layers of several blocks), how one layer is cut
 (``layout``), the int8 / int4 layers (``quantized``) and the per-machine strategy timing
-(``autotune``). Nothing in this room knows about models: see ``tensornet_llm.compress``.
+(``autotune``); ``siblings`` runs low-rank layers that read one input as one stacked
+matmul. Nothing in this room knows about models: see ``tensornet_llm.compress``.
 """
 
 from .autotune import TuneRow, autotune
@@ -20,11 +21,12 @@ from .quantized import (
     QuantizedEmbedding, QuantizedLinear, QuantizedModule, QuantizedTensorNetworkLinear,
     QuantizedWeight,
 )
+from .siblings import SiblingGroup
 from .ttns import TTNSLinear
 
 __all__ = [
     "MPOLinear", "TTNSLinear", "TensorNetworkLinear", "BondSpectrum", "Layout", "METHODS",
     "factorize", "is_linear_like", "linear_weight", "QuantizedWeight", "QuantizedLinear",
     "QuantizedEmbedding", "QuantizedTensorNetworkLinear", "QuantizedModule", "autotune",
-    "TuneRow", "CrossLayerLinear", "SharedBases",
+    "TuneRow", "CrossLayerLinear", "SharedBases", "SiblingGroup",
 ]

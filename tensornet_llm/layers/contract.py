@@ -56,6 +56,7 @@ __all__ = [
     "run_steps",
     "rebuild",
     "factors_linear",
+    "factor_pair",
     "contract_network",
     "reconstruct",
     "clear_scratch",
@@ -644,17 +645,25 @@ class _RebuiltLinear(torch.autograd.Function):
         return (grad_x, None, None, None, *grads)
 
 
-def factors_linear(x: Tensor, cores: Sequence[Tensor], plan: RebuildPlan, bias: Tensor | None,
-                   in_features: int, out_features: int) -> Tensor:
-    """``y = x (A B)^T + bias`` for a two-factor network (``plan.two_factors``) as two thin
-    matmuls, no einsum: ``A`` is the left core as ``(out, bond)``, ``B`` the right one as
-    ``(bond, in)`` (reshapes, so the boundary legs of size 1 may still be on the cores)."""
+def factor_pair(cores: Sequence[Tensor], plan: RebuildPlan, in_features: int,
+                out_features: int) -> tuple[Tensor, Tensor]:
+    """``(A, B)`` with ``W = A B`` for a two-factor network (``plan.two_factors``): ``A`` the
+    left core as ``(out_features, bond)``, ``B`` the right one as ``(bond, in_features)``
+    (reshapes, so the boundary legs of size 1 may still be on the cores; padding cut off)."""
     a = cores[plan.left[0]].reshape(plan.out_left, plan.bond)
     b = cores[plan.right[0]].reshape(plan.bond, plan.in_right)
     if plan.out_left != out_features:
         a = a[:out_features]
     if plan.in_right != in_features:
         b = b[:, :in_features]
+    return a, b
+
+
+def factors_linear(x: Tensor, cores: Sequence[Tensor], plan: RebuildPlan, bias: Tensor | None,
+                   in_features: int, out_features: int) -> Tensor:
+    """``y = x (A B)^T + bias`` for a two-factor network as two thin matmuls, no einsum
+    (``A``, ``B`` as :func:`factor_pair` gives them)."""
+    a, b = factor_pair(cores, plan, in_features, out_features)
     return F.linear(F.linear(x, b), a, bias)
 
 

@@ -13,11 +13,12 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ArgumentError
 from .base import TensorNetworkLinear
-from .contract import NetworkSpec, factors_linear
+from .contract import NetworkSpec, factor_pair, factors_linear
 from .decompose import BondSpectrum, mpo_bond_dims, tt_svd
 
 __all__ = ["MPOLinear", "mpo_network"]
@@ -60,6 +61,10 @@ class MPOLinear(TensorNetworkLinear):
     """
 
     method = "mpo"
+    #: The :class:`~tensornet_llm.layers.siblings.SiblingGroup` this layer's input side runs in
+    #: (set by :func:`tensornet_llm.fuse_siblings`), and its place in the group's call order.
+    _siblings = None
+    _sibling_index = 0
 
     @staticmethod
     def _network(out_shape, in_shape, bond_dims) -> NetworkSpec:
@@ -101,6 +106,12 @@ class MPOLinear(TensorNetworkLinear):
         if table.rebuild.two_factors and len(table.regimes) == 1 and (
                 table.regimes[0].strategy == "factors") and x.shape[-1] == self.in_features:
             cores = tuple(self.cores._parameters.values())  # iterating the list, minus its overhead
+            if (not torch.compiler.is_compiling() and self._siblings is not None
+                    and not torch.is_grad_enabled()):
+                z = self._siblings.input_side(self._sibling_index, x)  # x V^T, shared
+                if z is not None:
+                    a, _ = factor_pair(cores, table.rebuild, self.in_features, self.out_features)
+                    return F.linear(z, a, self.bias)
             return factors_linear(x, cores, table.rebuild, self.bias, self.in_features,
                                   self.out_features)
         return super().forward(x)

@@ -68,15 +68,19 @@ def tensor_network_modules(model: nn.Module) -> dict[str, TensorNetworkLinear]:
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drop tensors that share storage with an earlier key; return them as ``alias -> source``."""
     seen: dict[tuple, str] = {}
+    storages: set[tuple] = set()
     unique, aliases = {}, {}
     for key, tensor in state.items():
-        ident = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-                 tuple(tensor.shape), tuple(tensor.stride()))
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        ident = (*storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
         if ident in seen:
             aliases[key] = seen[ident]
         else:
             seen[ident] = key
-            unique[key] = tensor.detach().contiguous()
+            # Other parts of one storage (fused siblings' factors) are written as copies.
+            unique[key] = tensor.detach().contiguous() if storage not in storages else (
+                tensor.detach().clone())
+            storages.add(storage)
     return unique, aliases
 
 

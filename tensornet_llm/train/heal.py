@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ArgumentError, ArgumentTypeError
+from ..errors import ArgumentError, ArgumentTypeError, HealingCheckWarning
 from ..helpers.files import atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
 from ..compress.calibrate import as_batches, check_token_ids
@@ -65,6 +66,12 @@ class HealConfig:
         train: ``"all"`` parameters, or only the tensor-network ``"cores"``.
         checkpoint_dir: where to keep the latest training state; an existing one is resumed.
         checkpoint_every: optimiser steps between checkpoints (and one at the end).
+        check_every: optimiser steps between checks of the ``check`` text given to
+            :func:`heal` (also one before the first step and one after the last).
+        check_patience: checks in a row whose perplexity is above the best so far by more
+            than ``check_tolerance`` (relative) before ``on_rise`` acts.
+        on_rise: ``"stop"``: end training and restore the weights of the best check;
+            ``"warn"``: warn (:class:`~tensornet_llm.errors.HealingCheckWarning`) and go on.
         seed: data order and RNG.
         cpu: train on the CPU even when a GPU is present (a multi-process launch on a machine
             without a GPU trains on the CPUs without it).
@@ -86,6 +93,10 @@ class HealConfig:
     train: Train = "all"
     checkpoint_dir: str | Path | None = None
     checkpoint_every: int = 50
+    check_every: int = 50
+    check_patience: int = 2
+    check_tolerance: float = 0.02
+    on_rise: Literal["stop", "warn"] = "stop"
     seed: int = 0
     cpu: bool = False
     progress: bool = True
@@ -119,8 +130,12 @@ class HealConfig:
               and self.distill_weight >= 0), "None or a number >= 0")
         check("temperature", is_num(self.temperature) and self.temperature > 0, "a positive number")
         check("train", self.train in ("all", "cores"), "'all' or 'cores'")
-        check("checkpoint_every", is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
-              "an integer >= 1")
+        for name in ("checkpoint_every", "check_every", "check_patience"):
+            check(name, is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                  "an integer >= 1")
+        check("check_tolerance", is_num(self.check_tolerance) and self.check_tolerance >= 0,
+              "a number >= 0")
+        check("on_rise", self.on_rise in ("stop", "warn"), "'stop' or 'warn'")
         if not has_teacher and ((self.distill_weight or 0) > 0 or self.hidden_weight > 0):
             raise ArgumentError("distill_weight and hidden_weight need a teacher= model")
         if self.ce_weight == 0 and not has_teacher:
@@ -139,6 +154,9 @@ class HealResult:
     seconds: float = 0.0
     resumed_from: int = 0  # steps already done by an earlier run (read from the checkpoint)
     mixed_precision: str = "no"  # what was used ("auto" resolved)
+    checks: list[tuple[int, float]] = field(default_factory=list)  # (step, check perplexity)
+    best_step: int | None = None  # the step of the lowest check perplexity
+    stopped_early: bool = False  # on_rise="stop" acted: the weights are the best check's
 
     @property
     def steps(self) -> int:
@@ -215,6 +233,7 @@ def heal(
     *,
     config: HealConfig | None = None,
     callback: Callable[[int, HealResult], None] | None = None,
+    check: Iterable[Any] | None = None,
     **options: Any,
 ) -> HealResult:
     """Fine-tune ``model`` in place on next-token prediction (plus optional distillation).
@@ -229,6 +248,11 @@ def heal(
         callback: called as ``callback(step, result)`` after every optimiser step (e.g. to
             evaluate), on every process of a multi-process launch; it may switch the model to
             eval mode, training mode is restored after.
+        check: token windows (as ``batches``) of text the healing does not train on, other
+            domains than the healing text's (e.g. :func:`tensornet_llm.helpers.data.check_mix`):
+            their perplexity is measured every ``check_every`` steps, and when it rises
+            ``check_patience`` times in a row, ``on_rise`` stops training (restoring the best
+            check's weights) or warns. The history is in ``result.checks``.
 
     Returns:
         A :class:`HealResult` with the loss history (including steps a resumed checkpoint had).
@@ -253,6 +277,9 @@ def heal(
         check_output(ckpt, known=(PROGRESS_FILE,))
     data = as_batches(batches, min_tokens=2, argument="batches")
     check_token_ids(model, data, "batches")
+    check_data = None if check is None else as_batches(check, min_tokens=2, argument="check")
+    if check_data is not None:
+        check_token_ids(model, check_data, "check")
     params = trainable_parameters(model, cfg.train)
     distill = (1.0 if teacher is not None else 0.0) if cfg.distill_weight is None \
         else cfg.distill_weight
@@ -314,11 +341,14 @@ def heal(
                 (tmp / PROGRESS_FILE).write_text(json.dumps(result.to_dict()))
         accelerator.wait_for_everyone()
 
+    watch = None if check_data is None else _Watch(cfg, result, model, check_data, accelerator)
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.steps, initial=result.steps, desc="healing", unit="step",
                disable=not cfg.progress or not accelerator.is_main_process)
     groups = len(data) // ranks  # a remainder of fewer than `ranks` batches is left out
     start = time.perf_counter() - result.seconds
+    if watch is not None and not result.checks:
+        watch.check()  # the start: what healing must not make worse
     wrapped.train()
     try:
         while result.steps < cfg.steps:
@@ -365,6 +395,11 @@ def heal(
             if callback is not None:
                 callback(result.steps, result)
                 wrapped.train()
+            if watch is not None and (result.steps % cfg.check_every == 0
+                                      or result.steps == cfg.steps):
+                if watch.check():
+                    break
+                wrapped.train()
     finally:
         bar.close()
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
@@ -373,6 +408,61 @@ def heal(
         model.train(was_training)
         accelerator.free_memory()
     return result
+
+
+class _Watch:
+    """The checks during healing: perplexity of the ``check`` windows, the best so far (and,
+    for ``on_rise="stop"``, a copy of its weights), and how many checks in a row rose."""
+
+    def __init__(self, cfg: HealConfig, result: HealResult, model: nn.Module, data: list[dict],
+                 accelerator) -> None:
+        self.cfg, self.result, self.model, self.data = cfg, result, model, data
+        self.accelerator = accelerator
+        self.best_state: dict[str, Tensor] | None = None
+        self.rises = 0
+
+    @torch.no_grad()
+    def perplexity(self) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        for batch in self.data:
+            batch = {k: v.to(self.accelerator.device) if isinstance(v, Tensor) else v
+                     for k, v in batch.items()}
+            with self.accelerator.autocast():
+                logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            targets = _targets(batch)
+            total += float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                           ignore_index=-100, reduction="sum"))
+            count += int((targets != -100).sum())
+        return math.exp(total / max(count, 1))
+
+    def check(self) -> bool:
+        """Measure now; True when training must stop (the best weights are then restored)."""
+        value, step = self.perplexity(), self.result.steps
+        self.result.checks.append((step, value))
+        best = min(v for _, v in self.result.checks)
+        if value <= best:
+            self.result.best_step, self.rises = step, 0
+            if self.cfg.on_rise == "stop":
+                self.best_state = {k: v.detach().clone()
+                                   for k, v in self.model.state_dict().items()}
+            return False
+        if value <= best * (1 + self.cfg.check_tolerance):
+            return False
+        self.rises += 1
+        if self.rises < self.cfg.check_patience:
+            return False
+        first = self.result.checks[0][1]
+        if self.cfg.on_rise == "warn":
+            warnings.warn(f"check perplexity rose to {value:.2f} at step {step} (best {best:.2f} "
+                          f"at step {self.result.best_step}, {first:.2f} before healing): the "
+                          "healing text is costing general quality", HealingCheckWarning,
+                          stacklevel=3)
+            return False
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self.result.stopped_early = True
+        return True
 
 
 def launched() -> bool:

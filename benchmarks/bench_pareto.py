@@ -1,0 +1,308 @@
+"""Where tensor networks stand against quantization: model bytes against held-out perplexity
+(every domain) and decode speed, SmolLM2-135M.
+
+    python benchmarks/bench_pareto.py                         # keep 90..50%, heal keep 50%
+    python benchmarks/bench_pareto.py --keep 0.8 --heal-keep --tokens 2048   # a quick look
+
+Models:
+
+* dense fp32, bf16, int8 and int4 (``quantize(model, bits)``: every linear and the embedding
+  table; int8 one scale per channel, int4 groups of 64);
+* ``compactify(model, ratio=keep, calibration=calibration_mix(tokenizer, 16384))`` at every
+  ``--keep`` (the library's defaults), alone and with int8 / int4 on top (the same quantizer);
+* at every ``--heal-keep``, that model healed with the default recipe (next-token loss plus
+  distillation from the dense model, ``healing_mix``: an equal share of every domain's fit part,
+  batches of 4 x 256 tokens, ``--heal-steps`` steps, lr 3e-4, 20 warm-up steps, bf16 autocast
+  where the CPU has AMX; checked every 50 steps on 2,048 tokens of ``check_mix``, stopping
+  early and keeping the best weights if that perplexity rises twice in a row, as the CLI does),
+  alone and with int8 / int4.
+
+Quality: perplexity on ``--tokens`` held-out tokens of every domain (text that neither
+calibration nor healing draws from), the ratio to dense fp32, the geometric mean and the worst
+domain. Bytes: every parameter and buffer once (``model_size_bytes``). Speed: greedy decode of
+``--new-tokens`` tokens after a 64-token prompt, batch 1, every model once per round in one
+process, fastest of ``--rounds`` rounds, as a ratio to dense fp32.
+
+Compressed and healed models are cached under the library's cache folder
+(``bench/pareto-*``); quality rows are appended to ``docs/results/bench_pareto.json`` as they
+finish and a rerun skips them (``--fresh`` starts over). Speed is measured last, in one run over
+every model. Writes ``docs/results/bench_pareto.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensornet_llm import compactify, heal, load_compactified, quantize, save_compactified
+from tensornet_llm.helpers.data import (
+    DOMAINS, calibration_mix, check_mix, healing_mix, held_out_ids,
+)
+from tensornet_llm.helpers.evaluate import compare_to_dense, model_size_bytes, perplexity_table
+from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
+
+from _rows import resume
+
+ROOT = Path(__file__).resolve().parents[1]
+QUANT = {"": None, " + int8": 8, " + int4": 4}
+
+
+def cached(path: Path, build) -> tuple[nn.Module, dict]:
+    """The model saved at ``path``, or ``build() -> (model, info)`` saved there first."""
+    if (path / "tensornet.json").is_file():
+        info = json.loads((path / "bench_info.json").read_text())
+        return load_compactified(path).eval(), info
+    model, info = build()
+    save_compactified(model, path, overwrite=True, files={"bench_info.json": json.dumps(info)})
+    return model.eval(), info
+
+
+def base_models(args, dense, tokenizer) -> dict:
+    """``{name: (loader, info)}`` of every unquantized model, built (and cached) in order."""
+    cache = default_cache_dir() / "bench"
+    calib = None
+
+    def compressed(keep: float) -> tuple[nn.Module, dict]:
+        nonlocal calib
+        calib = calib or calibration_mix(tokenizer, args.calibration_tokens)
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        report = compactify(model, ratio=keep, calibration=calib, progress=False)
+        return model, {"compress_seconds": time.perf_counter() - start,
+                       "kept": report.kept_fraction}
+
+    def healed(keep: float) -> tuple[nn.Module, dict]:
+        model, info = compressed_at(keep)
+        model.train()
+        batches = healing_mix(tokenizer, args.heal_tokens, seq_len=256, batch_size=4)
+        result = heal(model, batches, steps=args.heal_steps, lr=3e-4, warmup_steps=20,
+                      teacher=dense, check=check_mix(tokenizer, 2048), check_every=50,
+                      progress=False)
+        return model, {**info, "heal_seconds": result.seconds, "heal_steps": result.steps,
+                       "mixed_precision": result.mixed_precision,
+                       "check_perplexity": [round(v, 2) for _, v in result.checks],
+                       "stopped_early": result.stopped_early}
+
+    def compressed_at(keep: float):
+        return cached(cache / f"pareto-keep{keep}-mix{args.calibration_tokens}",
+                      lambda: compressed(keep))
+
+    def healed_at(keep: float):
+        return cached(cache / f"pareto-keep{keep}-mix{args.calibration_tokens}"
+                      f"-heal{args.heal_steps}x{args.heal_tokens}", lambda: healed(keep))
+
+    out = {"dense": lambda: (dense, {})}
+    for keep in args.keep:
+        out[f"keep {keep:.0%}"] = lambda keep=keep: compressed_at(keep)
+        if keep in args.heal_keep:
+            out[f"keep {keep:.0%} healed"] = lambda keep=keep: healed_at(keep)
+    return out
+
+
+def variant(model: nn.Module, bits: int | None) -> nn.Module:
+    if bits is None:
+        return model
+    model = copy.deepcopy(model)
+    quantize(model, bits)
+    return model
+
+
+def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=0)
+    return time.perf_counter() - start
+
+
+def measure_speed(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int,
+                  rounds: int) -> dict[str, float]:
+    """Seconds per decoded token of every model: (generate(1 + N) - generate(1)) / N, fastest
+    of ``rounds`` interleaved rounds."""
+    best = {name: [math.inf, math.inf] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            decode_seconds(model, prompt, 2)  # warm-up
+        for _ in range(rounds):
+            for name, model in models.items():
+                best[name][0] = min(best[name][0], decode_seconds(model, prompt, 1))
+                best[name][1] = min(best[name][1], decode_seconds(model, prompt, 1 + new_tokens))
+    return {name: max(total - first, 1e-9) / new_tokens for name, (first, total) in best.items()}
+
+
+def frontier(rows: list[dict]) -> set[str]:
+    """Names of the rows no other row beats on both bytes and geometric-mean ratio."""
+    point = {r["model"]: (r["bytes"], r["ratios"]["geomean"]) for r in rows}
+    return {a for a, (size, ratio) in point.items()
+            if not any(s <= size and q <= ratio and (s, q) != (size, ratio)
+                       for s, q in point.values())}
+
+
+def beats(row: dict, anchor: dict) -> bool:
+    """``row`` is smaller than ``anchor`` and lower in perplexity on every domain."""
+    return row["bytes"] < anchor["bytes"] and all(
+        row["perplexity"][d] < anchor["perplexity"][d] for d in anchor["perplexity"])
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
+    (out / "bench_pareto.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    dense = meta["dense"]
+    names = list(dense)
+    on_frontier = frontier(rows)
+    int4 = next((r for r in rows if r["model"] == "dense int4"), None)
+    lines = ["# Size, held-out perplexity and decode speed: tensor networks and quantization "
+             "(SmolLM2-135M)", "",
+             f"Calibration: {meta['calibration_tokens']} tokens of `calibration_mix`; healing: "
+             f"{meta['heal_steps']} steps on {meta['heal_tokens']} tokens of `healing_mix`, "
+             f"distilled from dense; perplexity on {meta['tokens']} held-out tokens of each "
+             f"domain; decode: batch 1, {meta['new_tokens']} new tokens after a 64-token prompt, "
+             f"fastest of {meta['rounds']} interleaved rounds, against dense fp32. "
+             f"{meta['threads']} CPU threads. Written by `benchmarks/bench_pareto.py`; plot "
+             "`bench_pareto.png`. **F**: on the frontier of bytes against the geometric mean "
+             "(nothing else is both smaller and better); **< int4**: smaller than dense int4 and "
+             "lower in perplexity on every domain.", ""]
+    heads = ["model", "MB", "of dense", *names, "geomean", "worst", "decode vs dense", "F",
+             "< int4"]
+    lines += ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in sorted(rows, key=lambda r: -r["bytes"]):
+        ratios = r["ratios"]
+        speed = r.get("decode_vs_dense")
+        lines.append("| " + " | ".join([
+            r["model"], f"{r['bytes'] / 1e6:.1f}", f"{r['bytes'] / rows[0]['bytes']:.1%}",
+            *(f"{r['perplexity'][n]:.2f} ({ratios[n]:.2f}x)" for n in names),
+            f"{ratios['geomean']:.2f}x", f"{ratios['worst']:.2f}x",
+            "" if speed is None else f"{speed:.2f}x",
+            "F" if r["model"] in on_frontier else "",
+            "yes" if int4 is not None and beats(r, int4) else ""]) + " |")
+    info = [f"- {name}: " + ", ".join(
+        f"{k} {v:.1%}" if k == "kept" else f"{k} {v:.0f}" if isinstance(v, float)
+        else f"{k} {v}"
+        for k, v in i.items())
+            for name, i in meta.get("built", {}).items() if i]
+    if info:
+        lines += ["", "How the models were built (seconds on this machine):", "", *info]
+    (out / "bench_pareto.md").write_text("\n".join(lines) + "\n")
+    plot(out / "bench_pareto.png", rows, on_frontier)
+
+
+def plot(path: Path, rows: list[dict], on_frontier: set[str]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    marks = {"": "o", " + int8": "s", " + int4": "^"}
+    for r in rows:
+        suffix = next((s for s in (" + int8", " + int4") if r["model"].endswith(s)), "")
+        base = r["model"].removesuffix(suffix)
+        quant = {"dense int8": " + int8", "dense int4": " + int4"}.get(r["model"], suffix)
+        colour = "black" if base.startswith("dense") else (
+            "tab:green" if "healed" in base else "tab:blue")
+        ax.scatter(r["bytes"] / 1e6, r["ratios"]["geomean"], marker=marks[quant], c=colour,
+                   edgecolors="red" if r["model"] in on_frontier else "none", s=46, zorder=3)
+        ax.annotate(r["model"], (r["bytes"] / 1e6, r["ratios"]["geomean"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    front = sorted((r["bytes"] / 1e6, r["ratios"]["geomean"]) for r in rows
+                   if r["model"] in on_frontier)
+    ax.plot(*zip(*front), "r--", lw=0.8, label="frontier")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("model bytes (MB, log)")
+    ax.set_ylabel("held-out perplexity / dense fp32 (geometric mean over domains, log)")
+    ax.set_title("SmolLM2-135M: circles float, squares int8, triangles int4; "
+                 "black dense, blue compactified, green healed", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.9, 0.8, 0.7, 0.6])
+    parser.add_argument("--heal-keep", type=float, nargs="*", default=[0.5])
+    parser.add_argument("--heal-steps", type=int, default=250)
+    parser.add_argument("--heal-tokens", type=int, default=262144)
+    parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-speed", action="store_true", help="skip the decode timing")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--fresh", action="store_true")
+    args = parser.parse_args()
+
+    dense, tokenizer = load_smollm2()
+    dense.eval()
+    meta = {"tokens": args.tokens, "calibration_tokens": args.calibration_tokens,
+            "heal_steps": args.heal_steps, "heal_tokens": args.heal_tokens,
+            "new_tokens": args.new_tokens, "rounds": args.rounds,
+            "threads": torch.get_num_threads(),
+            "domains": {n: d.description for n, d in DOMAINS.items()}}
+    meta, rows = resume(args.out / "bench_pareto.json", meta, args.fresh, parser)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if "dense" not in meta:
+        meta["dense"] = perplexity_table(dense, tokenizer, args.tokens)
+    meta.setdefault("built", {})
+
+    def add(name: str, model: nn.Module) -> None:
+        if any(r["model"] == name for r in rows):
+            return
+        table = perplexity_table(model, tokenizer, args.tokens)  # bf16 is scored in bf16
+        rows.append({"model": name, "bytes": model_size_bytes(model), "perplexity": table,
+                     "ratios": compare_to_dense(table, meta["dense"])})
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "perplexity"}), flush=True)
+        write(args.out, meta, rows)
+
+    add("dense fp32", dense)
+    add("dense bf16", copy.deepcopy(dense).to(torch.bfloat16))
+    for suffix, bits in QUANT.items():
+        if bits:
+            add(f"dense int{bits}", variant(dense, bits))
+    for name, load in base_models(args, dense, tokenizer).items():
+        if name == "dense":
+            continue
+        if all(any(r["model"] == name + s for r in rows) for s in QUANT):
+            continue
+        model, info = load()
+        meta["built"][name] = info
+        for suffix, bits in QUANT.items():
+            add(name + suffix, variant(model, bits))
+        del model
+        gc.collect()
+
+    if not args.no_speed:
+        loaders = base_models(args, dense, tokenizer)
+        models = {"dense fp32": dense, "dense bf16": copy.deepcopy(dense).to(torch.bfloat16)}
+        for r in rows:
+            if r["model"] in models:
+                continue
+            if r["model"].startswith("dense int"):
+                models[r["model"]] = variant(dense, int(r["model"][-1]))
+                continue
+            suffix = next((s for s in QUANT if s and r["model"].endswith(s)), "")
+            base = r["model"].removesuffix(suffix)
+            if base in loaders:
+                models[r["model"]] = variant(loaders[base]()[0], QUANT[suffix])
+        prompt = held_out_ids(tokenizer, "fiction", 64).unsqueeze(0)
+        seconds = measure_speed(models, prompt, args.new_tokens, args.rounds)
+        for r in rows:
+            if r["model"] in seconds:
+                r["decode_vs_dense"] = seconds["dense fp32"] / seconds[r["model"]]
+                r["decode_tokens_per_second"] = 1 / seconds[r["model"]]
+        meta["decode_dense_tokens_per_second"] = 1 / seconds["dense fp32"]
+    write(args.out, meta, rows)
+
+
+if __name__ == "__main__":
+    main()
