@@ -301,3 +301,33 @@ def test_shrinkage_is_validated_and_pulls_the_covariance_to_its_diagonal():
     cov = torch.tensor([[2.0, 1.0], [1.0, 4.0]])
     assert torch.equal(shrunk(cov, 0.0), cov)
     assert torch.allclose(shrunk(cov, 0.25), torch.tensor([[2.0, 0.75], [0.75, 4.0]]))
+
+
+def test_ridge_is_validated_and_bounds_what_whitening_amplifies():
+    from tensornet_llm import CompactifyConfig
+    from tensornet_llm.compress.compactify import shrunk
+    from tensornet_llm.compress.fit import whitened_svd
+
+    for bad in (-0.1, float("inf"), True):
+        with pytest.raises(ValueError, match="ridge must be"):
+            compactify(build("llama"), chi=2, config=CompactifyConfig(ridge=bad))
+    cov = torch.tensor([[2.0, 1.0], [1.0, 4.0]])
+    assert torch.equal(shrunk(cov, 0.0, 0.0), cov)
+    assert torch.allclose(shrunk(cov, 0.25, 0.5), torch.tensor([[3.5, 0.75], [0.75, 5.5]]))
+    # The ridge moves the fit from the data's whitened optimum toward the plain truncated SVD
+    # (which treats every input direction alike), monotonically in the output error on the data.
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(16, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(400, 12, generator=g, dtype=torch.float64) * torch.logspace(0, -3, 12,
+                                                                                 dtype=torch.float64)
+    cov = x.T @ x / 400
+    u, s_, vh = torch.linalg.svd(weight)
+    plain = (u[:, :4] * s_[:4]) @ vh[:4]
+    assert torch.allclose(whitened_svd(weight, shrunk(cov, 0, 1e8), 4), plain, atol=1e-6)
+
+    def data_error(approx):
+        e = weight - approx
+        return float(torch.trace(e @ cov @ e.T))
+
+    errors = [data_error(whitened_svd(weight, shrunk(cov, 0, r), 4)) for r in (0, 1e-3, 1e-1, 10)]
+    assert errors == sorted(errors) and errors[0] < errors[-1] / 2

@@ -66,6 +66,10 @@ class CompactifyConfig:
         shrinkage: with calibration data, use ``(1 - s) C + s diag(C)`` for every input
             covariance ``C`` (budget and fit): directions the calibration text barely explores
             keep some weight, so the fit generalises beyond it (0: the raw covariance).
+        ridge: with calibration data, add ``r * mean(diag C) * I`` to every input covariance
+            ``C`` (budget and fit): whitening then amplifies directions the calibration text
+            barely explores at most ``1 / sqrt(r)`` times as much as the mean direction, so the
+            factors carry no large weights that only rare inputs would read (0: none).
         match_dense: with calibration data, fit each layer to the *dense* model's outputs
             (its weight on the dense model's inputs), so that it also undoes what the layers
             compressed before it changed in its inputs; ``False`` fits it to its own weight on
@@ -99,6 +103,7 @@ class CompactifyConfig:
     low_rank: bool = True
     match_dense: bool = False
     shrinkage: float = 0.0
+    ridge: float = 0.0
     gradients: bool = True
     cross_layer: PerModule | None = None
     cross_layer_side: Union[str, Mapping[str, str]] = "auto"
@@ -128,6 +133,9 @@ class CompactifyConfig:
         if isinstance(self.shrinkage, bool) or not isinstance(self.shrinkage, (int, float)) or not (
                 0 <= self.shrinkage <= 1):
             raise ArgumentError(f"shrinkage must be a number in [0, 1], got {self.shrinkage!r}")
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not (
+                0 <= self.ridge < math.inf):
+            raise ArgumentError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
         for flag in ("low_rank", "match_dense", "gradients"):
             if not isinstance(getattr(self, flag), bool):
                 raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
@@ -402,7 +410,7 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     notes: list[str] = []
     if budget is None:
         settings, estimate = _budget_settings(model, chosen, offered, cfg.ratio, batches, notes,
-                                              cfg.shrinkage, cfg.gradients)
+                                              cfg.shrinkage, cfg.gradients, cfg.ridge)
     else:
         settings, estimate = budget(chosen, offered)
     left = {id(m): m for n, m in chosen if settings[n] is None}
@@ -415,11 +423,15 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     return _Plan(chosen, skipped, settings, dense_target_params, estimate, notes)
 
 
-def shrunk(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
-    """``(1 - s) C + s diag(C)``: the covariance pulled toward its diagonal."""
-    if not shrinkage:
-        return cov
-    return (1 - shrinkage) * cov + shrinkage * torch.diag_embed(cov.diagonal())
+def shrunk(cov: torch.Tensor, shrinkage: float, ridge: float = 0.0) -> torch.Tensor:
+    """``(1 - s) C + s diag(C) + r mean(diag C) I``: the covariance pulled toward its diagonal
+    (``shrinkage`` s) and lifted by a ridge (``ridge`` r; see :class:`CompactifyConfig`)."""
+    if shrinkage:
+        cov = (1 - shrinkage) * cov + shrinkage * torch.diag_embed(cov.diagonal())
+    if ridge:
+        cov = cov + ridge * cov.diagonal().mean() * torch.eye(
+            cov.shape[0], dtype=cov.dtype, device=cov.device)
+    return cov
 
 
 def offered_layouts(name: str, module: nn.Module, cfg: CompactifyConfig) -> list[Layout]:
@@ -476,7 +488,7 @@ def _replace_block_by_block(
             )
         elif fresh:
             collector = collect_covariances(model, batches, fresh, block, replay)
-            covs = {n: shrunk(collector.take(n), cfg.shrinkage) for n in fresh}
+            covs = {n: shrunk(collector.take(n), cfg.shrinkage, cfg.ridge) for n in fresh}
         for name in names:
             module = modules[name]
             if id(module) not in built:
@@ -493,7 +505,7 @@ def _replace_block_by_block(
 def _budget_settings(
     model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
     ratio: float, batches: list | None, notes: list[str], shrinkage: float = 0.0,
-    gradients: bool = True,
+    gradients: bool = True, ridge: float = 0.0,
 ) -> tuple[dict[str, tuple[Layout, int] | None], str]:
     """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget, and
     how damage was estimated. A weaker estimate than the data allows is warned and noted."""
@@ -504,7 +516,7 @@ def _budget_settings(
     covs = grads = None
     if batches is not None:
         collector = collect_covariances(model, batches, modules)
-        covs = {n: shrunk(collector.covariance(n), shrinkage) for n in modules}
+        covs = {n: shrunk(collector.covariance(n), shrinkage, ridge) for n in modules}
         grads, reason = output_gradients(model, batches, modules) if gradients else (None, None)
         if reason is not None:
             note = (f"budget damage estimated from the output error, not the loss: {reason}")

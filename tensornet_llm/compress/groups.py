@@ -294,7 +294,7 @@ def _in_block_order(model: nn.Module, groups: list[Group], plans: list[_Choice],
                                         replay)
         for name in names:
             pending.setdefault(group_of[name], {})[name] = shrunk(collector.take(name),
-                                                                  cfg.shrinkage)
+                                                                  cfg.shrinkage, cfg.ridge)
         for index in list(pending):
             group, plan = groups[index], plans[index]
             ready = pending[index]
@@ -339,7 +339,7 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
     if batches is not None and cfg.ratio is not None:  # the budget's: the dense model's inputs
         modules = {n: m for g in groups for n, m in zip(g.names, g.modules)}
         collector = collect_covariances(model, batches, modules)
-        covs = {n: shrunk(collector.take(n), cfg.shrinkage) for n in modules}
+        covs = {n: shrunk(collector.take(n), cfg.shrinkage, cfg.ridge) for n in modules}
     notes = [f"cross-layer groups of up to {cfg.cross_layer} blocks per role"]
     estimate = None
     if cfg.ratio is None:
