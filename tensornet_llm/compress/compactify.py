@@ -67,9 +67,9 @@ class CompactifyConfig:
             covariance ``C`` (budget and fit): directions the calibration text barely explores
             keep some weight, so the fit generalises beyond it (0: the raw covariance).
         ridge: with calibration data, add ``r * mean(diag C) * I`` to every input covariance
-            ``C`` (budget and fit): whitening then amplifies directions the calibration text
-            barely explores at most ``1 / sqrt(r)`` times as much as the mean direction, so the
-            factors carry no large weights that only rare inputs would read (0: none).
+            ``C`` (budget and fit): every input direction counts at least ``r`` times the mean,
+            which moves the fit from the calibration text's whitened optimum toward the plain
+            truncated SVD (0: none; a very large ``r`` gives the plain SVD).
         match_dense: with calibration data, fit each layer to the *dense* model's outputs
             (its weight on the dense model's inputs), so that it also undoes what the layers
             compressed before it changed in its inputs; ``False`` fits it to its own weight on
