@@ -25,8 +25,10 @@ Every method keeps the same fraction of the targeted parameters, calibrated on t
 Rows marked ``(dense inputs)`` were measured before groups were fitted block by block: every
 module was fitted on the dense model's inputs (including ``cross-layer 1``'s per-layer ones).
 
-Also written: the spectra of the cross-layer bonds (``--spectra``): for each role, the whitened
-singular values of a single layer against those of two and four stacked consecutive layers.
+Also written: the spectra of the cross-layer bonds: for each role, the whitened singular values
+of a single layer against those of two and four stacked consecutive layers, and a plot of the
+stacked energy curves against the layers' own spectra merged (no shared direction),
+``bench_cross_layer_spectra.png``.
 Rows are appended to ``docs/results/bench_cross_layer.json`` as they finish (a rerun skips
 rows it has) and rendered to ``bench_cross_layer.md``.
 """
@@ -99,7 +101,9 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
                   "Rank that holds 90% of the whitened energy (sum of squared singular values) "
                   "of one layer, and of 2 and 4 stacked consecutive layers (blocks 12-15), "
                   "against 2x and 4x the single layer's: a stacked rank well below the multiple "
-                  "means the layers share input directions.", "",
+                  "means the layers share input directions. The whole curves, against what the "
+                  "layers would give if they shared nothing: "
+                  "[bench_cross_layer_spectra.png](bench_cross_layer_spectra.png).", "",
                   "| role | 1 layer | 2 stacked (2x one) | 4 stacked (4x one) |", "|---|---|---|---|"]
         for role, ranks in meta["spectra"].items():
             lines.append(f"| {role} | {ranks['1']} | {ranks['2']} ({2 * ranks['1']}) | "
@@ -107,25 +111,70 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
     (out / "bench_cross_layer.md").write_text("\n".join(lines) + "\n")
 
 
-def spectra(model, batches) -> dict:
-    """Per role: the rank holding 90% of the whitened energy of 1, 2 and 4 stacked layers."""
+ROLES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+CURVE_POINTS = 64
+
+
+def spectra(model, batches) -> tuple[dict, dict]:
+    """Per role (blocks 12-15): the rank holding 90% of the whitened energy of 1, 2 and 4
+    stacked layers; and for 2 and 4 layers the cumulative energy against rank, stacked (what a
+    shared basis sees) and with the layers' own spectra merged (what it would see if they
+    shared no input direction), at ``CURVE_POINTS`` ranks."""
     from tensornet_llm.compress.calibrate import as_batches, collect_covariances
     from tensornet_llm.compress.sweeps import stacked_spectrum
 
-    roles = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    names = {r: [f"model.layers.{b}.{r}" for b in range(12, 16)] for r in roles}
+    names = {r: [f"model.layers.{b}.{r}" for b in range(12, 16)] for r in ROLES}
     modules = {n: model.get_submodule(n) for ns in names.values() for n in ns}
     collector = collect_covariances(model, as_batches(batches), modules)
-    out = {}
+    ranks, curves = {}, {}
     for role, ns in names.items():
-        out[role] = {}
+        ranks[role], curves[role] = {}, {}
         for g in (1, 2, 4):
-            s = stacked_spectrum([modules[n].weight for n in ns[:g]],
-                                 [collector.covariance(n) for n in ns[:g]])
+            weights, covs = [modules[n].weight for n in ns[:g]], [collector.covariance(n)
+                                                                  for n in ns[:g]]
+            s = stacked_spectrum(weights, covs)
             energy = (s ** 2).cumsum(0) / (s ** 2).sum()
-            out[role][str(g)] = int((energy < 0.9).sum()) + 1
-    return out
+            ranks[role][str(g)] = int((energy < 0.9).sum()) + 1
+            if g == 1:
+                continue
+            # The same whitening (the summed covariance), each layer alone: no shared direction.
+            alone = torch.cat([stacked_spectrum(weights[i:i + 1], [sum(covs)]) for i in range(g)])
+            alone = alone.sort(descending=True).values
+            separate = (alone ** 2).cumsum(0) / (alone ** 2).sum()
+            at = torch.linspace(0, len(s) - 1, CURVE_POINTS).round().long()
+            curves[role][str(g)] = {"rank": (at + 1).tolist(),
+                                    "stacked": [round(float(v), 4) for v in energy[at]],
+                                    "separate": [round(float(v), 4) for v in separate[at]]}
+    return ranks, curves
+
+
+def plot_spectra(path: Path, curves: dict) -> None:
+    """One panel per role: cumulative whitened energy against rank, stacked against separate."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(curves), figsize=(2.6 * len(curves), 3.0), sharey=True)
+    for ax, (role, by_group) in zip(axes, curves.items()):
+        for g, colour in (("2", "tab:blue"), ("4", "tab:red")):
+            c = by_group[g]
+            ax.plot(c["rank"], c["stacked"], color=colour, label=f"{g} layers, stacked")
+            ax.plot(c["rank"], c["separate"], color=colour, linestyle="--",
+                    label=f"{g} layers, nothing shared")
+        ax.set_title(role.split(".")[-1], fontsize=9)
+        ax.set_xlabel("rank of the shared basis", fontsize=8)
+        ax.axhline(0.9, color="grey", linestyle=":", linewidth=1)
+    axes[0].set_ylabel("whitened energy kept")
+    axes[0].legend(fontsize=6, loc="lower right")
+    fig.suptitle("How much consecutive layers share (SmolLM2-135M, blocks 12-15): a stacked "
+                 "curve above its dashed one means shared input directions", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -144,9 +193,10 @@ def main() -> None:
     meta, rows = resume(args.out / "bench_cross_layer.json", meta, args.fresh, parser)
     data = calibration_mix(tokenizer, args.calibration_tokens, seq_len=512)
     args.out.mkdir(parents=True, exist_ok=True)
-    if "spectra" not in meta:
-        meta["spectra"] = spectra(model, data)
+    if "spectra" not in meta or "spectra_curves" not in meta:
+        meta["spectra"], meta["spectra_curves"] = spectra(model, data)
         print("spectra", json.dumps(meta["spectra"]), flush=True)
+    plot_spectra(args.out / "bench_cross_layer_spectra.png", meta["spectra_curves"])
     if "dense" not in meta:
         meta["dense"] = perplexity_table(model, tokenizer, args.tokens)
         print("dense", json.dumps(meta["dense"]), flush=True)

@@ -2,11 +2,12 @@
 
     python benchmarks/bench_domains.py [--keep 0.8] [--calibrations mixture emma]
                                        [--calibration-tokens 4096] [--shrinkage 0] [--ridge 0]
-                                       [--tokens 8192]
+                                       [--match-dense] [--tokens 8192]
 
 For each keep fraction and calibration text, ``compactify(model, ratio=keep, calibration=...)``
 (default layouts, ``--fit-steps`` per layer, ``--shrinkage`` of every input covariance toward
-its diagonal, ``--ridge`` added to it times its mean diagonal) on SmolLM2-135M, then perplexity on the held-out
+its diagonal, ``--ridge`` added to it times its mean diagonal, ``--match-dense``: each layer
+fitted to the dense model's outputs) on SmolLM2-135M, then perplexity on the held-out
 part of each domain (fiction, encyclopedia, technical prose, code; ``--tokens`` each), its ratio
 to dense, the geometric mean and the worst ratio. Calibrations:
 
@@ -63,6 +64,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         "calibration": lambda r: r["calibration"],
         "tokens": lambda r: str(r["calibration_tokens"]),
         "shrinkage": lambda r: str(r["shrinkage"]), "ridge": lambda r: str(r.get("ridge", 0.0)),
+        "match dense": lambda r: "yes" if r.get("match_dense") else "",
         "keep": lambda r: f"{r['keep']:.0%}"})
     (out / "bench_domains.md").write_text("\n".join(lines) + "\n")
 
@@ -75,6 +77,8 @@ def main() -> None:
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--shrinkage", type=float, default=0.0)
     parser.add_argument("--ridge", type=float, default=0.0)
+    parser.add_argument("--match-dense", action="store_true",
+                        help="fit each layer to the dense model's outputs (CompactifyConfig)")
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -91,19 +95,22 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for keep in args.keep:
         for name in args.calibrations:
-            key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge)
+            key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge,
+                   args.match_dense)
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"],
-                    r.get("ridge", 0.0)) == key for r in rows):
+                    r.get("ridge", 0.0), r.get("match_dense", False)) == key for r in rows):
                 continue
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
-            config = CompactifyConfig(shrinkage=args.shrinkage, ridge=args.ridge)
+            config = CompactifyConfig(shrinkage=args.shrinkage, ridge=args.ridge,
+                                      match_dense=args.match_dense)
             row = held_out_row(
                 lambda student: compactify(student, ratio=keep, calibration=data,
                                            fit_steps=args.fit_steps, progress=False,
                                            config=config), tokenizer, args.tokens, meta["dense"])
             rows.append({"calibration": name, "keep": keep,
                          "calibration_tokens": args.calibration_tokens,
-                         "shrinkage": args.shrinkage, "ridge": args.ridge, **row})
+                         "shrinkage": args.shrinkage, "ridge": args.ridge,
+                         "match_dense": args.match_dense, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
             write(args.out, meta, rows)
     write(args.out, meta, rows)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -102,6 +103,16 @@ def _fraction(value: str) -> float:
     if not 0 < ratio <= 1:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {ratio}")
     return ratio
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {number}")
+    return number
 
 
 def _text_batches(model_name: str, tokenizer, text: str | list[str] | None, n_tokens: int | None,
@@ -300,17 +311,20 @@ def cmd_heal(args: argparse.Namespace) -> None:
                   train="cores" if args.cores_only else "all",
                   gradient_accumulation_steps=args.accumulate,
                   checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, check=check,
-                  check_every=args.check_every, on_rise=args.on_rise)
+                  check_every=args.check_every, on_rise=args.on_rise,
+                  max_minutes=args.max_minutes)
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
                       files={"healing.json": json.dumps(result.to_dict())},
                       healing={"source": args.model,
                                "text": [str(t) for t in args.text] if args.text else "mixture",
-                               "steps": args.steps, "lr": args.lr, "teacher": teacher_name,
+                               "steps": result.steps, "max_minutes": args.max_minutes,
+                               "lr": args.lr, "teacher": teacher_name,
                                "cores_only": args.cores_only,
                                "check_tokens": args.check_tokens, "on_rise": args.on_rise,
                                "stopped_early": result.stopped_early})
     first, last = result.losses[0], result.losses[-1]
-    print(f"healed {result.steps} steps in {result.seconds:.0f} s: loss {first:.4f} -> {last:.4f}")
+    print(f"healed {result.steps} steps in {result.seconds:.0f} s"
+          + (" (out of time)" if result.out_of_time else "") + f": loss {first:.4f} -> {last:.4f}")
     if result.checks:
         (_, start), best = result.checks[0], min(v for _, v in result.checks)
         print(f"check perplexity (every domain, text healing never read): {start:.2f} -> "
@@ -415,7 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "bundled mixture of every domain's fit part)")
     p.add_argument("--tokens", type=_positive,
                    help="use at most this many tokens of --text (an equal share of each)")
-    p.add_argument("--steps", type=_positive, required=True, help="optimiser steps")
+    p.add_argument("--steps", type=_positive, required=True,
+                   help="optimiser steps (at most, with --max-minutes)")
+    p.add_argument("--max-minutes", type=_positive_float,
+                   help="wall-clock budget: stop after the step that reaches it, with the "
+                   "learning rate decayed by then")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
     p.add_argument("--batch", type=_positive, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq", type=_positive, default=256, help="tokens per sequence (default 256)")

@@ -1,6 +1,7 @@
 """Healing: the loss falls, only the chosen parameters move, distillation terms, resume."""
 
 import copy
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -218,3 +219,19 @@ def test_a_falling_check_lets_healing_run_to_the_end(compressed):
     assert [s for s, _ in result.checks] == [0, 2, 4, 6]
     assert result.checks[-1][1] < result.checks[0][1] and result.best_step == 6
     assert result.to_dict()["checks"] == result.checks
+
+
+def test_a_time_budget_ends_healing_with_a_final_check(compressed, monkeypatch):
+    model, _ = compressed
+    data = batches()
+    calls = iter(range(0, 10**6, 10))  # a clock that advances 10 s at every reading
+    monkeypatch.setattr(sys.modules["tensornet_llm.train.heal"], "_now", lambda: next(calls))
+    result = heal(model, data, steps=200, lr=3e-3, warmup_steps=0, max_minutes=1.0,
+                  check=data, check_every=50, progress=False)
+    assert result.out_of_time and 1 <= result.steps < 200
+    assert result.seconds >= 60
+    assert [s for s, _ in result.checks] == [0, result.steps]  # a check where time ran out
+    full = heal(copy.deepcopy(model), data, steps=3, warmup_steps=0, max_minutes=60, progress=False)
+    assert full.steps == 3 and not full.out_of_time
+    with pytest.raises(ValueError, match="max_minutes"):
+        heal(model, data, steps=3, max_minutes=0, progress=False)

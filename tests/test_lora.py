@@ -1,6 +1,8 @@
 """peft LoRA adapters on tensor-network layers: targeted like any module, only the adapters train,
 peft saves and loads them, merging is exact into low-rank layers and refused elsewhere."""
 
+import copy
+
 import pytest
 import torch
 
@@ -112,3 +114,94 @@ def test_a_quantized_compressed_model_trains_adapters():
     peft_model = peft.get_peft_model(model, lora_config(r=4, target_modules=["q_proj", "v_proj"]))
     losses = trained(peft_model, steps=4)
     assert losses[-1] < losses[0]
+
+
+def _dense_twin(model):
+    """A copy of ``model`` whose tensor-network layers are ``nn.Linear`` with the same weight."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, (MPOLinear, TTNSLinear)):
+            linear = torch.nn.Linear(module.in_features, module.out_features,
+                                     bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(module.to_dense())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(twin.get_submodule(parent), child, linear)
+    return twin
+
+
+@pytest.mark.parametrize("kind", ["mpo", "ttns", "low-rank"])
+def test_dora_on_a_tensor_network_is_dora_on_its_weight(kind, tmp_path):
+    model = compressed(kind)
+    save_compactified(model, tmp_path / "model")  # the base, as a user keeps it
+    twin = _dense_twin(model)
+    settings = dict(r=4, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True)
+    ours = peft.get_peft_model(model, lora_config(**settings))
+    theirs = peft.get_peft_model(twin, peft.LoraConfig(**settings))
+    with torch.no_grad():  # the same adapters (B nonzero, so DoRA's rescaling matters)
+        twins = {n: q for n, q in theirs.named_parameters() if "lora_" in n}
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+            if "lora_" in name:
+                twins.pop(name).copy_(p)
+        assert not twins  # every adapter tensor has its twin
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector" in n for n in trainable)
+    assert all("lora_" in n for n in trainable)
+    batch = inputs("llama")
+    torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, rtol=1e-4, atol=1e-4)
+    ours_losses, theirs_losses = trained(ours), trained(theirs)
+    assert ours_losses == pytest.approx(theirs_losses, rel=1e-4) and ours_losses[-1] < ours_losses[0]
+    ours.eval()
+    with torch.no_grad():
+        expected = ours(**batch).logits
+    ours.save_pretrained(tmp_path / "adapters")
+    with pytest.raises(ValueError, match="model has peft adapters"):  # it would not load
+        save_compactified(ours.get_base_model(), tmp_path / "with-adapters")
+    assert not (tmp_path / "with-adapters").exists()
+    again = peft.PeftModel.from_pretrained(load_compactified(tmp_path / "model"),
+                                           tmp_path / "adapters",
+                                           config=load_lora_config(tmp_path / "adapters"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dora_adapter_merges_exactly_into_a_low_rank_layer():
+    model = compressed("low-rank")
+    peft_model = peft.get_peft_model(model, lora_config(r=3, target_modules=["q_proj"],
+                                                        use_dora=True))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.mul_(1.5).add_(0.05 * torch.randn_like(p))
+    batch = inputs("llama")
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+        layer = next(m for m in peft_model.modules() if isinstance(m, TensorNetworkLoraLinear))
+        base = layer.get_base_layer()
+        rank, u = base.bond_dims[0], base.cores[0].detach().clone()
+        layer.merge()
+        assert base.bond_dims[0] == rank + 3
+        layer.unmerge()
+        assert base.bond_dims[0] == rank
+        torch.testing.assert_close(base.cores[0], u)
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merging_dora_where_it_cannot_be_exact_is_refused():
+    peft_model = peft.get_peft_model(compressed("mpo"), lora_config(
+        r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(MergeNotExactError, match="cannot be merged exactly"):
+        peft_model.merge_and_unload()
+    settings = dict(r=2, target_modules=["q_proj"], use_dora=True)
+    peft_model = peft.get_peft_model(compressed("low-rank"), lora_config(**settings))
+    peft_model.add_adapter("second", lora_config(**settings))
+    layer = next(m for m in peft_model.modules() if isinstance(m, TensorNetworkLoraLinear))
+    rank = layer.get_base_layer().bond_dims[0]
+    with pytest.raises(MergeNotExactError, match="merges exactly only alone"):
+        layer.merge(adapter_names=["default", "second"])
+    assert layer.get_base_layer().bond_dims[0] == rank and not layer.merged_adapters

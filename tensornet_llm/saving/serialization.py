@@ -109,6 +109,12 @@ def save_compactified(
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "save_pretrained"):
         raise ArgumentError("model must be a Hugging Face PreTrainedModel with a config")
+    adapted = next((n for n, m in model.named_modules() if hasattr(m, "merged_adapters")
+                    and isinstance(getattr(m, "base_layer", None), nn.Module)), None)
+    if adapted is not None:  # a checkpoint with peft's wrappers in it would not load
+        raise ArgumentError(
+            f"model has peft adapters ({adapted}): save them with peft's save_pretrained and the "
+            "model without them (save it before get_peft_model, or after merge_and_unload())")
     files = dict(files or {})
     for name in files:
         if not isinstance(name, str) or not name or Path(name).name != name or name in RESERVED:

@@ -44,6 +44,7 @@ __all__ = ["HealConfig", "HealResult", "auto_precision", "heal", "trainable_para
 
 Train = Literal["all", "cores"]
 PROGRESS_FILE = "progress.json"
+_now = time.perf_counter  # the clock of result.seconds and max_minutes (a test may replace it)
 
 
 @dataclass
@@ -51,7 +52,11 @@ class HealConfig:
     """Settings of :func:`heal` (every field can also be passed to it as a keyword).
 
     Attributes:
-        steps: optimiser steps.
+        steps: optimiser steps (at most; see ``max_minutes``).
+        max_minutes: a wall-clock budget: training ends after the step that reaches it, and
+            the cosine decay follows whichever of steps and time runs out first (so the rate
+            has decayed by the deadline). The last step may end a little after the budget;
+            the final check (if any) comes on top. ``None``: steps alone decide.
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps, then cosine decay to 10% of ``lr``
@@ -79,6 +84,7 @@ class HealConfig:
     """
 
     steps: int = 100
+    max_minutes: float | None = None
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
@@ -113,6 +119,8 @@ class HealConfig:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         check("steps", is_int(self.steps) and self.steps >= 1, "an integer >= 1")
+        check("max_minutes", self.max_minutes is None or (is_num(self.max_minutes)
+              and self.max_minutes > 0), "None or a positive number")
         check("lr", is_num(self.lr) and self.lr > 0, "a positive number")
         check("weight_decay", is_num(self.weight_decay) and self.weight_decay >= 0, "a number >= 0")
         check("warmup_steps", is_int(self.warmup_steps) and self.warmup_steps >= 0, "an integer >= 0")
@@ -157,6 +165,7 @@ class HealResult:
     checks: list[tuple[int, float]] = field(default_factory=list)  # (step, check perplexity)
     best_step: int | None = None  # the step of the lowest check perplexity
     stopped_early: bool = False  # on_rise="stop" acted: the weights are the best check's
+    out_of_time: bool = False  # max_minutes ended training before ``steps``
 
     @property
     def steps(self) -> int:
@@ -304,12 +313,17 @@ def heal(
         p.requires_grad_(id(p) in chosen)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
+    clock = {"seconds": 0.0}  # training time so far, the same on every process
+
     def schedule(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
         if cfg.schedule == "constant":
             return 1.0
         done = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+        if budget is not None:
+            done = max(done, clock["seconds"] / budget)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -329,6 +343,7 @@ def heal(
         for key in ("losses", "ce", "distill", "hidden", "tokens", "seconds"):
             setattr(result, key, saved[key])
         result.resumed_from = len(result.losses)
+    clock["seconds"] = result.seconds  # a resumed run's budget counts the earlier time
 
     def save_checkpoint() -> None:
         # The main process owns the directory; every process writes its RNG state into it.
@@ -346,7 +361,7 @@ def heal(
     bar = tqdm(total=cfg.steps, initial=result.steps, desc="healing", unit="step",
                disable=not cfg.progress or not accelerator.is_main_process)
     groups = len(data) // ranks  # a remainder of fewer than `ranks` batches is left out
-    start = time.perf_counter() - result.seconds
+    start = _now() - result.seconds
     if watch is not None and not result.checks:
         watch.check()  # the start: what healing must not make worse
     wrapped.train()
@@ -386,20 +401,28 @@ def heal(
             result.losses.append(step_terms["loss"])
             for k in ("ce", "distill", "hidden"):
                 getattr(result, k).append(step_terms[k])
-            result.seconds = time.perf_counter() - start
+            result.seconds = _now() - start
+            if budget is not None:  # every process must see one clock (same rate, same stop)
+                elapsed = torch.tensor([result.seconds], dtype=torch.float64,
+                                       device=accelerator.device)
+                if ranks > 1:
+                    elapsed = accelerator.reduce(elapsed, reduction="sum") / ranks
+                clock["seconds"] = float(elapsed)
+                result.out_of_time = clock["seconds"] >= budget and result.steps < cfg.steps
+            last = result.steps == cfg.steps or result.out_of_time
             bar.update(1)
             bar.set_postfix(loss=f"{step_terms['loss']:.4f}")
-            if ckpt is not None and (result.steps % cfg.checkpoint_every == 0
-                                     or result.steps == cfg.steps):
+            if ckpt is not None and (result.steps % cfg.checkpoint_every == 0 or last):
                 save_checkpoint()
             if callback is not None:
                 callback(result.steps, result)
                 wrapped.train()
-            if watch is not None and (result.steps % cfg.check_every == 0
-                                      or result.steps == cfg.steps):
+            if watch is not None and (result.steps % cfg.check_every == 0 or last):
                 if watch.check():
                     break
                 wrapped.train()
+            if result.out_of_time:
+                break
     finally:
         bar.close()
         accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)

@@ -21,6 +21,11 @@ it back). For a many-site MPO or a tree, ``W + scaling * B A`` is in general not
 the same bond dimensions, and a quantized layer cannot absorb float factors, so merging those is
 refused with an error instead of approximated silently.
 
+DoRA (``use_dora=True``) works on every layer kind: peft reads the base weight through the
+layer's ``weight`` property (rebuilt from the cores) for the row norms of ``W + scaling * B A``.
+Its merge ``W' = g (W + scaling * B A)``, ``g = magnitude / ||W + scaling * B A||`` (per output
+row), is exact into a low-rank layer too: ``g`` scales the rows of ``[U, scaling * B]``.
+
 Needs ``pip install 'tensornet-llm[peft]'``.
 """
 
@@ -32,6 +37,7 @@ from typing import Any, Optional
 import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as _PeftLoraLinear
+from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
@@ -68,12 +74,18 @@ class TensorNetworkLoraLinear(_PeftLoraLinear):
         core = base_layer.core if isinstance(base_layer, CrossLayerLinear) else base_layer.cores[0]
         return core.device, core.dtype
 
-    def _mergeable(self, adapter: str) -> MPOLinear:
+    def _mergeable(self, adapter: str, merging: int = 1) -> MPOLinear:
         base = self.get_base_layer()
-        if adapter in self.lora_variant:
+        variant = self.lora_variant.get(adapter)
+        if variant is not None and not isinstance(variant, DoraLinearVariant):
             raise MergeNotExactError(
-                f"merging a {type(self.lora_variant[adapter]).__name__} adapter into a "
-                "tensor-network layer is not supported; keep it unmerged")
+                f"merging a {type(variant).__name__} adapter into a tensor-network layer is not "
+                "supported; keep it unmerged")
+        if variant is not None and (merging > 1 or self.merged_adapters):
+            raise MergeNotExactError(
+                f"DoRA adapter {adapter!r} merges exactly only alone, into a layer with no other "
+                "adapter merged (its norm is that of the unmerged weight); merge it by itself, "
+                "or keep it unmerged")
         if not (isinstance(base, MPOLinear) and base.is_low_rank):
             kind = type(base).__name__
             raise MergeNotExactError(
@@ -84,18 +96,28 @@ class TensorNetworkLoraLinear(_PeftLoraLinear):
         return base
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Merge exactly into a low-rank base layer: its rank grows by ``r`` per adapter."""
+        """Merge exactly into a low-rank base layer: its rank grows by ``r`` per adapter (a DoRA
+        adapter also rescales the rows of the left factor)."""
         adapters = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
         for adapter in adapters:  # check all first: nothing is half-merged
-            self._mergeable(adapter)
+            self._mergeable(adapter, len(adapters))
         for adapter in adapters:
-            base = self._mergeable(adapter)
+            base = self._mergeable(adapter, len(adapters))
             scaling = self.scaling[adapter]
             left = self.lora_B[adapter].weight * scaling  # (out, r)
             right = self.lora_A[adapter].weight  # (r, in)
             if safe_merge and not (torch.isfinite(left).all() and torch.isfinite(right).all()):
                 raise ValueError(f"NaNs detected in adapter {adapter!r}; it seems to be broken")
+            gain = None
+            if adapter in self.lora_variant:  # DoRA: W' = g (W + s B A), g per output row
+                with torch.no_grad():
+                    norm = (base.to_dense() + left @ right).norm(dim=1)
+                    gain = self.lora_magnitude_vector[adapter].weight.detach() / norm
             base.append_factors_(left, right)
+            if gain is not None:
+                with torch.no_grad():
+                    base.cores[0].mul_(gain.to(base.cores[0]).view(1, -1, 1, 1))  # rows of U
+                self._cache_store(f"{adapter}-dora-gain", gain)
             if self.lora_bias[adapter]:
                 if base.bias is None:
                     raise MergeNotExactError("lora_bias=True needs a base layer with a bias")
@@ -108,6 +130,10 @@ class TensorNetworkLoraLinear(_PeftLoraLinear):
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             base = self.get_base_layer()
+            if adapter in self.lora_variant:
+                gain = self._cache_pop(f"{adapter}-dora-gain")
+                with torch.no_grad():
+                    base.cores[0].div_(gain.to(base.cores[0]).view(1, -1, 1, 1))
             base.truncate_bond_(base.bond_dims[0] - self.r[adapter])
             if self.lora_bias[adapter]:
                 with torch.no_grad():
