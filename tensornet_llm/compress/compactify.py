@@ -152,6 +152,11 @@ class CompactifyConfig:
         if not _is_int(self.sweeps) or self.sweeps < 0:
             raise ArgumentError(f"sweeps must be an integer >= 0, got {self.sweeps!r}")
 
+    def regularize(self, cov: torch.Tensor) -> torch.Tensor:
+        """The input covariance the budget and the fit use: ``cov`` with :attr:`shrinkage` and
+        :attr:`ridge` applied (see :func:`shrunk`)."""
+        return shrunk(cov, self.shrinkage, self.ridge)
+
     @property
     def effective_chi(self) -> PerModule:
         return DEFAULT_CHI if self.chi is None else self.chi
@@ -409,8 +414,7 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     offered = {name: offered_layouts(name, module, cfg) for name, module in chosen}
     notes: list[str] = []
     if budget is None:
-        settings, estimate = _budget_settings(model, chosen, offered, cfg.ratio, batches, notes,
-                                              cfg.shrinkage, cfg.gradients, cfg.ridge)
+        settings, estimate = _budget_settings(model, chosen, offered, batches, notes, cfg)
     else:
         settings, estimate = budget(chosen, offered)
     left = {id(m): m for n, m in chosen if settings[n] is None}
@@ -488,7 +492,7 @@ def _replace_block_by_block(
             )
         elif fresh:
             collector = collect_covariances(model, batches, fresh, block, replay)
-            covs = {n: shrunk(collector.take(n), cfg.shrinkage, cfg.ridge) for n in fresh}
+            covs = {n: cfg.regularize(collector.take(n)) for n in fresh}
         for name in names:
             module = modules[name]
             if id(module) not in built:
@@ -504,8 +508,7 @@ def _replace_block_by_block(
 
 def _budget_settings(
     model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
-    ratio: float, batches: list | None, notes: list[str], shrinkage: float = 0.0,
-    gradients: bool = True, ridge: float = 0.0,
+    batches: list | None, notes: list[str], cfg: CompactifyConfig,
 ) -> tuple[dict[str, tuple[Layout, int] | None], str]:
     """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget, and
     how damage was estimated. A weaker estimate than the data allows is warned and noted."""
@@ -516,13 +519,13 @@ def _budget_settings(
     covs = grads = None
     if batches is not None:
         collector = collect_covariances(model, batches, modules)
-        covs = {n: shrunk(collector.covariance(n), shrinkage, ridge) for n in modules}
-        grads, reason = output_gradients(model, batches, modules) if gradients else (None, None)
+        covs = {n: cfg.regularize(collector.covariance(n)) for n in modules}
+        grads, reason = output_gradients(model, batches, modules) if cfg.gradients else (None, None)
         if reason is not None:
             note = (f"budget damage estimated from the output error, not the loss: {reason}")
             warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
             notes.append(note)
-    allocation = allocate(modules, ratio, {n: offered[n] for n in modules}, covs, grads)
+    allocation = allocate(modules, cfg.ratio, {n: offered[n] for n in modules}, covs, grads)
     return {
         name: None if allocation.chi[key] is None else (allocation.layout[key], allocation.chi[key])
         for name, module in chosen

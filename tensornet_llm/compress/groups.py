@@ -30,7 +30,7 @@ from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases
 from .budget import KEEP_GRID, Option, _damage, _lower_hull, choose, ladder
 from .calibrate import BlockReplay, calibrated_order, collect_covariances, output_gradients
 from .compactify import (
-    CompactifyConfig, _build, _count, _swap, offered_layouts, relative_error, shrunk,
+    CompactifyConfig, _build, _count, _swap, offered_layouts, relative_error,
     swaps_undone_on_error,
 )
 from .report import CompactifyReport, LayerReport
@@ -293,8 +293,7 @@ def _in_block_order(model: nn.Module, groups: list[Group], plans: list[_Choice],
         collector = collect_covariances(model, batches, {n: modules[n] for n in names}, block,
                                         replay)
         for name in names:
-            pending.setdefault(group_of[name], {})[name] = shrunk(collector.take(name),
-                                                                  cfg.shrinkage, cfg.ridge)
+            pending.setdefault(group_of[name], {})[name] = cfg.regularize(collector.take(name))
         for index in list(pending):
             group, plan = groups[index], plans[index]
             ready = pending[index]
@@ -339,7 +338,7 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
     if batches is not None and cfg.ratio is not None:  # the budget's: the dense model's inputs
         modules = {n: m for g in groups for n, m in zip(g.names, g.modules)}
         collector = collect_covariances(model, batches, modules)
-        covs = {n: shrunk(collector.take(n), cfg.shrinkage, cfg.ridge) for n in modules}
+        covs = {n: cfg.regularize(collector.take(n)) for n in modules}
     notes = [f"cross-layer groups of up to {cfg.cross_layer} blocks per role"]
     estimate = None
     if cfg.ratio is None:

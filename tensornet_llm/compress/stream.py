@@ -42,7 +42,7 @@ from ..saving.serialization import (
 )
 from .budget import choose, ladder
 from .calibrate import BlockReplay, as_batches, check_token_ids, collect_covariances
-from .compactify import CompactifyConfig, _build, _count, _merged_config, _plan, _swap, shrunk
+from .compactify import CompactifyConfig, _build, _count, _merged_config, _plan, _swap
 from .report import CompactifyReport, LayerReport
 from .targets import block_prefix, block_stacks
 
@@ -434,7 +434,7 @@ class _Walk:
         self.unrecorded = []
 
     def covariances(self, modules: dict[str, nn.Module], block: nn.Module, batches: list,
-                    shrinkage: float, ridge: float = 0.0) -> dict[str, Tensor]:
+                    cfg: CompactifyConfig) -> dict[str, Tensor]:
         """Input covariances of ``modules`` (in ``block``); frees the blocks this pass
         recorded."""
         if not modules:
@@ -446,7 +446,7 @@ class _Walk:
         for prefix in self.unrecorded:
             self.stream.free(prefix)
         self.unrecorded = []
-        return {n: shrunk(collector.take(n), shrinkage, ridge) for n in modules}
+        return {n: cfg.regularize(collector.take(n)) for n in modules}
 
 
 def _targets_by_block(stream: _Stream, chosen: list[tuple[str, nn.Module]]
@@ -473,7 +473,7 @@ def _streamed_budget(stream: _Stream, cfg: CompactifyConfig, batches: list | Non
         walk = _Walk(stream, batches, spill)
         for prefix, block in _bar(walk, len(stream.blocks), "budget pass", progress):
             modules = {n: stream.model.get_submodule(n) for n in names_in.get(prefix, [])}
-            covs = walk.covariances(modules, block, batches, cfg.shrinkage, cfg.ridge) if batches else {}
+            covs = walk.covariances(modules, block, batches, cfg) if batches else {}
             for name, module in modules.items():
                 ladders[name] = ladder(module, offered[name], covs.pop(name, None))
         del walk
@@ -509,7 +509,7 @@ def _compress_block(stream: _Stream, prefix: str, block: nn.Module,
                     batches: list | None, rows: list[LayerReport], layouts: dict) -> None:
     """Replace the targets of one loaded block, fitted to its calibration inputs if any."""
     modules = {n: stream.model.get_submodule(n) for n in names_in.get(prefix, [])}
-    covs = walk.covariances(modules, block, batches, cfg.shrinkage, cfg.ridge) if batches else {}
+    covs = walk.covariances(modules, block, batches, cfg) if batches else {}
     for name, module in modules.items():
         new, row = _build(name, module, plan.settings[name], cfg, covs.pop(name, None))
         _swap(stream.model, name, new)
