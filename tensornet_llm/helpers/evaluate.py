@@ -10,7 +10,8 @@ Prejudice give 30.70 (the reference figure in ``tensornet_llm/helpers/texts/READ
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,40 @@ from torch import Tensor, nn
 from ..errors import ArgumentError
 from .data import DOMAINS, held_out_ids, token_batches
 
-__all__ = ["perplexity", "mean_nll", "model_size_bytes", "perplexity_table", "compare_to_dense"]
+__all__ = ["perplexity", "mean_nll", "summed_nll", "next_token_targets", "model_size_bytes",
+           "perplexity_table", "compare_to_dense"]
+
+
+def next_token_targets(batch: dict[str, Tensor]) -> Tensor:
+    """Labels aligned with ``logits[:, :-1]`` of a batch dict (``input_ids``, optionally
+    ``attention_mask`` and ``labels``): ``-100`` where nothing is scored (padding)."""
+    labels = batch.get("labels", batch["input_ids"]).clone()
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        labels = labels.masked_fill(mask == 0, -100)
+    return labels[:, 1:]
+
+
+@torch.no_grad()
+def summed_nll(model: nn.Module, batches: Iterable[Tensor | dict[str, Tensor]],
+               device: torch.device | str | None = None,
+               context: Callable[[], ContextManager] = nullcontext) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) and the number of tokens scored, over
+    ready-made batches: token ids ``(batch, seq)`` or dicts as :func:`next_token_targets` reads
+    them. ``context`` wraps each forward pass (e.g. an autocast); the model's mode is untouched."""
+    device = device if device is not None else next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in batches:
+        if isinstance(batch, Tensor):
+            batch = {"input_ids": batch}
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        with context():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        targets = next_token_targets(batch)
+        total += float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
+                                       ignore_index=-100, reduction="sum"))
+        count += int((targets != -100).sum())
+    return total, count
 
 
 @torch.no_grad()
@@ -30,21 +64,13 @@ def mean_nll(model: nn.Module, ids: Tensor, window: int = 512, batch_size: int =
         raise ArgumentError(f"ids must be 1-D with at least window={window} tokens, got {tuple(ids.shape)}")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
     batches = list(token_batches(ids, window, batch_size, bos_token_id))
     if progress:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="perplexity", unit="batch", leave=False)
     try:
-        for batch in batches:
-            batch = batch.to(device)
-            logits = model(batch).logits[:, :-1].float()
-            target = batch[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-            total += float(nll)
-            count += target.numel()
+        total, count = summed_nll(model, batches)
     finally:
         model.train(was_training)
     return total / count

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArgumentError, ArgumentTypeError, HealingCheckWarning
+from ..helpers.evaluate import next_token_targets, summed_nll
 from ..helpers.files import atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
 from ..compress.calibrate import as_batches, check_token_ids
@@ -184,15 +185,6 @@ def trainable_parameters(model: nn.Module, train: Train = "all") -> list[nn.Para
     if not cores:
         raise ArgumentError("train='cores' but the model has no tensor-network layers (compactify it first)")
     return list(cores.values())
-
-
-def _targets(batch: dict[str, Tensor]) -> Tensor:
-    """Next-token labels aligned with ``logits[:, :-1]``; -100 where nothing is scored."""
-    labels = batch.get("labels", batch["input_ids"]).clone()
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        labels = labels.masked_fill(mask == 0, -100)
-    return labels[:, 1:]
 
 
 def _loss_terms(out, teacher_out, targets: Tensor, cfg: HealConfig, distill: float
@@ -381,7 +373,7 @@ def heal(
                         with torch.no_grad(), accelerator.autocast():
                             teacher_out = teacher(**inputs, output_hidden_states=want_hidden)
                     out = wrapped(**inputs, output_hidden_states=want_hidden)
-                    loss, terms = _loss_terms(out, teacher_out, _targets(batch), cfg, distill)
+                    loss, terms = _loss_terms(out, teacher_out, next_token_targets(batch), cfg, distill)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -390,7 +382,7 @@ def heal(
                     optimizer.zero_grad(set_to_none=True)
                 # Every rank records the terms averaged over the ranks, and all tokens seen.
                 values = torch.tensor([float(loss.detach()), terms["ce"], terms["distill"],
-                                       terms["hidden"], float((_targets(batch) != -100).sum())],
+                                       terms["hidden"], float((next_token_targets(batch) != -100).sum())],
                                       dtype=torch.float64, device=accelerator.device)
                 if ranks > 1:
                     values = accelerator.reduce(values, reduction="sum")
@@ -447,16 +439,8 @@ class _Watch:
     @torch.no_grad()
     def perplexity(self) -> float:
         self.model.eval()
-        total, count = 0.0, 0
-        for batch in self.data:
-            batch = {k: v.to(self.accelerator.device) if isinstance(v, Tensor) else v
-                     for k, v in batch.items()}
-            with self.accelerator.autocast():
-                logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            targets = _targets(batch)
-            total += float(F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(),
-                                           ignore_index=-100, reduction="sum"))
-            count += int((targets != -100).sum())
+        total, count = summed_nll(self.model, self.data, self.accelerator.device,
+                                  self.accelerator.autocast)
         return math.exp(total / max(count, 1))
 
     def check(self) -> bool:
