@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from ..layers.siblings import SiblingGroup, is_fusable
+from ..layers.siblings import SiblingGroup, can_stack, is_fusable
 from .calibrate import model_inputs
 
 __all__ = ["fuse_siblings", "unfuse_siblings"]
@@ -69,8 +69,7 @@ def fuse_siblings(model: nn.Module, example: Tensor | dict[str, Any] | None = No
     groups = []
     for names in by_input.values():
         members = [model.get_submodule(n) for n in names]
-        if len(members) >= 2 and len({(m.in_features, m.cores[1].device, m.cores[1].dtype)
-                                      for m in members}) == 1 and all(
+        if len(members) >= 2 and can_stack(members) and all(
                 getattr(m, "_siblings", None) is None for m in members):
             SiblingGroup(members)
             groups.append(tuple(names))

@@ -28,13 +28,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SiblingGroup", "is_fusable"]
+__all__ = ["SiblingGroup", "is_fusable", "can_stack"]
 
 
 def is_fusable(module: nn.Module) -> bool:
     """Whether ``module`` can join a :class:`SiblingGroup`: a float low-rank layer
     (:attr:`MPOLinear.is_low_rank <tensornet_llm.layers.mpo.MPOLinear.is_low_rank>`)."""
     return bool(getattr(module, "is_low_rank", False)) and hasattr(module, "cores")
+
+
+def can_stack(members: Sequence[nn.Module]) -> bool:
+    """Whether ``members`` can run as one stacked matmul now: all :func:`is_fusable`, with one
+    ``in_features``, and input sides on one device in one dtype."""
+    return all(map(is_fusable, members)) and len(
+        {(m.in_features, m.cores[1].device, m.cores[1].dtype) for m in members}) == 1
 
 
 def _unfused() -> None:
@@ -88,9 +95,9 @@ class SiblingGroup:
         self._stacked = None
         if len(members) != len(self._members):
             return False
-        rights = self._rights(members)
-        if len({(v.device, v.dtype) for v in rights}) != 1 or not all(map(is_fusable, members)):
+        if not can_stack(members):
             return False
+        rights = self._rights(members)
         n_in = members[0].in_features
         self._ranks = [int(v.shape[0]) for v in rights]
         self._offsets = [sum(self._ranks[:k]) for k in range(len(rights))]
