@@ -132,6 +132,13 @@ def test_bad_chi_is_rejected_by_the_parser(capsys):
     assert exc.value.code == 2 and "--chi" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("minutes", ["0", "-1", "inf", "soon"])
+def test_a_bad_healing_budget_is_rejected_by_the_parser(minutes, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["heal", "x", "--steps", "10", "--max-minutes", minutes, "--out", "y"])
+    assert exc.value.code == 2 and "--max-minutes" in capsys.readouterr().err
+
+
 def test_existing_output_needs_overwrite(tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
