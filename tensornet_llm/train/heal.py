@@ -373,7 +373,8 @@ def heal(
                         with torch.no_grad(), accelerator.autocast():
                             teacher_out = teacher(**inputs, output_hidden_states=want_hidden)
                     out = wrapped(**inputs, output_hidden_states=want_hidden)
-                    loss, terms = _loss_terms(out, teacher_out, next_token_targets(batch), cfg, distill)
+                    targets = next_token_targets(batch)
+                    loss, terms = _loss_terms(out, teacher_out, targets, cfg, distill)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -382,7 +383,7 @@ def heal(
                     optimizer.zero_grad(set_to_none=True)
                 # Every rank records the terms averaged over the ranks, and all tokens seen.
                 values = torch.tensor([float(loss.detach()), terms["ce"], terms["distill"],
-                                       terms["hidden"], float((next_token_targets(batch) != -100).sum())],
+                                       terms["hidden"], float((targets != -100).sum())],
                                       dtype=torch.float64, device=accelerator.device)
                 if ranks > 1:
                     values = accelerator.reduce(values, reduction="sum")
@@ -436,7 +437,6 @@ class _Watch:
         self.best_state: dict[str, Tensor] | None = None
         self.rises = 0
 
-    @torch.no_grad()
     def perplexity(self) -> float:
         self.model.eval()
         total, count = summed_nll(self.model, self.data, self.accelerator.device,
