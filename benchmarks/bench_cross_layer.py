@@ -24,6 +24,9 @@ Every method keeps the same fraction of the targeted parameters, calibrated on t
 
 Rows marked ``(dense inputs)`` were measured before groups were fitted block by block: every
 module was fitted on the dense model's inputs (including ``cross-layer 1``'s per-layer ones).
+Rows marked ``(unweighted)`` were measured before ``CompactifyConfig.weigh_outputs`` (on by
+default since): the modules compressed alone were fitted with every output feature weighted
+alike.
 
 Also written: the spectra of the cross-layer bonds: for each role, the whitened singular values
 of a single layer against those of two and four stacked consecutive layers, and a plot of the

@@ -57,7 +57,7 @@ def heal_curve(keep: float, variant: str, args, tokenizer, teacher, batches, cal
     # bench_quality.py saves its data-aware models (same calibration and fit steps): reuse them.
     low_rank = variant.startswith("lr")
     fitted = low_rank or variant.startswith("fit")
-    saved = default_cache_dir() / "bench" / f"smollm2-ratio{keep}{'-lr' if low_rank else ''}-fit"
+    saved = default_cache_dir() / "bench" / f"smollm2-ratio{keep}{'-lr' if low_rank else ''}-fitw"
     t0 = time.perf_counter()
     if fitted and (saved / "tensornet.json").is_file() and args.fit_steps == 30:
         model, kept, compress_s = load_compactified(saved), keep, None
@@ -133,7 +133,7 @@ def timing(keeps: list[float], batch: int, seq: int, steps: int, precision: str)
             compactify(model, ratio=keep, low_rank=False, progress=False)
             paths[f"keep {keep:.0%}"] = save_compactified(model, Path(tmp) / f"keep{keep}")
             # The layouts compactify picks with data (bench_quality.py's model, if saved).
-            fitted = default_cache_dir() / "bench" / f"smollm2-ratio{keep}-lr-fit"
+            fitted = default_cache_dir() / "bench" / f"smollm2-ratio{keep}-lr-fitw"
             if (fitted / "tensornet.json").is_file():
                 paths[f"keep {keep:.0%} low-rank"] = fitted
         for rnd in range(2):  # two interleaved rounds: the machine is noisy
@@ -248,6 +248,7 @@ def main() -> None:
         meta["mixed_precision"] = args.mixed_precision
     if args.train != "all":
         meta["train"] = args.train
+    meta["weigh_outputs"] = True  # the data-aware fits (CompactifyConfig.weigh_outputs)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_heal.json"
     data = {"meta": meta, "curves": [], "timing": []}

@@ -93,11 +93,11 @@ def base_models(args, dense, tokenizer) -> dict:
                        "stopped_early": result.stopped_early, "out_of_time": result.out_of_time}
 
     def compressed_at(keep: float):
-        return cached(cache / f"pareto-keep{keep}-mix{args.calibration_tokens}",
+        return cached(cache / f"pareto-keep{keep}-mixw{args.calibration_tokens}",
                       lambda: compressed(keep))
 
     def healed_at(keep: float):
-        return cached(cache / f"pareto-keep{keep}-mix{args.calibration_tokens}"
+        return cached(cache / f"pareto-keep{keep}-mixw{args.calibration_tokens}"
                       f"-heal{args.heal_steps}x{args.heal_tokens}", lambda: healed(keep))
 
     out = {"dense": lambda: (dense, {})}
@@ -249,7 +249,7 @@ def main() -> None:
     dense.eval()
     meta = {"tokens": args.tokens, "calibration_tokens": args.calibration_tokens,
             "heal_steps": args.heal_steps, "heal_tokens": args.heal_tokens,
-            "heal_minutes": args.heal_minutes,
+            "heal_minutes": args.heal_minutes, "weigh_outputs": True,
             "new_tokens": args.new_tokens, "rounds": args.rounds,
             "threads": torch.get_num_threads(),
             "domains": {n: d.description for n, d in DOMAINS.items()}}

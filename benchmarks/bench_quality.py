@@ -107,7 +107,7 @@ def run(method: str, keep: float, calib, covs, held_out: dict, fit_steps: int) -
         kept = report.kept_fraction
         if method in ("mpo+fit", "mpo+lr+fit"):  # bench_quantize.py and bench_heal.py reuse them
             tag = "-lr" if "+lr" in method else ""
-            save_compactified(model, default_cache_dir() / "bench" / f"smollm2-ratio{keep}{tag}-fit")
+            save_compactified(model, default_cache_dir() / "bench" / f"smollm2-ratio{keep}{tag}-fitw")
         extra = {"left_dense": sum("left dense" in why for _, why in report.skipped),
                  "low_rank": sum(r.method == "low-rank" for r in report.layers),
                  "chi": {r.name: r.chi for r in report.layers},
@@ -220,6 +220,7 @@ def main() -> None:
             "held_out_wiki": f"{WIKI_TEXT} from character {wiki_half:,} (its second half), "
                              f"{held_out['wiki'].numel()} tokens",
             "fit_steps": args.fit_steps, "threads": torch.get_num_threads(),
+            "weigh_outputs": True,
             "module_types": sorted({module_type(n) for n, _ in find_targets(model)[0]})}
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -5,7 +5,7 @@ of CompactifAI, measured).
 
 Rows: dense fp32, dense fp16, dense int8 / int4 (every linear and the embedding table),
 compactified fp32 (``compactify(ratio=..., calibration=Emma)``, the default method, which
-``bench_quality.py`` caches as ``smollm2-ratio{ratio}-lr-fit``; or the model in ``--compressed``,
+``bench_quality.py`` caches as ``smollm2-ratio{ratio}-lr-fitw``; or the model in ``--compressed``,
 e.g. a healed one), compactified + int8, compactified + int4. Bytes in memory count parameters
 and buffers once (tied tables once); bytes on disk are the saved ``model.safetensors``.
 Perplexity on held-out Persuasion. Writes ``docs/results/bench_quantize.{json,md}``.
@@ -48,7 +48,7 @@ def main() -> None:
     held_out = tokenize_text(tokenizer, HELD_OUT_TEXT, args.tokens)
     source = args.compressed
     if source is None:
-        source = default_cache_dir() / "bench" / f"smollm2-ratio{args.ratio}-lr-fit"
+        source = default_cache_dir() / "bench" / f"smollm2-ratio{args.ratio}-lr-fitw"
         if not (source / "tensornet.json").is_file():
             model = copy.deepcopy(dense)
             calib = text_batches(tokenizer, "austen_emma.txt", 4096, seq_len=512)

@@ -143,7 +143,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .compress.compactify import compactify
+    from .compress.compactify import CompactifyConfig, compactify
     from .saving.serialization import save_compactified
 
     out = Path(args.out)
@@ -156,6 +156,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         calibration = _text_batches(args.model, tokenizer, args.calibration,
                                     args.calibration_tokens, 512, 4, "--calibration")
     report = compactify(model, calibration=calibration, progress=not args.quiet,
+                        config=CompactifyConfig(weigh_outputs=not args.no_weigh_outputs),
                         **_compress_options(args))
     print(report)
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
@@ -179,6 +180,9 @@ def _settings(args: argparse.Namespace) -> dict:
             "calibration_tokens": args.calibration_tokens if calibrated else None,
             "fit_steps": args.fit_steps if calibrated else None,
             "low_rank": not args.no_low_rank if args.ratio is not None else None,
+            "weigh_outputs": (not args.no_weigh_outputs
+                              if args.ratio is not None and calibrated and not args.stream
+                              else None),
             "cross_layer": args.cross_layer}
 
 
@@ -379,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-low-rank", action="store_true",
                    help="with --ratio, use only the --method layout (by default the budget may "
                    "also give a layer the low-rank 2-site MPO, the rank-chi factorisation)")
+    p.add_argument("--no-weigh-outputs", action="store_true",
+                   help="with --ratio and calibration, fit every output feature alike (SVD-LLM's "
+                   "objective) instead of weighting each by the loss gradient there")
     p.add_argument("--cross-layer", type=_positive, metavar="G",
                    help="share bases between the same-role modules of every G consecutive "
                         "blocks (cross-layer networks; see docs/cross-layer.md)")

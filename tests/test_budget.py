@@ -12,8 +12,12 @@ from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, save_compactified,
 )
 from tensornet_llm.compress.budget import Option, _lower_hull, _start_row_errors, allocate, chi_for_params
-from tensornet_llm.compress.calibrate import as_batches, collect_output_gradients
-from tensornet_llm.compress.fit import kronecker_whitened, stable_cholesky, whitened_svd
+from tensornet_llm.compress.calibrate import (
+    as_batches, collect_covariances, collect_output_gradients,
+)
+from tensornet_llm.compress.fit import (
+    kronecker_whitened, output_weights, stable_cholesky, whitened_svd,
+)
 from tensornet_llm.layers.layout import Layout
 from test_compactify import assert_unchanged, calibration_batches, snapshot
 
@@ -217,3 +221,49 @@ def test_compactify_offers_low_rank_only_when_asked(tmp_path, monkeypatch):
     loaded = load_compactified(save_compactified(model, tmp_path / "m"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(batches[0]).logits, model(batches[0]).logits)
+
+
+@given(out_f=st.integers(2, 30), in_f=st.integers(2, 30), seed=st.integers(0, 5))
+@settings(max_examples=10, deadline=None)
+def test_weighted_start_row_errors_are_the_row_norms_of_the_weighted_start(out_f, in_f, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = torch.randn(4 * in_f, in_f, generator=g, dtype=torch.float64)
+    cov = x.T @ x / x.shape[0]
+    factor = stable_cholesky(cov)
+    rows = output_weights(torch.rand(out_f, generator=g, dtype=torch.float64) ** 3)
+    layout = Layout.low_rank(in_f, out_f)
+    chis = [1, 2, min(in_f, out_f)]
+    for chi, row in zip(chis, _start_row_errors(layout, w, chis, cov, factor, rows)):
+        start = kronecker_whitened(layout.decompose(w, None, chi), w, cov, rows=rows)
+        torch.testing.assert_close(row, ((w - start.to_dense()) @ factor).pow(2).sum(1))
+
+
+def test_compactify_fits_what_the_budget_ranks_by():
+    """With loss gradients each low-rank layer is the two-sided cut ``D^(1/2) W L`` (D: the
+    gradient's second moment at its output); ``weigh_outputs=False`` gives SVD-LLM's cut."""
+    batches = calibration_batches(2)
+    name = "model.layers.0.mlp.up_proj"  # block 0: its inputs are the dense model's
+    dense = build("llama")
+    module = dense.get_submodule(name)
+    grads = collect_output_gradients(dense, as_batches(batches), {name: module})
+    cov = collect_covariances(dense, as_batches(batches), {name: module}).covariance(name)
+    cuts = {}
+    for weigh in (True, False):
+        model = build("llama")
+        report = compactify(model, config=CompactifyConfig(
+            ratio=0.5, method="low-rank", weigh_outputs=weigh), calibration=batches,
+            progress=False)
+        assert any("Gauss-Newton loss estimate" in n for n in report.notes) == weigh
+        layer = model.get_submodule(name)
+        rows = output_weights(grads[name]) if weigh else None
+        expected = kronecker_whitened(Layout.low_rank(module.in_features, module.out_features)
+                                      .decompose(module.weight.detach(), None,
+                                                 layer.bond_dims[0]),
+                                      module.weight.detach(), cov, rows=rows)
+        torch.testing.assert_close(layer.to_dense(), expected.to_dense(), rtol=1e-4, atol=1e-5)
+        cuts[weigh] = layer.to_dense()
+    assert not torch.allclose(cuts[True], cuts[False], atol=1e-4)
+    with pytest.raises(ValueError, match="weigh_outputs"):
+        compactify(build("llama"), config=CompactifyConfig(ratio=0.5, weigh_outputs="yes"),
+                   progress=False)

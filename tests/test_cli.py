@@ -61,6 +61,21 @@ def test_compress_no_low_rank_keeps_the_method_layout(tiny_dir, tmp_path):
     assert {row["method"] for row in report["layers"]} == {"mpo"}
 
 
+def test_compress_no_weigh_outputs_is_recorded_and_fits_unweighted(tiny_dir, text_file, tmp_path):
+    reports = {}
+    for flag in ([], ["--no-weigh-outputs"]):
+        out = tmp_path / ("plain" if flag else "weighted")
+        assert main(["compress", str(tiny_dir), "--ratio", "0.5", "--calibration", str(text_file),
+                     "--calibration-tokens", "512", "--fit-steps", "2", *flag, "--out", str(out),
+                     "--quiet"]) == 0
+        settings = json.loads((out / "tensornet.json").read_text())["compactify"]
+        assert settings["weigh_outputs"] is (not flag)
+        reports[bool(flag)] = json.loads((out / "report.json").read_text())
+    notes = {k: " ".join(r.get("notes", [])) for k, r in reports.items()}
+    assert "Gauss-Newton loss estimate" in notes[False]
+    assert "Gauss-Newton loss estimate" not in notes[True]
+
+
 def test_profile_writes_tables_and_plots(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "profile"
     assert main(["profile", str(tiny_dir), "--calibration", str(text_file), "--calibration-tokens",

@@ -8,7 +8,7 @@ from torch import nn
 from tensornet_llm import MPOLinear, TTNSLinear
 from tensornet_llm.compress.fit import (
     CovarianceCollector, corrected_target, fit_weighted, kronecker_factors, kronecker_whitened,
-    stable_cholesky, weighted_error, whitened_start_is_optimal, whitened_svd,
+    output_weights, stable_cholesky, weighted_error, whitened_start_is_optimal, whitened_svd,
 )
 from tensornet_llm.layers.layout import Layout
 
@@ -232,3 +232,62 @@ def test_modules_reading_one_input_share_one_covariance_and_conflicts_fall_back(
     gram = sum(x.T.double() @ x.double() for x in xs) / 6
     torch.testing.assert_close(result.covariance("a"), gram)
     torch.testing.assert_close(result.covariance("b"), 4 * gram)
+
+
+# ----- output rows weighted by the loss gradient (the fit of the Gauss-Newton estimate) -------
+
+def weighted_rows_error(approx, w, cov, rows):
+    """``||D^(1/2) (W - approx) L||^2`` with ``C = L L^T``."""
+    e = w - approx
+    return float((rows[:, None] * (e @ cov) * e).sum())
+
+
+@given(in_f=st.integers(4, 30), out_f=st.integers(4, 30), chi=st.integers(1, 8),
+       seed=st.integers(0, 10**6))
+@settings(max_examples=20, deadline=None)
+def test_weighted_low_rank_start_is_the_two_sided_optimum(in_f, out_f, chi, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = anisotropic_inputs(3 * in_f, in_f, seed=seed)
+    cov = x.T @ x / x.shape[0]
+    rows = output_weights(torch.rand(out_f, generator=g, dtype=torch.float64) ** 4)
+    layer = Layout.low_rank(in_f, out_f).decompose(w, None, chi)
+    start = kronecker_whitened(layer, w, cov, rows=rows)
+    assert whitened_start_is_optimal(start, rows)
+    # The closed form: D^(-1/2) [D^(1/2) W L]_r L^-1, r the bond the layer got.
+    r = start.bond_dims[0]
+    factor, scale = stable_cholesky(cov), rows.sqrt()[:, None]
+    u, s, vh = torch.linalg.svd(scale * w @ factor, full_matrices=False)
+    best = torch.linalg.solve_triangular(factor, (u[:, :r] * s[:r]) @ vh[:r], upper=False,
+                                         left=False) / scale
+    torch.testing.assert_close(start.to_dense().detach(), best)
+    # ... which no unweighted cut of the same rank beats on the weighted objective
+    plain = whitened_svd(w, cov, r)
+    assert weighted_rows_error(best, w, cov, rows) <= weighted_rows_error(plain, w, cov,
+                                                                          rows) + 1e-9
+    fitted = fit_weighted(start, w, cov, steps=10, rows=rows)
+    assert fitted.final_error >= fitted.start_error - 1e-6
+
+
+def test_weighted_fit_lowers_the_weighted_error_of_an_mpo():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 36, generator=g, dtype=torch.float64)
+    x = anisotropic_inputs(200, 36, seed=3)
+    cov = x.T @ x / 200
+    rows = output_weights(torch.rand(24, generator=g, dtype=torch.float64) ** 6)
+    unweighted = MPOLinear.from_weight(w, None, 3, 2, in_shape=(6, 6), out_shape=(4, 6))
+    weighted = MPOLinear.from_weight(w, None, 3, 2, in_shape=(6, 6), out_shape=(4, 6))
+    # the output is split over two sites: no closed-form weighted start, the fit does the work
+    assert kronecker_whitened(weighted, w, cov, rows=rows).to_dense().allclose(
+        kronecker_whitened(weighted, w, cov).to_dense())
+    assert not whitened_start_is_optimal(weighted, rows)
+    fit_weighted(unweighted, w, cov, steps=60)
+    fit_weighted(weighted, w, cov, steps=60, rows=rows)
+    assert weighted_rows_error(weighted.to_dense().detach(), w, cov, rows) < weighted_rows_error(
+        unweighted.to_dense().detach(), w, cov, rows)
+
+
+def test_output_weights_have_mean_one_and_a_floor():
+    rows = output_weights(torch.tensor([0.0, 1.0, 3.0]))
+    assert rows.dtype == torch.float64 and rows[0] == 1e-6
+    torch.testing.assert_close(rows[1:], torch.tensor([0.75, 2.25], dtype=torch.float64))

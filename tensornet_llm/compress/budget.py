@@ -10,7 +10,9 @@ option the *damage* is estimated from the error the network leaves at that chi:
   from, the cut of the weight whitened site by site, which the fit only improves; the damage is
   then the predicted rise of the mean token loss, ``0.5 * sum_o E[g_o^2] (E_L E_L^T)_oo`` (``g`` the
   loss gradient at the module's output; a diagonal Gauss-Newton estimate), or without a loss
-  the relative output error ``||E_L||^2 / ||W L||^2``;
+  the relative output error ``||E_L||^2 / ||W L||^2``. With ``weigh_outputs`` the start (and
+  then the fit) is the cut of ``D^(1/2) W L`` with ``D = diag(E[g^2])``, which for the
+  low-rank layout minimises that damage itself;
 * without data: the relative weight error ``||E||_F^2 / ||W||_F^2`` of the plain cut.
 
 The allocation minimises the summed damage subject to the total parameter count: on each
@@ -31,7 +33,7 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError
 from ..layers.base import TensorNetworkLinear, linear_weight
-from .fit import SiteWhitening, kronecker_whitened, stable_cholesky
+from .fit import SiteWhitening, kronecker_whitened, output_weights, stable_cholesky
 from ..layers.layout import Layout
 
 __all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate", "choose", "ladder"]
@@ -106,44 +108,54 @@ def _damage(row_sq: Tensor, reference_sq: float, grad_sq: Tensor | None) -> floa
 
 @torch.no_grad()
 def _start_row_errors(
-    layout: Layout, weight: Tensor, chis: list[int], cov: Tensor | None, factor: Tensor | None
+    layout: Layout, weight: Tensor, chis: list[int], cov: Tensor | None, factor: Tensor | None,
+    rows: Tensor | None = None,
 ) -> list[Tensor]:
     """Per chi, the squared row norms ``(out,)`` of the error ``(out, in)`` of the network
     ``compactify`` starts from, whitened (``E L``, ``C = L L^T``) when ``cov`` is given.
 
     With data that start is the cut of the weight whitened site by site
     (:func:`~.fit.kronecker_whitened`): an error the fit only lowers, and for the low-rank
-    layout exactly the SVD-LLM optimum, so layouts compete on what they really reach.
+    layout exactly the SVD-LLM optimum (with ``rows``, the weighted one's), so layouts compete on
+    what they really reach.
     Padded layers (where that start does not apply) fall back to the cut of ``W L`` itself.
+    With output weights ``rows`` ``(out,)`` the start is the cut of ``D^(1/2) W L`` where the
+    layout allows it (:func:`~.fit.kronecker_whitened`); the errors returned are unweighted.
     """
     target = weight if factor is None else weight @ factor
     if layout.is_low_rank:  # one SVD gives every rank's cut (of W, or of W L: SVD-LLM)
-        u, s, _ = torch.linalg.svd(target, full_matrices=False)
+        d = None if rows is None or cov is None else rows.to(device=target.device,
+                                                             dtype=torch.float64)
+        scaled = target if d is None else target * d.sqrt()[:, None].to(target.dtype)
+        u, s, _ = torch.linalg.svd(scaled, full_matrices=False)
         # The rank-chi cut leaves U[:, chi:] S[chi:] V[:, chi:]^T; V's columns are orthonormal,
-        # so row o's squared error is sum_{j >= chi} (U[o, j] s_j)^2: a reversed cumulative sum.
+        # so row o's squared error is sum_{j >= chi} (U[o, j] s_j)^2: a reversed cumulative sum
+        # (divided by d_o again where the rows were weighted).
         tail = (u * s).to(torch.float64).pow(2).flip(1).cumsum(1).flip(1)
+        if d is not None:
+            tail = tail / d[:, None]
         zero = tail.new_zeros(tail.shape[0])
         return [tail[:, chi] if chi < tail.shape[1] else zero for chi in chis]
     out_f, in_f = weight.shape
     probe = layout.cls(in_f, out_f, 1, layout.n_sites, in_shape=layout.in_shape,
                        out_shape=layout.out_shape, device="meta")
 
-    def rows(error: Tensor) -> Tensor:
+    def row_norms(error: Tensor) -> Tensor:
         return error.to(torch.float64).pow(2).sum(1)
 
     if cov is None or probe.padded_in != in_f or probe.padded_out != out_f:
-        return [rows(target - layout.decompose(target, None, chi).to_dense()) for chi in chis]
+        return [row_norms(target - layout.decompose(target, None, chi).to_dense()) for chi in chis]
     whitening = SiteWhitening(cov, probe.in_shape)
     whitened = whitening.whiten(weight)  # shared by every chi's cut
     errors = []
     for chi in chis:
         probe = layout.cls(in_f, out_f, chi, layout.n_sites, in_shape=layout.in_shape,
                            out_shape=layout.out_shape, device="meta")
-        start = kronecker_whitened(probe, weight, cov, whitening, whitened)
+        start = kronecker_whitened(probe, weight, cov, whitening, whitened, rows)
         if start is None:  # rank-deficient bonds: the plain cut of W L
-            errors.append(rows(target - layout.decompose(target, None, chi).to_dense()))
+            errors.append(row_norms(target - layout.decompose(target, None, chi).to_dense()))
         else:
-            errors.append(rows((weight - start.to_dense().to(weight.dtype)) @ factor))
+            errors.append(row_norms((weight - start.to_dense().to(weight.dtype)) @ factor))
     return errors
 
 
@@ -180,6 +192,7 @@ def allocate(
     covariances: Mapping[str, Tensor] | None = None,
     grad_sq: Mapping[str, Tensor] | None = None,
     keep_grid: tuple[float, ...] = KEEP_GRID,
+    weigh_outputs: bool = False,
 ) -> Allocation:
     """Choose chi per module so that the kept parameters total at most ``ratio`` of the dense.
 
@@ -191,6 +204,8 @@ def allocate(
         covariances: optional input covariance per module (``(in, in)``).
         grad_sq: optional ``E[g^2]`` per output feature per module (needs ``covariances``).
         keep_grid: keep fractions tried per module.
+        weigh_outputs: price each network as fitted with its output rows weighted by
+            ``grad_sq`` (see :func:`ladder`).
 
     Raises:
         ValueError: ``ratio`` outside (0, 1] or below what the smallest grid rung keeps.
@@ -200,7 +215,7 @@ def allocate(
     ladders = {
         name: ladder(module, settings[name],
                      covariances[name] if covariances is not None else None,
-                     grad_sq[name] if grad_sq is not None else None, keep_grid)
+                     grad_sq[name] if grad_sq is not None else None, keep_grid, weigh_outputs)
         for name, module in modules.items()
     }
     return choose(ladders, ratio, estimate)
@@ -218,10 +233,14 @@ def ladder(
     covariance: Tensor | None = None,
     grad_sq: Tensor | None = None,
     keep_grid: tuple[float, ...] = KEEP_GRID,
+    weigh_outputs: bool = False,
 ) -> list[Option]:
     """One module's options: dense first, then each offered layout at each chi of the grid,
     with its estimated damage (see the module docs). Needs the module's weight, and nothing
-    else of the model: a streaming pass builds the ladders one block at a time."""
+    else of the model: a streaming pass builds the ladders one block at a time.
+    ``weigh_outputs`` (with ``covariance`` and ``grad_sq``) prices each network as
+    ``compactify`` then fits it: started from the cut with output rows weighted by
+    :func:`~.fit.output_weights`, which for the low-rank layout minimises the damage itself."""
     layouts = [Layout(*setting)] if isinstance(setting, tuple) else list(setting)
     weight, bias = linear_weight(module)
     out_f, in_f = weight.shape
@@ -234,6 +253,8 @@ def ladder(
         factor = stable_cholesky(cov).to(w.dtype)
         reference = w @ factor
     reference_sq = float(reference.to(torch.float64).pow(2).sum())
+    rows = output_weights(grad_sq) if weigh_outputs and grad_sq is not None and cov is not None \
+        else None
     options = [Option(None, dense, 0.0)]
     for layout in layouts:
         chis = sorted({chi_for_params(layout, in_f, out_f, None,
@@ -241,7 +262,7 @@ def ladder(
                        for k in keep_grid})
         counts = {chi: layout.num_parameters(in_f, out_f, chi, bias is not None) for chi in chis}
         chis = [chi for chi in chis if counts[chi] < dense]
-        for chi, row_sq in zip(chis, _start_row_errors(layout, w, chis, cov, factor)):
+        for chi, row_sq in zip(chis, _start_row_errors(layout, w, chis, cov, factor, rows)):
             options.append(Option(chi, counts[chi], _damage(row_sq, reference_sq, grad_sq), layout))
     return options
 

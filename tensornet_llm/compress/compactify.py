@@ -22,7 +22,8 @@ from .calibrate import (
     collect_paired_covariances, output_gradients,
 )
 from .fit import (
-    corrected_target, fit_weighted, kronecker_whitened, weighted_error, whitened_start_is_optimal,
+    corrected_target, fit_weighted, kronecker_whitened, output_weights, weighted_error,
+    whitened_start_is_optimal,
 )
 from .report import CompactifyReport, LayerReport
 from .targets import (
@@ -89,6 +90,14 @@ class CompactifyConfig:
             count); a string or per-module mapping.
         sweeps: alternating sweeps of each cross-layer group's fit
             (:func:`~tensornet_llm.compress.sweeps.fit_group`).
+        weigh_outputs: where the budget has loss gradients (``ratio``, calibration data,
+            ``gradients``), fit each per-layer network to the quantity the budget ranks it by,
+            the Gauss-Newton estimate of the loss increase: output feature ``o``'s error is
+            weighted by ``E[g_o^2]``, the loss gradient's second moment at the module's output
+            (``||D^(1/2) (W - W_hat) L||``; closed form for the low-rank layout). ``False``:
+            every output feature counts alike (SVD-LLM's objective). With ``cross_layer`` this
+            applies to the modules the budget compresses alone; shared networks are fitted to
+            the unweighted output error.
     """
 
     chi: PerModule | None = None
@@ -108,6 +117,7 @@ class CompactifyConfig:
     cross_layer: PerModule | None = None
     cross_layer_side: Union[str, Mapping[str, str]] = "auto"
     sweeps: int = 2
+    weigh_outputs: bool = True
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -136,7 +146,7 @@ class CompactifyConfig:
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not (
                 0 <= self.ridge < math.inf):
             raise ArgumentError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
-        for flag in ("low_rank", "match_dense", "gradients"):
+        for flag in ("low_rank", "match_dense", "gradients", "weigh_outputs"):
             if not isinstance(getattr(self, flag), bool):
                 raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
@@ -195,10 +205,11 @@ def _count(model: nn.Module) -> int:
 
 def _build(
     name: str, module: nn.Module, setting: tuple, cfg: CompactifyConfig, cov: torch.Tensor | None,
-    cross: torch.Tensor | None = None,
+    cross: torch.Tensor | None = None, rows: torch.Tensor | None = None,
 ) -> tuple[TensorNetworkLinear, LayerReport]:
     """The replacement for one module: decomposed, then fitted when ``cov`` is given (to the
-    dense outputs when ``cross``, the reference-by-own input statistics, is given too)."""
+    dense outputs when ``cross``, the reference-by-own input statistics, is given too; with
+    output row weights ``rows`` (:func:`~.fit.output_weights`) when given)."""
     layout, chi = setting
     t0 = time.perf_counter()
     weight, bias = linear_weight(module)
@@ -210,16 +221,19 @@ def _build(
     if cov is not None:
         act_start = weighted_error(new.to_dense().detach(), target, cov)
         # Start from whichever is better on the data: TT-SVD of W, or of W whitened site by site.
-        whitened = kronecker_whitened(new, target, cov)
+        whitened = kronecker_whitened(new, target, cov, rows=rows)
         optimal = False
         if whitened is not None:
-            if weighted_error(whitened.to_dense().detach(), target, cov) < act_start:
+            # With weighted rows an optimal start minimises the weighted objective, which the
+            # unweighted error would not rank first.
+            solved = rows is not None and whitened_start_is_optimal(whitened, rows)
+            if solved or weighted_error(whitened.to_dense().detach(), target, cov) < act_start:
                 with torch.no_grad():
                     for p, q in zip(new.cores, whitened.cores):
                         p.copy_(q)
-                optimal = whitened_start_is_optimal(new)
+                optimal = whitened_start_is_optimal(new, rows)
         if cfg.fit_steps > 0 and not optimal:  # an optimal start leaves the fit nothing to do
-            fit_weighted(new, target, cov, steps=cfg.fit_steps)
+            fit_weighted(new, target, cov, steps=cfg.fit_steps, rows=rows)
     with torch.no_grad():
         dense = new.to_dense()
     if cov is not None:
@@ -389,6 +403,8 @@ class _Plan:
     dense_target_params: int = 0
     estimate: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: Output row weights per target name (:func:`~.fit.output_weights`), for the fit.
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
@@ -414,9 +430,9 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     offered = {name: offered_layouts(name, module, cfg) for name, module in chosen}
     notes: list[str] = []
     if budget is None:
-        settings, estimate = _budget_settings(model, chosen, offered, batches, notes, cfg)
+        settings, estimate, rows = _budget_settings(model, chosen, offered, batches, notes, cfg)
     else:
-        settings, estimate = budget(chosen, offered)
+        (settings, estimate), rows = budget(chosen, offered), {}
     left = {id(m): m for n, m in chosen if settings[n] is None}
     dense_target_params = sum(
         sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
@@ -424,7 +440,7 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     skipped += [(n, f"left dense by the ratio={cfg.ratio} budget")
                 for n, _ in chosen if settings[n] is None]
     chosen = [(n, m) for n, m in chosen if settings[n] is not None]
-    return _Plan(chosen, skipped, settings, dense_target_params, estimate, notes)
+    return _Plan(chosen, skipped, settings, dense_target_params, estimate, notes, rows)
 
 
 def shrunk(cov: torch.Tensor, shrinkage: float, ridge: float = 0.0) -> torch.Tensor:
@@ -497,8 +513,8 @@ def _replace_block_by_block(
             module = modules[name]
             if id(module) not in built:
                 built[id(module)] = _build(
-                    name, module, plan.settings[name], cfg, covs[name], cross.get(name)
-                )
+                    name, module, plan.settings[name], cfg, covs[name], cross.get(name),
+                    plan.rows.get(name))
             done.append(_swap(model, name, built[id(module)][0]))
             if bar is not None:
                 bar.update()
@@ -509,9 +525,11 @@ def _replace_block_by_block(
 def _budget_settings(
     model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
     batches: list | None, notes: list[str], cfg: CompactifyConfig,
-) -> tuple[dict[str, tuple[Layout, int] | None], str]:
-    """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget, and
-    how damage was estimated. A weaker estimate than the data allows is warned and noted."""
+) -> tuple[dict[str, tuple[Layout, int] | None], str, dict[str, torch.Tensor]]:
+    """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget, how
+    damage was estimated, and the output row weights per target name the fit then uses (empty
+    unless ``cfg.weigh_outputs`` and loss gradients). A weaker estimate than the data allows is
+    warned and noted."""
     unique: dict[int, str] = {}
     for name, module in chosen:
         unique.setdefault(id(module), name)
@@ -525,9 +543,17 @@ def _budget_settings(
             note = (f"budget damage estimated from the output error, not the loss: {reason}")
             warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
             notes.append(note)
-    allocation = allocate(modules, cfg.ratio, {n: offered[n] for n in modules}, covs, grads)
-    return {
+    weigh = cfg.weigh_outputs and grads is not None
+    allocation = allocate(modules, cfg.ratio, {n: offered[n] for n in modules}, covs, grads,
+                          weigh_outputs=weigh)
+    if weigh:
+        notes.append("each network fitted to the Gauss-Newton loss estimate (output features "
+                     "weighted by the loss gradient's second moment)")
+    settings = {
         name: None if allocation.chi[key] is None else (allocation.layout[key], allocation.chi[key])
         for name, module in chosen
         for key in [unique[id(module)]]
-    }, allocation.estimate
+    }
+    rows = {name: output_weights(grads[unique[id(module)]]) for name, module in chosen} if weigh \
+        else {}
+    return settings, allocation.estimate, rows

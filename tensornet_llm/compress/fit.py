@@ -44,6 +44,7 @@ __all__ = [
     "FitResult",
     "kronecker_factors",
     "kronecker_whitened",
+    "output_weights",
     "whitened_start_is_optimal",
     "SiteWhitening",
     "corrected_target",
@@ -278,15 +279,43 @@ class SiteWhitening:
                     op.copy_(torch.movedim(torch.tensordot(op, m, dims=([axis], [0])), -1, axis))
 
 
+def output_weights(grad_sq: Tensor, floor: float = 1e-6) -> Tensor:
+    """Per-output-feature weights ``d_o = E[g_o^2] / mean(E[g^2])`` ``(out,)`` in float64, from
+    the loss gradient's second moment at a module's output (as the budget collects it), floored
+    at ``floor`` so that every output keeps some weight. Weighting the output error's rows by
+    ``d`` makes ``||D^(1/2) (W - W_hat) L||^2`` the diagonal Gauss-Newton estimate of the loss
+    increase (up to a constant), the quantity the budget ranks networks by."""
+    g = grad_sq.detach().to(torch.float64)
+    return (g / g.mean().clamp_min(1e-300)).clamp_min(floor)
+
+
+def _output_site(layer: TensorNetworkLinear) -> tuple[int, int] | None:
+    """``(operand, axis)`` of the one output leg of ``layer`` that spans the whole output, or
+    ``None`` when the output is split over several sites (or padded)."""
+    if layer.padded_out != layer.out_features or sum(d > 1 for d in layer.out_shape) > 1:
+        return None
+    site = max(range(len(layer.out_shape)), key=lambda k: layer.out_shape[k])
+    label = layer.spec.out_legs[site]
+    for index, legs in enumerate(layer.spec.core_legs):
+        if label in legs:
+            return index, legs.index(label)
+    return None
+
+
 @torch.no_grad()
 def kronecker_whitened(
     layer: TensorNetworkLinear, weight: Tensor, cov: Tensor,
     whitening: SiteWhitening | None = None, whitened: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> TensorNetworkLinear | None:
     """A layer of ``layer``'s class and structure decomposed from ``W (L_1 x ... x L_N)``, its
     input legs mapped back by ``L_k^{-1}``; ``None`` for zero-padded layers (the covariance
     does not cover the padding). For several cuts of one layer, ``whitening`` may pass the
-    factors and ``whitened`` the whitened weight (``whitening.whiten(weight)``), computed once."""
+    factors and ``whitened`` the whitened weight (``whitening.whiten(weight)``), computed once.
+
+    ``rows`` ``(out,)`` (see :func:`output_weights`) also weighs the output rows: the cut is of
+    ``D^(1/2) W (L_1 x ... x L_N)`` and the output leg is mapped back by ``D^(-1/2)``. That needs
+    the whole output on one site (the low-rank layout); otherwise ``rows`` is ignored here."""
     if layer.padded_in != layer.in_features or layer.padded_out != layer.out_features:
         return None
     if whitening is None:
@@ -294,6 +323,10 @@ def kronecker_whitened(
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
     if whitened is None:
         whitened = whitening.whiten(weight, compute)
+    site = _output_site(layer) if rows is not None else None
+    scale = rows.to(device=weight.device, dtype=torch.float64).sqrt() if site is not None else None
+    if scale is not None:
+        whitened = whitened * scale[:, None].to(whitened.dtype)
     new = type(layer).from_weight(
         whitened.to(compute), None, layer.chi, layer.n_sites, in_shape=layer.in_shape,
         out_shape=layer.out_shape,
@@ -301,10 +334,15 @@ def kronecker_whitened(
     if new.bond_dims != layer.bond_dims:
         return None
     whitening.unwhiten_(new)
+    if scale is not None:  # op[.., o, ..] /= sqrt(d_o) on the output leg's axis
+        op = new._operands()[site[0]]
+        shape = [1] * op.dim()
+        shape[site[1]] = -1
+        op.div_(scale.to(op).reshape(shape))
     return new
 
 
-def whitened_start_is_optimal(layer: TensorNetworkLinear) -> bool:
+def whitened_start_is_optimal(layer: TensorNetworkLinear, rows: Tensor | None = None) -> bool:
     """Whether :func:`kronecker_whitened` already gives the minimiser of the weighted error.
 
     True when the network has a single bond and at most one input site wider than 1 (the
@@ -312,10 +350,13 @@ def whitened_start_is_optimal(layer: TensorNetworkLinear) -> bool:
     covariance itself (up to scale), the whole input leg sits on one side of the bond, and the
     truncated SVD of ``W L`` across that bond is the best rank-chi tensor (Eckart-Young); mapping
     the input leg back by ``L^-1`` keeps it optimal for ``||(W - W_hat) L||``. For more bonds
-    TT-SVD is only quasi-optimal and :func:`fit_weighted` can still improve the start.
+    TT-SVD is only quasi-optimal and :func:`fit_weighted` can still improve the start. The
+    same holds with output rows weighted (``rows`` of :func:`kronecker_whitened`, given here
+    too) when the whole output leg is on one site, as in the low-rank layout.
     """
     return (len(layer.bond_dims) == 1 and sum(d > 1 for d in layer.in_shape) <= 1
-            and layer.padded_in == layer.in_features and layer.padded_out == layer.out_features)
+            and layer.padded_in == layer.in_features and layer.padded_out == layer.out_features
+            and (rows is None or _output_site(layer) is not None))
 
 
 @dataclass
@@ -333,8 +374,11 @@ def fit_weighted(
     cov: Tensor,
     steps: int = 100,
     history_size: int = 20,
+    rows: Tensor | None = None,
 ) -> FitResult:
-    """Refine ``layer``'s cores to minimise ``||(W - W_hat) L||_F^2`` by L-BFGS (in place).
+    """Refine ``layer``'s cores to minimise ``||(W - W_hat) L||_F^2`` by L-BFGS (in place), or
+    ``||D^(1/2) (W - W_hat) L||_F^2`` with output row weights ``rows`` ``(out,)`` (see
+    :func:`output_weights`).
 
     Args:
         layer: an :class:`MPOLinear` or :class:`TTNSLinear`; its cores are the starting point.
@@ -349,11 +393,14 @@ def fit_weighted(
     device = layer.cores[0].device
     factor = stable_cholesky(cov.to(device=device, dtype=torch.float64)).to(dtype)
     target = weight.detach().to(device=device, dtype=dtype) @ factor
+    scale = (torch.ones(target.shape[0], 1, device=device, dtype=dtype) if rows is None
+             else rows.to(device=device, dtype=dtype).sqrt()[:, None])
+    target = target * scale
     norm = float(target.pow(2).sum().clamp_min(1e-30))
     cores = [c.detach().to(dtype).clone().requires_grad_(True) for c in layer.cores]
 
     def loss_of(params: list[Tensor]) -> Tensor:
-        return (layer.dense_from(params) @ factor - target).pow(2).sum() / norm
+        return ((layer.dense_from(params) @ factor) * scale - target).pow(2).sum() / norm
 
     with torch.no_grad():
         start = float(loss_of(cores))

@@ -33,6 +33,7 @@ from .compactify import (
     CompactifyConfig, _build, _count, _swap, offered_layouts, relative_error,
     swaps_undone_on_error,
 )
+from .fit import output_weights
 from .report import CompactifyReport, LayerReport
 from .sweeps import GroupFit, fit_group, group_parameters, group_ranks, start_row_errors
 from .targets import find_targets, resolve_override
@@ -201,8 +202,9 @@ def _group_ladder(group: Group, cfg: CompactifyConfig, covs: dict | None, grads:
         choices.append(choice)
 
     names, modules = group.names, group.modules
-    hulls = [_lower_hull(ladder(m, offered_layouts(n, m, cfg),
-                                covs[n] if covs else None, grads[n] if grads else None))
+    weigh = cfg.weigh_outputs and grads is not None  # as _build then fits them
+    hulls = [_lower_hull(ladder(m, offered_layouts(n, m, cfg), covs[n] if covs else None,
+                                grads[n] if grads else None, weigh_outputs=weigh))
              for n, m in zip(names, modules)]
     dense = sum(h[0].params for h in hulls)
     add(dense, 0.0, _Choice("dense"))
@@ -238,9 +240,10 @@ def _group_ladder(group: Group, cfg: CompactifyConfig, covs: dict | None, grads:
 
 
 def _budget(model: nn.Module, groups: list[Group], cfg: CompactifyConfig, batches: list | None,
-            covs: dict | None, notes: list[str]) -> tuple[list[_Choice], str]:
+            covs: dict | None, notes: list[str]) -> tuple[list[_Choice], str, dict | None]:
     """Per group, the choice that keeps at most ``cfg.ratio`` of the targeted parameters with
-    the least summed damage (the same estimate and greedy as the per-layer budget)."""
+    the least summed damage (the same estimate and greedy as the per-layer budget); how damage
+    was estimated; the loss gradients' second moments per module (``None`` without them)."""
     grads = None
     if batches is not None and cfg.gradients:
         modules = {n: m for g in groups for n, m in zip(g.names, g.modules)}
@@ -254,7 +257,7 @@ def _budget(model: nn.Module, groups: list[Group], cfg: CompactifyConfig, batche
     for group in groups:
         ladders[group.names[0]], table[group.names[0]] = _group_ladder(group, cfg, covs, grads)
     allocation = choose(ladders, cfg.ratio, estimate)
-    return [table[g.names[0]][allocation.chi[g.names[0]]] for g in groups], estimate
+    return [table[g.names[0]][allocation.chi[g.names[0]]] for g in groups], estimate, grads
 
 
 def _group_rows(group: Group, side: str, fit: GroupFit, members: list[CrossLayerLinear],
@@ -340,11 +343,16 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
         collector = collect_covariances(model, batches, modules)
         covs = {n: cfg.regularize(collector.take(n)) for n in modules}
     notes = [f"cross-layer groups of up to {cfg.cross_layer} blocks per role"]
-    estimate = None
+    estimate = grads = None
     if cfg.ratio is None:
         plans = [_Choice("group") for _ in groups]
     else:
-        plans, estimate = _budget(model, groups, cfg, batches, covs, notes)
+        plans, estimate, grads = _budget(model, groups, cfg, batches, covs, notes)
+    weigh = cfg.weigh_outputs and grads is not None
+    if weigh:
+        notes.append("modules compressed alone fitted to the Gauss-Newton loss estimate (output "
+                     "features weighted by the loss gradient's second moment); shared networks "
+                     "to the output error")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -382,7 +390,8 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
                     dense.append((name, module))
                     continue
                 new, row = _build(name, module, (option.layout, option.chi), cfg,
-                                  group_covs[name] if group_covs else None)
+                                  group_covs[name] if group_covs else None,
+                                  rows=output_weights(grads[name]) if weigh else None)
                 built.append((module, new))
                 rows.append(row)
         for module, new in built:
