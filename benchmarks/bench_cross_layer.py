@@ -26,7 +26,8 @@ Rows marked ``(dense inputs)`` were measured before groups were fitted block by 
 module was fitted on the dense model's inputs (including ``cross-layer 1``'s per-layer ones).
 Rows marked ``(unweighted)`` were measured before ``CompactifyConfig.weigh_outputs`` (on by
 default since): the modules compressed alone were fitted with every output feature weighted
-alike.
+alike; the row marked ``(shared bases unweighted)`` weighted its per-layer members but fitted
+the shared input bases unweighted (the budget then chose no group).
 
 Also written: the spectra of the cross-layer bonds: for each role, the whitened singular values
 of a single layer against those of two and four stacked consecutive layers, and a plot of the

@@ -20,7 +20,7 @@ from tensornet_llm import (
     load_compactified,
     save_compactified,
 )
-from tensornet_llm.compress.fit import whitened_svd
+from tensornet_llm.compress.fit import output_weights, whitened_svd
 from tensornet_llm.compress.groups import find_groups
 from tensornet_llm.compress.sweeps import (
     basis_sharing,
@@ -130,6 +130,41 @@ def test_the_budgets_row_errors_are_those_of_the_fitted_start(g, out_f, in_f, si
             expected = ((e @ (covs[layer] if covs else torch.eye(in_f, dtype=e.dtype))) * e).sum(1)
             torch.testing.assert_close(row, expected.clamp_min(0), rtol=1e-6,
                                        atol=1e-9 * float((w * w).sum()))
+
+
+def group_weights(g: int, out_f: int, seed: int = 0) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    return [output_weights(torch.rand(out_f, generator=gen, dtype=torch.float64) ** 4)
+            for _ in range(g)]
+
+
+@given(g=st.integers(2, 4), out_f=st.integers(4, 12), in_f=st.integers(4, 12),
+       keep=st.sampled_from([0.3, 0.5]))
+def test_weighted_sweeps_never_increase_the_weighted_error(g, out_f, in_f, keep):
+    weights, covs = random_group(g, out_f, in_f, seed=g + in_f)
+    in_rank, _ = group_ranks("input", in_f, out_f, g, keep)
+    fit = fit_group(weights, covs, side="input", in_rank=in_rank, sweeps=3,
+                    rows=group_weights(g, out_f))
+    assert all(b <= a + 1e-12 for a, b in zip(fit.history, fit.history[1:])), fit.history
+
+
+def test_the_weighted_start_is_optimal_for_the_weighted_error_with_one_covariance():
+    """With one covariance the weighted stack's SVD is the weighted objective's optimum (Eckart-
+    Young), so it beats the unweighted start there, and the budget prices exactly that start."""
+    weights, covs = random_group(3, 12, 10)
+    same, rows = [covs[0]] * 3, group_weights(3, 12, seed=1)
+    weighted = fit_group(weights, same, side="input", in_rank=4, sweeps=0, rows=rows)
+    plain = fit_group(weights, same, side="input", in_rank=4, sweeps=0)
+    num = sum(float((d[:, None] * ((w - plain.weight(i)) @ c) * (w - plain.weight(i))).sum())
+              for i, (w, c, d) in enumerate(zip(weights, same, rows)))
+    den = sum(float((d[:, None] * (w @ c) * w).sum()) for w, c, d in zip(weights, same, rows))
+    assert weighted.history[0] < (num / den) ** 0.5
+    for layer, (w, row) in enumerate(zip(weights, start_row_errors(weights, same, "input",
+                                                                   [(4, None)], rows)[0])):
+        e = w - weighted.weight(layer)
+        torch.testing.assert_close(row, ((e @ same[layer]) * e).sum(1).clamp_min(0))
+    with pytest.raises(ArgumentError, match="rows"):
+        fit_group(weights, same, side="both", in_rank=4, out_rank=4, rows=rows)
 
 
 def test_stacked_spectrum_of_identical_layers_has_the_single_layers_rank():

@@ -225,12 +225,15 @@ def _group_ladder(group: Group, cfg: CompactifyConfig, covs: dict | None, grads:
     references = [_reference_sq(w, c) for w, c in zip(weights, group_covs or [None] * g)]
     biases = sum(b.numel() for m in modules for b in [linear_weight(m)[1]] if b is not None)
     side = resolve_override(cfg.cross_layer_side, names[0], "cross_layer_side")
+    group_rows = [output_weights(grads[n]) for n in names] if weigh else None
     for candidate in SIDES if side == "auto" else (side,):
         # "both" is priced rank by rank, so on every other rung of the grid
         grid = KEEP_GRID[::2] if candidate == "both" else KEEP_GRID
         ranks = sorted({group_ranks(candidate, in_f, out_f, g, keep) for keep in grid},
                        key=lambda r: (r[0] or 0, r[1] or 0))
-        for rank, rows in zip(ranks, start_row_errors(weights, group_covs, candidate, ranks)):
+        rows_of = group_rows if candidate == "input" else None
+        for rank, rows in zip(ranks, start_row_errors(weights, group_covs, candidate, ranks,
+                                                      rows_of)):
             params = group_parameters(candidate, in_f, out_f, g, *rank) + biases
             if params < dense:
                 add(params, sum(_damage(r, ref, grads[n] if grads else None)
@@ -350,9 +353,9 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
         plans, estimate, grads = _budget(model, groups, cfg, batches, covs, notes)
     weigh = cfg.weigh_outputs and grads is not None
     if weigh:
-        notes.append("modules compressed alone fitted to the Gauss-Newton loss estimate (output "
-                     "features weighted by the loss gradient's second moment); shared networks "
-                     "to the output error")
+        notes.append("fitted to the Gauss-Newton loss estimate (output features weighted by the "
+                     "loss gradient's second moment): modules compressed alone and shared input "
+                     "bases; shared output bases to the unweighted output error")
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -374,9 +377,11 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
                 side, fit = _fit(group, cfg, covs_list)
             else:
                 side = plan.side
+                out_weights = ([output_weights(grads[n]) for n in group.names]
+                               if weigh and side == "input" else None)  # as the budget priced
                 fit = fit_group([linear_weight(m)[0] for m in group.modules], covs_list,
                                 side=side, in_rank=plan.ranks[0], out_rank=plan.ranks[1],
-                                sweeps=cfg.sweeps)
+                                sweeps=cfg.sweeps, rows=out_weights)
             members = _members(group, fit)
             rows.extend(_group_rows(group, side, fit, members, covs_list is not None,
                                     time.perf_counter() - t0))

@@ -109,13 +109,16 @@ def _check(weights: list[Tensor], covs: list[Tensor] | None, side: str) -> None:
         raise ArgumentError(f"side must be 'input', 'output' or 'both', got {side!r}")
 
 
-def _error(ws: list[Tensor], fits: list[Tensor], covs: list[Tensor]) -> tuple[list[float], float]:
-    """Relative output error per layer and of the whole group (float64 inputs)."""
+def _error(ws: list[Tensor], fits: list[Tensor], covs: list[Tensor],
+           rows: list[Tensor] | None = None) -> tuple[list[float], float]:
+    """Relative output error per layer and of the whole group (float64 inputs), each output
+    feature weighted by ``rows`` where given."""
     nums, dens = [], []
-    for w, f, c in zip(ws, fits, covs):
+    for index, (w, f, c) in enumerate(zip(ws, fits, covs)):
         e = w - f
-        nums.append(abs(float(((e @ c) * e).sum())))
-        dens.append(max(float(((w @ c) * w).sum()), 1e-300))
+        d = rows[index][:, None] if rows is not None else 1.0
+        nums.append(abs(float((d * (e @ c) * e).sum())))
+        dens.append(max(float((d * (w @ c) * w).sum()), 1e-300))
     return [math.sqrt(n / d) for n, d in zip(nums, dens)], math.sqrt(sum(nums) / sum(dens))
 
 
@@ -132,10 +135,20 @@ def _top_eigenvectors(m: Tensor, k: int) -> Tensor:
     return vecs[:, -k:].flip(1)
 
 
-def _summed_start(ws: list[Tensor], covs: list[Tensor], in_rank: int) -> tuple[Tensor, list[Tensor]]:
-    """Basis Sharing: the input basis and cores optimal for the summed covariance."""
+def _weighted_stack(ws: list[Tensor], rows: list[Tensor] | None) -> Tensor:
+    """``[D_1^(1/2) W_1; ...; D_G^(1/2) W_G]`` (the plain stack without ``rows``)."""
+    if rows is None:
+        return torch.cat(ws)
+    return torch.cat([w * d.sqrt()[:, None] for w, d in zip(ws, rows)])
+
+
+def _summed_start(ws: list[Tensor], covs: list[Tensor], in_rank: int,
+                  rows: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
+    """Basis Sharing: the input basis and cores optimal for the summed covariance (with output
+    weights ``rows``, of the weighted stack; each core row is its own least-squares problem,
+    so the cores do not depend on the weights)."""
     factor = stable_cholesky(sum(covs))
-    stacked = torch.cat(ws) @ factor
+    stacked = _weighted_stack(ws, rows) @ factor
     _, _, vh = torch.linalg.svd(stacked, full_matrices=False)
     top = vh[:in_rank]  # (k, in), orthonormal rows in whitened coordinates
     basis = torch.linalg.solve_triangular(factor, top, upper=False, left=False)  # V L = top
@@ -161,11 +174,14 @@ def _fit_out_basis(ws, covs, in_basis, cores) -> tuple[Tensor, list[Tensor]]:
     return q, [r @ core for core in cores]
 
 
-def _fit_in_basis(ws, covs, out_basis, cores, start: Tensor, steps: int) -> Tensor:
-    """Preconditioned conjugate gradients on ``sum_l G_l V S_l = R`` (see the module docs)."""
+def _fit_in_basis(ws, covs, out_basis, cores, start: Tensor, steps: int,
+                  rows: list[Tensor] | None = None) -> Tensor:
+    """Preconditioned conjugate gradients on ``sum_l G_l V S_l = R`` (see the module docs);
+    with output weights, ``G_l = A_l^T D_l A_l`` and ``R = sum_l A_l^T D_l W_l S_l``."""
     lefts = [core if out_basis is None else out_basis @ core for core in cores]  # A_l
-    grams = [a.T @ a for a in lefts]
-    rhs = sum(a.T @ w @ c for a, w, c in zip(lefts, ws, covs))
+    weighted = lefts if rows is None else [a * d[:, None] for a, d in zip(lefts, rows)]
+    grams = [a.T @ b for a, b in zip(lefts, weighted)]
+    rhs = sum(b.T @ w @ c for b, w, c in zip(weighted, ws, covs))
 
     def op(v: Tensor) -> Tensor:
         return sum(g @ v @ c for g, c in zip(grams, covs))
@@ -202,7 +218,7 @@ def _fit_in_basis(ws, covs, out_basis, cores, start: Tensor, steps: int) -> Tens
 def fit_group(
     weights: list[Tensor], covs: list[Tensor] | None = None, *, side: str = "input",
     in_rank: int | None = None, out_rank: int | None = None, sweeps: int = 2,
-    cg_steps: int = 10,
+    cg_steps: int = 10, rows: list[Tensor] | None = None,
 ) -> GroupFit:
     """Fit ``W_l ~ U C_l V`` to a group's weights under the summed output error.
 
@@ -217,6 +233,10 @@ def fit_group(
             output basis, then the input basis. With ``sweeps=0`` and ``side="input"`` this is
             Basis Sharing as published (:func:`basis_sharing`).
         cg_steps: conjugate-gradient iterations per update of ``V``.
+        rows: output weights per layer ``(out,)`` (:func:`~.fit.output_weights`), for
+            ``side="input"``: the objective becomes ``sum_l ||D_l^(1/2) (W_l - C_l V) L_l||^2``
+            (the start stacks the weighted weights; the errors reported are weighted too).
+            The other sides do not take them.
     """
     _check(weights, covs, side)
     out_f, in_f = weights[0].shape
@@ -228,25 +248,29 @@ def fit_group(
                             f"got {out_rank!r}")
     if not isinstance(sweeps, int) or sweeps < 0:
         raise ArgumentError(f"sweeps must be an integer >= 0, got {sweeps!r}")
+    if rows is not None and (side != "input" or len(rows) != len(weights)):
+        raise ArgumentError(f"rows: one output weight vector per layer, for side='input' only "
+                            f"(got {len(rows)} for {len(weights)} layers, side={side!r})")
     start_time = time.perf_counter()
     ws = [w.detach().to(torch.float64) for w in weights]
     device = ws[0].device
     eye = torch.eye(in_f, dtype=torch.float64, device=device)
     cs = [eye] * len(ws) if covs is None else [c.detach().to(torch.float64) for c in covs]
+    ds = None if rows is None else [d.detach().to(torch.float64).to(device) for d in rows]
     in_basis = out_basis = None
     if side == "output":
         out_basis = _top_eigenvectors(sum(w @ c @ w.T for w, c in zip(ws, cs)), out_rank)
         cores = _fit_cores(ws, cs, None, out_basis)
         sweeps = 0
     else:
-        in_basis, cores = _summed_start(ws, cs, in_rank)  # Basis Sharing
+        in_basis, cores = _summed_start(ws, cs, in_rank, ds)  # Basis Sharing
         if side == "both":
             out_basis = _top_eigenvectors(sum(w @ c @ w.T for w, c in zip(ws, cs)), out_rank)
             cores = _fit_cores(ws, cs, in_basis, out_basis)
 
     def error() -> tuple[list[float], float]:
         fits = [GroupFit(in_basis, out_basis, cores, []).weight(i) for i in range(len(ws))]
-        return _error(ws, fits, cs)
+        return _error(ws, fits, cs, ds)
 
     per_layer, total = error()
     start_errors, history = per_layer, [total]
@@ -255,7 +279,7 @@ def fit_group(
         cores = _fit_cores(ws, cs, in_basis, out_basis)  # each layer's own covariance
         if out_basis is not None:
             out_basis, cores = _fit_out_basis(ws, cs, in_basis, cores)
-        in_basis = _fit_in_basis(ws, cs, out_basis, cores, in_basis, cg_steps)
+        in_basis = _fit_in_basis(ws, cs, out_basis, cores, in_basis, cg_steps, ds)
         q, r = torch.linalg.qr(in_basis.T)  # V = R^T Q^T: keep the basis orthonormal
         in_basis, cores = q.T, [core @ r.T for core in cores]
         cores = _fit_cores(ws, cs, in_basis, out_basis)
@@ -310,7 +334,7 @@ def _prefix_quadratic(a: Tensor, m: Tensor) -> Tensor:
 @torch.no_grad()
 def start_row_errors(
     weights: list[Tensor], covs: list[Tensor] | None, side: str,
-    ranks: list[tuple[int | None, int | None]],
+    ranks: list[tuple[int | None, int | None]], rows: list[Tensor] | None = None,
 ) -> list[list[Tensor]]:
     """For each ``(in_rank, out_rank)``, each layer's squared row errors ``diag(E S E^T)``
     ``(out,)`` (``E = W - W_hat``, ``S`` its covariance) of the closed-form start of ``side``:
@@ -318,7 +342,9 @@ def start_row_errors(
     eigenvectors of ``sum_l W S W^T`` for the output basis. One SVD and one eigendecomposition
     serve every rank, so a budget can price a group at many sizes; the sweeps only lower
     these errors. The input side alone is exact in float64 for every rank from one product
-    per layer; the other sides are computed per rank in float32."""
+    per layer; the other sides are computed per rank in float32. ``rows`` (output weights per
+    layer, input side only, as :func:`fit_group` takes them) weight the start's stack; the
+    errors returned are unweighted."""
     _check(weights, covs, side)
     ws = [w.detach().to(torch.float64) for w in weights]
     in_f = ws[0].shape[1]
@@ -327,7 +353,8 @@ def start_row_errors(
     vh = factor = vecs = None
     if side != "output":
         factor = stable_cholesky(sum(cs))
-        stacked = torch.cat(ws) @ factor
+        ds = None if side != "input" or rows is None else [d.to(torch.float64) for d in rows]
+        stacked = _weighted_stack(ws, ds) @ factor
         _, _, vh = torch.linalg.svd(stacked, full_matrices=stacked.shape[0] < in_f)
     if side != "input":
         m = sum(w @ c @ w.T for w, c in zip(ws, cs))
