@@ -96,8 +96,9 @@ class CompactifyConfig:
             weighted by ``E[g_o^2]``, the loss gradient's second moment at the module's output
             (``||D^(1/2) (W - W_hat) L||``; closed form for the low-rank layout). ``False``:
             every output feature counts alike (SVD-LLM's objective). With ``cross_layer`` this
-            applies to the modules the budget compresses alone; shared networks are fitted to
-            the unweighted output error.
+            applies to the modules the budget compresses alone and to shared input bases
+            (:func:`~tensornet_llm.compress.sweeps.fit_group`'s ``rows``); shared output bases
+            are fitted to the unweighted output error.
     """
 
     chi: PerModule | None = None
@@ -554,6 +555,6 @@ def _budget_settings(
         for name, module in chosen
         for key in [unique[id(module)]]
     }
-    rows = {name: output_weights(grads[unique[id(module)]]) for name, module in chosen} if weigh \
-        else {}
+    rows = {name: output_weights(grads[unique[id(module)]]) for name, module in chosen
+            if weigh and settings[name] is not None}  # only what the fit will use
     return settings, allocation.estimate, rows
