@@ -351,8 +351,10 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
         plans = [_Choice("group") for _ in groups]
     else:
         plans, estimate, grads = _budget(model, groups, cfg, batches, covs, notes)
-    weigh = cfg.weigh_outputs and grads is not None
-    if weigh:
+    # Output weights per module for the fit (as the budget priced it); empty when unweighted.
+    out_weights = ({n: output_weights(g) for n, g in grads.items()}
+                   if cfg.weigh_outputs and grads is not None else {})
+    if out_weights:
         notes.append("fitted to the Gauss-Newton loss estimate (output features weighted by the "
                      "loss gradient's second moment): modules compressed alone and shared input "
                      "bases; shared output bases to the unweighted output error")
@@ -377,11 +379,11 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
                 side, fit = _fit(group, cfg, covs_list)
             else:
                 side = plan.side
-                out_weights = ([output_weights(grads[n]) for n in group.names]
-                               if weigh and side == "input" else None)  # as the budget priced
                 fit = fit_group([linear_weight(m)[0] for m in group.modules], covs_list,
                                 side=side, in_rank=plan.ranks[0], out_rank=plan.ranks[1],
-                                sweeps=cfg.sweeps, rows=out_weights)
+                                sweeps=cfg.sweeps,
+                                rows=[out_weights[n] for n in group.names]
+                                if out_weights and side == "input" else None)
             members = _members(group, fit)
             rows.extend(_group_rows(group, side, fit, members, covs_list is not None,
                                     time.perf_counter() - t0))
@@ -396,7 +398,7 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
                     continue
                 new, row = _build(name, module, (option.layout, option.chi), cfg,
                                   group_covs[name] if group_covs else None,
-                                  rows=output_weights(grads[name]) if weigh else None)
+                                  rows=out_weights.get(name))
                 built.append((module, new))
                 rows.append(row)
         for module, new in built:
