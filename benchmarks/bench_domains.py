@@ -2,13 +2,15 @@
 
     python benchmarks/bench_domains.py [--keep 0.8] [--calibrations mixture emma]
                                        [--calibration-tokens 4096] [--shrinkage 0] [--ridge 0]
-                                       [--match-dense] [--no-weigh-outputs] [--tokens 8192]
+                                       [--match-dense] [--no-weigh-outputs]
+                                       [--output-metric diagonal] [--tokens 8192]
 
 For each keep fraction and calibration text, ``compactify(model, ratio=keep, calibration=...)``
 (default layouts, ``--fit-steps`` per layer, ``--shrinkage`` of every input covariance toward
 its diagonal, ``--ridge`` added to it times its mean diagonal, ``--match-dense``: each layer
 fitted to the dense model's outputs, ``--no-weigh-outputs``: every output feature weighted
-alike instead of by the loss gradient) on SmolLM2-135M, then perplexity on the held-out
+alike instead of by the loss gradient, ``--output-metric full``: weighted by the gradient's whole
+second moment, K-FAC) on SmolLM2-135M, then perplexity on the held-out
 part of each domain (fiction, encyclopedia, technical prose, code; ``--tokens`` each), its ratio
 to dense, the geometric mean and the worst ratio. Calibrations:
 
@@ -67,7 +69,8 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         "shrinkage": lambda r: str(r["shrinkage"]), "ridge": lambda r: str(r.get("ridge", 0.0)),
         "match dense": lambda r: "yes" if r.get("match_dense") else "",
         # rows measured before the option existed were fitted unweighted
-        "weighted outputs": lambda r: "yes" if r.get("weigh_outputs") else "",
+        "weighted outputs": lambda r: r.get("output_metric", "diagonal") if r.get(
+            "weigh_outputs") else "",
         "keep": lambda r: f"{r['keep']:.0%}"})
     (out / "bench_domains.md").write_text("\n".join(lines) + "\n")
 
@@ -84,6 +87,8 @@ def main() -> None:
                         help="fit each layer to the dense model's outputs (CompactifyConfig)")
     parser.add_argument("--no-weigh-outputs", action="store_true",
                         help="fit every output feature alike (CompactifyConfig.weigh_outputs)")
+    parser.add_argument("--output-metric", choices=["diagonal", "full"], default="diagonal",
+                        help="how outputs are weighted (CompactifyConfig.output_metric)")
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -101,15 +106,19 @@ def main() -> None:
     for keep in args.keep:
         for name in args.calibrations:
             weigh = not args.no_weigh_outputs
+            metric = args.output_metric if weigh else None
             key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge,
-                   args.match_dense, weigh)
+                   args.match_dense, weigh, metric)
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"],
                     r.get("ridge", 0.0), r.get("match_dense", False),
-                    r.get("weigh_outputs", False)) == key for r in rows):
+                    r.get("weigh_outputs", False),
+                    r.get("output_metric", "diagonal" if r.get("weigh_outputs") else None)) == key
+                   for r in rows):
                 continue
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
             config = CompactifyConfig(shrinkage=args.shrinkage, ridge=args.ridge,
-                                      match_dense=args.match_dense, weigh_outputs=weigh)
+                                      match_dense=args.match_dense, weigh_outputs=weigh,
+                                      output_metric=args.output_metric)
             row = held_out_row(
                 lambda student: compactify(student, ratio=keep, calibration=data,
                                            fit_steps=args.fit_steps, progress=False,
@@ -117,7 +126,8 @@ def main() -> None:
             rows.append({"calibration": name, "keep": keep,
                          "calibration_tokens": args.calibration_tokens,
                          "shrinkage": args.shrinkage, "ridge": args.ridge,
-                         "match_dense": args.match_dense, "weigh_outputs": weigh, **row})
+                         "match_dense": args.match_dense, "weigh_outputs": weigh,
+                         "output_metric": metric, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
             write(args.out, meta, rows)
     write(args.out, meta, rows)

@@ -156,7 +156,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
         calibration = _text_batches(args.model, tokenizer, args.calibration,
                                     args.calibration_tokens, 512, 4, "--calibration")
     report = compactify(model, calibration=calibration, progress=not args.quiet,
-                        config=CompactifyConfig(weigh_outputs=not args.no_weigh_outputs),
+                        config=CompactifyConfig(weigh_outputs=not args.no_weigh_outputs,
+                                                output_metric=args.output_metric),
                         **_compress_options(args))
     print(report)
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
@@ -183,6 +184,9 @@ def _settings(args: argparse.Namespace) -> dict:
             "weigh_outputs": (not args.no_weigh_outputs
                               if args.ratio is not None and calibrated and not args.stream
                               else None),
+            "output_metric": (args.output_metric
+                              if args.ratio is not None and calibrated and not args.stream
+                              and not args.no_weigh_outputs else None),
             "cross_layer": args.cross_layer}
 
 
@@ -354,6 +358,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .compress.compactify import OUTPUT_METRICS, CompactifyConfig
+
     parser = argparse.ArgumentParser(
         prog="tensornet-llm", description="Compress transformer language models with tensor networks.",
     )
@@ -386,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-weigh-outputs", action="store_true",
                    help="with --ratio and calibration, fit every output feature alike (SVD-LLM's "
                    "objective) instead of weighting each by the loss gradient there")
+    p.add_argument("--output-metric", choices=OUTPUT_METRICS, default=CompactifyConfig.output_metric,
+                   help="how the output features are weighted: 'diagonal' (each by the loss "
+                   "gradient's second moment) or 'full' (the whole matrix, K-FAC)")
     p.add_argument("--cross-layer", type=_positive, metavar="G",
                    help="share bases between the same-role modules of every G consecutive "
                         "blocks (cross-layer networks; see docs/cross-layer.md)")

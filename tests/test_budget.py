@@ -11,12 +11,14 @@ from models import build
 from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, save_compactified,
 )
-from tensornet_llm.compress.budget import Option, _lower_hull, _start_row_errors, allocate, chi_for_params
+from tensornet_llm.compress.budget import (
+    Option, _damage, _lower_hull, _start_row_errors, allocate, chi_for_params,
+)
 from tensornet_llm.compress.calibrate import (
-    as_batches, collect_covariances, collect_output_gradients,
+    as_batches, collect_covariances, collect_output_gradients, output_gradients,
 )
 from tensornet_llm.compress.fit import (
-    kronecker_whitened, output_weights, stable_cholesky, whitened_svd,
+    kronecker_whitened, metric_roots, output_weights, stable_cholesky, whitened_svd,
 )
 from tensornet_llm.layers.layout import Layout
 from test_compactify import assert_unchanged, calibration_batches, snapshot
@@ -231,12 +233,37 @@ def test_weighted_start_row_errors_are_the_row_norms_of_the_weighted_start(out_f
     x = torch.randn(4 * in_f, in_f, generator=g, dtype=torch.float64)
     cov = x.T @ x / x.shape[0]
     factor = stable_cholesky(cov)
-    rows = output_weights(torch.rand(out_f, generator=g, dtype=torch.float64) ** 3)
+    grads = torch.randn(2 * out_f, out_f, generator=g, dtype=torch.float64)
     layout = Layout.low_rank(in_f, out_f)
     chis = [1, 2, min(in_f, out_f)]
-    for chi, row in zip(chis, _start_row_errors(layout, w, chis, cov, factor, rows)):
-        start = kronecker_whitened(layout.decompose(w, None, chi), w, cov, rows=rows)
-        torch.testing.assert_close(row, ((w - start.to_dense()) @ factor).pow(2).sum(1))
+    # the diagonal metric (weights per output): rows of E L; the full one (K-FAC,
+    # output_metric="full"): rows of R E L, R = M^(1/2)
+    for rows in (output_weights(torch.rand(out_f, generator=g, dtype=torch.float64) ** 3),
+                 output_weights(grads.T @ grads)):
+        root = metric_roots(rows)[0] if rows.dim() == 2 else torch.eye(out_f, dtype=w.dtype)
+        for chi, row in zip(chis, _start_row_errors(layout, w, chis, cov, factor, rows)):
+            start = kronecker_whitened(layout.decompose(w, None, chi), w, cov, rows=rows)
+            torch.testing.assert_close(row, (root @ (w - start.to_dense()) @ factor).pow(2).sum(1))
+
+
+def test_full_metric_damage_is_the_kfac_estimate_for_every_layout():
+    """With ``E[g g^T]`` the budget prices a network by ``0.5 tr(E_L^T E[g g^T] E_L)`` of the
+    start it fits from (``E_L = (W - W_hat) L``), for the low-rank and a 3-site layout."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 36, generator=g, dtype=torch.float64)
+    x = torch.randn(120, 36, generator=g, dtype=torch.float64)
+    cov = x.T @ x / 120
+    factor = stable_cholesky(cov)
+    grads = torch.randn(60, 24, generator=g, dtype=torch.float64) @ torch.randn(
+        24, 24, generator=g, dtype=torch.float64)
+    second = grads.T @ grads / 60
+    rows = output_weights(second)
+    for layout in (Layout.low_rank(36, 24), Layout(MPOLinear, 3)):
+        for chi, row in zip([2, 5], _start_row_errors(layout, w, [2, 5], cov, factor, rows)):
+            start = kronecker_whitened(layout.decompose(w, None, chi), w, cov, rows=rows)
+            e = (w - start.to_dense().detach()) @ factor
+            expected = 0.5 * float(torch.trace(e.T @ second @ e))
+            assert _damage(row, 0.0, second) == pytest.approx(expected, rel=1e-6)
 
 
 def test_compactify_fits_what_the_budget_ranks_by():
@@ -267,3 +294,33 @@ def test_compactify_fits_what_the_budget_ranks_by():
     with pytest.raises(ValueError, match="weigh_outputs"):
         compactify(build("llama"), config=CompactifyConfig(ratio=0.5, weigh_outputs="yes"),
                    progress=False)
+    with pytest.raises(ValueError, match="output_metric"):
+        compactify(build("llama"), config=CompactifyConfig(ratio=0.5, output_metric="kfac"),
+                   progress=False)
+
+
+def test_full_output_metric_fits_the_kfac_cut():
+    """``output_metric="full"``: each low-rank layer is the cut of ``M^(1/2) W L`` with ``M`` the
+    whole second moment ``E[g g^T]`` of the loss gradient at its output."""
+    batches = calibration_batches(2)
+    name = "model.layers.0.self_attn.q_proj"  # block 0: its inputs are the dense model's
+    dense = build("llama")
+    module = dense.get_submodule(name)
+    grads, _ = output_gradients(dense, as_batches(batches), {name: module}, full=True)
+    diagonal = collect_output_gradients(dense, as_batches(batches), {name: module})
+    torch.testing.assert_close(grads[name].diagonal(), diagonal[name])
+    cov = collect_covariances(dense, as_batches(batches), {name: module}).covariance(name)
+    model = build("llama")
+    report = compactify(model, config=CompactifyConfig(
+        ratio=0.5, method="low-rank", output_metric="full"), calibration=batches, progress=False)
+    assert any("K-FAC" in n for n in report.notes)
+    layer = model.get_submodule(name)
+    cuts = {}
+    for metric in ("full", "diagonal"):
+        rows = output_weights(grads[name] if metric == "full" else diagonal[name])
+        cuts[metric] = kronecker_whitened(
+            Layout.low_rank(module.in_features, module.out_features).decompose(
+                module.weight.detach(), None, layer.bond_dims[0]),
+            module.weight.detach(), cov, rows=rows).to_dense()
+    torch.testing.assert_close(layer.to_dense(), cuts["full"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(cuts["full"], cuts["diagonal"], atol=1e-4)

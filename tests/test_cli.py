@@ -74,6 +74,16 @@ def test_compress_no_weigh_outputs_is_recorded_and_fits_unweighted(tiny_dir, tex
     notes = {k: " ".join(r.get("notes", [])) for k, r in reports.items()}
     assert "Gauss-Newton loss estimate" in notes[False]
     assert "Gauss-Newton loss estimate" not in notes[True]
+    assert "K-FAC" not in notes[False]
+
+
+def test_compress_output_metric_full_is_recorded(tiny_dir, text_file, tmp_path):
+    out = tmp_path / "kfac"
+    assert main(["compress", str(tiny_dir), "--ratio", "0.5", "--calibration", str(text_file),
+                 "--calibration-tokens", "512", "--fit-steps", "2", "--output-metric", "full",
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "tensornet.json").read_text())["compactify"]["output_metric"] == "full"
+    assert "K-FAC" in " ".join(json.loads((out / "report.json").read_text()).get("notes", []))
 
 
 def test_profile_writes_tables_and_plots(tiny_dir, text_file, tmp_path, capsys):

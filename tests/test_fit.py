@@ -8,7 +8,8 @@ from torch import nn
 from tensornet_llm import MPOLinear, TTNSLinear
 from tensornet_llm.compress.fit import (
     CovarianceCollector, corrected_target, fit_weighted, kronecker_factors, kronecker_whitened,
-    output_weights, stable_cholesky, weighted_error, whitened_start_is_optimal, whitened_svd,
+    metric_roots, output_weights, stable_cholesky, weighted_error, whitened_start_is_optimal,
+    whitened_svd,
 )
 from tensornet_llm.layers.layout import Layout
 
@@ -236,55 +237,78 @@ def test_modules_reading_one_input_share_one_covariance_and_conflicts_fall_back(
 
 # ----- output rows weighted by the loss gradient (the fit of the Gauss-Newton estimate) -------
 
-def weighted_rows_error(approx, w, cov, rows):
-    """``||D^(1/2) (W - approx) L||^2`` with ``C = L L^T``."""
+def full_metric(out_f: int, g: torch.Generator) -> torch.Tensor:
+    """An ``(out, out)`` gradient second moment with strongly coupled output features."""
+    grads = torch.randn(3 * out_f, out_f, generator=g, dtype=torch.float64) @ torch.randn(
+        out_f, out_f, generator=g, dtype=torch.float64)
+    return output_weights(grads.T @ grads / grads.shape[0])
+
+
+def metric_error(approx, w, cov, metric):
+    """``||R (W - approx) L||^2`` with ``C = L L^T`` and ``R^T R`` the metric: output weights
+    ``(out,)`` or a matrix ``(out, out)``."""
     e = w - approx
-    return float((rows[:, None] * (e @ cov) * e).sum())
+    weighted = metric[:, None] * e if metric.dim() == 1 else metric @ e
+    return float(((weighted @ cov) * e).sum())
 
 
-@given(in_f=st.integers(4, 30), out_f=st.integers(4, 30), chi=st.integers(1, 8),
-       seed=st.integers(0, 10**6))
-@settings(max_examples=20, deadline=None)
-def test_weighted_low_rank_start_is_the_two_sided_optimum(in_f, out_f, chi, seed):
+@given(in_f=st.integers(4, 24), out_f=st.integers(4, 24), chi=st.integers(1, 8),
+       seed=st.integers(0, 10**6), full=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_weighted_low_rank_start_is_the_two_sided_optimum(in_f, out_f, chi, seed, full):
+    """Output weights (``(out,)``) or the full metric (``(out, out)``, K-FAC): the low-rank start
+    is ``R^-1 [R W L]_r L^-1``, which no cut weighted otherwise beats and L-BFGS cannot improve."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
     x = anisotropic_inputs(3 * in_f, in_f, seed=seed)
     cov = x.T @ x / x.shape[0]
-    rows = output_weights(torch.rand(out_f, generator=g, dtype=torch.float64) ** 4)
-    layer = Layout.low_rank(in_f, out_f).decompose(w, None, chi)
-    start = kronecker_whitened(layer, w, cov, rows=rows)
-    assert whitened_start_is_optimal(start, rows)
-    # The closed form: D^(-1/2) [D^(1/2) W L]_r L^-1, r the bond the layer got.
-    r = start.bond_dims[0]
-    factor, scale = stable_cholesky(cov), rows.sqrt()[:, None]
-    u, s, vh = torch.linalg.svd(scale * w @ factor, full_matrices=False)
-    best = torch.linalg.solve_triangular(factor, (u[:, :r] * s[:r]) @ vh[:r], upper=False,
-                                         left=False) / scale
+    metric = (full_metric(out_f, g) if full
+              else output_weights(torch.rand(out_f, generator=g, dtype=torch.float64) ** 4))
+    root, inverse = metric_roots(metric)
+    root, inverse = (root, inverse) if full else (torch.diag(root), torch.diag(inverse))
+    torch.testing.assert_close(root @ inverse, torch.eye(out_f, dtype=torch.float64))
+    # equal up to the floor on the metric's eigenvalues (1e-6 of their mean, which is 1)
+    torch.testing.assert_close(root @ root, metric if full else torch.diag(metric), atol=1e-5,
+                               rtol=0)
+    start = kronecker_whitened(Layout.low_rank(in_f, out_f).decompose(w, None, chi), w, cov,
+                               rows=metric)
+    assert whitened_start_is_optimal(start, metric)
+    r = start.bond_dims[0]  # the bond the layer got
+    factor = stable_cholesky(cov)
+    u, s, vh = torch.linalg.svd(root @ w @ factor, full_matrices=False)
+    best = inverse @ torch.linalg.solve_triangular(factor, (u[:, :r] * s[:r]) @ vh[:r],
+                                                   upper=False, left=False)
     torch.testing.assert_close(start.to_dense().detach(), best)
-    # ... which no unweighted cut of the same rank beats on the weighted objective
-    plain = whitened_svd(w, cov, r)
-    assert weighted_rows_error(best, w, cov, rows) <= weighted_rows_error(plain, w, cov,
-                                                                          rows) + 1e-9
-    fitted = fit_weighted(start, w, cov, steps=10, rows=rows)
+    others = [whitened_svd(w, cov, r)]  # the unweighted cut, and for the full metric its diagonal
+    if full:
+        others.append(kronecker_whitened(Layout.low_rank(in_f, out_f).decompose(w, None, r), w,
+                                         cov, rows=metric.diagonal().clone()).to_dense().detach())
+    for other in others:
+        assert metric_error(best, w, cov, metric) <= metric_error(other, w, cov, metric) + 1e-9
+    fitted = fit_weighted(start, w, cov, steps=10, rows=metric)
     assert fitted.final_error >= fitted.start_error - 1e-6
 
 
-def test_weighted_fit_lowers_the_weighted_error_of_an_mpo():
+@pytest.mark.parametrize("full", [False, True])
+def test_weighted_fit_lowers_the_weighted_error_of_an_mpo(full):
+    """An MPO whose output is split over two sites has no closed-form weighted start: the fit
+    does the weighting, and ends below the fits weighted otherwise on its own objective."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(24, 36, generator=g, dtype=torch.float64)
     x = anisotropic_inputs(200, 36, seed=3)
     cov = x.T @ x / 200
-    rows = output_weights(torch.rand(24, generator=g, dtype=torch.float64) ** 6)
-    unweighted = MPOLinear.from_weight(w, None, 3, 2, in_shape=(6, 6), out_shape=(4, 6))
-    weighted = MPOLinear.from_weight(w, None, 3, 2, in_shape=(6, 6), out_shape=(4, 6))
-    # the output is split over two sites: no closed-form weighted start, the fit does the work
-    assert kronecker_whitened(weighted, w, cov, rows=rows).to_dense().allclose(
-        kronecker_whitened(weighted, w, cov).to_dense())
-    assert not whitened_start_is_optimal(weighted, rows)
-    fit_weighted(unweighted, w, cov, steps=60)
-    fit_weighted(weighted, w, cov, steps=60, rows=rows)
-    assert weighted_rows_error(weighted.to_dense().detach(), w, cov, rows) < weighted_rows_error(
-        unweighted.to_dense().detach(), w, cov, rows)
+    metric = (full_metric(24, g) if full
+              else output_weights(torch.rand(24, generator=g, dtype=torch.float64) ** 6))
+    others = {"plain": None, **({"diagonal": metric.diagonal().clone()} if full else {})}
+    layers = {k: MPOLinear.from_weight(w, None, 3, 2, in_shape=(6, 6), out_shape=(4, 6))
+              for k in (*others, "weighted")}
+    assert kronecker_whitened(layers["weighted"], w, cov, rows=metric).to_dense().allclose(
+        kronecker_whitened(layers["weighted"], w, cov).to_dense())
+    assert not whitened_start_is_optimal(layers["weighted"], metric)
+    for name, rows in {**others, "weighted": metric}.items():
+        fit_weighted(layers[name], w, cov, steps=60, rows=rows)
+    errors = {k: metric_error(m.to_dense().detach(), w, cov, metric) for k, m in layers.items()}
+    assert errors["weighted"] < min(errors[k] for k in others)
 
 
 def test_output_weights_have_mean_one_and_a_floor():

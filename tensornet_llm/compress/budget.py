@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError
 from ..layers.base import TensorNetworkLinear, linear_weight
-from .fit import SiteWhitening, kronecker_whitened, output_weights, stable_cholesky
+from .fit import (SiteWhitening, kronecker_whitened, metric_roots, output_weights,
+                  stable_cholesky, weigh_rows)
 from ..layers.layout import Layout
 
 __all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate", "choose", "ladder"]
@@ -99,8 +100,13 @@ def chi_for_params(cls: type[TensorNetworkLinear] | Layout, in_features: int, ou
 def _damage(row_sq: Tensor, reference_sq: float, grad_sq: Tensor | None) -> float:
     """Damage of an error ``E`` ``(out, in)`` (whitened when calibrated) from its squared row
     norms ``row_sq = sum_i E[o, i]^2`` ``(out,)``: Gauss-Newton with ``grad_sq``, otherwise
-    relative to ``reference_sq``, the squared norm of the weight (whitened likewise)."""
+    relative to ``reference_sq``, the squared norm of the weight (whitened likewise).
+    With ``grad_sq`` ``E[g g^T]`` ``(out, out)`` the rows are those of ``R E`` (``R^T R`` that
+    matrix scaled to mean diagonal 1, :func:`~.fit.output_weights`), and the damage is the
+    Kronecker-factored (K-FAC) estimate ``0.5 tr(E^T E[g g^T] E)``."""
     row_sq = row_sq.to(torch.float64)
+    if grad_sq is not None and grad_sq.dim() == 2:
+        return 0.5 * float(grad_sq.diagonal().mean()) * float(row_sq.sum())
     if grad_sq is not None:
         return 0.5 * float((grad_sq.to(row_sq) * row_sq).sum())
     return float(row_sq.sum()) / max(reference_sq, 1e-300)
@@ -119,29 +125,37 @@ def _start_row_errors(
     layout exactly the SVD-LLM optimum (with ``rows``, the weighted one's), so layouts compete on
     what they really reach.
     Padded layers (where that start does not apply) fall back to the cut of ``W L`` itself.
-    With output weights ``rows`` ``(out,)`` the start is the cut of ``D^(1/2) W L`` where the
-    layout allows it (:func:`~.fit.kronecker_whitened`); the errors returned are unweighted.
+    With an output metric ``rows`` (``(out,)`` weights or an ``(out, out)`` matrix,
+    :func:`~.fit.output_weights`) the start is the cut of ``R W L`` where the layout allows it
+    (:func:`~.fit.kronecker_whitened`). The errors returned are unweighted (``E L``) for weights
+    and in the metric's coordinates (``R E L``, ``R^T R = M``) for a matrix: a full metric does
+    not split into rows of ``E L``, and :func:`_damage` prices it from those.
     """
     target = weight if factor is None else weight @ factor
     if layout.is_low_rank:  # one SVD gives every rank's cut (of W, or of W L: SVD-LLM)
-        d = None if rows is None or cov is None else rows.to(device=target.device,
-                                                             dtype=torch.float64)
-        scaled = target if d is None else target * d.sqrt()[:, None].to(target.dtype)
+        roots = None if rows is None or cov is None else metric_roots(rows.to(target.device))
+        scaled = target if roots is None else weigh_rows(roots[0], target)
         u, s, _ = torch.linalg.svd(scaled, full_matrices=False)
         # The rank-chi cut leaves U[:, chi:] S[chi:] V[:, chi:]^T; V's columns are orthonormal,
         # so row o's squared error is sum_{j >= chi} (U[o, j] s_j)^2: a reversed cumulative sum
-        # (divided by d_o again where the rows were weighted).
-        tail = (u * s).to(torch.float64).pow(2).flip(1).cumsum(1).flip(1)
-        if d is not None:
-            tail = tail / d[:, None]
+        # (of (R^-1 U S)[o, j]^2 where the output was weighted by a diagonal R; a full metric's
+        # errors stay in its coordinates, R E L).
+        us = (u * s).to(torch.float64)
+        if roots is not None and roots[1].dim() == 1:
+            us = weigh_rows(roots[1], us)
+        tail = us.pow(2).flip(1).cumsum(1).flip(1)
         zero = tail.new_zeros(tail.shape[0])
         return [tail[:, chi] if chi < tail.shape[1] else zero for chi in chis]
     out_f, in_f = weight.shape
     probe = layout.cls(in_f, out_f, 1, layout.n_sites, in_shape=layout.in_shape,
                        out_shape=layout.out_shape, device="meta")
 
+    full = rows is not None and rows.dim() == 2 and cov is not None
+    root = metric_roots(rows.to(weight.device))[0] if full else None
+
     def row_norms(error: Tensor) -> Tensor:
-        return error.to(torch.float64).pow(2).sum(1)
+        error = error.to(torch.float64)
+        return (weigh_rows(root, error) if full else error).pow(2).sum(1)
 
     if cov is None or probe.padded_in != in_f or probe.padded_out != out_f:
         return [row_norms(target - layout.decompose(target, None, chi).to_dense()) for chi in chis]

@@ -353,10 +353,13 @@ def collect_output_gradients(
 
 
 def output_gradients(
-    model: nn.Module, batches: list[dict[str, Tensor]], modules: dict[str, nn.Module]
+    model: nn.Module, batches: list[dict[str, Tensor]], modules: dict[str, nn.Module],
+    full: bool = False,
 ) -> tuple[dict[str, Tensor] | None, str | None]:
     """:func:`collect_output_gradients` without the warning: ``(gradients, None)``, or
     ``(None, reason)`` when the model has no language-modelling loss to differentiate.
+    ``full``: the whole second moment ``E[g g^T]`` ``(out, out)`` per module (float64,
+    accumulated from float32 products per batch) instead of its diagonal ``(out,)``.
 
     That is the case when ``model.forward`` takes no ``labels``, returns no ``loss``, or rejects
     the ids as labels (``TypeError`` / ``ValueError`` from the forward pass, as a classification
@@ -382,9 +385,12 @@ def output_gradients(
                 return
 
             def grad_hook(grad: Tensor) -> None:
-                g = grad.detach().reshape(-1, grad.shape[-1]).to(torch.float64)
-                sq = g.pow(2).sum(0)
-                sums[name] = sums[name] + sq if name in sums else sq
+                g = grad.detach().reshape(-1, grad.shape[-1])
+                sq = (g.float().T @ g.float()).double() if full else g.double().pow(2).sum(0)
+                if name in sums:
+                    sums[name] += sq
+                else:
+                    sums[name] = sq
                 counts[name] = counts.get(name, 0) + g.shape[0]
 
             output.register_hook(grad_hook)

@@ -35,6 +35,8 @@ __all__ = ["compactify", "CompactifyConfig"]
 Method = Literal["mpo", "ttns", "low-rank"]
 #: What ``method`` may name: a network class, or the low-rank layout (a 2-site MPO, W = U V).
 METHOD_NAMES = (*METHODS, "low-rank")
+#: What ``CompactifyConfig.output_metric`` takes.
+OUTPUT_METRICS = ("diagonal", "full")
 PerModule = Union[int, Mapping[str, int]]
 DEFAULT_CHI = 32
 
@@ -99,6 +101,12 @@ class CompactifyConfig:
             applies to the modules the budget compresses alone and to shared input bases
             (:func:`~tensornet_llm.compress.sweeps.fit_group`'s ``rows``); shared output bases
             are fitted to the unweighted output error.
+        output_metric: how ``weigh_outputs`` weighs the output error: ``"diagonal"`` (each
+            output feature by ``E[g_o^2]``) or ``"full"`` (the whole second moment
+            ``E[g g^T]``, the Kronecker-factored (K-FAC) estimate
+            ``||E[g g^T]^(1/2) (W - W_hat) L||``, which also counts how errors of different
+            output features add up or cancel; it collects an ``(out, out)`` matrix per module).
+            Cross-layer groups use the diagonal either way.
     """
 
     chi: PerModule | None = None
@@ -119,6 +127,7 @@ class CompactifyConfig:
     cross_layer_side: Union[str, Mapping[str, str]] = "auto"
     sweeps: int = 2
     weigh_outputs: bool = True
+    output_metric: str = "diagonal"
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -160,6 +169,9 @@ class CompactifyConfig:
                                     "several blocks and is fitted on the dense model's inputs)")
         _check_setting(self.cross_layer_side, "cross_layer_side",
                        lambda v: v in (*SIDES, "auto"), f"one of {[*SIDES, 'auto']}")
+        if self.output_metric not in OUTPUT_METRICS:
+            raise ArgumentError(f"output_metric must be one of {list(OUTPUT_METRICS)}, got "
+                                f"{self.output_metric!r}")
         if not _is_int(self.sweeps) or self.sweeps < 0:
             raise ArgumentError(f"sweeps must be an integer >= 0, got {self.sweeps!r}")
 
@@ -539,7 +551,9 @@ def _budget_settings(
     if batches is not None:
         collector = collect_covariances(model, batches, modules)
         covs = {n: cfg.regularize(collector.covariance(n)) for n in modules}
-        grads, reason = output_gradients(model, batches, modules) if cfg.gradients else (None, None)
+        full = cfg.weigh_outputs and cfg.output_metric == "full"
+        grads, reason = (output_gradients(model, batches, modules, full=full) if cfg.gradients
+                         else (None, None))
         if reason is not None:
             note = (f"budget damage estimated from the output error, not the loss: {reason}")
             warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
@@ -549,7 +563,8 @@ def _budget_settings(
                           weigh_outputs=weigh)
     if weigh:
         notes.append("each network fitted to the Gauss-Newton loss estimate (output features "
-                     "weighted by the loss gradient's second moment)")
+                     "weighted by the loss gradient's second moment"
+                     + (", the whole matrix: K-FAC)" if cfg.output_metric == "full" else ")"))
     settings = {
         name: None if allocation.chi[key] is None else (allocation.layout[key], allocation.chi[key])
         for name, module in chosen

@@ -45,6 +45,8 @@ __all__ = [
     "kronecker_factors",
     "kronecker_whitened",
     "output_weights",
+    "metric_roots",
+    "weigh_rows",
     "whitened_start_is_optimal",
     "SiteWhitening",
     "corrected_target",
@@ -279,14 +281,69 @@ class SiteWhitening:
                     op.copy_(torch.movedim(torch.tensordot(op, m, dims=([axis], [0])), -1, axis))
 
 
+def _kept_per_tensor(fn):
+    """Remember ``fn(tensor, floor)`` for as long as ``tensor`` lives unchanged (same object,
+    same in-place version): the budget and the fit ask for the same module's output metric and
+    its roots several times, and an ``(out, out)`` eigendecomposition is not free."""
+    kept: dict[tuple[int, float], tuple[weakref.ref, int, object]] = {}
+
+    def wrapper(tensor: Tensor, floor: float = 1e-6):
+        key = (id(tensor), floor)
+        hit = kept.get(key)
+        if hit is not None and hit[0]() is tensor and hit[1] == tensor._version:
+            return hit[2]
+        result = fn(tensor, floor)
+        if tensor.dim() == 2:  # only the matrices are worth keeping
+            kept[key] = (weakref.ref(tensor), tensor._version, result)
+            weakref.finalize(tensor, kept.pop, key, None)
+        return result
+
+    wrapper.__doc__, wrapper.__name__, wrapper.__wrapped__ = fn.__doc__, fn.__name__, fn
+    return wrapper
+
+
+@_kept_per_tensor
 def output_weights(grad_sq: Tensor, floor: float = 1e-6) -> Tensor:
-    """Per-output-feature weights ``d_o = E[g_o^2] / mean(E[g^2])`` ``(out,)`` in float64, from
-    the loss gradient's second moment at a module's output (as the budget collects it), floored
-    at ``floor`` so that every output keeps some weight. Weighting the output error's rows by
-    ``d`` makes ``||D^(1/2) (W - W_hat) L||^2`` the diagonal Gauss-Newton estimate of the loss
-    increase (up to a constant), the quantity the budget ranks networks by."""
+    """The output metric a fit weighs its error by, from the loss gradient's second moment at a
+    module's output (as the budget collects it), normalised to mean diagonal 1, float64.
+
+    * ``grad_sq`` ``(out,)``, ``E[g_o^2]``: the weights ``d_o`` ``(out,)``, floored at ``floor``
+      so that every output keeps some weight. ``||D^(1/2) (W - W_hat) L||^2`` is then the
+      diagonal Gauss-Newton estimate of the loss increase (up to a constant), the quantity the
+      budget ranks networks by.
+    * ``grad_sq`` ``(out, out)``, ``E[g g^T]``: the matrix ``M`` ``(out, out)`` (its eigenvalues
+      are floored where its roots are taken, :func:`metric_roots`). ``||M^(1/2) (W - W_hat) L||^2``
+      is the Kronecker-factored (K-FAC) estimate, which also counts how errors in different
+      output features add up or cancel.
+    """
     g = grad_sq.detach().to(torch.float64)
-    return (g / g.mean().clamp_min(1e-300)).clamp_min(floor)
+    if g.dim() == 1:
+        return (g / g.mean().clamp_min(1e-300)).clamp_min(floor)
+    g = (g + g.T) / 2
+    return g / g.diagonal().mean().clamp_min(1e-300)
+
+
+@_kept_per_tensor
+def metric_roots(rows: Tensor, floor: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """``(R, R^-1)`` with ``R^T R`` the output metric ``rows`` of :func:`output_weights`:
+    vectors ``sqrt(d)`` and ``1 / sqrt(d)`` ``(out,)`` for weights, symmetric square roots
+    ``(out, out)`` for a matrix (eigenvalues floored at ``floor`` of their mean). Apply them
+    with :func:`weigh_rows`."""
+    rows = rows.to(torch.float64)
+    if rows.dim() == 1:
+        return rows.sqrt(), rows.rsqrt()
+    values, vectors = torch.linalg.eigh(rows)
+    values = values.clamp_min(floor * float(values.mean().clamp_min(1e-300)))
+    return (vectors * values.sqrt()) @ vectors.T, (vectors * values.rsqrt()) @ vectors.T
+
+
+def weigh_rows(root: Tensor, x: Tensor) -> Tensor:
+    """``R x`` for ``x`` ``(out, ...)`` and a root of :func:`metric_roots` (a row scale
+    ``(out,)`` or a matrix ``(out, out)``), in ``x``'s dtype."""
+    root = root.to(device=x.device, dtype=x.dtype)
+    if root.dim() == 1:
+        return x * root.reshape(-1, *([1] * (x.dim() - 1)))
+    return torch.tensordot(root, x, dims=([1], [0]))
 
 
 def _output_site(layer: TensorNetworkLinear) -> tuple[int, int] | None:
@@ -313,9 +370,11 @@ def kronecker_whitened(
     does not cover the padding). For several cuts of one layer, ``whitening`` may pass the
     factors and ``whitened`` the whitened weight (``whitening.whiten(weight)``), computed once.
 
-    ``rows`` ``(out,)`` (see :func:`output_weights`) also weighs the output rows: the cut is of
-    ``D^(1/2) W (L_1 x ... x L_N)`` and the output leg is mapped back by ``D^(-1/2)``. That needs
-    the whole output on one site (the low-rank layout); otherwise ``rows`` is ignored here."""
+    ``rows`` (an output metric of :func:`output_weights`: ``(out,)`` weights ``D`` or an
+    ``(out, out)`` matrix ``M``) also weighs the output: the cut is of ``R W (L_1 x ... x L_N)``
+    (``R^T R`` the metric, :func:`metric_roots`) and the output leg is mapped back by ``R^-1``.
+    That needs the whole output on one site (the low-rank layout); otherwise ``rows`` is
+    ignored here."""
     if layer.padded_in != layer.in_features or layer.padded_out != layer.out_features:
         return None
     if whitening is None:
@@ -324,9 +383,9 @@ def kronecker_whitened(
     if whitened is None:
         whitened = whitening.whiten(weight, compute)
     site = _output_site(layer) if rows is not None else None
-    scale = rows.to(device=weight.device, dtype=torch.float64).sqrt() if site is not None else None
-    if scale is not None:
-        whitened = whitened * scale[:, None].to(whitened.dtype)
+    roots = metric_roots(rows.to(weight.device)) if site is not None else None
+    if roots is not None:
+        whitened = weigh_rows(roots[0], whitened)
     new = type(layer).from_weight(
         whitened.to(compute), None, layer.chi, layer.n_sites, in_shape=layer.in_shape,
         out_shape=layer.out_shape,
@@ -334,11 +393,9 @@ def kronecker_whitened(
     if new.bond_dims != layer.bond_dims:
         return None
     whitening.unwhiten_(new)
-    if scale is not None:  # op[.., o, ..] /= sqrt(d_o) on the output leg's axis
+    if roots is not None:  # op[.., o, ..] <- sum_p R^-1[o, p] op[.., p, ..] on the output axis
         op = new._operands()[site[0]]
-        shape = [1] * op.dim()
-        shape[site[1]] = -1
-        op.div_(scale.to(op).reshape(shape))
+        op.copy_(torch.movedim(weigh_rows(roots[1], torch.movedim(op, site[1], 0)), 0, site[1]))
     return new
 
 
@@ -377,8 +434,8 @@ def fit_weighted(
     rows: Tensor | None = None,
 ) -> FitResult:
     """Refine ``layer``'s cores to minimise ``||(W - W_hat) L||_F^2`` by L-BFGS (in place), or
-    ``||D^(1/2) (W - W_hat) L||_F^2`` with output row weights ``rows`` ``(out,)`` (see
-    :func:`output_weights`).
+    ``||R (W - W_hat) L||_F^2`` with an output metric ``rows`` (``R^T R``; ``(out,)`` weights
+    or an ``(out, out)`` matrix, see :func:`output_weights`).
 
     Args:
         layer: an :class:`MPOLinear` or :class:`TTNSLinear`; its cores are the starting point.
@@ -393,14 +450,14 @@ def fit_weighted(
     device = layer.cores[0].device
     factor = stable_cholesky(cov.to(device=device, dtype=torch.float64)).to(dtype)
     target = weight.detach().to(device=device, dtype=dtype) @ factor
-    scale = (torch.ones(target.shape[0], 1, device=device, dtype=dtype) if rows is None
-             else rows.to(device=device, dtype=dtype).sqrt()[:, None])
-    target = target * scale
+    root = (torch.ones(target.shape[0], device=device, dtype=dtype) if rows is None
+            else metric_roots(rows.to(device))[0].to(dtype))
+    target = weigh_rows(root, target)
     norm = float(target.pow(2).sum().clamp_min(1e-30))
     cores = [c.detach().to(dtype).clone().requires_grad_(True) for c in layer.cores]
 
     def loss_of(params: list[Tensor]) -> Tensor:
-        return ((layer.dense_from(params) @ factor) * scale - target).pow(2).sum() / norm
+        return (weigh_rows(root, layer.dense_from(params) @ factor) - target).pow(2).sum() / norm
 
     with torch.no_grad():
         start = float(loss_of(cores))
