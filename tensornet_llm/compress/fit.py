@@ -26,6 +26,7 @@ activation covariance ``C = X^T X / n``. With a Cholesky factor ``C = L L^T`` th
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -287,6 +288,7 @@ def _kept_per_tensor(fn):
     its roots several times, and an ``(out, out)`` eigendecomposition is not free."""
     kept: dict[tuple[int, float], tuple[weakref.ref, int, object]] = {}
 
+    @functools.wraps(fn)
     def wrapper(tensor: Tensor, floor: float = 1e-6):
         key = (id(tensor), floor)
         hit = kept.get(key)
@@ -298,7 +300,6 @@ def _kept_per_tensor(fn):
             weakref.finalize(tensor, kept.pop, key, None)
         return result
 
-    wrapper.__doc__, wrapper.__name__, wrapper.__wrapped__ = fn.__doc__, fn.__name__, fn
     return wrapper
 
 
