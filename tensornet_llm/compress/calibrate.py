@@ -386,7 +386,11 @@ def output_gradients(
 
             def grad_hook(grad: Tensor) -> None:
                 g = grad.detach().reshape(-1, grad.shape[-1])
-                sq = (g.float().T @ g.float()).double() if full else g.double().pow(2).sum(0)
+                if full:
+                    g = g.float()
+                    sq = (g.T @ g).double()
+                else:
+                    sq = g.double().pow(2).sum(0)
                 if name in sums:
                     sums[name] += sq
                 else:

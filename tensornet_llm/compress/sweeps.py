@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentError
-from .fit import stable_cholesky
+from .fit import stable_cholesky, weigh_rows
 
 __all__ = [
     "GroupFit",
@@ -139,7 +139,7 @@ def _weighted_stack(ws: list[Tensor], rows: list[Tensor] | None) -> Tensor:
     """``[D_1^(1/2) W_1; ...; D_G^(1/2) W_G]`` (the plain stack without ``rows``)."""
     if rows is None:
         return torch.cat(ws)
-    return torch.cat([w * d.sqrt()[:, None] for w, d in zip(ws, rows)])
+    return torch.cat([weigh_rows(d.sqrt(), w) for w, d in zip(ws, rows)])
 
 
 def _summed_start(ws: list[Tensor], covs: list[Tensor], in_rank: int,
