@@ -16,7 +16,11 @@ Models:
   time (30, the issue's budget; the cosine decay follows the clock), lr 3e-4, 20 warm-up steps, bf16 autocast
   where the CPU has AMX; checked every 50 steps on 2,048 tokens of ``check_mix``, stopping
   early and keeping the best weights if that perplexity rises twice in a row, as the CLI does),
-  alone and with int8 / int4.
+  alone and with int8 / int4;
+* at every ``--qat-keep`` (default 90%), that model healed by the same recipe but
+  quantization-aware for int4 (``heal(..., quantize=4)``: every pass computes with the weights
+  ``quantize(model, 4)`` will store), and, as the control, the dense model healed the same way;
+  each alone and with int4.
 
 Quality: perplexity on ``--tokens`` held-out tokens of every domain (text that neither
 calibration nor healing draws from), the ratio to dense fp32, the geometric mean and the worst
@@ -54,6 +58,7 @@ from _rows import resume
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = {"": None, " + int8": 8, " + int4": 4}
+QAT = " healed for int4"  # quantization-aware healing: its rows are the float and the int4 model
 
 
 def cached(path: Path, build) -> tuple[nn.Module, dict]:
@@ -80,13 +85,15 @@ def base_models(args, dense, tokenizer) -> dict:
         return model, {"compress_seconds": time.perf_counter() - start,
                        "kept": report.kept_fraction}
 
-    def healed(keep: float) -> tuple[nn.Module, dict]:
-        model, info = compressed_at(keep)
+    def healed(keep: float | None, bits: int | None = None) -> tuple[nn.Module, dict]:
+        """The keep-``keep`` model (``None``: dense) healed by the default recipe; with
+        ``bits``, quantization-aware for ``quantize(model, bits)``."""
+        model, info = compressed_at(keep) if keep is not None else (copy.deepcopy(dense), {})
         model.train()
         batches = healing_mix(tokenizer, args.heal_tokens, seq_len=256, batch_size=4)
         result = heal(model, batches, steps=args.heal_steps, lr=3e-4, warmup_steps=20,
                       teacher=dense, check=check_mix(tokenizer, 2048), check_every=50,
-                      max_minutes=args.heal_minutes, progress=False)
+                      max_minutes=args.heal_minutes, quantize=bits, progress=False)
         return model, {**info, "heal_seconds": result.seconds, "heal_steps": result.steps,
                        "mixed_precision": result.mixed_precision,
                        "check_perplexity": [round(v, 2) for _, v in result.checks],
@@ -96,15 +103,21 @@ def base_models(args, dense, tokenizer) -> dict:
         return cached(cache / f"pareto-keep{keep}-mixw{args.calibration_tokens}",
                       lambda: compressed(keep))
 
-    def healed_at(keep: float):
-        return cached(cache / f"pareto-keep{keep}-mixw{args.calibration_tokens}"
-                      f"-heal{args.heal_steps}x{args.heal_tokens}", lambda: healed(keep))
+    def healed_at(keep: float | None, bits: int | None = None):
+        base = "dense" if keep is None else f"keep{keep}-mixw{args.calibration_tokens}"
+        return cached(cache / f"pareto-{base}-heal{args.heal_steps}x{args.heal_tokens}"
+                      f"{f'-qat{bits}' if bits else ''}-{args.heal_minutes:g}min",
+                      lambda: healed(keep, bits))
 
     out = {"dense": lambda: (dense, {})}
     for keep in args.keep:
         out[f"keep {keep:.0%}"] = lambda keep=keep: compressed_at(keep)
         if keep in args.heal_keep:
             out[f"keep {keep:.0%} healed"] = lambda keep=keep: healed_at(keep)
+    if args.qat_keep:  # the control: the dense model healed for int4 by the same recipe
+        out["dense" + QAT] = lambda: healed_at(None, 4)
+    for keep in args.qat_keep:
+        out[f"keep {keep:.0%}{QAT}"] = lambda keep=keep: healed_at(keep, 4)
     return out
 
 
@@ -236,6 +249,9 @@ def main() -> None:
     parser.add_argument("--heal-tokens", type=int, default=262144)
     parser.add_argument("--heal-minutes", type=float, default=30.0,
                         help="wall-clock budget of each healing (the issue's target: 30)")
+    parser.add_argument("--qat-keep", type=float, nargs="*", default=[0.9],
+                        help="keeps whose model is also healed quantization-aware for int4 "
+                        "(heal(..., quantize=4)); the dense model gets the same as a control")
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -250,6 +266,7 @@ def main() -> None:
     meta = {"tokens": args.tokens, "calibration_tokens": args.calibration_tokens,
             "heal_steps": args.heal_steps, "heal_tokens": args.heal_tokens,
             "heal_minutes": args.heal_minutes, "weigh_outputs": True,
+            "qat_keep": args.qat_keep,
             "new_tokens": args.new_tokens, "rounds": args.rounds,
             "threads": torch.get_num_threads(),
             "domains": {n: d.description for n, d in DOMAINS.items()}}
@@ -276,12 +293,14 @@ def main() -> None:
     for name, load in base_models(args, dense, tokenizer).items():
         if name == "dense":
             continue
-        if all(any(r["model"] == name + s for r in rows) for s in QUANT):
+        if all(any(r["model"] == name + s for r in rows) for s in QUANT
+               if not (name.endswith(QAT) and s == " + int8")):
             continue
         model, info = load()
         meta["built"][name] = info
         for suffix, bits in QUANT.items():
-            add(name + suffix, variant(model, bits))
+            if not (name.endswith(QAT) and bits == 8):
+                add(name + suffix, variant(model, bits))
         del model
         gc.collect()
 

@@ -320,7 +320,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
                   gradient_accumulation_steps=args.accumulate,
                   checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, check=check,
                   check_every=args.check_every, on_rise=args.on_rise,
-                  max_minutes=args.max_minutes)
+                  max_minutes=args.max_minutes, quantize=args.quantize_aware)
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
                       files={"healing.json": json.dumps(result.to_dict())},
                       healing={"source": args.model,
@@ -329,6 +329,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
                                "lr": args.lr, "teacher": teacher_name,
                                "cores_only": args.cores_only,
                                "check_tokens": args.check_tokens, "on_rise": args.on_rise,
+                               "quantize_aware": args.quantize_aware,
                                "stopped_early": result.stopped_early})
     first, last = result.losses[0], result.losses[-1]
     print(f"healed {result.steps} steps in {result.seconds:.0f} s"
@@ -337,8 +338,12 @@ def cmd_heal(args: argparse.Namespace) -> None:
         (_, start), best = result.checks[0], min(v for _, v in result.checks)
         print(f"check perplexity (every domain, text healing never read): {start:.2f} -> "
               f"{result.checks[-1][1]:.2f}, best {best:.2f} at step {result.best_step}"
-              + ("; stopped there, as it rose after" if result.stopped_early else ""))
+              + ("; stopped there, as it rose after" if result.stopped_early else "")
+              + (f" (int{args.quantize_aware} weights)" if args.quantize_aware else ""))
     print(f"saved to {out}")
+    if args.quantize_aware:
+        print(f"trained for int{args.quantize_aware}: now run 'tensornet-llm quantize {out} "
+              f"--bits {args.quantize_aware} --out ...' (default groups)")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -467,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-rise", choices=["stop", "warn"], default="stop",
                    help="when the check perplexity rises twice in a row: stop and keep the best "
                    "weights (default), or warn and go on")
+    p.add_argument("--quantize-aware", type=int, choices=[8, 4], metavar="BITS",
+                   help="quantization-aware healing: train through the rounding that 'quantize "
+                   "--bits BITS' (default groups) applies afterwards; the checks measure the "
+                   "quantized model")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")

@@ -105,11 +105,12 @@ def test_heal_then_quantize_then_eval(tiny_dir, text_file, tmp_path, capsys):
     second.write_text("Emma Woodhouse, handsome, clever, and rich. " * 40)
     assert main(["heal", str(compressed), "--text", str(text_file), str(second), "--steps", "8",
                  "--lr", "3e-3", "--batch", "2", "--seq", "32", "--teacher", str(tiny_dir),
-                 "--out", str(healed), "--quiet"]) == 0
+                 "--quantize-aware", "4", "--out", str(healed), "--quiet"]) == 0
+    assert f"now run 'tensornet-llm quantize {healed} --bits 4" in capsys.readouterr().out
     history = json.loads((healed / "healing.json").read_text())
     assert len(history["losses"]) == 8 and history["losses"][-1] < history["losses"][0]
     record = json.loads((healed / "tensornet.json").read_text())["healing"]
-    assert record["text"] == [str(text_file), str(second)]
+    assert record["text"] == [str(text_file), str(second)] and record["quantize_aware"] == 4
     assert main(["quantize", str(healed), "--bits", "4", "--out", str(quantized)]) == 0
     capsys.readouterr()
     assert main(["eval", str(quantized), "--text", str(text_file), "--tokens", "1024",

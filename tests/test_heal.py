@@ -13,6 +13,7 @@ from tensornet_llm import compactify
 from tensornet_llm.layers.base import TensorNetworkLinear
 from tensornet_llm.errors import HealingCheckWarning
 from tensornet_llm.train.heal import HealConfig, _loss_terms, auto_precision, heal, trainable_parameters
+from tensornet_llm.train.quantize import QuantizeConfig, quantize, rounded_weights
 from test_compactify import assert_unchanged, snapshot
 
 
@@ -161,6 +162,8 @@ def test_interrupted_run_resumes_to_the_same_weights(compressed, tmp_path):
     (dict(on_rise="halt"), "on_rise must be 'stop' or 'warn'"),
     (dict(check_every=0), "check_every must be an integer >= 1"),
     (dict(check_tolerance=-0.1), "check_tolerance must be a number >= 0"),
+    (dict(quantize=3), "quantize must be None, 8, 4 or a QuantizeConfig"),
+    (dict(quantize=QuantizeConfig(bits=4, group_size=3)), "quantize: group_size must be"),
 ])
 def test_bad_options_fail_before_training(compressed, options, message):
     model, _ = compressed
@@ -235,3 +238,24 @@ def test_a_time_budget_ends_healing_with_a_final_check(compressed, monkeypatch):
     assert full.steps == 3 and not full.out_of_time
     with pytest.raises(ValueError, match="max_minutes"):
         heal(model, data, steps=3, max_minutes=0, progress=False)
+
+
+def test_quantization_aware_healing_trains_the_model_quantize_will_build(compressed):
+    model, teacher = compressed
+    data, check = batches(), batches(2, seed=5)
+    rounded_before = copy.deepcopy(model)
+    quantize(rounded_before, 4)
+    result = heal(model, data, steps=10, lr=3e-3, warmup_steps=0, teacher=teacher, quantize=4,
+                  check=check, check_every=5, on_rise="warn", progress=False)
+    assert [s for s, _ in result.checks] == [0, 5, 10]
+    # The checks measured the int4 model: before healing, and of the final weights.
+    assert result.checks[0][1] == pytest.approx(check_perplexity(rounded_before, check), rel=1e-5)
+    rounded_after = copy.deepcopy(model)
+    quantize(rounded_after, 4)
+    assert result.checks[-1][1] == pytest.approx(check_perplexity(rounded_after, check), rel=1e-5)
+    assert mean_loss(rounded_after, data) < mean_loss(rounded_before, data) - 0.3
+    # The model keeps float weights (the updates accumulate below the rounding step).
+    core = next(m for m in model.modules() if isinstance(m, TensorNetworkLinear)).cores[0]
+    with rounded_weights(model, 4):
+        on_grid = core.detach().clone()
+    assert core.requires_grad and not torch.equal(core.detach(), on_grid)

@@ -12,7 +12,7 @@ from tensornet_llm.layers.quantized import (
     QuantizedEmbedding, QuantizedLinear, QuantizedTensorNetworkLinear, dequantize_tensor,
     quantize_tensor,
 )
-from tensornet_llm.train.quantize import quantize
+from tensornet_llm.train.quantize import quantize, rounded_weights, rounding_plan
 from test_compactify import assert_unchanged, snapshot
 
 
@@ -117,3 +117,35 @@ def test_exclude_keeps_named_modules_in_float():
     quantize(model, 8, exclude=["h.0"])
     assert type(model.transformer.h[0].attn.c_attn) is type(twin.transformer.h[0].attn.c_attn)
     assert isinstance(model.transformer.h[1].attn.c_attn, QuantizedLinear)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rounded_weights_compute_exactly_what_quantize_builds(arch, bits):
+    # gpt2: a tied table and Conv1D weights stored (in, out); llama: low-rank and MPO cores.
+    model = build(arch)
+    compactify(model, chi=6, progress=False, exclude=["mlp"] if arch == "llama" else [])
+    batch = inputs(arch)
+    floats = {k: v.clone() for k, v in model.state_dict().items()}
+    twin = copy.deepcopy(model)
+    quantize(twin, bits, exclude=["h.1.attn"])
+    with torch.no_grad():
+        expected = twin(**batch).logits
+        with rounded_weights(model, bits, exclude=["h.1.attn"]):
+            inside = model(**batch).logits
+        after = model(**batch).logits
+    torch.testing.assert_close(inside, expected, rtol=0, atol=0)
+    assert not torch.equal(after, inside)  # the float weights are back, bit for bit
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, floats[k]), k
+    planned = rounding_plan(model, bits, exclude=["h.1.attn"])
+    assert len({id(p) for p, _ in planned}) == len(planned)  # a tied table is rounded once
+
+
+def test_rounded_weights_restore_the_floats_when_the_block_raises():
+    model = build("llama")
+    floats = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="inside"):
+        with rounded_weights(model, 4):
+            raise RuntimeError("inside")
+    assert all(torch.equal(v, floats[k]) for k, v in model.state_dict().items())

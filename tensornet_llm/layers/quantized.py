@@ -38,6 +38,7 @@ __all__ = [
     "QuantizedModule",
     "quantize_tensor",
     "dequantize_tensor",
+    "round_tensor",
     "QUANTIZED_TYPES",
     "INT4_GROUP_SIZE",
 ]
@@ -115,6 +116,15 @@ def dequantize_tensor(
     values = values.reshape(values.shape[0], -1)[:, :length]
     moved = (shape[channel_dim], *[s for d, s in enumerate(shape) if d != channel_dim % len(shape)])
     return values.reshape(moved).movedim(0, channel_dim)
+
+
+def round_tensor(t: Tensor, bits: Bits, group_size: int | None = None, channel_dim: int = 0
+                 ) -> Tensor:
+    """``t`` as :class:`QuantizedWeight` stores it: quantized and dequantized again, in
+    ``t``'s shape and dtype (the values a quantized layer computes with)."""
+    channel_dim %= t.dim()
+    codes, scale = quantize_tensor(t, bits, group_size, channel_dim)
+    return dequantize_tensor(codes, scale, tuple(t.shape), bits, group_size, channel_dim, t.dtype)
 
 
 class QuantizedWeight(nn.Module):

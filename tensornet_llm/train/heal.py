@@ -40,6 +40,7 @@ from ..helpers.evaluate import next_token_targets, summed_nll
 from ..helpers.files import atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
 from ..compress.calibrate import as_batches, check_token_ids
+from .quantize import QuantizeConfig, as_quantize_config, rounded_weights
 
 __all__ = ["HealConfig", "HealResult", "auto_precision", "heal", "trainable_parameters"]
 
@@ -78,6 +79,13 @@ class HealConfig:
             than ``check_tolerance`` (relative) before ``on_rise`` acts.
         on_rise: ``"stop"``: end training and restore the weights of the best check;
             ``"warn"``: warn (:class:`~tensornet_llm.errors.HealingCheckWarning`) and go on.
+        quantize: quantization-aware healing for the rounding that
+            :func:`~tensornet_llm.train.quantize.quantize` will apply after it: 8 or 4 (bits),
+            or a :class:`~tensornet_llm.train.quantize.QuantizeConfig`. Every forward and
+            backward pass of the model and every check computes with the rounded weights, and
+            the float weights take the updates (the straight-through estimate), so
+            ``quantize(model, <the same>)`` afterwards gives the model the checks measured.
+            ``None``: train the float model.
         seed: data order and RNG.
         cpu: train on the CPU even when a GPU is present (a multi-process launch on a machine
             without a GPU trains on the CPUs without it).
@@ -104,6 +112,7 @@ class HealConfig:
     check_patience: int = 2
     check_tolerance: float = 0.02
     on_rise: Literal["stop", "warn"] = "stop"
+    quantize: int | QuantizeConfig | None = None
     seed: int = 0
     cpu: bool = False
     progress: bool = True
@@ -145,6 +154,14 @@ class HealConfig:
         check("check_tolerance", is_num(self.check_tolerance) and self.check_tolerance >= 0,
               "a number >= 0")
         check("on_rise", self.on_rise in ("stop", "warn"), "'stop' or 'warn'")
+        if self.quantize is not None:
+            check("quantize", isinstance(self.quantize, QuantizeConfig) or (
+                is_int(self.quantize) and self.quantize in (8, 4)),
+                "None, 8, 4 or a QuantizeConfig")
+            try:
+                as_quantize_config(self.quantize)
+            except ArgumentError as err:
+                raise ArgumentError(f"quantize: {err}") from None
         if not has_teacher and ((self.distill_weight or 0) > 0 or self.hidden_weight > 0):
             raise ArgumentError("distill_weight and hidden_weight need a teacher= model")
         if self.ce_weight == 0 and not has_teacher:
@@ -292,6 +309,12 @@ def heal(
     _allow_new_precision(precision)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=precision, cpu=cpu)
+    if cfg.quantize is not None and accelerator.distributed_type == DistributedType.FSDP:
+        raise ArgumentError("quantize: quantization-aware healing needs whole parameters on "
+                            "every process; it does not run under FSDP")
+    # What the model computes with: its float weights, or their rounding by quantize().
+    rounded = nullcontext if cfg.quantize is None else (
+        lambda: rounded_weights(model, cfg.quantize))
     ranks, rank = accelerator.num_processes, accelerator.process_index
     if len(data) < ranks:
         raise ArgumentError(f"batches: {len(data)} batch(es) cannot be shared by {ranks} "
@@ -348,7 +371,8 @@ def heal(
                 (tmp / PROGRESS_FILE).write_text(json.dumps(result.to_dict()))
         accelerator.wait_for_everyone()
 
-    watch = None if check_data is None else _Watch(cfg, result, model, check_data, accelerator)
+    watch = None if check_data is None else _Watch(cfg, result, model, check_data, accelerator,
+                                                   rounded)
     accum = cfg.gradient_accumulation_steps
     bar = tqdm(total=cfg.steps, initial=result.steps, desc="healing", unit="step",
                disable=not cfg.progress or not accelerator.is_main_process)
@@ -372,10 +396,11 @@ def heal(
                     if teacher is not None:
                         with torch.no_grad(), accelerator.autocast():
                             teacher_out = teacher(**inputs, output_hidden_states=want_hidden)
-                    out = wrapped(**inputs, output_hidden_states=want_hidden)
-                    targets = next_token_targets(batch)
-                    loss, terms = _loss_terms(out, teacher_out, targets, cfg, distill)
-                    accelerator.backward(loss)
+                    with rounded():  # the gradients are taken at the weights it computes with
+                        out = wrapped(**inputs, output_hidden_states=want_hidden)
+                        targets = next_token_targets(batch)
+                        loss, terms = _loss_terms(out, teacher_out, targets, cfg, distill)
+                        accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
@@ -431,16 +456,17 @@ class _Watch:
     for ``on_rise="stop"``, a copy of its weights), and how many checks in a row rose."""
 
     def __init__(self, cfg: HealConfig, result: HealResult, model: nn.Module, data: list[dict],
-                 accelerator) -> None:
+                 accelerator, rounded: Callable[[], Any]) -> None:
         self.cfg, self.result, self.model, self.data = cfg, result, model, data
-        self.accelerator = accelerator
+        self.accelerator, self.rounded = accelerator, rounded
         self.best_state: dict[str, Tensor] | None = None
         self.rises = 0
 
     def perplexity(self) -> float:
         self.model.eval()
-        total, count = summed_nll(self.model, self.data, self.accelerator.device,
-                                  self.accelerator.autocast)
+        with self.rounded():
+            total, count = summed_nll(self.model, self.data, self.accelerator.device,
+                                      self.accelerator.autocast)
         return math.exp(total / max(count, 1))
 
     def check(self) -> bool:

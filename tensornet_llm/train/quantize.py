@@ -8,21 +8,24 @@ CompactifAI's size figures come from two steps: tensorize, then quantize what re
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
+import torch
 from torch import nn
 
 from ..errors import ArgumentError
 from ..compress.targets import check_pattern, matches
-from ..layers.base import TensorNetworkLinear, is_linear_like
+from ..layers.base import TensorNetworkLinear, is_linear_like, linear_weight
 from ..layers.cross_layer import CrossLayerLinear
 from ..layers.quantized import (
     INT4_GROUP_SIZE, QuantizedCrossLayerLinear, QuantizedEmbedding, QuantizedLinear, QuantizedModule,
-    QuantizedTensorNetworkLinear, QuantizedWeight,
+    QuantizedTensorNetworkLinear, QuantizedWeight, round_tensor,
 )
 
-__all__ = ["QuantizeConfig", "QuantizeReport", "quantize"]
+__all__ = ["QuantizeConfig", "QuantizeReport", "as_quantize_config", "quantize",
+           "rounded_weights", "rounding_plan"]
 
 
 @dataclass
@@ -107,6 +110,89 @@ def _float_bytes(module: nn.Module, counted: set[int]) -> int:
     return total
 
 
+def as_quantize_config(bits: "int | QuantizeConfig | None" = None, *,
+                       config: QuantizeConfig | None = None, **given: Any) -> QuantizeConfig:
+    """A validated copy of ``config`` (or the defaults) with ``bits`` and every other
+    non-``None`` keyword of ``given`` set; ``bits`` may itself be a :class:`QuantizeConfig`."""
+    if isinstance(bits, QuantizeConfig):
+        config, bits = bits, None
+    cfg = QuantizeConfig(**{f.name: getattr(config, f.name) for f in fields(QuantizeConfig)}
+                         ) if config is not None else QuantizeConfig()
+    exclude = given.get("exclude")
+    if exclude is not None and not isinstance(exclude, str):
+        given["exclude"] = tuple(exclude)
+    for key, value in {"bits": bits, **given}.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+def _selected(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module :func:`quantize` replaces, in model order."""
+    plan: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or any(matches(name, p) for p in cfg.exclude) or isinstance(module, QuantizedModule):
+            continue
+        if isinstance(module, (TensorNetworkLinear, CrossLayerLinear)):
+            if cfg.cores:
+                plan.append((name, module))
+        elif isinstance(module, nn.Embedding):
+            if cfg.embeddings:
+                plan.append((name, module))
+        elif is_linear_like(module) and cfg.dense:
+            plan.append((name, module))
+    inside_network = {n for n, m in plan
+                      if isinstance(m, (TensorNetworkLinear, CrossLayerLinear))}
+    return [(n, m) for n, m in plan if not any(n.startswith(p + ".") for p in inside_network)]
+
+
+def rounding_plan(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
+                  **options: Any) -> list[tuple[nn.Parameter, int]]:
+    """``(parameter, channel_dim)`` of every float tensor :func:`quantize` (same arguments)
+    would round, each once (a tied table, a group's shared basis), with the leg it would give
+    its own scales: exactly the tensors and groupings of the quantized layers it builds."""
+    cfg = as_quantize_config(bits, **options)
+    plan: dict[int, tuple[nn.Parameter, int]] = {}
+    for _, module in _selected(model, cfg):
+        if isinstance(module, TensorNetworkLinear):
+            tensors = [(c, QuantizedTensorNetworkLinear._channel_dim(tuple(c.shape)))
+                       for c in module.cores]
+        elif isinstance(module, CrossLayerLinear):
+            tensors = [(t, 0) for t in (module.shared.in_basis, module.shared.out_basis,
+                                        module.core) if t is not None]
+        elif isinstance(module, nn.Embedding):
+            tensors = [(module.weight, 0)]
+        else:  # quantized as (out, in): a Conv1D stores (in, out), so its channels are leg 1
+            tensors = [(module.weight, 0 if linear_weight(module)[0] is module.weight else 1)]
+        for t, channel_dim in tensors:
+            plan.setdefault(id(t), (t, channel_dim))
+    return list(plan.values())
+
+
+@contextmanager
+def rounded_weights(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
+                    **options: Any) -> Iterator[None]:
+    """Within the block, every weight that :func:`quantize` (same arguments) would round holds
+    its rounded value, so ``model`` computes what the quantized model will; the float values
+    come back on exit. Gradients computed inside are taken at the rounded weights and, applied
+    to the float ones after the block, make the straight-through estimate of
+    quantization-aware training (``heal(..., quantize=4)``)."""
+    cfg = as_quantize_config(bits, **options)
+    group = cfg.effective_group_size
+    saved = []
+    try:
+        with torch.no_grad():
+            for p, channel_dim in rounding_plan(model, cfg):
+                saved.append((p, p.detach().clone()))
+                p.copy_(round_tensor(p, cfg.bits, group, channel_dim))
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+
+
 def quantize(
     model: nn.Module,
     bits: int | None = None,
@@ -128,31 +214,10 @@ def quantize(
     Returns:
         A :class:`QuantizeReport` with the bytes of each converted module before and after.
     """
-    cfg = QuantizeConfig(**{f.name: getattr(config, f.name) for f in fields(QuantizeConfig)}
-                         ) if config is not None else QuantizeConfig()
-    given = {"bits": bits, "group_size": group_size, "cores": cores, "dense": dense,
-             "embeddings": embeddings, "exclude": tuple(exclude) if exclude is not None and
-             not isinstance(exclude, str) else exclude}
-    for key, value in given.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    cfg.validate()
+    cfg = as_quantize_config(bits, config=config, group_size=group_size, cores=cores,
+                             dense=dense, embeddings=embeddings, exclude=exclude)
     group = cfg.effective_group_size
-    plan: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if not name or any(matches(name, p) for p in cfg.exclude) or isinstance(module, QuantizedModule):
-            continue
-        if isinstance(module, (TensorNetworkLinear, CrossLayerLinear)):
-            if cfg.cores:
-                plan.append((name, module))
-        elif isinstance(module, nn.Embedding):
-            if cfg.embeddings:
-                plan.append((name, module))
-        elif is_linear_like(module) and cfg.dense:
-            plan.append((name, module))
-    inside_network = {n for n, m in plan
-                      if isinstance(m, (TensorNetworkLinear, CrossLayerLinear))}
-    plan = [(n, m) for n, m in plan if not any(n.startswith(p + ".") for p in inside_network)]
+    plan = _selected(model, cfg)
 
     # Build every replacement first (nothing in the model changes if this fails).
     by_weight: dict[int, QuantizedWeight] = {}
