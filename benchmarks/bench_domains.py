@@ -71,6 +71,8 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         # rows measured before the option existed were fitted unweighted
         "weighted outputs": lambda r: r.get("output_metric", "diagonal") if r.get(
             "weigh_outputs") else "",
+        # rows measured before kept-rows storage existed stored two factors
+        "low-rank storage": lambda r: "kept rows" if r.get("interpolative") else "factors",
         "keep": lambda r: f"{r['keep']:.0%}"})
     (out / "bench_domains.md").write_text("\n".join(lines) + "\n")
 
@@ -89,6 +91,9 @@ def main() -> None:
                         help="fit every output feature alike (CompactifyConfig.weigh_outputs)")
     parser.add_argument("--output-metric", choices=["diagonal", "full"], default="diagonal",
                         help="how outputs are weighted (CompactifyConfig.output_metric)")
+    parser.add_argument("--low-rank-factors", action="store_true",
+                        help="store low-rank layers as two factors, not kept rows "
+                        "(CompactifyConfig.interpolative=False)")
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -107,18 +112,21 @@ def main() -> None:
         for name in args.calibrations:
             weigh = not args.no_weigh_outputs
             metric = args.output_metric if weigh else None
+            rows_kept = not args.low_rank_factors
             key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge,
-                   args.match_dense, weigh, metric)
+                   args.match_dense, weigh, metric, rows_kept)
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"],
                     r.get("ridge", 0.0), r.get("match_dense", False),
                     r.get("weigh_outputs", False),
-                    r.get("output_metric", "diagonal" if r.get("weigh_outputs") else None)) == key
+                    r.get("output_metric", "diagonal" if r.get("weigh_outputs") else None),
+                    r.get("interpolative", False)) == key
                    for r in rows):
                 continue
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
             config = CompactifyConfig(shrinkage=args.shrinkage, ridge=args.ridge,
                                       match_dense=args.match_dense, weigh_outputs=weigh,
-                                      output_metric=args.output_metric)
+                                      output_metric=args.output_metric,
+                                      interpolative=rows_kept)
             row = held_out_row(
                 lambda student: compactify(student, ratio=keep, calibration=data,
                                            fit_steps=args.fit_steps, progress=False,
@@ -127,7 +135,7 @@ def main() -> None:
                          "calibration_tokens": args.calibration_tokens,
                          "shrinkage": args.shrinkage, "ridge": args.ridge,
                          "match_dense": args.match_dense, "weigh_outputs": weigh,
-                         "output_metric": metric, **row})
+                         "output_metric": metric, "interpolative": rows_kept, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
             write(args.out, meta, rows)
     write(args.out, meta, rows)

@@ -155,10 +155,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if not args.no_calibration:  # a file, or by default the mixture of every domain's fit part
         calibration = _text_batches(args.model, tokenizer, args.calibration,
                                     args.calibration_tokens, 512, 4, "--calibration")
+    options = _compress_options(args)
     report = compactify(model, calibration=calibration, progress=not args.quiet,
                         config=CompactifyConfig(weigh_outputs=not args.no_weigh_outputs,
-                                                output_metric=args.output_metric),
-                        **_compress_options(args))
+                                                output_metric=args.output_metric,
+                                                interpolative=options.pop("interpolative", True)),
+                        **options)
     print(report)
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
                       files={"report.json": report.to_json()}, compactify=_settings(args))
@@ -168,7 +170,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def _compress_options(args: argparse.Namespace) -> dict:
     return dict(chi=args.chi, ratio=args.ratio, method=args.method, n_sites=args.n_sites,
                 tol=args.tol, exclude=args.exclude or None, fit_steps=args.fit_steps,
-                low_rank=not args.no_low_rank, cross_layer=args.cross_layer)
+                low_rank=not args.no_low_rank, cross_layer=args.cross_layer,
+                **({"interpolative": False} if args.low_rank_factors else {}))
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -187,7 +190,8 @@ def _settings(args: argparse.Namespace) -> dict:
             "output_metric": (args.output_metric
                               if args.ratio is not None and calibrated and not args.stream
                               and not args.no_weigh_outputs else None),
-            "cross_layer": args.cross_layer}
+            "cross_layer": args.cross_layer, "low_rank_storage":
+                "factors" if args.low_rank_factors else "kept rows"}
 
 
 def _compress_streaming(args: argparse.Namespace, out: Path) -> None:
@@ -394,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-low-rank", action="store_true",
                    help="with --ratio, use only the --method layout (by default the budget may "
                    "also give a layer the low-rank 2-site MPO, the rank-chi factorisation)")
+    p.add_argument("--low-rank-factors", action="store_true",
+                   help="store low-rank layers as two factors U, V (peft merges adapters into "
+                   "them by concatenation) instead of kept rows and their combinations, which "
+                   "hold the same rank in r^2 fewer parameters")
     p.add_argument("--no-weigh-outputs", action="store_true",
                    help="with --ratio and calibration, fit every output feature alike (SVD-LLM's "
                    "objective) instead of weighting each by the loss gradient there")

@@ -137,13 +137,17 @@ def test_bad_ratio_leaves_model_untouched(kwargs, match):
 @settings(max_examples=25, deadline=None)
 def test_low_rank_layout_is_the_truncated_svd(out_f, in_f, chi):
     w = torch.randn(out_f, in_f, dtype=torch.float64)
-    layout = Layout.low_rank(in_f, out_f)
-    layer = layout.decompose(w, None, chi)
     r = min(chi, in_f, out_f)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    torch.testing.assert_close(layer.to_dense(), (u[:, :r] * s[:r]) @ vh[:r])
-    assert layer.num_parameters == layout.num_parameters(in_f, out_f, chi, False) == r * (in_f + out_f)
-    assert layout.name == "low-rank" and Layout(MPOLinear, 3).name == "mpo"
+    # Stored as two factors, r (in + out) parameters; as kept rows, r^2 fewer for the same cut.
+    for rows, count in ((False, r * (in_f + out_f)), (True, r * (in_f + out_f - r))):
+        layout = Layout.low_rank(in_f, out_f, rows=rows)
+        layer = layout.decompose(w, None, chi)
+        torch.testing.assert_close(layer.to_dense(), (u[:, :r] * s[:r]) @ vh[:r])
+        assert layer.num_parameters == layout.num_parameters(in_f, out_f, chi, False) == count
+        assert layout.name == "low-rank" and layout.factor_form() == Layout.low_rank(
+            in_f, out_f, rows=False)
+    assert Layout(MPOLinear, 3).name == "mpo"
 
 
 @given(out_f=st.integers(2, 30), in_f=st.integers(2, 30), seed=st.integers(0, 5),
@@ -234,7 +238,7 @@ def test_weighted_start_row_errors_are_the_row_norms_of_the_weighted_start(out_f
     cov = x.T @ x / x.shape[0]
     factor = stable_cholesky(cov)
     grads = torch.randn(2 * out_f, out_f, generator=g, dtype=torch.float64)
-    layout = Layout.low_rank(in_f, out_f)
+    layout = Layout.low_rank(in_f, out_f, rows=False)
     chis = [1, 2, min(in_f, out_f)]
     # the diagonal metric (weights per output): rows of E L; the full one (K-FAC,
     # output_metric="full"): rows of R E L, R = M^(1/2)
@@ -258,7 +262,7 @@ def test_full_metric_damage_is_the_kfac_estimate_for_every_layout():
         24, 24, generator=g, dtype=torch.float64)
     second = grads.T @ grads / 60
     rows = output_weights(second)
-    for layout in (Layout.low_rank(36, 24), Layout(MPOLinear, 3)):
+    for layout in (Layout.low_rank(36, 24, rows=False), Layout(MPOLinear, 3)):
         for chi, row in zip([2, 5], _start_row_errors(layout, w, [2, 5], cov, factor, rows)):
             start = kronecker_whitened(layout.decompose(w, None, chi), w, cov, rows=rows)
             e = (w - start.to_dense().detach()) @ factor
@@ -284,7 +288,7 @@ def test_compactify_fits_what_the_budget_ranks_by():
         assert any("Gauss-Newton loss estimate" in n for n in report.notes) == weigh
         layer = model.get_submodule(name)
         rows = output_weights(grads[name]) if weigh else None
-        expected = kronecker_whitened(Layout.low_rank(module.in_features, module.out_features)
+        expected = kronecker_whitened(Layout.low_rank(module.in_features, module.out_features, rows=False)
                                       .decompose(module.weight.detach(), None,
                                                  layer.bond_dims[0]),
                                       module.weight.detach(), cov, rows=rows)
@@ -319,7 +323,7 @@ def test_full_output_metric_fits_the_kfac_cut():
     for metric in ("full", "diagonal"):
         rows = output_weights(grads[name] if metric == "full" else diagonal[name])
         cuts[metric] = kronecker_whitened(
-            Layout.low_rank(module.in_features, module.out_features).decompose(
+            Layout.low_rank(module.in_features, module.out_features, rows=False).decompose(
                 module.weight.detach(), None, layer.bond_dims[0]),
             module.weight.detach(), cov, rows=rows).to_dense()
     torch.testing.assert_close(layer.to_dense(), cuts["full"], rtol=1e-4, atol=1e-5)

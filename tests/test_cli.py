@@ -207,3 +207,15 @@ def test_defaults_calibrate_and_heal_on_the_mixture_distil_from_the_source_eval_
     result = json.loads(capsys.readouterr().out)
     assert list(result["perplexity"]) == ["fiction", "encyclopedia", "technical", "code"]
     assert result["ratio_to_dense"]["geomean"] > 0
+
+
+def test_compress_low_rank_factors_stores_two_factors(tiny_dir, tmp_path):
+    kinds = {}
+    for flag in ([], ["--low-rank-factors"]):
+        out = tmp_path / ("factors" if flag else "rows")
+        assert main(["compress", str(tiny_dir), "--chi", "4", "--method", "low-rank", *flag,
+                     "--out", str(out), "--quiet"]) == 0
+        structure = json.loads((out / "tensornet.json").read_text())
+        assert structure["compactify"]["low_rank_storage"] == ("factors" if flag else "kept rows")
+        kinds[bool(flag)] = {m["method"] for m in structure["modules"].values()}
+    assert kinds == {False: {"interpolative"}, True: {"mpo"}}

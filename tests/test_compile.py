@@ -26,7 +26,8 @@ def layer_kinds():
     return {
         "mpo": MPOLinear.from_weight(w, b, chi=5, n_sites=3),
         "ttns": TTNSLinear.from_weight(w, b, chi=5, n_sites=4),
-        "low-rank": Layout.low_rank(40, 48).decompose(w, b, 6),
+        "low-rank": Layout.low_rank(40, 48).decompose(w, b, 6),  # stored as kept rows
+        "low-rank factors": Layout.low_rank(40, 48, rows=False).decompose(w, b, 6),
         "padded": MPOLinear.from_weight(torch.randn(50, 7), None, chi=3, n_sites=3),
     }
 
@@ -35,7 +36,8 @@ def graphs() -> int:
     return counters["stats"].get("unique_graphs", 0)
 
 
-@pytest.mark.parametrize("kind", ["mpo", "ttns", "low-rank", "padded", "quantized"])
+@pytest.mark.parametrize("kind", ["mpo", "ttns", "low-rank", "low-rank factors", "padded",
+                                  "quantized"])
 def test_every_layer_kind_compiles_fullgraph_forward_and_backward(kind):
     layer = layer_kinds()["mpo" if kind == "quantized" else kind]
     if kind == "quantized":

@@ -91,10 +91,13 @@ def test_edits_moves_and_new_cores_are_followed():
         reference.double()
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-9, atol=1e-9)
         assert model.model.layers[1].self_attn.k_proj._siblings._stacked.dtype == torch.float64
+        up = model.model.layers[0].mlp.up_proj
+        left = torch.randn(up.out_features, 2, dtype=torch.float64)
+        right = torch.randn(2, up.in_features, dtype=torch.float64)
         for m in (model, reference):  # another rank for one member
-            m.model.layers[0].mlp.up_proj.truncate_bond_(3)
+            m.model.layers[0].mlp.up_proj.append_factors_(left, right)
         torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-9, atol=1e-9)
-        assert model.model.layers[0].mlp.up_proj._siblings.ranks == [6, 3]
+        assert model.model.layers[0].mlp.up_proj._siblings.ranks == [6, 8]
 
 
 def test_a_member_called_alone_or_out_of_order_runs_on_its_own():

@@ -107,6 +107,12 @@ class CompactifyConfig:
             ``||E[g g^T]^(1/2) (W - W_hat) L||``, which also counts how errors of different
             output features add up or cancel; it collects an ``(out, out)`` matrix per module).
             Cross-layer groups use the diagonal either way.
+        interpolative: store every low-rank layer as kept rows and their combinations
+            (:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`,
+            ``W = P^T [I; Y] W[R]``): ``r (in + out - r)`` parameters at rank ``r`` instead of
+            ``r (in + out)`` for the same weight, so the budget affords higher ranks at the same
+            ``ratio``, and any rank below ``min(in, out)`` saves parameters. ``False``: two
+            factors ``U, V`` (a 2-site MPO), which peft adapters merge into exactly.
     """
 
     chi: PerModule | None = None
@@ -128,6 +134,7 @@ class CompactifyConfig:
     sweeps: int = 2
     weigh_outputs: bool = True
     output_metric: str = "diagonal"
+    interpolative: bool = True
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -156,7 +163,7 @@ class CompactifyConfig:
         if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not (
                 0 <= self.ridge < math.inf):
             raise ArgumentError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
-        for flag in ("low_rank", "match_dense", "gradients", "weigh_outputs"):
+        for flag in ("low_rank", "match_dense", "gradients", "weigh_outputs", "interpolative"):
             if not isinstance(getattr(self, flag), bool):
                 raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
@@ -229,7 +236,7 @@ def _build(
     target = weight.detach()
     if cross is not None:
         target = corrected_target(target, cov, cross).to(weight.dtype)
-    new = layout.decompose(target, bias, chi, tol=cfg.tol)
+    new = layout.factor_form().decompose(target, bias, chi, tol=cfg.tol)
     act_start = act_end = None
     if cov is not None:
         act_start = weighted_error(new.to_dense().detach(), target, cov)
@@ -247,6 +254,7 @@ def _build(
                 optimal = whitened_start_is_optimal(new, rows)
         if cfg.fit_steps > 0 and not optimal:  # an optimal start leaves the fit nothing to do
             fit_weighted(new, target, cov, steps=cfg.fit_steps, rows=rows)
+    new = layout.stored(new)
     with torch.no_grad():
         dense = new.to_dense()
     if cov is not None:
@@ -436,7 +444,8 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
                 for name, shape in fused_expert_tensors(model)]
     if cfg.ratio is None:
         settings = {name: (_layout(module, resolve_override(cfg.method, name, "method"),
-                                   resolve_override(cfg.n_sites, name, "n_sites")),
+                                   resolve_override(cfg.n_sites, name, "n_sites"),
+                                   cfg.interpolative),
                            resolve_override(cfg.effective_chi, name, "chi"))
                     for name, module in chosen}
         return _Plan(chosen, skipped, settings)
@@ -471,16 +480,16 @@ def offered_layouts(name: str, module: nn.Module, cfg: CompactifyConfig) -> list
     """The layouts the budget offers module ``name``: its ``method`` / ``n_sites`` layout, and
     the low-rank one too when ``cfg.low_rank``."""
     layout = _layout(module, resolve_override(cfg.method, name, "method"),
-                     resolve_override(cfg.n_sites, name, "n_sites"))
+                     resolve_override(cfg.n_sites, name, "n_sites"), cfg.interpolative)
     out_f, in_f = linear_weight(module)[0].shape
-    low_rank = Layout.low_rank(in_f, out_f)
+    low_rank = Layout.low_rank(in_f, out_f, cfg.interpolative)
     return [layout] + ([low_rank] if cfg.low_rank and layout != low_rank else [])
 
 
-def _layout(module: nn.Module, method: str, n_sites: int) -> Layout:
+def _layout(module: nn.Module, method: str, n_sites: int, rows: bool = True) -> Layout:
     if method == "low-rank":
         out_f, in_f = linear_weight(module)[0].shape
-        return Layout.low_rank(in_f, out_f)
+        return Layout.low_rank(in_f, out_f, rows)
     return Layout(METHODS[method], n_sites)
 
 

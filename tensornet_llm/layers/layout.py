@@ -9,25 +9,33 @@ site and the whole input leg on the second,
 
     W[o, i] = sum_a A[o, a] B[a, i]         (out_shape = (out, 1), in_shape = (1, in))
 
-is the rank-``chi`` factorisation. Under a parameter budget ``compactify`` may offer each module
+is the rank-``chi`` factorisation. By default it is stored as kept rows and their combinations
+(:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`: ``chi (in + out - chi)``
+parameters for the same weight); it is always built and fitted as the two factors and converted
+at the end (:meth:`Layout.stored`). Under a parameter budget ``compactify`` may offer each module
 several layouts and keep, per module, the one predicted to do the least damage.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
 from .base import TensorNetworkLinear
+from .interpolative import InterpolativeLinear
 from .mpo import MPOLinear
 from .ttns import TTNSLinear
 
-__all__ = ["Layout", "METHODS"]
+__all__ = ["Layout", "METHODS", "LAYER_CLASSES"]
 
 #: The network classes by their ``method`` name (as ``compactify(method=...)`` and saved
 #: checkpoints spell them).
 METHODS: dict[str, type[TensorNetworkLinear]] = {"mpo": MPOLinear, "ttns": TTNSLinear}
+#: Every layer class by the ``method`` its saved layout records (what loading looks up): the
+#: methods, and the kept-rows storage of the low-rank layout.
+LAYER_CLASSES: dict[str, type[TensorNetworkLinear]] = {
+    **METHODS, InterpolativeLinear.method: InterpolativeLinear}
 
 
 @dataclass(frozen=True)
@@ -40,9 +48,21 @@ class Layout:
     out_shape: tuple[int, ...] | None = None
 
     @classmethod
-    def low_rank(cls, in_features: int, out_features: int) -> "Layout":
-        """The rank-chi factorisation ``W = A B`` as a 2-site MPO (see the module docs)."""
-        return cls(MPOLinear, 2, (1, in_features), (out_features, 1))
+    def low_rank(cls, in_features: int, out_features: int, rows: bool = True) -> "Layout":
+        """The rank-chi factorisation ``W = A B`` (see the module docs), stored as kept rows
+        (``rows``, :class:`InterpolativeLinear`) or as the two factors (a 2-site MPO)."""
+        return cls(InterpolativeLinear if rows else MPOLinear, 2, (1, in_features),
+                   (out_features, 1))
+
+    def factor_form(self) -> "Layout":
+        """The layout the fit works on: the two factors of a kept-rows layout, else itself."""
+        return replace(self, cls=MPOLinear) if self.cls is InterpolativeLinear else self
+
+    def stored(self, layer: TensorNetworkLinear) -> TensorNetworkLinear:
+        """``layer``, built in :meth:`factor_form`, as this layout stores it (same weight)."""
+        if self.cls is InterpolativeLinear and not isinstance(layer, InterpolativeLinear):
+            return InterpolativeLinear.from_factors(layer)
+        return layer
 
     @property
     def is_low_rank(self) -> bool:

@@ -27,7 +27,7 @@ from ..errors import ArgumentError
 from .base import DispatchCache, TensorNetworkLinear, linear_weight
 from .contract import DispatchTable, tn_linear
 from .cross_layer import CrossLayerLinear
-from .layout import METHODS
+from .layout import LAYER_CLASSES
 
 __all__ = [
     "QuantizedWeight",
@@ -336,7 +336,7 @@ class QuantizedTensorNetworkLinear(QuantizedModule, DispatchCache):
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any]) -> "QuantizedTensorNetworkLinear":
-        structure = METHODS[layout["network"]["method"]].from_layout(layout["network"],
+        structure = LAYER_CLASSES[layout["network"]["method"]].from_layout(layout["network"],
                                                                      device="meta")
         bias = torch.empty(structure.out_features, device="meta") if layout["bias"] else None
         return cls(structure, [QuantizedWeight.empty(c) for c in layout["cores"]], bias)

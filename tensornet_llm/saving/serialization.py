@@ -32,7 +32,7 @@ from ..errors import ArgumentError, CheckpointError, InputFileError
 from ..helpers.files import MARKER, atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
 from ..layers.cross_layer import CrossLayerLinear, SharedBases, cross_layer_members, group_names
-from ..layers.layout import METHODS
+from ..layers.layout import LAYER_CLASSES
 from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
 
 __all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE",
@@ -285,7 +285,7 @@ def load_compactified(
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
     where = directory / STRUCTURE_FILE
-    for section, build in (("modules", lambda l: METHODS[l["method"]].from_layout(l, device="meta")),
+    for section, build in (("modules", lambda l: LAYER_CLASSES[l["method"]].from_layout(l, device="meta")),
                            ("quantized", lambda l: QUANTIZED_TYPES[l["kind"]].from_layout(l))):
         for name, layout in structure.get(section, {}).items():
             try:

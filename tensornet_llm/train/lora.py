@@ -17,14 +17,18 @@ puts adapters on a compactified model like on any other::
 The adapter computes ``y = base(x) + scaling * B (A x)`` with ``A (r, in)``, ``B (out, r)``.
 Merging it into the base layer is exact only for the low-rank layout, ``W = U V``: the merged
 layer is ``[U, scaling * B] [V; A]``, a low-rank layer of rank ``rank + r`` (and unmerging cuts
-it back). For a many-site MPO or a tree, ``W + scaling * B A`` is in general not a network of
+it back). A low-rank layer stored as kept rows (:class:`InterpolativeLinear`, the default of
+``compactify``) takes the same sum as ``r`` more kept rows
+(:meth:`InterpolativeLinear.append_factors_`, exact up to float rounding), and unmerging restores
+its earlier cores bit for bit. For a many-site MPO or a tree, ``W + scaling * B A`` is in general not a network of
 the same bond dimensions, and a quantized layer cannot absorb float factors, so merging those is
 refused with an error instead of approximated silently.
 
 DoRA (``use_dora=True``) works on every layer kind: peft reads the base weight through the
 layer's ``weight`` property (rebuilt from the cores) for the row norms of ``W + scaling * B A``.
 Its merge ``W' = g (W + scaling * B A)``, ``g = magnitude / ||W + scaling * B A||`` (per output
-row), is exact into a low-rank layer too: ``g`` scales the rows of ``[U, scaling * B]``.
+row), is exact into a low-rank layer too: ``g`` scales the rows of ``[U, scaling * B]`` (of a
+kept-rows layer: its kept rows and coefficients, :meth:`InterpolativeLinear.scale_rows_`).
 
 Needs ``pip install 'tensornet-llm[peft]'``.
 """
@@ -44,6 +48,7 @@ from torch import nn
 from ..errors import ArgumentError
 from ..layers.base import TensorNetworkLinear
 from ..layers.cross_layer import CrossLayerLinear
+from ..layers.interpolative import InterpolativeLinear
 from ..layers.mpo import MPOLinear
 from ..layers.quantized import QuantizedCrossLayerLinear, QuantizedTensorNetworkLinear
 
@@ -113,10 +118,15 @@ class TensorNetworkLoraLinear(_PeftLoraLinear):
                 with torch.no_grad():
                     norm = (base.to_dense() + left @ right).norm(dim=1)
                     gain = self.lora_magnitude_vector[adapter].weight.detach() / norm
+            if isinstance(base, InterpolativeLinear):  # unmerged by going back, bit for bit
+                self._cache_store(f"{adapter}-kept-rows", base.state())
             base.append_factors_(left, right)
             if gain is not None:
-                with torch.no_grad():
-                    base.cores[0].mul_(gain.to(base.cores[0]).view(1, -1, 1, 1))  # rows of U
+                if isinstance(base, InterpolativeLinear):
+                    base.scale_rows_(gain)
+                else:
+                    with torch.no_grad():
+                        base.cores[0].mul_(gain.to(base.cores[0]).view(1, -1, 1, 1))  # rows of U
                 self._cache_store(f"{adapter}-dora-gain", gain)
             if self.lora_bias[adapter]:
                 if base.bias is None:
@@ -130,11 +140,16 @@ class TensorNetworkLoraLinear(_PeftLoraLinear):
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             base = self.get_base_layer()
-            if adapter in self.lora_variant:
-                gain = self._cache_pop(f"{adapter}-dora-gain")
-                with torch.no_grad():
-                    base.cores[0].div_(gain.to(base.cores[0]).view(1, -1, 1, 1))
-            base.truncate_bond_(base.bond_dims[0] - self.r[adapter])
+            if isinstance(base, InterpolativeLinear):
+                if adapter in self.lora_variant:
+                    self._cache_pop(f"{adapter}-dora-gain")
+                base.restore_(self._cache_pop(f"{adapter}-kept-rows"))
+            else:
+                if adapter in self.lora_variant:
+                    gain = self._cache_pop(f"{adapter}-dora-gain")
+                    with torch.no_grad():
+                        base.cores[0].div_(gain.to(base.cores[0]).view(1, -1, 1, 1))
+                base.truncate_bond_(base.bond_dims[0] - self.r[adapter])
             if self.lora_bias[adapter]:
                 with torch.no_grad():
                     base.bias -= self.lora_B[adapter].bias * self.scaling[adapter]

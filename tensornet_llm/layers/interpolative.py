@@ -1,0 +1,289 @@
+"""The low-rank layout stored as kept rows: ``W = P^T [I; Y] Z`` (an interpolative decomposition).
+
+A rank-``r`` weight ``W = U V`` (``out x r`` times ``r x in``) is fixed by ``r`` of its rows: pick
+rows ``R`` with ``U[R]`` invertible, then ``W = (U U[R]^-1) (U[R] V)``, whose left factor is the
+identity on the rows ``R``. So the layer stores
+
+* ``Z = W[R]`` ``(r, in)``: the kept rows (``cores[1]``, shaped ``(r, 1, in, 1)`` like ``V``),
+* ``Y = U[R'] U[R]^-1`` ``(out - r, r)``: every other row ``R'`` as a combination of the kept
+  ones (``cores[0]``, shaped ``(1, out - r, 1, r)``),
+* ``row_order``: where each output row sits in ``[R, R']`` (from the layout, not a parameter),
+
+``r (in + out - r)`` parameters instead of ``r (in + out)``, for the same weight. Every rank
+below ``min(in, out)`` is then smaller than the dense layer, and at a fixed parameter count the
+rank is higher: keeping 80% of a ``576 x 1536`` weight allows rank 417 instead of 335. The
+forward pass costs the same number of multiply-adds as parameters:
+``y = [x Z^T, x Z^T Y^T][row_order]``.
+
+The rows are chosen by *maxvol* (Goreinov, Tyrtyshnikov and Zamarashkin, 2010): ``U[R]`` has
+nearly maximal volume, so the entries of ``Y`` stay near or below 1 in magnitude (1.1 once
+the swaps converge) and the conversion from ``U, V`` is well conditioned (it is exact up to
+float rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ArgumentError
+from .base import linear_weight
+from .mpo import MPOLinear
+
+__all__ = ["InterpolativeLinear", "maxvol_rows"]
+
+
+def maxvol_rows(u: Tensor, tol: float = 0.1, max_swaps: int | None = None) -> tuple[Tensor, Tensor]:
+    """Rows ``R`` of ``u`` ``(m, r)``, ``m >= r``, whose ``r x r`` block has (locally) maximal
+    volume, and ``B = u u[R]^-1`` ``(m, r)`` (identity on the rows ``R``, every entry at most
+    ``1 + tol`` in magnitude unless ``max_swaps``, default ``r``, ran out first). Starts from
+    LU with partial pivoting, then swaps rows while an entry of ``B`` exceeds ``1 + tol`` (each
+    swap grows ``|det u[R]|`` by that entry)."""
+    m, r = u.shape
+    if m < r:
+        raise ArgumentError(f"maxvol needs at least as many rows as columns, got {tuple(u.shape)}")
+    u = u.double()
+    _, pivots = torch.linalg.lu_factor(u)
+    order = torch.arange(m)
+    for k, p in enumerate((pivots - 1).tolist()):  # LAPACK's row interchanges, in sequence
+        order[[k, p]] = order[[p, k]]
+    rows = order[:r].clone()
+    b = torch.linalg.solve(u[rows], u, left=False)  # u u[R]^-1
+    for _ in range(max_swaps if max_swaps is not None else r):
+        flat = int(b.abs().argmax())
+        i, j = divmod(flat, r)
+        pivot = b[i, j]
+        if abs(float(pivot)) <= 1 + tol:
+            break
+        # Row j of the block becomes row i of u: the rank-one update of u u[R]^-1.
+        rows[j] = i
+        bj, bi = b[:, j].clone(), b[i].clone()
+        bi[j] -= 1
+        b -= torch.outer(bj, bi / pivot)
+    return rows, b
+
+
+class InterpolativeLinear(MPOLinear):
+    """The low-rank layout ``W = U V`` stored as kept rows and their combinations (module docs):
+    ``r (in + out - r)`` parameters at rank ``r``. Build it from a low-rank
+    :class:`~tensornet_llm.layers.mpo.MPOLinear` with :meth:`from_factors` (exact) or from a
+    weight with :meth:`from_weight` (truncated SVD, then the same conversion).
+
+    Shapes: input ``(..., in_features)`` -> output ``(..., out_features)``.
+    """
+
+    method = "interpolative"
+
+    def __init__(self, in_features: int, out_features: int, chi: int, n_sites: int | None = 2,
+                 bias: bool = True, *, in_shape: Sequence[int] | None = None,
+                 out_shape: Sequence[int] | None = None, bond_dims: Sequence[int] | None = None,
+                 row_order: Sequence[int] | Tensor | None = None, strategy: str = "auto",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 ) -> None:
+        in_shape = (1, in_features) if in_shape is None else tuple(in_shape)
+        out_shape = (out_features, 1) if out_shape is None else tuple(out_shape)
+        if n_sites != 2 or tuple(in_shape) != (1, in_features) or tuple(out_shape) != (out_features, 1):
+            raise ArgumentError("InterpolativeLinear is the low-rank layout: n_sites=2, "
+                                f"in_shape=(1, {in_features}), out_shape=({out_features}, 1)")
+        super().__init__(in_features, out_features, chi, 2, bias, in_shape=in_shape,
+                         out_shape=out_shape, bond_dims=bond_dims, strategy=strategy,
+                         device=device, dtype=dtype)
+        if row_order is None:  # the first r rows kept, in order
+            row_order = torch.arange(out_features)
+        order = torch.as_tensor(row_order, dtype=torch.long)
+        if sorted(order.tolist()) != list(range(out_features)):
+            raise ArgumentError(f"row_order must be a permutation of range({out_features})")
+        device = self.cores[1].device
+        self.register_buffer("row_order", order.to("cpu" if device.type == "meta" else device),
+                             persistent=False)
+
+    @staticmethod
+    def _parameter_shapes(spec) -> tuple[tuple[int, ...], ...]:
+        (out_f, _, rank), (_, _, in_f) = spec.core_shapes  # (o, 1, r) and (r, 1, i)
+        return (1, out_f - rank, 1, rank), (rank, 1, in_f, 1)
+
+    @property
+    def rank(self) -> int:
+        return int(self.cores[1].shape[0])
+
+    def factors(self, cores: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """``(U, V)`` with ``W = U V``: ``U = P^T [I; Y]`` ``(out, r)``, ``V = Z`` ``(r, in)``."""
+        y, z = self.cores if cores is None else cores
+        r = z.shape[0]
+        y = y.reshape(-1, r)
+        eye = torch.eye(r, dtype=y.dtype, device=y.device)
+        return torch.cat([eye, y]).index_select(0, self._order(y.device)), z.reshape(r, -1)
+
+    def _order(self, device: torch.device) -> Tensor:
+        """``row_order`` on ``device`` (a quantized layer's skeleton keeps it on the CPU)."""
+        order = self.row_order
+        return order if order.device == device else order.to(device)
+
+    def _operands(self, cores: Sequence[Tensor] | None = None) -> list[Tensor]:
+        u, v = self.factors(cores)
+        return [u.unsqueeze(1), v.unsqueeze(1)]  # (o, 1, r) and (r, 1, i), as the MPO's
+
+    @property
+    def is_low_rank(self) -> bool:  # W = U V, but U is not stored (see factors())
+        return True
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``y = [x Z^T, x Z^T Y^T][row_order] + b``: two thin matmuls and one gather."""
+        if x.shape[-1] != self.in_features:
+            raise ArgumentError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        y_core, z_core = self.cores._parameters.values()
+        r = z_core.shape[0]
+        z = None
+        if (self._siblings is not None and not torch.compiler.is_compiling()
+                and not torch.is_grad_enabled()):
+            z = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
+        if z is None:
+            z = F.linear(x, z_core.view(r, self.in_features))
+        y = torch.cat([z, F.linear(z, y_core.view(-1, r))], dim=-1)
+        y = y.index_select(-1, self._order(y.device))
+        return y if self.bias is None else y + self.bias
+
+    # ----- conversion --------------------------------------------------------------------------
+    @classmethod
+    def from_factors(cls, layer: MPOLinear) -> "InterpolativeLinear":
+        """The same weight as the low-rank ``layer`` (``W = U V``), stored as kept rows: exact up
+        to float rounding (the conversion runs in float64). Bias, dtype, device and
+        ``requires_grad`` are kept."""
+        if not (isinstance(layer, MPOLinear) and layer.is_low_rank) or isinstance(layer, cls):
+            raise ArgumentError(f"layer must be a low-rank MPOLinear (W = U V), got {type(layer).__name__}")
+        u, v = (c.detach() for c in layer.cores)
+        m, n, r = layer.out_features, layer.in_features, u.shape[-1]
+        u64, v64 = u.reshape(m, r).double(), v.reshape(r, n).double()
+        rows, b = maxvol_rows(u64)
+        rest = torch.ones(m, dtype=torch.bool)
+        rest[rows] = False
+        others = rest.nonzero().squeeze(1)
+        stacked = torch.cat([rows, others])
+        order = torch.empty_like(stacked)
+        order[stacked] = torch.arange(m)
+        new = torch.nn.utils.skip_init(
+            cls, n, m, layer.chi, 2, bias=layer.bias is not None, bond_dims=[r],
+            row_order=order, strategy=layer.strategy, device=u.device, dtype=u.dtype)
+        new.row_order = order.to(u.device)  # skip_init left the buffer uninitialised
+        with torch.no_grad():
+            new.cores[0].copy_(b[others].reshape(1, m - r, 1, r))
+            new.cores[1].copy_((u64[rows] @ v64).reshape(r, 1, n, 1))  # W[R]
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        for p, q in zip(new.cores, layer.cores):
+            p.requires_grad_(q.requires_grad)
+        if layer.bias is not None:
+            new.bias.requires_grad_(layer.bias.requires_grad)
+        new.spectra = layer.spectra
+        new.train(layer.training)
+        return new
+
+    @classmethod
+    def from_weight(cls, weight: Tensor, bias: Tensor | None, chi: int, n_sites: int | None = 2,
+                    *, in_shape: Sequence[int] | None = None,
+                    out_shape: Sequence[int] | None = None, tol: float | None = None,
+                    strategy: str = "auto") -> "InterpolativeLinear":
+        """Truncated SVD of ``weight`` ``(out, in)`` at rank ``chi``, stored as kept rows."""
+        out_f, in_f = weight.shape
+        factors = MPOLinear.from_weight(weight, bias, chi, 2, in_shape=(1, in_f),
+                                        out_shape=(out_f, 1), tol=tol, strategy=strategy)
+        return cls.from_factors(factors)
+
+    @classmethod
+    def from_linear(cls, linear, chi: int, n_sites: int | None = 2, **kwargs: Any
+                    ) -> "InterpolativeLinear":
+        weight, bias = linear_weight(linear)
+        return cls.from_weight(weight, bias, chi, n_sites, **kwargs)
+
+    def layout(self) -> dict[str, Any]:
+        return {**super().layout(), "row_order": self.row_order.tolist()}
+
+    @classmethod
+    def from_layout(cls, layout: dict[str, Any], device=None, dtype=None) -> "InterpolativeLinear":
+        return cls(layout["in_features"], layout["out_features"], layout["chi"], 2,
+                   bias=layout["bias"], bond_dims=layout["bond_dims"],
+                   row_order=layout["row_order"], device=device, dtype=dtype)
+
+    # ----- exact edits (peft merges) ------------------------------------------------------------
+    def _stacked_rows(self) -> Tensor:
+        """Output row of each stacked position: the kept rows ``R``, then the others."""
+        order = self.row_order.cpu()
+        rows = torch.empty_like(order)
+        rows[order] = torch.arange(order.numel())
+        return rows
+
+    def _store(self, y: Tensor, z: Tensor, rows: Tensor) -> None:
+        """New cores ``Y (out - r, r)``, ``Z (r, in)`` (any float dtype) for stacked ``rows``."""
+        m, n, r = self.out_features, self.in_features, z.shape[0]
+        like = self.cores[1]
+        order = torch.empty_like(rows)
+        order[rows] = torch.arange(m)
+        self._set_cores([y.reshape(1, m - r, 1, r).to(like), z.reshape(r, 1, n, 1).to(like)])
+        self.row_order = order.to(self.row_order.device)
+
+    @torch.no_grad()
+    def append_factors_(self, left: Tensor, right: Tensor) -> None:
+        """``W <- W + left @ right`` exactly (``left (out, k)``, ``right (k, in)``): the rank
+        grows to ``r + k``. The kept rows stay kept and ``k`` more join them, chosen by maxvol
+        among the rows where ``left`` is not explained by the kept rows' coefficients, so the
+        new coefficients stay bounded. Computed in float64; the cores become new parameters."""
+        m, n, r = self.out_features, self.in_features, self.rank
+        k = left.shape[-1]
+        if left.shape != (m, k) or right.shape != (k, n):
+            raise ArgumentError(f"factors must be (out={m}, k) and (k, in={n}), got "
+                                f"{tuple(left.shape)} and {tuple(right.shape)}")
+        if r + k > m:
+            raise ArgumentError(f"rank {r} + {k} would exceed out_features={m}: an "
+                                "InterpolativeLinear keeps at most all its rows")
+        rows = self._stacked_rows()
+        kept, others = rows[:r], rows[r:]
+        y = self.cores[0].detach().reshape(m - r, r).double()
+        z = self.cores[1].detach().reshape(r, n).double()
+        lk, lo = left.detach().double().cpu()[kept], left.detach().double().cpu()[others]
+        y, z, a = y.cpu(), z.cpu(), right.detach().double().cpu()
+        # Row o of W + L A is (Y[o] + D[o] S^-1 Y_S-part ...): with D = L_O - Y L_R, the part of
+        # L the kept rows' coefficients do not explain, the joining rows S are D's maxvol rows
+        # and every remaining row's coefficients are [Y - D S^-1 Y_S, D S^-1].
+        d = lo - y @ lk
+        joining, coeff = maxvol_rows(d)  # coeff = D D[S]^-1
+        rest = torch.ones(m - r, dtype=torch.bool)
+        rest[joining] = False
+        new_y = torch.cat([y[rest] - coeff[rest] @ y[joining], coeff[rest]], dim=1)
+        new_z = torch.cat([z + lk @ a, y[joining] @ z + lo[joining] @ a])
+        self._store(new_y, new_z, torch.cat([kept, others[joining], others[rest]]))
+
+    @torch.no_grad()
+    def scale_rows_(self, gain: Tensor) -> None:
+        """``W <- diag(gain) W`` exactly (``gain (out,)``, no zeros): kept rows scale with their
+        gain, and coefficients as ``Y <- diag(g_O) Y diag(g_R)^-1``."""
+        rows = self._stacked_rows().to(gain.device)
+        r = self.rank
+        g_kept, g_other = gain[rows[:r]], gain[rows[r:]]
+        y, z = self.cores
+        y.mul_((g_other[:, None] / g_kept[None, :]).to(y).reshape(y.shape))
+        z.mul_(g_kept.to(z).view(r, 1, 1, 1))
+
+    def state(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Copies of ``(Y, Z, row_order)``, for :meth:`restore_`."""
+        return (self.cores[0].detach().clone(), self.cores[1].detach().clone(),
+                self.row_order.clone())
+
+    @torch.no_grad()
+    def restore_(self, state: tuple[Tensor, Tensor, Tensor]) -> None:
+        """Go back to a :meth:`state` (undoes :meth:`append_factors_` and :meth:`scale_rows_`
+        bit for bit)."""
+        y, z, order = state
+        rows = torch.empty_like(order)
+        rows[order] = torch.arange(order.numel(), device=order.device)
+        self._store(y.reshape(-1, z.shape[0]), z.reshape(z.shape[0], -1), rows.cpu())
+
+    def truncate_bond_(self, rank: int) -> None:
+        raise ArgumentError("an InterpolativeLinear has no 'first rank terms' to keep: undo "
+                            "append_factors_ with restore_(state) taken before it")
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, bias={self.bias is not None}")
