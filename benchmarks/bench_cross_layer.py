@@ -22,6 +22,9 @@ Every method keeps the same fraction of the targeted parameters, calibrated on t
   budget chooses per group between a cross-layer network (any side, at any size of the grid),
   per-layer networks for its members, or dense; groups fitted with two sweeps.
 
+Rows marked ``two factors`` were measured before low-rank layers were stored as kept rows
+(``CompactifyConfig.interpolative``, the default since): their low-rank layers held
+``r (in + out)`` parameters, not ``r (in + out - r)``, so the budget gave them lower ranks.
 Rows marked ``(dense inputs)`` were measured before groups were fitted block by block: every
 module was fitted on the dense model's inputs (including ``cross-layer 1``'s per-layer ones).
 Rows marked ``(unweighted)`` were measured before ``CompactifyConfig.weigh_outputs`` (on by
