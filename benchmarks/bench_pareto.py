@@ -19,8 +19,9 @@ Models:
   alone and with int8 / int4;
 * at every ``--qat-keep`` (default 90%), that model healed by the same recipe but
   quantization-aware for int4 (``heal(..., quantize=4)``: every pass computes with the weights
-  ``quantize(model, 4)`` will store), and, as the control, the dense model healed the same way;
-  each alone and with int4.
+  ``quantize(model, 4)`` will store; its low-rank layers first turned into the two balanced
+  factors that ``quantize`` rounds, ``low_rank_as_factors``), and, as the control, the dense
+  model healed the same way; each alone and with int4.
 
 Quality: perplexity on ``--tokens`` held-out tokens of every domain (text that neither
 calibration nor healing draws from), the ratio to dense fp32, the geometric mean and the worst
@@ -48,6 +49,7 @@ import torch
 from torch import nn
 
 from tensornet_llm import compactify, heal, load_compactified, quantize, save_compactified
+from tensornet_llm.train.quantize import low_rank_as_factors
 from tensornet_llm.helpers.data import (
     DOMAINS, calibration_mix, check_mix, healing_mix, held_out_ids,
 )
@@ -89,6 +91,8 @@ def base_models(args, dense, tokenizer) -> dict:
         """The keep-``keep`` model (``None``: dense) healed by the default recipe; with
         ``bits``, quantization-aware for ``quantize(model, bits)``."""
         model, info = compressed_at(keep) if keep is not None else (copy.deepcopy(dense), {})
+        if bits:  # quantize() rounds kept-rows layers as two factors: train that form
+            info = {**info, "as_factors": low_rank_as_factors(model)}
         model.train()
         batches = healing_mix(tokenizer, args.heal_tokens, seq_len=256, batch_size=4)
         result = heal(model, batches, steps=args.heal_steps, lr=3e-4, warmup_steps=20,

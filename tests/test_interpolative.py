@@ -12,7 +12,7 @@ from tensornet_llm import CompactifyConfig, compactify, load_compactified, save_
 from tensornet_llm.layers.interpolative import InterpolativeLinear, maxvol_rows
 from tensornet_llm.layers.layout import Layout
 from tensornet_llm.layers.mpo import MPOLinear
-from tensornet_llm.layers.quantized import QuantizedTensorNetworkLinear
+from tensornet_llm.layers.quantized import QuantizedTensorNetworkLinear, round_tensor
 from tensornet_llm.train.quantize import quantize
 
 
@@ -148,3 +148,40 @@ def test_kept_rows_survive_save_load_quantize_and_compile(tmp_path):
         y = compiled(x)
         torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
         y.sum().backward()
+
+
+def test_int4_rounds_kept_rows_as_balanced_factors():
+    torch.manual_seed(0)
+    weight = torch.randn(384, 256) @ torch.diag(torch.linspace(1, 0.05, 256)) @ torch.randn(256, 256)
+    layer = InterpolativeLinear.from_weight(weight, None, 200)
+    factors = layer.to_factors()
+    assert isinstance(factors, MPOLinear) and factors.is_low_rank
+    torch.testing.assert_close(factors.to_dense(), layer.to_dense(), rtol=1e-4, atol=1e-4)
+    model = torch.nn.Sequential(layer)
+    quantize(model, 4)
+    assert isinstance(model[0], QuantizedTensorNetworkLinear)
+    dense = layer.to_dense().detach()
+    error = float((model[0].to_dense() - dense).norm() / dense.norm())
+    # Rounding Y itself moves every combined row by up to 200 rounded coefficients (0.26 here).
+    y = layer.cores[0].detach()
+    y_rounded = float((layer.dense_from([round_tensor(y, 4, 64, -1), layer.cores[1].detach()])
+                       - dense).norm() / dense.norm())
+    assert error < 0.2 < y_rounded
+
+
+def test_quantization_aware_healing_asks_for_factors_first():
+    from tensornet_llm.train.heal import heal
+    from tensornet_llm.train.quantize import low_rank_as_factors, rounding_plan
+
+    model = compressed()
+    snap = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="low_rank_as_factors"):
+        heal(model, [torch.randint(2, 96, (2, 16))], steps=1, quantize=4, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(snap, model.parameters()))
+    batch = inputs("llama")
+    with torch.no_grad():
+        before = model(**batch).logits
+        assert low_rank_as_factors(model) > 0
+        torch.testing.assert_close(model(**batch).logits, before, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, InterpolativeLinear) for m in model.modules())
+    assert rounding_plan(model, 4)

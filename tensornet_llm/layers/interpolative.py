@@ -207,6 +207,33 @@ class InterpolativeLinear(MPOLinear):
                    bias=layout["bias"], bond_dims=layout["bond_dims"],
                    row_order=layout["row_order"], device=device, dtype=dtype)
 
+    @torch.no_grad()
+    def to_factors(self) -> MPOLinear:
+        """The same weight as two balanced factors, ``U = Q_U A sqrt(S)``, ``V = sqrt(S) B^T
+        Q_V^T`` from the SVD of the small core (a low-rank :class:`MPOLinear`, ``r^2`` more
+        parameters). Quantize this form: rounding ``Y`` moves every combined row by the
+        rounding of up to ``r`` coefficients of order 1, which the combination does not
+        average out, while balanced factors round like a dense weight."""
+        u, v = (t.detach().double() for t in self.factors())
+        qu, ru = torch.linalg.qr(u)
+        qv, rv = torch.linalg.qr(v.T)
+        a, s, bt = torch.linalg.svd(ru @ rv.T)
+        root = s.sqrt()
+        left, right = (qu @ a) * root, root[:, None] * (bt @ qv.T)
+        m, n, r = self.out_features, self.in_features, self.rank
+        layer = torch.nn.utils.skip_init(
+            MPOLinear, n, m, self.chi, 2, bias=self.bias is not None, in_shape=(1, n),
+            out_shape=(m, 1), bond_dims=[r], strategy=self.strategy,
+            device=self.cores[1].device, dtype=self.cores[1].dtype)
+        layer.cores[0].copy_(left.reshape(1, m, 1, r))
+        layer.cores[1].copy_(right.reshape(r, 1, n, 1))
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        for p in (*layer.cores, *([layer.bias] if self.bias is not None else [])):
+            p.requires_grad_(self.cores[1].requires_grad)
+        layer.train(self.training)
+        return layer
+
     # ----- exact edits (peft merges) ------------------------------------------------------------
     def _stacked_rows(self) -> Tensor:
         """Output row of each stacked position: the kept rows ``R``, then the others."""

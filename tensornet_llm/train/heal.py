@@ -40,7 +40,7 @@ from ..helpers.evaluate import next_token_targets, summed_nll
 from ..helpers.files import atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
 from ..compress.calibrate import as_batches, check_token_ids
-from .quantize import QuantizeConfig, as_quantize_config, rounded_weights
+from .quantize import QuantizeConfig, as_quantize_config, rounded_weights, rounding_plan
 
 __all__ = ["HealConfig", "HealResult", "auto_precision", "heal", "trainable_parameters"]
 
@@ -299,6 +299,8 @@ def heal(
     if check_data is not None:
         check_token_ids(model, check_data, "check")
     params = trainable_parameters(model, cfg.train)
+    if cfg.quantize is not None:  # every layer must be one whose rounding training can take
+        rounding_plan(model, cfg.quantize)
     distill = (1.0 if teacher is not None else 0.0) if cfg.distill_weight is None \
         else cfg.distill_weight
 

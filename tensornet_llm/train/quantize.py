@@ -19,13 +19,14 @@ from ..errors import ArgumentError
 from ..compress.targets import check_pattern, matches
 from ..layers.base import TensorNetworkLinear, is_linear_like, linear_weight
 from ..layers.cross_layer import CrossLayerLinear
+from ..layers.interpolative import InterpolativeLinear
 from ..layers.quantized import (
     INT4_GROUP_SIZE, QuantizedCrossLayerLinear, QuantizedEmbedding, QuantizedLinear, QuantizedModule,
     QuantizedTensorNetworkLinear, QuantizedWeight, round_tensor,
 )
 
-__all__ = ["QuantizeConfig", "QuantizeReport", "as_quantize_config", "quantize",
-           "rounded_weights", "rounding_plan"]
+__all__ = ["QuantizeConfig", "QuantizeReport", "as_quantize_config", "low_rank_as_factors",
+           "quantize", "rounded_weights", "rounding_plan"]
 
 
 @dataclass
@@ -154,7 +155,12 @@ def rounding_plan(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
     its own scales: exactly the tensors and groupings of the quantized layers it builds."""
     cfg = as_quantize_config(bits, **options)
     plan: dict[int, tuple[nn.Parameter, int]] = {}
-    for _, module in _selected(model, cfg):
+    for name, module in _selected(model, cfg):
+        if isinstance(module, InterpolativeLinear):
+            raise ArgumentError(
+                f"{name} is a low-rank layer stored as kept rows, which quantize() rounds as two "
+                "balanced factors, a form its own parameters cannot take; call "
+                "low_rank_as_factors(model) first (the same weights as two factors)")
         if isinstance(module, TensorNetworkLinear):
             tensors = [(c, QuantizedTensorNetworkLinear._channel_dim(tuple(c.shape)))
                        for c in module.cores]
@@ -193,6 +199,20 @@ def rounded_weights(model: nn.Module, bits: "int | QuantizeConfig | None" = None
                 p.copy_(value)
 
 
+def low_rank_as_factors(model: nn.Module) -> int:
+    """Replace every low-rank layer stored as kept rows
+    (:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`) by the same weight as two
+    balanced factors (:meth:`~tensornet_llm.layers.interpolative.InterpolativeLinear.to_factors`,
+    ``r^2`` more parameters each), the form :func:`quantize` rounds, so quantization-aware
+    healing can train it. Returns how many layers were replaced."""
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, InterpolativeLinear)]
+    for name, module in found:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.to_factors())
+    return len(found)
+
+
 def quantize(
     model: nn.Module,
     bits: int | None = None,
@@ -223,8 +243,11 @@ def quantize(
     by_weight: dict[int, QuantizedWeight] = {}
     replacements: list[tuple[str, nn.Module, QuantizedModule]] = []
     for name, module in plan:
-        if isinstance(module, TensorNetworkLinear):
-            new: QuantizedModule = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
+        if isinstance(module, InterpolativeLinear):  # rounded as balanced factors (see there)
+            new: QuantizedModule = QuantizedTensorNetworkLinear.from_module(
+                module.to_factors(), cfg.bits, group)
+        elif isinstance(module, TensorNetworkLinear):
+            new = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
         elif isinstance(module, CrossLayerLinear):  # a group's bases are quantized once
             new = QuantizedCrossLayerLinear.from_module(module, cfg.bits, group, by_weight)
         elif isinstance(module, nn.Embedding):
