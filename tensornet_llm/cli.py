@@ -319,6 +319,13 @@ def cmd_heal(args: argparse.Namespace) -> None:
         from .helpers.data import check_mix
 
         check = check_mix(tokenizer, args.check_tokens, seq_len=min(512, args.check_tokens))
+    if args.quantize_aware:  # quantize() rounds kept-rows low-rank layers as two factors
+        from .train.quantize import low_rank_as_factors
+
+        converted = low_rank_as_factors(model)
+        if converted:
+            print(f"{converted} low-rank layers stored as two factors, the form "
+                  f"'quantize --bits {args.quantize_aware}' rounds")
     result = heal(model, batches, steps=args.steps, lr=args.lr, teacher=teacher,
                   train="cores" if args.cores_only else "all",
                   gradient_accumulation_steps=args.accumulate,

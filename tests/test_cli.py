@@ -100,13 +100,16 @@ def test_profile_writes_tables_and_plots(tiny_dir, text_file, tmp_path, capsys):
 
 def test_heal_then_quantize_then_eval(tiny_dir, text_file, tmp_path, capsys):
     compressed, healed, quantized = tmp_path / "c", tmp_path / "h", tmp_path / "q"
-    assert main(["compress", str(tiny_dir), "--chi", "4", "--out", str(compressed), "--quiet"]) == 0
+    assert main(["compress", str(tiny_dir), "--chi", "4", "--method", "low-rank", "--out",
+                 str(compressed), "--quiet"]) == 0
     second = tmp_path / "second.txt"
     second.write_text("Emma Woodhouse, handsome, clever, and rich. " * 40)
     assert main(["heal", str(compressed), "--text", str(text_file), str(second), "--steps", "8",
                  "--lr", "3e-3", "--batch", "2", "--seq", "32", "--teacher", str(tiny_dir),
                  "--quantize-aware", "4", "--out", str(healed), "--quiet"]) == 0
-    assert f"now run 'tensornet-llm quantize {healed} --bits 4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "low-rank layers stored as two factors" in printed  # what int4 rounds
+    assert f"now run 'tensornet-llm quantize {healed} --bits 4" in printed
     history = json.loads((healed / "healing.json").read_text())
     assert len(history["losses"]) == 8 and history["losses"][-1] < history["losses"][0]
     record = json.loads((healed / "tensornet.json").read_text())["healing"]
