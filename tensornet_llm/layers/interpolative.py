@@ -66,6 +66,13 @@ def maxvol_rows(u: Tensor, tol: float = 0.1, max_swaps: int | None = None) -> tu
     return rows, b
 
 
+def _inverse(permutation: Tensor) -> Tensor:
+    """``q`` with ``q[permutation[i]] = i`` (row order <-> stacked rows)."""
+    inverse = torch.empty_like(permutation)
+    inverse[permutation] = torch.arange(permutation.numel(), device=permutation.device)
+    return inverse
+
+
 class InterpolativeLinear(MPOLinear):
     """The low-rank layout ``W = U V`` stored as kept rows and their combinations (module docs):
     ``r (in + out - r)`` parameters at rank ``r``. Build it from a low-rank
@@ -161,9 +168,7 @@ class InterpolativeLinear(MPOLinear):
         rest = torch.ones(m, dtype=torch.bool)
         rest[rows] = False
         others = rest.nonzero().squeeze(1)
-        stacked = torch.cat([rows, others])
-        order = torch.empty_like(stacked)
-        order[stacked] = torch.arange(m)
+        order = _inverse(torch.cat([rows, others]))
         new = torch.nn.utils.skip_init(
             cls, n, m, layer.chi, 2, bias=layer.bias is not None, bond_dims=[r],
             row_order=order, strategy=layer.strategy, device=u.device, dtype=u.dtype)
@@ -237,19 +242,14 @@ class InterpolativeLinear(MPOLinear):
     # ----- exact edits (peft merges) ------------------------------------------------------------
     def _stacked_rows(self) -> Tensor:
         """Output row of each stacked position: the kept rows ``R``, then the others."""
-        order = self.row_order.cpu()
-        rows = torch.empty_like(order)
-        rows[order] = torch.arange(order.numel())
-        return rows
+        return _inverse(self.row_order.cpu())
 
     def _store(self, y: Tensor, z: Tensor, rows: Tensor) -> None:
         """New cores ``Y (out - r, r)``, ``Z (r, in)`` (any float dtype) for stacked ``rows``."""
         m, n, r = self.out_features, self.in_features, z.shape[0]
         like = self.cores[1]
-        order = torch.empty_like(rows)
-        order[rows] = torch.arange(m)
         self._set_cores([y.reshape(1, m - r, 1, r).to(like), z.reshape(r, 1, n, 1).to(like)])
-        self.row_order = order.to(self.row_order.device)
+        self.row_order = _inverse(rows).to(self.row_order.device)
 
     @torch.no_grad()
     def append_factors_(self, left: Tensor, right: Tensor) -> None:
@@ -303,9 +303,7 @@ class InterpolativeLinear(MPOLinear):
         """Go back to a :meth:`state` (undoes :meth:`append_factors_` and :meth:`scale_rows_`
         bit for bit)."""
         y, z, order = state
-        rows = torch.empty_like(order)
-        rows[order] = torch.arange(order.numel(), device=order.device)
-        self._store(y.reshape(-1, z.shape[0]), z.reshape(z.shape[0], -1), rows.cpu())
+        self._store(y.reshape(-1, z.shape[0]), z.reshape(z.shape[0], -1), _inverse(order.cpu()))
 
     def truncate_bond_(self, rank: int) -> None:
         raise ArgumentError("an InterpolativeLinear has no 'first rank terms' to keep: undo "

@@ -148,6 +148,12 @@ class MPOLinear(TensorNetworkLinear):
         ])
 
     @torch.no_grad()
+    def scale_rows_(self, gain: Tensor) -> None:
+        """``W <- diag(gain) W`` exactly (``gain (out,)``): the rows of ``U``."""
+        self._require_low_rank("scale_rows_")
+        self.cores[0].mul_(gain.to(self.cores[0]).view(1, -1, 1, 1))
+
+    @torch.no_grad()
     def truncate_bond_(self, rank: int) -> None:
         """Keep the first ``rank`` terms of ``W = U V`` (undoes :meth:`append_factors_`)."""
         self._require_low_rank("truncate_bond_")

@@ -122,11 +122,7 @@ class TensorNetworkLoraLinear(_PeftLoraLinear):
                 self._cache_store(f"{adapter}-kept-rows", base.state())
             base.append_factors_(left, right)
             if gain is not None:
-                if isinstance(base, InterpolativeLinear):
-                    base.scale_rows_(gain)
-                else:
-                    with torch.no_grad():
-                        base.cores[0].mul_(gain.to(base.cores[0]).view(1, -1, 1, 1))  # rows of U
+                base.scale_rows_(gain)
                 self._cache_store(f"{adapter}-dora-gain", gain)
             if self.lora_bias[adapter]:
                 if base.bias is None:
@@ -146,9 +142,7 @@ class TensorNetworkLoraLinear(_PeftLoraLinear):
                 base.restore_(self._cache_pop(f"{adapter}-kept-rows"))
             else:
                 if adapter in self.lora_variant:
-                    gain = self._cache_pop(f"{adapter}-dora-gain")
-                    with torch.no_grad():
-                        base.cores[0].div_(gain.to(base.cores[0]).view(1, -1, 1, 1))
+                    base.scale_rows_(1 / self._cache_pop(f"{adapter}-dora-gain"))
                 base.truncate_bond_(base.bond_dims[0] - self.r[adapter])
             if self.lora_bias[adapter]:
                 with torch.no_grad():
