@@ -12,7 +12,8 @@ from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, save_compactified,
 )
 from tensornet_llm.compress.budget import (
-    Option, _damage, _lower_hull, _start_row_errors, allocate, chi_for_params,
+    RANK_MULTIPLE, Option, _damage, _lower_hull, _start_row_errors, allocate, chi_for_params,
+    ladder,
 )
 from tensornet_llm.compress.calibrate import (
     as_batches, collect_covariances, collect_output_gradients, output_gradients,
@@ -39,6 +40,22 @@ def test_chi_for_params_is_the_largest_that_fits(cls, in_f, out_f, frac):
     count = lambda c: sum(p.numel() for p in cls(in_f, out_f, c, 3, bias=False, device="meta").cores)
     assert chi == 1 or count(chi) <= budget
     assert count(chi + 1) > budget or count(chi + 1) == count(chi)
+
+
+@pytest.mark.parametrize("rows", [True, False])
+def test_budget_ranks_of_low_rank_layers_are_aligned(rows):
+    """Low-rank rungs sit on multiples of RANK_MULTIPLE (below it, as they fit); other layouts
+    keep the largest chi that fits."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160)
+    options = ladder(linear, [Layout.low_rank(96, 160, rows=rows), Layout(MPOLinear, 3)])
+    low = [o.chi for o in options if o.layout is not None and o.layout.is_low_rank]
+    assert len(low) >= 5 and all(c % RANK_MULTIPLE == 0 or c < RANK_MULTIPLE for c in low)
+    mpo = [o for o in options if o.layout is not None and not o.layout.is_low_rank]
+    assert any(o.chi % RANK_MULTIPLE for o in mpo)  # not rounded
+    for o in options[1:]:
+        assert o.params < 96 * 160 + 160
+        assert o.params == o.layout.num_parameters(96, 160, o.chi, True)
 
 
 def test_lower_hull_is_convex_and_drops_dominated_options():

@@ -30,7 +30,11 @@ def test_kept_rows_hold_the_same_weight_in_fewer_parameters(m, n, r, seed):
     layer = InterpolativeLinear.from_factors(low_rank)
     torch.testing.assert_close(layer.to_dense(), low_rank.to_dense(), rtol=1e-9, atol=1e-9)
     x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(layer(x), low_rank(x), rtol=1e-9, atol=1e-9)
+    expected = layer(x)
+    torch.testing.assert_close(expected, low_rank(x), rtol=1e-9, atol=1e-9)
+    with torch.no_grad():  # the inference path: one output buffer, strided matmuls, one gather
+        torch.testing.assert_close(layer(x.view(3, 1, n)), expected.view(3, 1, m),
+                                   rtol=1e-12, atol=1e-12)
     assert layer.num_parameters == r * (m + n - r) + m
     assert layer.num_parameters == InterpolativeLinear.count_parameters(
         n, m, r, 2, True, in_shape=(1, n), out_shape=(m, 1))

@@ -147,11 +147,32 @@ class InterpolativeLinear(MPOLinear):
         if (self._siblings is not None and not torch.compiler.is_compiling()
                 and not torch.is_grad_enabled()):
             z = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
+        if (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and x.dtype == z_core.dtype and not torch.is_autocast_enabled(x.device.type)):
+            return self._inference_forward(x, z, y_core.view(-1, r), z_core.view(r, -1))
         if z is None:
             z = F.linear(x, z_core.view(r, self.in_features))
         y = torch.cat([z, F.linear(z, y_core.view(-1, r))], dim=-1)
         y = y.index_select(-1, self._order(y.device))
         return y if self.bias is None else y + self.bias
+
+    def _inference_forward(self, x: Tensor, z: Tensor | None, y: Tensor, kept: Tensor) -> Tensor:
+        """The forward without autograd: both matmuls write straight into one ``(tokens, out)``
+        buffer, ``[x Z^T | x Z^T Y^T]`` (BLAS takes the column blocks as strided outputs), so the
+        only copy is the final gather of the output features."""
+        lead = x.shape[:-1]
+        r = kept.shape[0]
+        buffer = x.new_empty(lead.numel(), self.out_features)
+        head = buffer[:, :r]
+        if z is None:
+            torch.mm(x.reshape(-1, self.in_features), kept.t(), out=head)
+        else:
+            head.copy_(z.reshape(-1, r))
+        torch.mm(head, y.t(), out=buffer[:, r:])
+        out = buffer.index_select(1, self._order(buffer.device))
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.view(*lead, self.out_features)
 
     # ----- conversion --------------------------------------------------------------------------
     @classmethod
