@@ -61,6 +61,9 @@ from _rows import resume
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = {"": None, " + int8": 8, " + int4": 4}
 QAT = " healed for int4"  # quantization-aware healing: its rows are the float and the int4 model
+#: In the compressed models' cache names: changed whenever compactify's defaults build something
+#: else at the same keep (now: kept rows, ranks that are multiples of 8).
+MODEL_VERSION = "rows8"
 
 
 def cached(path: Path, build) -> tuple[nn.Module, dict]:
@@ -104,11 +107,12 @@ def base_models(args, dense, tokenizer) -> dict:
                        "stopped_early": result.stopped_early, "out_of_time": result.out_of_time}
 
     def compressed_at(keep: float):
-        return cached(cache / f"pareto-keep{keep}-mixw{args.calibration_tokens}",
+        return cached(cache / f"pareto-keep{keep}-mix{args.calibration_tokens}-{MODEL_VERSION}",
                       lambda: compressed(keep))
 
     def healed_at(keep: float | None, bits: int | None = None):
-        base = "dense" if keep is None else f"keep{keep}-mixw{args.calibration_tokens}"
+        base = ("dense" if keep is None
+                else f"keep{keep}-mix{args.calibration_tokens}-{MODEL_VERSION}")
         return cached(cache / f"pareto-{base}-heal{args.heal_steps}x{args.heal_tokens}"
                       f"{f'-qat{bits}' if bits else ''}-{args.heal_minutes:g}min",
                       lambda: healed(keep, bits))

@@ -35,7 +35,7 @@ def spread(t: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(default_cache_dir() / "bench" /
-                                               "pareto-keep0.5-mixw16384"))
+                                               "pareto-keep0.5-mix16384-rows8"))
     parser.add_argument("--layers", type=int, default=9)
     args = parser.parse_args()
     model = load_compactified(args.model).eval()
