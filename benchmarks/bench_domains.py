@@ -73,6 +73,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
             "weigh_outputs") else "",
         # rows measured before kept-rows storage existed stored two factors
         "low-rank storage": lambda r: "kept rows" if r.get("interpolative") else "factors",
+        "min saving": lambda r: f"{r['min_saving']:.0%}" if r.get("min_saving") else "",
         "keep": lambda r: f"{r['keep']:.0%}"})
     (out / "bench_domains.md").write_text("\n".join(lines) + "\n")
 
@@ -94,6 +95,9 @@ def main() -> None:
     parser.add_argument("--low-rank-factors", action="store_true",
                         help="store low-rank layers as two factors, not kept rows "
                         "(CompactifyConfig.interpolative=False)")
+    parser.add_argument("--min-saving", type=float, default=0.0,
+                        help="every compressed module saves at least this fraction "
+                        "(CompactifyConfig.min_saving)")
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -114,19 +118,19 @@ def main() -> None:
             metric = args.output_metric if weigh else None
             rows_kept = not args.low_rank_factors
             key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge,
-                   args.match_dense, weigh, metric, rows_kept)
+                   args.match_dense, weigh, metric, rows_kept, args.min_saving)
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"],
                     r.get("ridge", 0.0), r.get("match_dense", False),
                     r.get("weigh_outputs", False),
                     r.get("output_metric", "diagonal" if r.get("weigh_outputs") else None),
-                    r.get("interpolative", False)) == key
+                    r.get("interpolative", False), r.get("min_saving", 0.0)) == key
                    for r in rows):
                 continue
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
             config = CompactifyConfig(shrinkage=args.shrinkage, ridge=args.ridge,
                                       match_dense=args.match_dense, weigh_outputs=weigh,
                                       output_metric=args.output_metric,
-                                      interpolative=rows_kept)
+                                      interpolative=rows_kept, min_saving=args.min_saving)
             row = held_out_row(
                 lambda student: compactify(student, ratio=keep, calibration=data,
                                            fit_steps=args.fit_steps, progress=False,
@@ -135,7 +139,8 @@ def main() -> None:
                          "calibration_tokens": args.calibration_tokens,
                          "shrinkage": args.shrinkage, "ridge": args.ridge,
                          "match_dense": args.match_dense, "weigh_outputs": weigh,
-                         "output_metric": metric, "interpolative": rows_kept, **row})
+                         "output_metric": metric, "interpolative": rows_kept,
+                         "min_saving": args.min_saving, **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
             write(args.out, meta, rows)
     write(args.out, meta, rows)

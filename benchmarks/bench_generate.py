@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensornet_llm import compactify, fuse_siblings
+from tensornet_llm import CompactifyConfig, compactify, fuse_siblings
 from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
 from tensornet_llm.helpers.evaluate import model_size_bytes
 from tensornet_llm.helpers.models import load_smollm2
@@ -56,25 +56,32 @@ def decode_bytes(model: nn.Module) -> int:
     return model_size_bytes(model) - (0 if tied else embed.numel() * embed.element_size())
 
 
-def build_models(keeps: list[float], single_keep: float | None, fuse: bool = False
-                 ) -> dict[str, nn.Module]:
+def build_models(keeps: list[float], single_keep: float | None, fuse: bool = False,
+                 min_saving: float = 0.0) -> tuple[dict[str, nn.Module], dict[str, int]]:
+    """The models by name, and how many modules each compressed."""
     dense, _ = load_smollm2()
-    models = {"dense": dense}
+    models, compressed = {"dense": dense}, {"dense": 0}
     for keep in keeps:
-        model = copy.deepcopy(dense)
-        compactify(model, ratio=keep, progress=False)
-        models[f"keep {keep:.0%}"] = model
-        if fuse:  # the same model with its low-rank siblings fused (a copy runs unfused)
-            fused = copy.deepcopy(model)
-            fuse_siblings(fused)
-            models[f"keep {keep:.0%} fused"] = fused
+        for saving in (0.0, min_saving) if min_saving else (0.0,):
+            model = copy.deepcopy(dense)
+            report = compactify(model, ratio=keep, progress=False,
+                                config=CompactifyConfig(min_saving=saving))
+            name = f"keep {keep:.0%}" + (f", min saving {saving:.0%}" if saving else "")
+            models[name] = model
+            compressed[name] = len(report.layers)
+            if fuse:  # the same model with its low-rank siblings fused (a copy runs unfused)
+                fused = copy.deepcopy(model)
+                fuse_siblings(fused)
+                models[f"{name} fused"], compressed[f"{name} fused"] = fused, compressed[name]
     if single_keep is not None:
         for method, n_sites in (("mpo", 3), ("ttns", 4)):
             model = copy.deepcopy(dense)
-            compactify(model, ratio=single_keep, method=method, n_sites=n_sites,
-                       low_rank=False, progress=False)
-            models[f"{method} keep {single_keep:.0%}"] = model
-    return {k: m.eval() for k, m in models.items()}
+            report = compactify(model, ratio=single_keep, method=method, n_sites=n_sites,
+                                low_rank=False, progress=False)
+            name = f"{method} keep {single_keep:.0%}"
+            models[name] = model
+            compressed[name] = len(report.layers)
+    return {k: m.eval() for k, m in models.items()}, compressed
 
 
 def generate_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int, static: bool
@@ -126,17 +133,18 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              "decoded token over the model's. Models compressed with "
              "`compactify(model, ratio=keep)` (default layouts, no calibration: speed does not "
              "depend on the weights' values). Written by `benchmarks/bench_generate.py`.", "",
-             "| model | batch | mode | dtype | prefill tok/s | prefill vs dense | decode tok/s | "
-             "decode vs dense | decode ceiling | of ceiling |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | modules compressed | batch | mode | dtype | prefill tok/s | "
+             "prefill vs dense | decode tok/s | decode vs dense | decode ceiling | of ceiling |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ceiling = r["ceiling"]
+        count = r.get("compressed_modules", "")  # not recorded by runs before this column
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['mode']} | {r['dtype']} | "
+            f"| {r['model']} | {count} | {r['batch']} | {r['mode']} | {r['dtype']} | "
             f"{r['prefill_tokens_per_s']:.0f} | {r['prefill_ratio']:.2f}x | "
             f"{r['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | {ceiling:.2f}x | "
             f"{(r['decode_ratio'] - 1) / (ceiling - 1):.0%} |" if ceiling > 1.001 else
-            f"| {r['model']} | {r['batch']} | {r['mode']} | {r['dtype']} | "
+            f"| {r['model']} | {count} | {r['batch']} | {r['mode']} | {r['dtype']} | "
             f"{r['prefill_tokens_per_s']:.0f} | {r['prefill_ratio']:.2f}x | "
             f"{r['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | {ceiling:.2f}x | |")
     lines += ["", "\"of ceiling\": the share of the possible decode gain reached, "
@@ -187,10 +195,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fuse", action="store_true",
                         help="also time each keep with fuse_siblings (eager only)")
+    parser.add_argument("--min-saving", type=float, default=0.0,
+                        help="also time each keep compressed with CompactifyConfig(min_saving=...)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
 
-    models = build_models(args.keep, args.single_keep or None, args.fuse)
+    models, compressed = build_models(args.keep, args.single_keep or None, args.fuse,
+                                      args.min_saving)
     _, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
     ceilings = {name: decode_bytes(models["dense"]) / decode_bytes(m) for name, m in models.items()}
@@ -214,7 +225,7 @@ def main() -> None:
                         "decode_tokens_per_s": batch / t["decode"],
                         "prefill_ratio": dense["prefill"] / t["prefill"],
                         "decode_ratio": dense["decode"] / t["decode"],
-                        "ceiling": ceilings[name],
+                        "ceiling": ceilings[name], "compressed_modules": compressed[name],
                     })
                     print(json.dumps(rows[-1]), flush=True)
                 gc.collect()

@@ -159,7 +159,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
     report = compactify(model, calibration=calibration, progress=not args.quiet,
                         config=CompactifyConfig(weigh_outputs=not args.no_weigh_outputs,
                                                 output_metric=args.output_metric,
-                                                interpolative=options.pop("interpolative", True)),
+                                                interpolative=options.pop("interpolative", True),
+                                                min_saving=options.pop("min_saving", 0.0)),
                         **options)
     print(report)
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
@@ -171,7 +172,8 @@ def _compress_options(args: argparse.Namespace) -> dict:
     return dict(chi=args.chi, ratio=args.ratio, method=args.method, n_sites=args.n_sites,
                 tol=args.tol, exclude=args.exclude or None, fit_steps=args.fit_steps,
                 low_rank=not args.no_low_rank, cross_layer=args.cross_layer,
-                **({"interpolative": False} if args.low_rank_factors else {}))
+                **({"interpolative": False} if args.low_rank_factors else {}),
+                **({"min_saving": args.min_saving} if args.min_saving else {}))
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -191,7 +193,8 @@ def _settings(args: argparse.Namespace) -> dict:
                               if args.ratio is not None and calibrated and not args.stream
                               and not args.no_weigh_outputs else None),
             "cross_layer": args.cross_layer, "low_rank_storage":
-                "factors" if args.low_rank_factors else "kept rows"}
+                "factors" if args.low_rank_factors else "kept rows",
+            "min_saving": args.min_saving if args.ratio is not None else None}
 
 
 def _compress_streaming(args: argparse.Namespace, out: Path) -> None:
@@ -409,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store low-rank layers as two factors U, V (peft merges adapters into "
                    "them by concatenation) instead of kept rows and their combinations, which "
                    "hold the same rank in r^2 fewer parameters")
+    p.add_argument("--min-saving", type=float, default=0.0,
+                   help="with --ratio, every compressed module saves at least this fraction of "
+                   "its parameters (default 0; e.g. 0.4 for decode speed: fewer modules, each "
+                   "compressed further)")
     p.add_argument("--no-weigh-outputs", action="store_true",
                    help="with --ratio and calibration, fit every output feature alike (SVD-LLM's "
                    "objective) instead of weighting each by the loss gradient there")

@@ -148,6 +148,45 @@ def test_bad_ratio_leaves_model_untouched(kwargs, match):
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_min_saving_compresses_fewer_modules_further(calibrated):
+    """Every module the budget compresses keeps at most 1 - min_saving of its parameters."""
+    calibration = calibration_batches(2) if calibrated else None
+    reports = {}
+    for saving in (0.0, 0.5):
+        model = build("llama")
+        reports[saving] = compactify(model, ratio=0.8, progress=False, fit_steps=2,
+                                     calibration=calibration,
+                                     config=CompactifyConfig(min_saving=saving))
+        assert reports[saving].kept_fraction <= 0.8
+    assert all(layer.params_after <= 0.5 * layer.params_before for layer in reports[0.5].layers)
+    assert any(layer.params_after > 0.5 * layer.params_before for layer in reports[0.0].layers)
+    assert 0 < len(reports[0.5].layers) < len(reports[0.0].layers)
+
+
+@pytest.mark.parametrize("max_keep", [0.3, 0.6, 1.0])
+def test_ladder_offers_nothing_above_max_keep(max_keep):
+    linear = nn.Linear(48, 80)
+    options = ladder(linear, [Layout.low_rank(48, 80), Layout(MPOLinear, 3)], max_keep=max_keep)
+    dense = 48 * 80 + 80
+    assert options[0].chi is None and options[0].params == dense
+    assert len(options) > 3 and all(o.params <= max_keep * dense for o in options[1:])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"ratio": 0.8, "min_saving": 1.0}, "min_saving must be"),
+    ({"ratio": 0.8, "min_saving": -0.1}, "min_saving must be"),
+    ({"ratio": 0.8, "min_saving": True}, "min_saving must be"),
+    ({"chi": 4, "min_saving": 0.3}, "give ratio"),
+])
+def test_bad_min_saving_leaves_model_untouched(kwargs, match):
+    model = build("llama")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        compactify(model, progress=False, config=CompactifyConfig(**kwargs))
+    assert_unchanged(model, snap)
+
+
 # ----- layouts: the budget chooses between a 3-site MPO and the low-rank factorisation ----------
 
 @given(out_f=st.integers(2, 40), in_f=st.integers(2, 40), chi=st.integers(1, 12))

@@ -222,3 +222,18 @@ def test_compress_low_rank_factors_stores_two_factors(tiny_dir, tmp_path):
         assert structure["compactify"]["low_rank_storage"] == ("factors" if flag else "kept rows")
         kinds[bool(flag)] = {m["method"] for m in structure["modules"].values()}
     assert kinds == {False: {"interpolative"}, True: {"mpo"}}
+
+
+def test_compress_min_saving_is_passed_and_recorded(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "saving"
+    assert main(["compress", str(tiny_dir), "--ratio", "0.8", "--min-saving", "0.5",
+                 "--no-calibration", "--out", str(out), "--quiet"]) == 0
+    structure = json.loads((out / "tensornet.json").read_text())
+    assert structure["compactify"]["min_saving"] == 0.5
+    report = json.loads((out / "report.json").read_text())
+    assert report["layers"] and all(
+        layer["params_after"] <= 0.5 * layer["params_before"] for layer in report["layers"])
+    # Without a budget it means nothing: refused in one line, nothing written.
+    assert main(["compress", str(tiny_dir), "--chi", "4", "--min-saving", "0.5",
+                 "--out", str(tmp_path / "refused"), "--quiet"]) != 0
+    assert "min_saving" in capsys.readouterr().err and not (tmp_path / "refused").exists()

@@ -220,6 +220,7 @@ def allocate(
     grad_sq: Mapping[str, Tensor] | None = None,
     keep_grid: tuple[float, ...] = KEEP_GRID,
     weigh_outputs: bool = False,
+    max_keep: float = 1.0,
 ) -> Allocation:
     """Choose chi per module so that the kept parameters total at most ``ratio`` of the dense.
 
@@ -233,6 +234,8 @@ def allocate(
         keep_grid: keep fractions tried per module.
         weigh_outputs: price each network as fitted with its output rows weighted by
             ``grad_sq`` (see :func:`ladder`).
+        max_keep: offer no network that keeps more than this fraction of its module's
+            parameters (a module is then left dense or compressed at least that far).
 
     Raises:
         ValueError: ``ratio`` outside (0, 1] or below what the smallest grid rung keeps.
@@ -242,7 +245,8 @@ def allocate(
     ladders = {
         name: ladder(module, settings[name],
                      covariances[name] if covariances is not None else None,
-                     grad_sq[name] if grad_sq is not None else None, keep_grid, weigh_outputs)
+                     grad_sq[name] if grad_sq is not None else None, keep_grid, weigh_outputs,
+                     max_keep)
         for name, module in modules.items()
     }
     return choose(ladders, ratio, estimate)
@@ -261,13 +265,15 @@ def ladder(
     grad_sq: Tensor | None = None,
     keep_grid: tuple[float, ...] = KEEP_GRID,
     weigh_outputs: bool = False,
+    max_keep: float = 1.0,
 ) -> list[Option]:
     """One module's options: dense first, then each offered layout at each chi of the grid,
     with its estimated damage (see the module docs). Needs the module's weight, and nothing
     else of the model: a streaming pass builds the ladders one block at a time.
     ``weigh_outputs`` (with ``covariance`` and ``grad_sq``) prices each network as
     ``compactify`` then fits it: started from the cut with output rows weighted by
-    :func:`~.fit.output_weights`, which for the low-rank layout minimises the damage itself."""
+    :func:`~.fit.output_weights`, which for the low-rank layout minimises the damage itself.
+    ``max_keep`` drops every network with more than that fraction of the dense parameters."""
     layouts = [Layout(*setting)] if isinstance(setting, tuple) else list(setting)
     weight, bias = linear_weight(module)
     out_f, in_f = weight.shape
@@ -288,7 +294,7 @@ def ladder(
             layout, in_f, out_f, None, int(k * dense) - (dense - weight.numel())))
             for k in keep_grid})
         counts = {chi: layout.num_parameters(in_f, out_f, chi, bias is not None) for chi in chis}
-        chis = [chi for chi in chis if counts[chi] < dense]
+        chis = [chi for chi in chis if counts[chi] < dense and counts[chi] <= max_keep * dense]
         for chi, row_sq in zip(chis, _start_row_errors(layout, w, chis, cov, factor, rows)):
             options.append(Option(chi, counts[chi], _damage(row_sq, reference_sq, grad_sq), layout))
     return options

@@ -113,6 +113,12 @@ class CompactifyConfig:
             ``r (in + out)`` for the same weight, so the budget affords higher ranks at the same
             ``ratio``, and any rank below ``min(in, out)`` saves parameters. ``False``: two
             factors ``U, V`` (a 2-site MPO), which peft adapters merge into exactly.
+        min_saving: with ``ratio``, every module the budget compresses saves at least this
+            fraction of its parameters (it is otherwise left dense). The default ``0`` lets the
+            budget compress many modules a little, which costs least quality; a module kept at
+            90% of its parameters runs as two thinner matmuls and decodes no faster than the
+            dense layer, so for speed at batch 1 something like ``0.4`` concentrates the
+            compression on fewer modules (see docs/speed.md).
     """
 
     chi: PerModule | None = None
@@ -135,6 +141,7 @@ class CompactifyConfig:
     weigh_outputs: bool = True
     output_metric: str = "diagonal"
     interpolative: bool = True
+    min_saving: float = 0.0
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -181,11 +188,21 @@ class CompactifyConfig:
                                 f"{self.output_metric!r}")
         if not _is_int(self.sweeps) or self.sweeps < 0:
             raise ArgumentError(f"sweeps must be an integer >= 0, got {self.sweeps!r}")
+        if isinstance(self.min_saving, bool) or not isinstance(self.min_saving, (int, float)) or \
+                not 0 <= self.min_saving < 1:
+            raise ArgumentError(f"min_saving must be a number in [0, 1), got {self.min_saving!r}")
+        if self.min_saving and self.ratio is None:
+            raise ArgumentError("min_saving applies to the budget: give ratio as well")
 
     def regularize(self, cov: torch.Tensor) -> torch.Tensor:
         """The input covariance the budget and the fit use: ``cov`` with :attr:`shrinkage` and
         :attr:`ridge` applied (see :func:`shrunk`)."""
         return shrunk(cov, self.shrinkage, self.ridge)
+
+    @property
+    def max_keep(self) -> float:
+        """The largest fraction of a module's parameters a network the budget offers keeps."""
+        return 1.0 - self.min_saving
 
     @property
     def effective_chi(self) -> PerModule:
@@ -569,7 +586,7 @@ def _budget_settings(
             notes.append(note)
     weigh = cfg.weigh_outputs and grads is not None
     allocation = allocate(modules, cfg.ratio, {n: offered[n] for n in modules}, covs, grads,
-                          weigh_outputs=weigh)
+                          weigh_outputs=weigh, max_keep=cfg.max_keep)
     if weigh:
         notes.append("each network fitted to the Gauss-Newton loss estimate (output features "
                      "weighted by the loss gradient's second moment"

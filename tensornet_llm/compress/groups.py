@@ -204,7 +204,8 @@ def _group_ladder(group: Group, cfg: CompactifyConfig, covs: dict | None, grads:
     names, modules = group.names, group.modules
     weigh = cfg.weigh_outputs and grads is not None  # as _build then fits them
     hulls = [_lower_hull(ladder(m, offered_layouts(n, m, cfg), covs[n] if covs else None,
-                                grads[n] if grads else None, weigh_outputs=weigh))
+                                grads[n] if grads else None, weigh_outputs=weigh,
+                                max_keep=cfg.max_keep))
              for n, m in zip(names, modules)]
     dense = sum(h[0].params for h in hulls)
     add(dense, 0.0, _Choice("dense"))
@@ -235,7 +236,7 @@ def _group_ladder(group: Group, cfg: CompactifyConfig, covs: dict | None, grads:
         for rank, rows in zip(ranks, start_row_errors(weights, group_covs, candidate, ranks,
                                                       rows_of)):
             params = group_parameters(candidate, in_f, out_f, g, *rank) + biases
-            if params < dense:
+            if params < dense and params <= cfg.max_keep * dense:
                 add(params, sum(_damage(r, ref, grads[n] if grads else None)
                                 for r, ref, n in zip(rows, references, names)),
                     _Choice("group", side=candidate, ranks=rank))

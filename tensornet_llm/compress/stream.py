@@ -475,7 +475,8 @@ def _streamed_budget(stream: _Stream, cfg: CompactifyConfig, batches: list | Non
             modules = {n: stream.model.get_submodule(n) for n in names_in.get(prefix, [])}
             covs = walk.covariances(modules, block, batches, cfg) if batches else {}
             for name, module in modules.items():
-                ladders[name] = ladder(module, offered[name], covs.pop(name, None))
+                ladders[name] = ladder(module, offered[name], covs.pop(name, None),
+                                       max_keep=cfg.max_keep)
         del walk
     allocation = choose(ladders, cfg.ratio, "weight" if batches is None else "output")
     settings = {name: None if allocation.chi[name] is None
