@@ -36,25 +36,26 @@ def test_groups_are_found_by_shared_input_and_outputs_do_not_change():
            for b in range(2)])
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
     assert isinstance(q._siblings, SiblingGroup) and q._siblings.ranks == [6, 6, 6]
-    calls = []
-    hook = torch.nn.functional.linear
-    with torch.no_grad():
-        torch.nn.functional.linear = lambda *a, **k: calls.append(1) or hook(*a, **k)
+    def matmuls() -> tuple[int, torch.Tensor]:
+        """Matmuls of one no-grad forward (``F.linear`` and ``torch.mm``, which the kept-rows
+        inference path uses), and its logits."""
+        calls = []
+        linear, mm = torch.nn.functional.linear, torch.mm
+        torch.nn.functional.linear = lambda *a, **k: calls.append(1) or linear(*a, **k)
+        torch.mm = lambda *a, **k: calls.append(1) or mm(*a, **k)
         try:
-            after = model(ids).logits
+            with torch.no_grad():
+                logits = model(ids).logits
+            return len(calls), logits
         finally:
-            torch.nn.functional.linear = hook
+            torch.nn.functional.linear, torch.mm = linear, mm
+
+    fused, after = matmuls()
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
     # per block: q/k/v take 1 + 3 matmuls instead of 6, gate/up 1 + 2 instead of 4
-    with torch.no_grad():
-        unfuse_siblings(model)
-        plain = []
-        torch.nn.functional.linear = lambda *a, **k: plain.append(1) or hook(*a, **k)
-        try:
-            model(ids)
-        finally:
-            torch.nn.functional.linear = hook
-    assert len(plain) - len(calls) == 2 * (2 + 1)
+    unfuse_siblings(model)
+    plain, _ = matmuls()
+    assert plain - fused == 2 * (2 + 1)
 
 
 def test_members_share_one_stacked_tensor_and_the_state_dict_is_unchanged(tmp_path):

@@ -144,11 +144,11 @@ class InterpolativeLinear(MPOLinear):
         y_core, z_core = self.cores._parameters.values()
         r = z_core.shape[0]
         z = None
-        if (self._siblings is not None and not torch.compiler.is_compiling()
-                and not torch.is_grad_enabled()):
+        inference = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if inference and self._siblings is not None:
             z = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
-        if (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and x.dtype == z_core.dtype and not torch.is_autocast_enabled(x.device.type)):
+        if inference and x.dtype == z_core.dtype and not torch.is_autocast_enabled(
+                x.device.type):
             return self._inference_forward(x, z, y_core.view(-1, r), z_core.view(r, -1))
         if z is None:
             z = F.linear(x, z_core.view(r, self.in_features))
