@@ -164,11 +164,9 @@ class CompactifyConfig:
             raise ArgumentError(f"min_features must be an integer >= 1, got {self.min_features!r}")
         if not _is_int(self.fit_steps) or self.fit_steps < 0:
             raise ArgumentError(f"fit_steps must be an integer >= 0, got {self.fit_steps!r}")
-        if isinstance(self.shrinkage, bool) or not isinstance(self.shrinkage, (int, float)) or not (
-                0 <= self.shrinkage <= 1):
+        if not (_is_number(self.shrinkage) and 0 <= self.shrinkage <= 1):
             raise ArgumentError(f"shrinkage must be a number in [0, 1], got {self.shrinkage!r}")
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not (
-                0 <= self.ridge < math.inf):
+        if not (_is_number(self.ridge) and 0 <= self.ridge < math.inf):
             raise ArgumentError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
         for flag in ("low_rank", "match_dense", "gradients", "weigh_outputs", "interpolative"):
             if not isinstance(getattr(self, flag), bool):
@@ -188,8 +186,7 @@ class CompactifyConfig:
                                 f"{self.output_metric!r}")
         if not _is_int(self.sweeps) or self.sweeps < 0:
             raise ArgumentError(f"sweeps must be an integer >= 0, got {self.sweeps!r}")
-        if isinstance(self.min_saving, bool) or not isinstance(self.min_saving, (int, float)) or \
-                not 0 <= self.min_saving < 1:
+        if not (_is_number(self.min_saving) and 0 <= self.min_saving < 1):
             raise ArgumentError(f"min_saving must be a number in [0, 1), got {self.min_saving!r}")
         if self.min_saving and self.ratio is None:
             raise ArgumentError("min_saving applies to the budget: give ratio as well")
@@ -211,6 +208,10 @@ class CompactifyConfig:
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _check_setting(value, argument: str, ok, allowed: str) -> None:
