@@ -45,6 +45,36 @@ def test_kept_rows_hold_the_same_weight_in_fewer_parameters(m, n, r, seed):
     torch.testing.assert_close(layer.cores[1].reshape(r, n), low_rank.to_dense()[kept])
 
 
+@given(m=st.integers(2, 40), n=st.integers(1, 24), r=st.integers(1, 12), tokens=st.integers(1, 20),
+       seed=st.integers(0, 99))
+@settings(max_examples=30, deadline=None)
+def test_bfloat16_paths_compute_the_same_map(m, n, r, tokens, seed):
+    """In a 2-byte dtype on the CPU the layer multiplies by ``U`` once from ``r`` tokens up and
+    gathers with ``torch.gather`` below: outputs and gradients agree with float64, in bfloat16
+    and under autocast, with and without autograd."""
+    r = min(r, m - 1, n)
+    reference = InterpolativeLinear.from_factors(factors(m, n, r, seed))
+    x = torch.randn(tokens, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    expected = reference(x)
+    expected.square().sum().backward()
+    scale = float(expected.detach().abs().max()) + 1.0
+    for mode in ("bfloat16", "autocast"):
+        layer = copy.deepcopy(reference).to(torch.bfloat16 if mode == "bfloat16" else torch.float32)
+        layer.zero_grad()
+        xin = x.to(torch.bfloat16 if mode == "bfloat16" else torch.float32)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            with torch.no_grad():
+                inferred = layer(xin)
+            out = layer(xin)
+            out.float().square().sum().backward()
+        assert out.dtype == torch.bfloat16
+        for y in (inferred, out):
+            torch.testing.assert_close(y.double(), expected, rtol=0, atol=0.05 * scale)
+        for p, q in zip(layer.cores, reference.cores):
+            g = float(q.grad.abs().max()) + 1.0
+            torch.testing.assert_close(p.grad.double(), q.grad, rtol=0, atol=0.1 * g)
+
+
 def test_maxvol_only_swaps_to_a_larger_volume():
     u = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     rows, b = maxvol_rows(u)
