@@ -14,9 +14,11 @@ greedy ``generate`` from a ``--prompt``-token prompt:
 ``--fuse`` adds, for every keep, the same model after ``fuse_siblings`` (q/k/v and gate/up
 input sides as one matmul; eager only, since compiled code runs the layers unfused).
 
-Models are interleaved round by round (every model runs once per round, in the same process) and
-the fastest of ``--rounds`` rounds counts for each, so drift and interference hit all alike.
-Ratios are against the dense model in the same configuration; beside each decode ratio stands
+Models are interleaved round by round (every model runs once per round, in the same process), so
+drift and interference hit all alike. Ratios are against the dense model in the same
+configuration, two ways: of the fastest of ``--rounds`` rounds for each, and the median over
+rounds of the ratio within a round (the model against the dense run of the same round, which
+cancels drift slower than a round; on a noisy machine the steadier). Beside each decode ratio stands
 its ceiling, dense bytes read per decoded token over the model's (every weight that a token's
 forward pass reads: the linear layers and cores, the LM head; an embedding lookup reads one
 row), which is what a memory-bound decode can gain at most. Speed does not depend on the values
@@ -31,6 +33,7 @@ import copy
 import gc
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -94,8 +97,9 @@ def generate_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int, st
 
 
 def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, rounds: int,
-               mode: str, dtype: torch.dtype) -> dict[str, dict[str, float]]:
-    """Fastest prefill and per-token decode seconds of every model, interleaved by round."""
+               mode: str, dtype: torch.dtype) -> dict[str, dict[str, list[float]]]:
+    """Prefill and per-token decode seconds of every model in every round (models interleaved:
+    each runs once per round, in turn)."""
     ready = {}
     for name, model in models.items():
         model = model.to(dtype)
@@ -105,46 +109,63 @@ def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: i
             model = copy.copy(model)  # a shallow copy carries the compiled forward alone
             model.forward = torch.compile(model.forward, dynamic=True)
         ready[name] = model
-    best = {name: {"prefill": float("inf"), "total": float("inf")} for name in ready}
+    times = {name: {"prefill": [], "decode": []} for name in ready}
     static = mode == "compiled"
     with torch.inference_mode():
         for name, model in ready.items():  # warm-up (and compilation)
             generate_seconds(model, prompt, 2, static)
         for _ in range(rounds):
             for name, model in ready.items():
-                best[name]["prefill"] = min(best[name]["prefill"],
-                                            generate_seconds(model, prompt, 1, static))
-                best[name]["total"] = min(best[name]["total"],
-                                          generate_seconds(model, prompt, 1 + new_tokens, static))
+                prefill = generate_seconds(model, prompt, 1, static)
+                total = generate_seconds(model, prompt, 1 + new_tokens, static)
+                times[name]["prefill"].append(prefill)
+                times[name]["decode"].append(max(total - prefill, 1e-9) / new_tokens)
     for name, model in models.items():
         model.to(torch.float32)
-    return {name: {"prefill": b["prefill"],
-                   "decode": max(b["total"] - b["prefill"], 1e-9) / new_tokens}
-            for name, b in best.items()}
+    return times
+
+
+def speed_ratios(times: dict[str, list[float]], dense: dict[str, list[float]]
+                 ) -> dict[str, float]:
+    """Per phase: the fastest round's seconds, the ratio of the fastest rounds (dense over
+    model) and the median over rounds of the ratio within a round (each round's model run against
+    the dense run next to it in time, which cancels drift slower than a round)."""
+    out = {}
+    for phase in ("prefill", "decode"):
+        out[f"{phase}_s"] = min(times[phase])
+        out[f"{phase}_ratio"] = min(dense[phase]) / min(times[phase])
+        out[f"{phase}_ratio_median"] = statistics.median(
+            d / t for d, t in zip(dense[phase], times[phase]))
+    return out
 
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
     (out / "bench_generate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["# Generation speed against dense (SmolLM2-135M)", "",
              f"Greedy `generate` from a {meta['prompt']}-token prompt; decode is per new token "
-             f"over {meta['new_tokens']} new tokens; fastest of {meta['rounds']} interleaved rounds, "
+             f"over {meta['new_tokens']} new tokens; {meta['rounds']} interleaved rounds, "
              f"{meta['threads']} CPU threads ({meta['machine']}). Ratios are dense time over the "
-             "model's time (above 1: faster than dense); the ceiling is dense bytes read per "
+             "model's time (above 1: faster than dense): \"vs dense\" of the fastest rounds, "
+             "\"median\" the median over rounds of the ratio within a round (robust to drift "
+             "between rounds); the ceiling is dense bytes read per "
              "decoded token over the model's. Models compressed with "
              "`compactify(model, ratio=keep)` (default layouts, no calibration: speed does not "
              "depend on the weights' values). Written by `benchmarks/bench_generate.py`.", "",
              "| model | modules compressed | batch | mode | dtype | prefill tok/s | "
-             "prefill vs dense | decode tok/s | decode vs dense | decode ceiling | of ceiling |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "prefill vs dense | median | decode tok/s | decode vs dense | median | "
+             "decode ceiling | of ceiling |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ceiling = r["ceiling"]
         count = r.get("compressed_modules", "")  # not recorded by runs before this column
         share = f"{(r['decode_ratio'] - 1) / (ceiling - 1):.0%} " if ceiling > 1.001 else ""
+        median = {phase: f"{r[f'{phase}_ratio_median']:.2f}x" if f"{phase}_ratio_median" in r
+                  else "" for phase in ("prefill", "decode")}  # not recorded by older runs
         lines.append(
             f"| {r['model']} | {count} | {r['batch']} | {r['mode']} | {r['dtype']} | "
-            f"{r['prefill_tokens_per_s']:.0f} | {r['prefill_ratio']:.2f}x | "
-            f"{r['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | {ceiling:.2f}x | "
-            f"{share}|")
+            f"{r['prefill_tokens_per_s']:.0f} | {r['prefill_ratio']:.2f}x | {median['prefill']} | "
+            f"{r['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | {median['decode']} | "
+            f"{ceiling:.2f}x | {share}|")
     lines += ["", "\"of ceiling\": the share of the possible decode gain reached, "
               "(ratio - 1) / (ceiling - 1)."]
     (out / "bench_generate.md").write_text("\n".join(lines) + "\n")
@@ -214,15 +235,12 @@ def main() -> None:
                 print(f"batch {batch}, {mode}, {dtype} ...", flush=True)
                 times = run_config(models, prompt, args.new_tokens, args.rounds, mode,
                                    DTYPES[dtype])
-                dense = times["dense"]
                 for name, t in times.items():
+                    ratios = speed_ratios(t, times["dense"])
                     rows.append({
-                        "model": name, "batch": batch, "mode": mode, "dtype": dtype,
-                        "prefill_s": t["prefill"], "decode_s": t["decode"],
-                        "prefill_tokens_per_s": batch * args.prompt / t["prefill"],
-                        "decode_tokens_per_s": batch / t["decode"],
-                        "prefill_ratio": dense["prefill"] / t["prefill"],
-                        "decode_ratio": dense["decode"] / t["decode"],
+                        "model": name, "batch": batch, "mode": mode, "dtype": dtype, **ratios,
+                        "prefill_tokens_per_s": batch * args.prompt / ratios["prefill_s"],
+                        "decode_tokens_per_s": batch / ratios["decode_s"],
                         "ceiling": ceilings[name], "compressed_modules": compressed[name],
                     })
                     print(json.dumps(rows[-1]), flush=True)
