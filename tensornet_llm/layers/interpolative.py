@@ -159,7 +159,8 @@ class InterpolativeLinear(MPOLinear):
         inference = not torch.is_grad_enabled() and not compiling
         if inference and self._siblings is not None:
             z = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
-        if not compiling and _slow_column_gather(x) and x.numel() >= r * self.in_features:
+        slow_gather = not compiling and _slow_column_gather(x)
+        if slow_gather and x.numel() >= r * self.in_features:
             # At least r tokens in a 2-byte dtype on the CPU: gathering the (tokens, out)
             # output's columns would cost more than the matmuls, so gather U's rows instead
             # (out x r, contiguous) and multiply once: y = (x Z^T) U^T.
@@ -167,17 +168,20 @@ class InterpolativeLinear(MPOLinear):
             return F.linear(F.linear(x, v) if z is None else z, u, self.bias)
         if inference and x.dtype == z_core.dtype and not torch.is_autocast_enabled(
                 x.device.type):
-            return self._inference_forward(x, z, y_core.view(-1, r), z_core.view(r, -1))
+            return self._inference_forward(x, z, y_core.view(-1, r), z_core.view(r, -1),
+                                           slow_gather)
         if z is None:
             z = F.linear(x, z_core.view(r, self.in_features))
         y = torch.cat([z, F.linear(z, y_core.view(-1, r))], dim=-1)
         y = y.index_select(-1, self._order(y.device))
         return y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: as nn.Linear
 
-    def _inference_forward(self, x: Tensor, z: Tensor | None, y: Tensor, kept: Tensor) -> Tensor:
+    def _inference_forward(self, x: Tensor, z: Tensor | None, y: Tensor, kept: Tensor,
+                           slow_gather: bool) -> Tensor:
         """The forward without autograd: both matmuls write straight into one ``(tokens, out)``
         buffer, ``[x Z^T | x Z^T Y^T]`` (BLAS takes the column blocks as strided outputs), so the
-        only copy is the final gather of the output features."""
+        only copy is the final gather of the output features (``slow_gather``: through
+        ``torch.gather``, see :func:`_slow_column_gather`)."""
         lead = x.shape[:-1]
         r = kept.shape[0]
         buffer = x.new_empty(lead.numel(), self.out_features)
@@ -188,7 +192,7 @@ class InterpolativeLinear(MPOLinear):
             head.copy_(z.reshape(-1, r))
         torch.mm(head, y.t(), out=buffer[:, r:])
         order = self._order(buffer.device)
-        if _slow_column_gather(buffer):  # the same gather through a kernel that is fast for it
+        if slow_gather:  # the same gather through a kernel that is fast for 2-byte dtypes
             out = torch.gather(buffer, 1, order.expand(buffer.shape[0], -1))
         else:
             out = buffer.index_select(1, order)
