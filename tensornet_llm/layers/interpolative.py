@@ -75,8 +75,8 @@ def _inverse(permutation: Tensor) -> Tensor:
 
 def _slow_column_gather(x: Tensor) -> bool:
     """Whether ``x``'s matmul outputs are in a 2-byte dtype (bfloat16, float16, also under
-    autocast) on the CPU, where ``index_select`` along columns runs about four times slower than
-    for float32 (no vectorised kernel), enough to outweigh a layer's matmuls at bfloat16 speed."""
+    autocast) on the CPU, where ``index_select`` along columns has no vectorised kernel and runs
+    far slower than for float32, enough to outweigh a layer's matmuls at bfloat16 speed."""
     if x.device.type != "cpu":
         return False
     autocast = torch.is_autocast_enabled("cpu")
