@@ -13,15 +13,18 @@ Every method keeps the same fraction of the targeted parameters, calibrated on t
   block on the compressed model's (what the cross-layer path must do), to separate that effect
   from sharing;
 * ``svd-llm``: the matched low-rank control, every module at the same keep, whitened SVD
-  (SVD-LLM; ``cross_layer=1``, input side);
+  (SVD-LLM; ``cross_layer=1``, input side), stored as two factors as published;
 * ``basis-sharing``: the cross-layer control, Basis Sharing as published (arXiv 2410.03765):
   every group at the same keep; q, k, v, gate and up shared over pairs of blocks, o and down per
   layer; input basis, no sweeps (one SVD of the stacked weights whitened by the summed input
-  covariance);
+  covariance), stored as published (basis and coefficients, no kept rows);
 * ``cross-layer G``: ``compactify(model, ratio=keep, calibration=..., cross_layer=G)``: the
   budget chooses per group between a cross-layer network (any side, at any size of the grid),
   per-layer networks for its members, or dense; groups fitted with two sweeps.
 
+The row marked ``(shared bases without kept rows)`` was measured before a shared input basis
+was stored as kept rows of the stacked cores (``in_rank^2`` fewer parameters per group, so the
+budget priced every shared network higher than it does now).
 Rows marked ``two factors`` were measured before low-rank layers were stored as kept rows
 (``CompactifyConfig.interpolative``, the default since): their low-rank layers held
 ``r (in + out)`` parameters, not ``r (in + out - r)``, so the budget gave them lower ranks.
@@ -84,7 +87,8 @@ def compress(model, name: str, keep: float, data):
         sizes = 1 if name == "svd-llm" else BASIS_SHARING_GROUPS
         return compactify(model, chi=uniform_chi(model, sizes, keep), calibration=data,
                           cross_layer=sizes, progress=False,
-                          config=CompactifyConfig(cross_layer_side="input", sweeps=0))
+                          config=CompactifyConfig(cross_layer_side="input", sweeps=0,
+                                                  interpolative=False))  # two factors
     size = int(name.split()[-1])  # ours: the budget chooses per group, sides auto, 2 sweeps
     return compactify(model, ratio=keep, calibration=data, cross_layer=size, progress=False)
 

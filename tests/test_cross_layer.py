@@ -107,12 +107,15 @@ def test_the_shared_output_basis_start_is_the_optimum():
 
 
 @given(side=st.sampled_from(SIDES), g=st.integers(1, 5), out_f=st.integers(2, 40),
-       in_f=st.integers(2, 40), keep=st.floats(0.05, 1.0))
-def test_group_ranks_fit_the_budget(side, g, out_f, in_f, keep):
-    in_rank, out_rank = group_ranks(side, in_f, out_f, g, keep)
-    params = group_parameters(side, in_f, out_f, g, in_rank, out_rank)
+       in_f=st.integers(2, 40), keep=st.floats(0.05, 1.0), kept_rows=st.booleans())
+def test_group_ranks_fit_the_budget(side, g, out_f, in_f, keep, kept_rows):
+    in_rank, out_rank = group_ranks(side, in_f, out_f, g, keep, kept_rows)
+    params = group_parameters(side, in_f, out_f, g, in_rank, out_rank, kept_rows)
     if (in_rank or 1) > 1 or (out_rank or 1) > 1:  # rank 1 is the floor, whatever the budget
         assert params <= keep * g * out_f * in_f + 1e-9
+    if side == "input" and in_rank < min(in_f, g * out_f):  # and it is the largest that fits
+        bigger = group_parameters(side, in_f, out_f, g, in_rank + 1, None, kept_rows)
+        assert bigger > keep * g * out_f * in_f - 1e-9
 
 
 @given(g=st.integers(1, 4), out_f=st.integers(2, 12), in_f=st.integers(2, 12),

@@ -112,7 +112,10 @@ class CompactifyConfig:
             ``W = P^T [I; Y] W[R]``): ``r (in + out - r)`` parameters at rank ``r`` instead of
             ``r (in + out)`` for the same weight, so the budget affords higher ranks at the same
             ``ratio``, and any rank below ``min(in, out)`` saves parameters. ``False``: two
-            factors ``U, V`` (a 2-site MPO), which peft adapters merge into exactly.
+            factors ``U, V`` (a 2-site MPO), which peft adapters merge into exactly. The same
+            holds for a cross-layer group sharing its input basis alone: ``r`` rows of its
+            stacked cores become the identity (``r^2`` fewer parameters per group;
+            :func:`~tensornet_llm.layers.cross_layer.kept_rows_gauge`).
         min_saving: with ``ratio``, every module the budget compresses saves at least this
             fraction of its parameters (it is otherwise left dense). The default ``0`` lets the
             budget compress many modules a little, which costs least quality; a module kept at

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ArgumentError, EstimateFallbackWarning
 from ..layers.base import linear_weight
-from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases
+from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases, kept_rows_gauge
 from .budget import KEEP_GRID, Option, _damage, _lower_hull, choose, ladder
 from .calibrate import BlockReplay, calibrated_order, collect_covariances, output_gradients
 from .compactify import (
@@ -125,11 +125,11 @@ def _fit(group: Group, cfg: CompactifyConfig, covs: list | None) -> tuple[str, G
         in_rank, out_rank = _ranks(group, side, cfg)
         return side, fit_group(weights, covs, side=side, in_rank=in_rank, out_rank=out_rank,
                                sweeps=cfg.sweeps)
-    keep = group_parameters("input", in_f, out_f, g, *_ranks(group, "input", cfg)) / (
-        group.dense_parameters)
+    keep = group_parameters("input", in_f, out_f, g, *_ranks(group, "input", cfg),
+                            cfg.interpolative) / group.dense_parameters
     starts = {}  # every side's closed-form start, at the same parameters; sweep the best
     for candidate in SIDES:
-        in_rank, out_rank = group_ranks(candidate, in_f, out_f, g, keep)
+        in_rank, out_rank = group_ranks(candidate, in_f, out_f, g, keep, cfg.interpolative)
         fit = fit_group(weights, covs, side=candidate, in_rank=in_rank, out_rank=out_rank,
                         sweeps=0)
         starts[candidate] = (fit.history[-1], in_rank, out_rank, fit)
@@ -141,25 +141,34 @@ def _fit(group: Group, cfg: CompactifyConfig, covs: list | None) -> tuple[str, G
     return side, fit
 
 
-def _members(group: Group, fit: GroupFit) -> list[CrossLayerLinear]:
-    """The drop-in modules of a fitted group, on the originals' device and dtype."""
+def _members(group: Group, fit: GroupFit, kept_rows: bool) -> list[CrossLayerLinear]:
+    """The drop-in modules of a fitted group, on the originals' device and dtype; a shared
+    input basis alone in the kept-rows gauge with ``kept_rows`` (where its rank allows:
+    ``in_rank <= G out``, as :func:`~.sweeps.group_parameters` counts)."""
     weight, _ = linear_weight(group.modules[0])
     kw = {"device": weight.device, "dtype": weight.dtype}
     out_f, in_f = group.shape
+    in_basis, cores = fit.in_basis, fit.cores
+    kept: list[tuple | None] = [None] * len(cores)
+    if kept_rows and fit.out_basis is None and in_basis.shape[0] <= len(cores) * out_f:
+        in_basis, gauged = kept_rows_gauge(in_basis, cores)
+        kept = [(k, order) if k.numel() else None for k, order, _ in gauged]  # none: plain
+        cores = [core for _, _, core in gauged]
     shared = SharedBases(
-        in_f, out_f, None if fit.in_basis is None else fit.in_basis.shape[0],
+        in_f, out_f, None if in_basis is None else in_basis.shape[0],
         None if fit.out_basis is None else fit.out_basis.shape[1], len(group.modules), **kw)
     with torch.no_grad():
-        for param, value in ((shared.in_basis, fit.in_basis), (shared.out_basis, fit.out_basis)):
+        for param, value in ((shared.in_basis, in_basis), (shared.out_basis, fit.out_basis)):
             if param is not None:
                 param.copy_(value)
                 param.requires_grad_(weight.requires_grad)
     members = []
     for index, module in enumerate(group.modules):
         w, bias = linear_weight(module)
-        member = CrossLayerLinear(shared, index, bias is not None, **kw)
+        k, order = kept[index] or (None, None)
+        member = CrossLayerLinear(shared, index, bias is not None, kept=k, row_order=order, **kw)
         with torch.no_grad():
-            member.core.copy_(fit.cores[index])
+            member.core.copy_(cores[index])
             if bias is not None:
                 member.bias.copy_(bias)
         member.core.requires_grad_(w.requires_grad)
@@ -230,12 +239,14 @@ def _group_ladder(group: Group, cfg: CompactifyConfig, covs: dict | None, grads:
     for candidate in SIDES if side == "auto" else (side,):
         # "both" is priced rank by rank, so on every other rung of the grid
         grid = KEEP_GRID[::2] if candidate == "both" else KEEP_GRID
-        ranks = sorted({group_ranks(candidate, in_f, out_f, g, keep) for keep in grid},
+        ranks = sorted({group_ranks(candidate, in_f, out_f, g, keep, cfg.interpolative)
+                        for keep in grid},
                        key=lambda r: (r[0] or 0, r[1] or 0))
         rows_of = group_rows if candidate == "input" else None
         for rank, rows in zip(ranks, start_row_errors(weights, group_covs, candidate, ranks,
                                                       rows_of)):
-            params = group_parameters(candidate, in_f, out_f, g, *rank) + biases
+            params = group_parameters(candidate, in_f, out_f, g, *rank,
+                                      cfg.interpolative) + biases
             if params < dense and params <= cfg.max_keep * dense:
                 add(params, sum(_damage(r, ref, grads[n] if grads else None)
                                 for r, ref, n in zip(rows, references, names)),
@@ -272,7 +283,7 @@ def _group_rows(group: Group, side: str, fit: GroupFit, members: list[CrossLayer
         rows.append(LayerReport(
             name=name, in_features=member.in_features, out_features=member.out_features,
             method=f"cross-layer {side} x{len(members)}",
-            chi=max(member.core.shape), bond_dims=list(member.shared.core_shape),
+            chi=max(member.shared.core_shape), bond_dims=list(member.shared.core_shape),
             params_before=weight.numel() + (bias.numel() if bias is not None else 0),
             # the shared bases are counted once, on the group's first member
             params_after=member.own_parameters + (member.shared_parameters if index == 0 else 0),
@@ -385,7 +396,7 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
                                 sweeps=cfg.sweeps,
                                 rows=[out_weights[n] for n in group.names]
                                 if out_weights and side == "input" else None)
-            members = _members(group, fit)
+            members = _members(group, fit, cfg.interpolative)
             rows.extend(_group_rows(group, side, fit, members, covs_list is not None,
                                     time.perf_counter() - t0))
             built = list(zip(group.modules, members))

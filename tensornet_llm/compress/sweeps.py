@@ -70,24 +70,33 @@ class GroupFit:
 
 
 def group_parameters(side: str, in_features: int, out_features: int, group_size: int,
-                     in_rank: int | None, out_rank: int | None) -> int:
-    """Parameters of a group's network (shared bases plus every core; biases not counted)."""
+                     in_rank: int | None, out_rank: int | None, kept_rows: bool = False) -> int:
+    """Parameters of a group's network (shared bases plus every core; biases not counted).
+    ``kept_rows``: a shared input basis alone is stored in the kept-rows gauge
+    (:func:`~tensornet_llm.layers.cross_layer.kept_rows_gauge`), ``in_rank^2`` fewer."""
     rows = out_rank if side in ("output", "both") else out_features
     cols = in_rank if side in ("input", "both") else in_features
     shared = (in_features * cols if side != "output" else 0) + (
         out_features * rows if side != "input" else 0)
-    return shared + group_size * rows * cols
+    saved = cols * cols if kept_rows and side == "input" and cols <= group_size * rows else 0
+    return shared + group_size * rows * cols - saved
 
 
 def group_ranks(side: str, in_features: int, out_features: int, group_size: int,
-                keep: float) -> tuple[int | None, int | None]:
+                keep: float, kept_rows: bool = False) -> tuple[int | None, int | None]:
     """``(in_rank, out_rank)`` of the largest network of ``side`` within ``keep`` of the group's
     dense parameters ``G * out * in`` (ranks at least 1; both sides get equal ranks, clipped
-    to the features, the rest of the budget going to the other side)."""
+    to the features, the rest of the budget going to the other side). ``kept_rows`` as in
+    :func:`group_parameters`."""
     o, i, g = out_features, in_features, group_size
     budget = keep * g * o * i
     if side == "input":
-        return max(1, min(i, g * o, math.floor(budget / (i + g * o)))), None
+        if kept_rows:  # r (i + g o) - r^2 <= budget; the discriminant is >= 0 for keep <= 1
+            width = i + g * o
+            r = math.floor((width - math.sqrt(max(width * width - 4 * budget, 0.0))) / 2)
+        else:
+            r = math.floor(budget / (i + g * o))
+        return max(1, min(i, g * o, r)), None
     if side == "output":
         return None, max(1, min(o, g * i, math.floor(budget / (o + g * i))))
     # r (o + i) + g r^2 <= budget

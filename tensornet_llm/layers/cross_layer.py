@@ -18,19 +18,30 @@ Each block keeps its own drop-in :class:`CrossLayerLinear`; all members of a gro
 same* :class:`SharedBases` submodule, so the shared tensors are one ``nn.Parameter`` each:
 training updates them once, ``.to()`` moves them once, and ``model.parameters()`` lists them
 once (as Hugging Face does for tied embeddings).
+
+*Kept rows* (input side only). ``W_l = C_l V`` is unchanged by ``C_l -> C_l G^-1``,
+``V -> G V`` for any invertible ``r x r`` matrix ``G``, one for the whole group. Taking ``G =
+C[R]``, ``r`` rows of the stacked cores ``C = [C_1; ...; C_G]`` (``G out x r``), turns those rows
+into rows of the identity, which need not be stored: the group keeps ``r (in + G out - r)``
+parameters instead of ``r (in + G out)``, the saving a low-rank layer gets from
+:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`, once per group.
+:func:`kept_rows_gauge` chooses ``R`` by maxvol, so the other rows' coefficients stay near or
+below 1. A member whose layer holds some of the rows ``R`` computes them by reading the shared
+coordinates ``z = x V^T`` directly: ``y = [z[kept], z core^T][row_order]``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
+from .interpolative import _inverse, maxvol_rows
 
-__all__ = ["SIDES", "CrossLayerLinear", "SharedBases"]
+__all__ = ["SIDES", "CrossLayerLinear", "SharedBases", "kept_rows_gauge", "plain_members"]
 
 #: Which bases a group shares: ``"input"`` (``W_l = C_l V``), ``"output"`` (``W_l = U C_l``) or
 #: ``"both"`` (``W_l = U C_l V``).
@@ -79,14 +90,26 @@ class SharedBases(nn.Module):
                 f"group_size={self.group_size}")
 
 
+def _index_buffer(values: Sequence[int] | Tensor, device) -> Tensor:
+    """A long index tensor on ``device`` (on the CPU while building on ``meta``, so that the
+    indices a layout holds survive loading; the forward moves them where the input is)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.as_tensor(values, dtype=torch.long).to("cpu" if device.type == "meta" else device)
+
+
 class CrossLayerLinear(nn.Module):
     """Drop-in for the ``nn.Linear`` of member ``index`` of a cross-layer group.
 
     ``forward(x)``: ``x`` ``(..., in)`` -> ``(..., out)``, as ``x V^T C_l^T U^T + bias``: one
-    matmul per node, no einsum.
+    matmul per node, no einsum. With ``kept`` (input side only; module docs), some rows of
+    ``C_l`` are rows of the identity and are not stored: ``kept`` ``(k,)`` says which shared
+    coordinates they pick, ``core`` ``(out - k, in_rank)`` holds the other rows, and
+    ``row_order`` ``(out,)`` says where each output row sits in ``[kept rows, core rows]``.
     """
 
-    def __init__(self, shared: SharedBases, index: int, bias: bool = True, *, device=None,
+    def __init__(self, shared: SharedBases, index: int, bias: bool = True, *,
+                 kept: Sequence[int] | Tensor | None = None,
+                 row_order: Sequence[int] | Tensor | None = None, device=None,
                  dtype=None) -> None:
         super().__init__()
         if not isinstance(shared, SharedBases):
@@ -99,21 +122,62 @@ class CrossLayerLinear(nn.Module):
         self.shared = shared
         self.index = index
         self.in_features, self.out_features = shared.in_features, shared.out_features
-        self.core = nn.Parameter(torch.empty(*shared.core_shape, device=device, dtype=dtype))
+        rows, cols = shared.core_shape
+        order = None
+        if (kept is None) != (row_order is None):
+            raise ArgumentError("kept and row_order go together: give both or neither")
+        if kept is not None:
+            if shared.side != "input":
+                raise ArgumentError(f"kept rows need a group sharing only its input basis, "
+                                    f"got side={shared.side!r}")
+            kept = torch.as_tensor(kept, dtype=torch.long).reshape(-1)
+            order = torch.as_tensor(row_order, dtype=torch.long).reshape(-1)
+            if kept.numel() > min(rows, cols) or len(set(kept.tolist())) != kept.numel() or (
+                    kept.numel() and not 0 <= int(kept.min()) <= int(kept.max()) < cols):
+                raise ArgumentError(f"kept must hold at most {min(rows, cols)} distinct shared "
+                                    f"coordinates in [0, {cols})")
+            if sorted(order.tolist()) != list(range(rows)):
+                raise ArgumentError(f"row_order must be a permutation of range({rows})")
+            rows -= kept.numel()
+            kept, order = _index_buffer(kept, device), _index_buffer(order, device)
+        self.register_buffer("kept", kept, persistent=False)
+        self.register_buffer("row_order", order, persistent=False)
+        self.core = nn.Parameter(torch.empty(rows, cols, device=device, dtype=dtype))
         self.bias = (nn.Parameter(torch.zeros(shared.out_features, device=device, dtype=dtype))
                      if bias else None)
+
+    def _indices(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``kept`` and ``row_order`` on ``device`` (a model loaded from ``meta`` keeps them on
+        the CPU until it is moved)."""
+        kept, order = self.kept, self.row_order
+        return (kept if kept.device == device else kept.to(device),
+                order if order.device == device else order.to(device))
 
     def forward(self, x: Tensor) -> Tensor:
         shared = self.shared
         if shared.in_basis is not None:
             x = F.linear(x, shared.in_basis)
+        if self.kept is not None:  # z = x V^T: its kept coordinates are output rows as they are
+            kept, order = self._indices(x.device)
+            y = torch.cat([x.index_select(-1, kept), F.linear(x, self.core)], dim=-1)
+            y = y.index_select(-1, order)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if shared.out_basis is None:
             return F.linear(x, self.core, self.bias)
         return F.linear(F.linear(x, self.core), shared.out_basis, self.bias)
 
+    def full_core(self) -> Tensor:
+        """``C_l`` ``(rows, cols)`` of :attr:`SharedBases.core_shape`, its kept rows included
+        (``core`` itself without kept rows)."""
+        if self.kept is None:
+            return self.core
+        kept, order = self._indices(self.core.device)
+        eye = torch.eye(self.core.shape[1], dtype=self.core.dtype, device=self.core.device)
+        return torch.cat([eye.index_select(0, kept), self.core]).index_select(0, order)
+
     def to_dense(self) -> Tensor:
         """This member's weight ``U C_l V`` ``(out, in)``."""
-        w = self.core
+        w = self.full_core()
         if self.shared.in_basis is not None:
             w = w @ self.shared.in_basis
         if self.shared.out_basis is not None:
@@ -143,7 +207,9 @@ class CrossLayerLinear(nn.Module):
                 "in_features": self.in_features, "out_features": self.out_features,
                 "in_rank": cols if self.shared.in_basis is not None else None,
                 "out_rank": rows if self.shared.out_basis is not None else None,
-                "bias": self.bias is not None}
+                "bias": self.bias is not None,
+                "kept": None if self.kept is None else self.kept.tolist(),
+                "row_order": None if self.row_order is None else self.row_order.tolist()}
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any], shared: SharedBases | None = None, *,
@@ -154,11 +220,81 @@ class CrossLayerLinear(nn.Module):
             shared = SharedBases(layout["in_features"], layout["out_features"],
                                  layout["in_rank"], layout["out_rank"], layout["group_size"],
                                  device=device, dtype=dtype)
-        return cls(shared, layout["index"], layout["bias"], device=device, dtype=dtype)
+        return cls(shared, layout["index"], layout["bias"], kept=layout.get("kept"),
+                   row_order=layout.get("row_order"), device=device, dtype=dtype)
 
     def extra_repr(self) -> str:
+        kept = "" if self.kept is None else f", kept={self.kept.numel()}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"index={self.index}, bias={self.bias is not None}")
+                f"index={self.index}, bias={self.bias is not None}{kept}")
+
+
+def kept_rows_gauge(in_basis: Tensor, cores: Sequence[Tensor],
+                    ) -> tuple[Tensor, list[tuple[Tensor, Tensor, Tensor]]]:
+    """The same group ``W_l = C_l V`` in the kept-rows gauge (module docs).
+
+    Args:
+        in_basis: the shared input basis ``V`` ``(r, in)``.
+        cores: every member's core ``C_l`` ``(out, r)``, in member order; ``r <= G out``.
+
+    Returns:
+        ``V' = C[R] V`` ``(r, in)`` and, per member, ``(kept, row_order, core)``: the shared
+        coordinates ``(k_l,)`` that are its output rows ``R_l``, where each output row sits in
+        ``[R_l, other rows]`` ``(out,)``, and its other rows of ``C C[R]^-1``
+        ``(out - k_l, r)`` (entries of magnitude about 1 or less). Computed in float64.
+    """
+    out_f, r = cores[0].shape
+    stacked = torch.cat([c.detach().double() for c in cores])  # (G out, r)
+    if r > stacked.shape[0]:
+        raise ArgumentError(f"kept rows need in_rank <= {stacked.shape[0]} (group size times "
+                            f"out_features), got {r}")
+    rows, combined = maxvol_rows(stacked)  # combined = C C[R]^-1, the identity on rows R
+    rows = rows.to(stacked.device)
+    basis = stacked[rows] @ in_basis.detach().double()
+    members = []
+    for index in range(len(cores)):
+        mine = torch.nonzero((rows >= index * out_f) & (rows < (index + 1) * out_f)).flatten()
+        local = rows[mine] - index * out_f  # this member's output rows among R
+        rest = torch.ones(out_f, dtype=torch.bool, device=rows.device)
+        rest[local] = False
+        others = torch.nonzero(rest).flatten()
+        block = combined[index * out_f:(index + 1) * out_f]
+        members.append((mine, _inverse(torch.cat([local, others])), block[others]))
+    return basis, members
+
+
+@torch.no_grad()
+def plain_members(members: Sequence[CrossLayerLinear]) -> list[CrossLayerLinear]:
+    """Members of one group with no kept rows: the same maps, the shared input basis made
+    orthonormal (``V' = R^T Q^T``, ``V = Q^T``, each core ``C_l R^T``), the form
+    :func:`~tensornet_llm.train.quantize.quantize` rounds. New modules sharing one new
+    :class:`SharedBases`, in the originals' dtype and device (members left out keep the old
+    one, and compute what they did); a group with no kept rows comes back as it is."""
+    if not members:
+        return []
+    shared = members[0].shared
+    if any(m.shared is not shared for m in members):
+        raise ArgumentError("plain_members takes members of one group (one SharedBases)")
+    if all(m.kept is None for m in members):
+        return list(members)
+    basis = shared.in_basis
+    q, r = torch.linalg.qr(basis.detach().double().T)  # V'^T = Q R
+    new_shared = SharedBases(shared.in_features, shared.out_features, basis.shape[0], None,
+                             shared.group_size, device=basis.device, dtype=basis.dtype)
+    new_shared.in_basis.copy_(q.T)
+    new_shared.in_basis.requires_grad_(basis.requires_grad)
+    out = []
+    for member in members:
+        new = CrossLayerLinear(new_shared, member.index, member.bias is not None,
+                               device=basis.device, dtype=member.core.dtype)
+        new.core.copy_(member.full_core().double() @ r.T)
+        new.core.requires_grad_(member.core.requires_grad)
+        if member.bias is not None:
+            new.bias.copy_(member.bias)
+            new.bias.requires_grad_(member.bias.requires_grad)
+        new.train(member.training)
+        out.append(new)
+    return out
 
 
 def cross_layer_members(model: nn.Module) -> dict[str, CrossLayerLinear]:

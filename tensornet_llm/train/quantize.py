@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ArgumentError
 from ..compress.targets import check_pattern, matches
 from ..layers.base import TensorNetworkLinear, is_linear_like, linear_weight
-from ..layers.cross_layer import CrossLayerLinear
+from ..layers.cross_layer import CrossLayerLinear, plain_members
 from ..layers.interpolative import InterpolativeLinear
 from ..layers.quantized import (
     INT4_GROUP_SIZE, QuantizedCrossLayerLinear, QuantizedEmbedding, QuantizedLinear, QuantizedModule,
@@ -161,6 +161,11 @@ def rounding_plan(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
                 f"{name} is a low-rank layer stored as kept rows, which quantize() rounds as two "
                 "balanced factors, a form its own parameters cannot take; call "
                 "low_rank_as_factors(model) first (the same weights as two factors)")
+        if isinstance(module, CrossLayerLinear) and module.kept is not None:
+            raise ArgumentError(
+                f"{name} is a cross-layer member stored as kept rows, which quantize() rounds "
+                "with an orthonormal shared basis, a form its own parameters cannot take; call "
+                "low_rank_as_factors(model) first (the same maps in that form)")
         if isinstance(module, TensorNetworkLinear):
             tensors = [(c, QuantizedTensorNetworkLinear._channel_dim(tuple(c.shape)))
                        for c in module.cores]
@@ -199,17 +204,41 @@ def rounded_weights(model: nn.Module, bits: "int | QuantizeConfig | None" = None
                 p.copy_(value)
 
 
+def _plain_groups(modules: Iterable[nn.Module]) -> dict[int, CrossLayerLinear]:
+    """``id`` of every cross-layer member stored with kept rows among ``modules`` -> the same
+    member without them (:func:`~tensornet_llm.layers.cross_layer.plain_members`; the members
+    of one group get one new shared basis)."""
+    groups: dict[int, dict[int, CrossLayerLinear]] = {}
+    for module in modules:
+        if isinstance(module, CrossLayerLinear) and module.kept is not None:
+            groups.setdefault(id(module.shared), {})[id(module)] = module
+    for module in modules:  # members without kept rows of the same groups change gauge too
+        if isinstance(module, CrossLayerLinear) and id(module.shared) in groups:
+            groups[id(module.shared)][id(module)] = module
+    plain: dict[int, CrossLayerLinear] = {}
+    for members in groups.values():
+        plain.update(zip(members, plain_members(list(members.values()))))
+    return plain
+
+
 def low_rank_as_factors(model: nn.Module) -> int:
     """Replace every low-rank layer stored as kept rows
     (:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`) by the same weight as two
     balanced factors (:meth:`~tensornet_llm.layers.interpolative.InterpolativeLinear.to_factors`,
-    ``r^2`` more parameters each), the form :func:`quantize` rounds, so quantization-aware
-    healing can train it. Returns how many layers were replaced."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, InterpolativeLinear)]
+    ``r^2`` more parameters each), and every cross-layer group stored as kept rows by the same
+    maps with an orthonormal shared basis
+    (:func:`~tensornet_llm.layers.cross_layer.plain_members`, ``in_rank^2`` more parameters per
+    group): the forms :func:`quantize` rounds, so quantization-aware healing can train them.
+    Returns how many modules were replaced."""
+    modules = list(model.named_modules())
+    plain = _plain_groups([m for _, m in modules])
+    found = [(name, m) for name, m in modules
+             if isinstance(m, InterpolativeLinear) or id(m) in plain]
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.to_factors())
+        new = plain[id(module)] if id(module) in plain else module.to_factors()
+        setattr(parent, child, new)
     return len(found)
 
 
@@ -242,6 +271,7 @@ def quantize(
     # Build every replacement first (nothing in the model changes if this fails).
     by_weight: dict[int, QuantizedWeight] = {}
     replacements: list[tuple[str, nn.Module, QuantizedModule]] = []
+    plain = _plain_groups([m for _, m in plan])  # kept rows: rounded in the orthonormal gauge
     for name, module in plan:
         if isinstance(module, InterpolativeLinear):  # rounded as balanced factors (see there)
             new: QuantizedModule = QuantizedTensorNetworkLinear.from_module(
@@ -249,7 +279,8 @@ def quantize(
         elif isinstance(module, TensorNetworkLinear):
             new = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
         elif isinstance(module, CrossLayerLinear):  # a group's bases are quantized once
-            new = QuantizedCrossLayerLinear.from_module(module, cfg.bits, group, by_weight)
+            new = QuantizedCrossLayerLinear.from_module(plain.get(id(module), module), cfg.bits,
+                                                        group, by_weight)
         elif isinstance(module, nn.Embedding):
             shared = by_weight.get(id(module.weight))
             new = QuantizedEmbedding(shared, module.padding_idx) if shared else \
