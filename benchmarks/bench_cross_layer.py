@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cross_layer.py [--keep 0.6 0.4 0.8] [--methods ...]
                                            [--calibration-tokens 4096] [--tokens 4096]
+                                           [--heal-minutes 5]
 
 Every method keeps the same fraction of the targeted parameters, calibrated on the same
 ``calibration_mix`` windows, no fine-tuning; perplexity on the held-out part of every domain:
@@ -35,6 +36,11 @@ default since): the modules compressed alone were fitted with every output featu
 alike; the row marked ``(shared bases unweighted)`` weighted its per-layer members but fitted
 the shared input bases unweighted (the budget then chose no group).
 
+With ``--heal-minutes M`` every method's model is then healed for ``M`` minutes of wall clock
+by the default recipe (as ``bench_pareto.py``: next-token loss plus distillation from the dense
+model, ``healing_mix`` batches of 4 x 256 tokens, lr 3e-4, checks on ``check_mix``), in rows
+named ``<method>, healed M min`` whose compress time includes the healing.
+
 Also written: the spectra of the cross-layer bonds: for each role, the whitened singular values
 of a single layer against those of two and four stacked consecutive layers, and a plot of the
 stacked energy curves against the layers' own spectra merged (no shared direction),
@@ -51,8 +57,8 @@ from pathlib import Path
 
 import torch
 
-from tensornet_llm import CompactifyConfig, compactify
-from tensornet_llm.helpers.data import calibration_mix
+from tensornet_llm import CompactifyConfig, compactify, heal
+from tensornet_llm.helpers.data import calibration_mix, check_mix, healing_mix
 from tensornet_llm.helpers.evaluate import perplexity_table
 from tensornet_llm.helpers.models import load_smollm2
 
@@ -91,6 +97,16 @@ def compress(model, name: str, keep: float, data):
                                                   interpolative=False))  # two factors
     size = int(name.split()[-1])  # ours: the budget chooses per group, sides auto, 2 sweeps
     return compactify(model, ratio=keep, calibration=data, cross_layer=size, progress=False)
+
+
+def healed(model, report, dense, tokenizer, minutes: float):
+    """``model`` healed in place for ``minutes`` by the default recipe (module docs)."""
+    model.train()
+    batches = healing_mix(tokenizer, 262144, seq_len=256, batch_size=4)
+    heal(model, batches, steps=100000, lr=3e-4, warmup_steps=20, teacher=dense,
+         check=check_mix(tokenizer, 2048), check_every=50, max_minutes=minutes, progress=False)
+    model.eval()
+    return report
 
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
@@ -196,6 +212,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     parser.add_argument("--fresh", action="store_true")
+    parser.add_argument("--heal-minutes", type=float, default=0.0,
+                        help="heal every model this long after compressing (0: no healing)")
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()
@@ -212,12 +230,18 @@ def main() -> None:
         meta["dense"] = perplexity_table(model, tokenizer, args.tokens)
         print("dense", json.dumps(meta["dense"]), flush=True)
         write(args.out, meta, rows)
+    suffix = f", healed {args.heal_minutes:g} min" if args.heal_minutes else ""
+
+    def run(student, name: str, keep: float):
+        report = compress(student, name, keep, data)
+        return healed(student, report, model, tokenizer, args.heal_minutes) if suffix else report
+
     for keep in args.keep:
         for name in args.methods:
-            if any((r["method"], r["keep"]) == (name, keep) for r in rows):
+            if any((r["method"], r["keep"]) == (name + suffix, keep) for r in rows):
                 continue
-            rows.append({"method": name, "keep": keep, **held_out_row(
-                lambda student: compress(student, name, keep, data), tokenizer, args.tokens,
+            rows.append({"method": name + suffix, "keep": keep, **held_out_row(
+                lambda student: run(student, name, keep), tokenizer, args.tokens,
                 meta["dense"])})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
             write(args.out, meta, rows)

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from models import build, inputs
 from tensornet_llm import CompactifyConfig, compactify, load_compactified, save_compactified
-from tensornet_llm.layers.interpolative import InterpolativeLinear, maxvol_rows
+from tensornet_llm.layers.interpolative import FEW_TOKENS, InterpolativeLinear, maxvol_rows
 from tensornet_llm.layers.layout import Layout
 from tensornet_llm.layers.mpo import MPOLinear
 from tensornet_llm.layers.quantized import QuantizedTensorNetworkLinear, round_tensor
@@ -29,12 +29,14 @@ def test_kept_rows_hold_the_same_weight_in_fewer_parameters(m, n, r, seed):
     low_rank = factors(m, n, r, seed)
     layer = InterpolativeLinear.from_factors(low_rank)
     torch.testing.assert_close(layer.to_dense(), low_rank.to_dense(), rtol=1e-9, atol=1e-9)
-    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    expected = layer(x)
-    torch.testing.assert_close(expected, low_rank(x), rtol=1e-9, atol=1e-9)
-    with torch.no_grad():  # the inference path: one output buffer, strided matmuls, one gather
-        torch.testing.assert_close(layer(x.view(3, 1, n)), expected.view(3, 1, m),
-                                   rtol=1e-12, atol=1e-12)
+    for tokens in (3, FEW_TOKENS + 3):  # the few-token path, and the general one
+        x = torch.randn(tokens, n, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(seed))
+        expected = layer(x)
+        torch.testing.assert_close(expected, low_rank(x), rtol=1e-9, atol=1e-9)
+        with torch.no_grad():  # past a few tokens: one output buffer, strided matmuls, a gather
+            torch.testing.assert_close(layer(x.view(tokens, 1, n)), expected.view(tokens, 1, m),
+                                       rtol=1e-12, atol=1e-12)
     assert layer.num_parameters == r * (m + n - r) + m
     assert layer.num_parameters == InterpolativeLinear.count_parameters(
         n, m, r, 2, True, in_shape=(1, n), out_shape=(m, 1))

@@ -66,6 +66,11 @@ def maxvol_rows(u: Tensor, tol: float = 0.1, max_swaps: int | None = None) -> tu
     return rows, b
 
 
+#: Up to this many tokens per call (decode, small batches) a kept-rows layer takes its shortest
+#: path: two ``F.linear`` calls and one gather, without the output buffer or the dtype checks.
+FEW_TOKENS = 16
+
+
 def _inverse(permutation: Tensor) -> Tensor:
     """``q`` with ``q[permutation[i]] = i`` (row order <-> stacked rows)."""
     inverse = torch.empty_like(permutation)
@@ -154,6 +159,11 @@ class InterpolativeLinear(MPOLinear):
             raise ArgumentError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         y_core, z_core = self.cores._parameters.values()
         r = z_core.shape[0]
+        if (not torch.compiler.is_compiling() and self._siblings is None
+                and x.numel() <= FEW_TOKENS * self.in_features):  # (no size guard when traced)
+            # A few tokens (decode): the fewest calls, since at this size each costs more than
+            # its arithmetic; the concatenation copies a few rows only.
+            return self._combine(F.linear(x, z_core.view(r, self.in_features)), y_core.view(-1, r))
         z = None
         compiling = torch.compiler.is_compiling()
         inference = not torch.is_grad_enabled() and not compiling
@@ -172,9 +182,13 @@ class InterpolativeLinear(MPOLinear):
                                            slow_gather)
         if z is None:
             z = F.linear(x, z_core.view(r, self.in_features))
-        y = torch.cat([z, F.linear(z, y_core.view(-1, r))], dim=-1)
-        y = y.index_select(-1, self._order(y.device))
-        return y if self.bias is None else y + self.bias.to(y.dtype)  # autocast: as nn.Linear
+        return self._combine(z, y_core.view(-1, r))
+
+    def _combine(self, z: Tensor, y: Tensor) -> Tensor:
+        """``[z, z Y^T][row_order] + b`` for ``z = x Z^T`` ``(..., r)`` and ``Y`` ``(out - r, r)``
+        (differentiable, traceable)."""
+        out = torch.cat([z, F.linear(z, y)], dim=-1).index_select(-1, self._order(z.device))
+        return out if self.bias is None else out + self.bias.to(out.dtype)  # autocast: as nn.Linear
 
     def _inference_forward(self, x: Tensor, z: Tensor | None, y: Tensor, kept: Tensor,
                            slow_gather: bool) -> Tensor:
