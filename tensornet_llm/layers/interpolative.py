@@ -66,9 +66,10 @@ def maxvol_rows(u: Tensor, tol: float = 0.1, max_swaps: int | None = None) -> tu
     return rows, b
 
 
-#: Up to this many tokens per call (decode, small batches) a kept-rows layer takes its shortest
-#: path: two ``F.linear`` calls and one gather, without the output buffer or the dtype checks.
-FEW_TOKENS = 16
+#: Up to this many tokens per call (batch-1 decode) a kept-rows layer takes its shortest path:
+#: two ``F.linear`` calls and one gather, without the output buffer or the dtype checks. At 8
+#: tokens (batch-8 decode) the buffered path measured faster on SmolLM2, so the cut is 1.
+FEW_TOKENS = 1
 
 
 def _inverse(permutation: Tensor) -> Tensor:
@@ -161,8 +162,8 @@ class InterpolativeLinear(MPOLinear):
         r = z_core.shape[0]
         if (not torch.compiler.is_compiling() and self._siblings is None
                 and x.numel() <= FEW_TOKENS * self.in_features):  # (no size guard when traced)
-            # A few tokens (decode): the fewest calls, since at this size each costs more than
-            # its arithmetic; the concatenation copies a few rows only.
+            # One token (decode): the fewest calls, since at this size each costs more than
+            # its arithmetic; the concatenation copies one row.
             return self._combine(F.linear(x, z_core.view(r, self.in_features)), y_core.view(-1, r))
         z = None
         compiling = torch.compiler.is_compiling()
