@@ -13,7 +13,7 @@ Models:
 * at every ``--heal-keep``, that model healed with the default recipe (next-token loss plus
   distillation from the dense model, ``healing_mix``: an equal share of every domain's fit part,
   batches of 4 x 256 tokens, ``--heal-steps`` steps but at most ``--heal-minutes`` of wall
-  time (30, the issue's budget; the cosine decay follows the clock), lr 3e-4, 20 warm-up steps, bf16 autocast
+  time (30, the issue's budget; the cosine decay follows the clock), lr 3e-4 (``--heal-lr``), 20 warm-up steps, bf16 autocast
   where the CPU has AMX; checked every 50 steps on 2,048 tokens of ``check_mix``, stopping
   early and keeping the best weights if that perplexity rises twice in a row, as the CLI does),
   alone and with int8 / int4;
@@ -60,6 +60,7 @@ from _rows import resume
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = {"": None, " + int8": 8, " + int4": 4}
+DEFAULT_HEAL_LR = 3e-4
 QAT = " healed for int4"  # quantization-aware healing: its rows are the float and the int4 model
 #: In the compressed models' cache names: changed whenever compactify's defaults build something
 #: else at the same keep (now: kept rows, ranks that are multiples of 8).
@@ -98,7 +99,7 @@ def base_models(args, dense, tokenizer) -> dict:
             info = {**info, "as_factors": low_rank_as_factors(model)}
         model.train()
         batches = healing_mix(tokenizer, args.heal_tokens, seq_len=256, batch_size=4)
-        result = heal(model, batches, steps=args.heal_steps, lr=3e-4, warmup_steps=20,
+        result = heal(model, batches, steps=args.heal_steps, lr=args.heal_lr, warmup_steps=20,
                       teacher=dense, check=check_mix(tokenizer, 2048), check_every=50,
                       max_minutes=args.heal_minutes, quantize=bits, progress=False)
         return model, {**info, "heal_seconds": result.seconds, "heal_steps": result.steps,
@@ -113,7 +114,8 @@ def base_models(args, dense, tokenizer) -> dict:
     def healed_at(keep: float | None, bits: int | None = None):
         base = ("dense" if keep is None
                 else f"keep{keep}-mix{args.calibration_tokens}-{MODEL_VERSION}")
-        return cached(cache / f"pareto-{base}-heal{args.heal_steps}x{args.heal_tokens}"
+        lr = "" if args.heal_lr == DEFAULT_HEAL_LR else f"-lr{args.heal_lr:g}"
+        return cached(cache / f"pareto-{base}-heal{args.heal_steps}x{args.heal_tokens}{lr}"
                       f"{f'-qat{bits}' if bits else ''}-{args.heal_minutes:g}min",
                       lambda: healed(keep, bits))
 
@@ -183,7 +185,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              "(SmolLM2-135M)", "",
              f"Calibration: {meta['calibration_tokens']} tokens of `calibration_mix`; healing: "
              f"{meta['heal_steps']} steps on {meta['heal_tokens']} tokens of `healing_mix`, "
-             f"distilled from dense; perplexity on {meta['tokens']} held-out tokens of each "
+             f"peak lr {meta.get('heal_lr', DEFAULT_HEAL_LR):g}, distilled from dense; perplexity on {meta['tokens']} held-out tokens of each "
              f"domain; decode: batch 1, {meta['new_tokens']} new tokens after a 64-token prompt, "
              f"fastest of {meta['rounds']} interleaved rounds, against dense fp32. "
              f"{meta['threads']} CPU threads. Written by `benchmarks/bench_pareto.py`; plot "
@@ -255,6 +257,8 @@ def main() -> None:
     parser.add_argument("--heal-keep", type=float, nargs="*", default=[0.5])
     parser.add_argument("--heal-steps", type=int, default=250)
     parser.add_argument("--heal-tokens", type=int, default=262144)
+    parser.add_argument("--heal-lr", type=float, default=DEFAULT_HEAL_LR,
+                        help="peak learning rate of the healing (default 3e-4)")
     parser.add_argument("--heal-minutes", type=float, default=30.0,
                         help="wall-clock budget of each healing (the issue's target: 30)")
     parser.add_argument("--qat-keep", type=float, nargs="*", default=[0.9],
@@ -274,6 +278,7 @@ def main() -> None:
     meta = {"tokens": args.tokens, "calibration_tokens": args.calibration_tokens,
             "heal_steps": args.heal_steps, "heal_tokens": args.heal_tokens,
             "heal_minutes": args.heal_minutes, "weigh_outputs": True,
+            **({"heal_lr": args.heal_lr} if args.heal_lr != DEFAULT_HEAL_LR else {}),
             "qat_keep": args.qat_keep,
             "new_tokens": args.new_tokens, "rounds": args.rounds,
             "threads": torch.get_num_threads(),

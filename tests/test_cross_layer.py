@@ -268,8 +268,9 @@ def test_training_updates_each_shared_tensor_once_from_every_member():
     assert q1.shared.in_basis is q0.shared.in_basis
 
 
-def test_save_and_load_keep_the_sharing_bit_for_bit(tmp_path):
-    model, _ = calibrated(cross_layer_side="both")
+@pytest.mark.parametrize("side", ["both", "input"])  # input: stored as kept rows
+def test_save_and_load_keep_the_sharing_bit_for_bit(tmp_path, side):
+    model, _ = calibrated(cross_layer_side=side)
     x = inputs("llama")
     save_compactified(model, tmp_path / "out")
     loaded = load_compactified(tmp_path / "out")
@@ -277,6 +278,12 @@ def test_save_and_load_keep_the_sharing_bit_for_bit(tmp_path):
         assert torch.equal(loaded(**x).logits, model(**x).logits)
     a, b = (loaded.model.layers[i].mlp.up_proj for i in (0, 1))
     assert a.shared is b.shared
+    originals = [model.model.layers[i].mlp.up_proj for i in (0, 1)]
+    assert any(m.kept is not None for m in originals) == (side == "input")
+    for new, old in zip((a, b), originals):
+        assert (new.kept is None) == (old.kept is None)
+        if old.kept is not None:
+            assert torch.equal(new.kept, old.kept) and torch.equal(new.row_order, old.row_order)
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
