@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from .interpolative import _inverse, maxvol_rows
+from .interpolative import index_buffer, kept_row_order, maxvol_rows, on_device
 
 __all__ = ["SIDES", "CrossLayerLinear", "SharedBases", "kept_rows_gauge", "plain_members"]
 
@@ -90,13 +90,6 @@ class SharedBases(nn.Module):
                 f"group_size={self.group_size}")
 
 
-def _index_buffer(values: Sequence[int] | Tensor, device) -> Tensor:
-    """A long index tensor on ``device`` (on the CPU while building on ``meta``, so that the
-    indices a layout holds survive loading; the forward moves them where the input is)."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    return torch.as_tensor(values, dtype=torch.long).to("cpu" if device.type == "meta" else device)
-
-
 class CrossLayerLinear(nn.Module):
     """Drop-in for the ``nn.Linear`` of member ``index`` of a cross-layer group.
 
@@ -139,7 +132,7 @@ class CrossLayerLinear(nn.Module):
             if sorted(order.tolist()) != list(range(rows)):
                 raise ArgumentError(f"row_order must be a permutation of range({rows})")
             rows -= kept.numel()
-            kept, order = _index_buffer(kept, device), _index_buffer(order, device)
+            kept, order = index_buffer(kept, device), index_buffer(order, device)
         self.register_buffer("kept", kept, persistent=False)
         self.register_buffer("row_order", order, persistent=False)
         self.core = nn.Parameter(torch.empty(rows, cols, device=device, dtype=dtype))
@@ -149,9 +142,7 @@ class CrossLayerLinear(nn.Module):
     def _indices(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """``kept`` and ``row_order`` on ``device`` (a model loaded from ``meta`` keeps them on
         the CPU until it is moved)."""
-        kept, order = self.kept, self.row_order
-        return (kept if kept.device == device else kept.to(device),
-                order if order.device == device else order.to(device))
+        return on_device(self.kept, device), on_device(self.row_order, device)
 
     def forward(self, x: Tensor) -> Tensor:
         shared = self.shared
@@ -255,11 +246,9 @@ def kept_rows_gauge(in_basis: Tensor, cores: Sequence[Tensor],
     for index in range(len(cores)):
         mine = torch.nonzero((rows >= index * out_f) & (rows < (index + 1) * out_f)).flatten()
         local = rows[mine] - index * out_f  # this member's output rows among R
-        rest = torch.ones(out_f, dtype=torch.bool, device=rows.device)
-        rest[local] = False
-        others = torch.nonzero(rest).flatten()
+        others, order = kept_row_order(local, out_f)
         block = combined[index * out_f:(index + 1) * out_f]
-        members.append((mine, _inverse(torch.cat([local, others])), block[others]))
+        members.append((mine, order, block[others]))
     return basis, members
 
 

@@ -79,6 +79,28 @@ def _inverse(permutation: Tensor) -> Tensor:
     return inverse
 
 
+def kept_row_order(rows: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """For kept rows ``rows`` among ``m``: the other rows in ascending order, and ``row_order``
+    ``(m,)``, where each of the ``m`` rows sits in ``[rows, others]``."""
+    rest = torch.ones(m, dtype=torch.bool, device=rows.device)
+    rest[rows] = False
+    others = rest.nonzero().squeeze(1)
+    return others, _inverse(torch.cat([rows, others]))
+
+
+def index_buffer(values: Sequence[int] | Tensor, device) -> Tensor:
+    """A long index tensor on ``device`` (on the CPU while building on ``meta``, so that the
+    indices a layout holds survive loading; :func:`on_device` moves them where they are used)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return torch.as_tensor(values, dtype=torch.long).to("cpu" if device.type == "meta" else device)
+
+
+def on_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``, without a call when it is there already (an index buffer that a
+    model built on ``meta``, or a quantized skeleton, keeps on the CPU)."""
+    return t if t.device == device else t.to(device)
+
+
 def _slow_column_gather(x: Tensor) -> bool:
     """Whether ``x``'s matmul outputs are in a 2-byte dtype (bfloat16, float16, also under
     autocast) on the CPU, where ``index_select`` along columns has no vectorised kernel and runs
@@ -119,8 +141,7 @@ class InterpolativeLinear(MPOLinear):
         order = torch.as_tensor(row_order, dtype=torch.long)
         if sorted(order.tolist()) != list(range(out_features)):
             raise ArgumentError(f"row_order must be a permutation of range({out_features})")
-        device = self.cores[1].device
-        self.register_buffer("row_order", order.to("cpu" if device.type == "meta" else device),
+        self.register_buffer("row_order", index_buffer(order, self.cores[1].device),
                              persistent=False)
 
     @staticmethod
@@ -142,8 +163,7 @@ class InterpolativeLinear(MPOLinear):
 
     def _order(self, device: torch.device) -> Tensor:
         """``row_order`` on ``device`` (a quantized layer's skeleton keeps it on the CPU)."""
-        order = self.row_order
-        return order if order.device == device else order.to(device)
+        return on_device(self.row_order, device)
 
     def _operands(self, cores: Sequence[Tensor] | None = None) -> list[Tensor]:
         u, v = self.factors(cores)
@@ -160,13 +180,13 @@ class InterpolativeLinear(MPOLinear):
             raise ArgumentError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         y_core, z_core = self.cores._parameters.values()
         r = z_core.shape[0]
-        if (not torch.compiler.is_compiling() and self._siblings is None
+        compiling = torch.compiler.is_compiling()
+        if (not compiling and self._siblings is None
                 and x.numel() <= FEW_TOKENS * self.in_features):  # (no size guard when traced)
             # One token (decode): the fewest calls, since at this size each costs more than
             # its arithmetic; the concatenation copies one row.
             return self._combine(F.linear(x, z_core.view(r, self.in_features)), y_core.view(-1, r))
         z = None
-        compiling = torch.compiler.is_compiling()
         inference = not torch.is_grad_enabled() and not compiling
         if inference and self._siblings is not None:
             z = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
@@ -227,10 +247,7 @@ class InterpolativeLinear(MPOLinear):
         m, n, r = layer.out_features, layer.in_features, u.shape[-1]
         u64, v64 = u.reshape(m, r).double(), v.reshape(r, n).double()
         rows, b = maxvol_rows(u64)
-        rest = torch.ones(m, dtype=torch.bool)
-        rest[rows] = False
-        others = rest.nonzero().squeeze(1)
-        order = _inverse(torch.cat([rows, others]))
+        others, order = kept_row_order(rows, m)
         new = torch.nn.utils.skip_init(
             cls, n, m, layer.chi, 2, bias=layer.bias is not None, bond_dims=[r],
             row_order=order, strategy=layer.strategy, device=u.device, dtype=u.dtype)

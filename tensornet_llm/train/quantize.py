@@ -210,14 +210,12 @@ def _plain_groups(modules: Iterable[nn.Module]) -> dict[int, CrossLayerLinear]:
     of one group get one new shared basis)."""
     groups: dict[int, dict[int, CrossLayerLinear]] = {}
     for module in modules:
-        if isinstance(module, CrossLayerLinear) and module.kept is not None:
+        if isinstance(module, CrossLayerLinear):
             groups.setdefault(id(module.shared), {})[id(module)] = module
-    for module in modules:  # members without kept rows of the same groups change gauge too
-        if isinstance(module, CrossLayerLinear) and id(module.shared) in groups:
-            groups[id(module.shared)][id(module)] = module
     plain: dict[int, CrossLayerLinear] = {}
-    for members in groups.values():
-        plain.update(zip(members, plain_members(list(members.values()))))
+    for members in groups.values():  # every selected member of a group changes gauge together
+        if any(m.kept is not None for m in members.values()):
+            plain.update(zip(members, plain_members(list(members.values()))))
     return plain
 
 
