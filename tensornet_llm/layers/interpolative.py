@@ -66,12 +66,6 @@ def maxvol_rows(u: Tensor, tol: float = 0.1, max_swaps: int | None = None) -> tu
     return rows, b
 
 
-#: Up to this many tokens per call (batch-1 decode) a kept-rows layer takes its shortest path:
-#: two ``F.linear`` calls and one gather, without the output buffer or the dtype checks. At 8
-#: tokens (batch-8 decode) the buffered path measured faster on SmolLM2, so the cut is 1.
-FEW_TOKENS = 1
-
-
 def _inverse(permutation: Tensor) -> Tensor:
     """``q`` with ``q[permutation[i]] = i`` (row order <-> stacked rows)."""
     inverse = torch.empty_like(permutation)
@@ -109,6 +103,47 @@ def _slow_column_gather(x: Tensor) -> bool:
         return False
     autocast = torch.is_autocast_enabled("cpu")
     return (torch.get_autocast_dtype("cpu") if autocast else x.dtype).itemsize == 2
+
+
+def _one_token(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None) -> Tensor:
+    """One token (batch-1 decode): ``[Z x, Y Z x][order] + b`` as two matrix-vector products,
+    one concatenation of a row and one gather (differentiable). At this size each call costs
+    more than its arithmetic, and on the CPU ``torch.mv`` has less fixed cost than a one-row
+    ``F.linear`` (in bfloat16 about half). ``x`` ``(..., in)`` holds one token; ``z`` ``(r, in)``,
+    ``y`` ``(out - r, r)``, ``order`` ``(out,)``."""
+    zx = torch.mv(z, x.reshape(z.shape[1]))
+    out = torch.cat([zx, torch.mv(y, zx)]).index_select(0, order)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], order.shape[0])
+
+
+def _buffered(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None,
+              zx: Tensor | None = None) -> Tensor:
+    """The forward without autograd: both matmuls write straight into one ``(tokens, out)``
+    buffer, ``[x Z^T | x Z^T Y^T]`` (BLAS takes the column blocks as strided outputs), so the
+    only copy is the final gather of the output features. ``zx``: ``x Z^T`` when already known."""
+    r, in_f = z.shape
+    lead = x.shape[:-1]
+    buffer = x.new_empty(lead.numel(), order.shape[0])
+    head = buffer[:, :r]
+    if zx is None:
+        torch.mm(x.reshape(-1, in_f), z.t(), out=head)
+    else:
+        head.copy_(zx.reshape(-1, r))
+    torch.mm(head, y.t(), out=buffer[:, r:])
+    # torch.gather, not index_select: on the CPU it is the faster column gather in float32
+    # too, and index_select has no vectorised kernel for 2-byte dtypes
+    out = torch.gather(buffer, 1, order.expand(buffer.shape[0], -1))
+    if bias is not None:
+        out.add_(bias)
+    return out.view(*lead, order.shape[0])
+
+
+def _left_factor(y: Tensor, order: Tensor) -> Tensor:
+    """``U = P^T [I; Y]`` ``(out, r)`` from ``Y`` ``(out - r, r)`` and ``order`` ``(out,)``."""
+    eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)
+    return torch.cat([eye, y]).index_select(0, order)
 
 
 class InterpolativeLinear(MPOLinear):
@@ -157,9 +192,7 @@ class InterpolativeLinear(MPOLinear):
         """``(U, V)`` with ``W = U V``: ``U = P^T [I; Y]`` ``(out, r)``, ``V = Z`` ``(r, in)``."""
         y, z = self.cores if cores is None else cores
         r = z.shape[0]
-        y = y.reshape(-1, r)
-        eye = torch.eye(r, dtype=y.dtype, device=y.device)
-        return torch.cat([eye, y]).index_select(0, self._order(y.device)), z.reshape(r, -1)
+        return _left_factor(y.reshape(-1, r), self._order(y.device)), z.reshape(r, -1)
 
     def _order(self, device: torch.device) -> Tensor:
         """``row_order`` on ``device`` (a quantized layer's skeleton keeps it on the CPU)."""
@@ -180,60 +213,31 @@ class InterpolativeLinear(MPOLinear):
             raise ArgumentError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         y_core, z_core = self.cores._parameters.values()
         r = z_core.shape[0]
-        compiling = torch.compiler.is_compiling()
-        if (not compiling and self._siblings is None
-                and x.numel() <= FEW_TOKENS * self.in_features):  # (no size guard when traced)
-            # One token (decode): the fewest calls, since at this size each costs more than
-            # its arithmetic; the concatenation copies one row.
-            return self._combine(F.linear(x, z_core.view(r, self.in_features)), y_core.view(-1, r))
-        z = None
-        inference = not torch.is_grad_enabled() and not compiling
+        y, z = y_core.view(-1, r), z_core.view(r, self.in_features)
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if torch.compiler.is_compiling():  # no branch on sizes here: one graph for all lengths
+            return self._combine(F.linear(x, z), y)
+        if x.numel() == self.in_features and self._siblings is None and not autocast:
+            return _one_token(x, z, y, self._order(x.device), self.bias)
+        zx = None
+        inference = not torch.is_grad_enabled()
         if inference and self._siblings is not None:
-            z = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
-        slow_gather = not compiling and _slow_column_gather(x)
-        if slow_gather and x.numel() >= r * self.in_features:
+            zx = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
+        if _slow_column_gather(x) and x.numel() >= r * self.in_features:
             # At least r tokens in a 2-byte dtype on the CPU: gathering the (tokens, out)
             # output's columns would cost more than the matmuls, so gather U's rows instead
             # (out x r, contiguous) and multiply once: y = (x Z^T) U^T.
             u, v = self.factors((y_core, z_core))
-            return F.linear(F.linear(x, v) if z is None else z, u, self.bias)
-        if inference and x.dtype == z_core.dtype and not torch.is_autocast_enabled(
-                x.device.type):
-            return self._inference_forward(x, z, y_core.view(-1, r), z_core.view(r, -1),
-                                           slow_gather)
-        if z is None:
-            z = F.linear(x, z_core.view(r, self.in_features))
-        return self._combine(z, y_core.view(-1, r))
+            return F.linear(F.linear(x, v) if zx is None else zx, u, self.bias)
+        if inference and x.dtype == z.dtype and not autocast:
+            return _buffered(x, z, y, self._order(x.device), self.bias, zx)
+        return self._combine(F.linear(x, z) if zx is None else zx, y)
 
     def _combine(self, z: Tensor, y: Tensor) -> Tensor:
         """``[z, z Y^T][row_order] + b`` for ``z = x Z^T`` ``(..., r)`` and ``Y`` ``(out - r, r)``
         (differentiable, traceable)."""
         out = torch.cat([z, F.linear(z, y)], dim=-1).index_select(-1, self._order(z.device))
         return out if self.bias is None else out + self.bias.to(out.dtype)  # autocast: as nn.Linear
-
-    def _inference_forward(self, x: Tensor, z: Tensor | None, y: Tensor, kept: Tensor,
-                           slow_gather: bool) -> Tensor:
-        """The forward without autograd: both matmuls write straight into one ``(tokens, out)``
-        buffer, ``[x Z^T | x Z^T Y^T]`` (BLAS takes the column blocks as strided outputs), so the
-        only copy is the final gather of the output features (``slow_gather``: through
-        ``torch.gather``, see :func:`_slow_column_gather`)."""
-        lead = x.shape[:-1]
-        r = kept.shape[0]
-        buffer = x.new_empty(lead.numel(), self.out_features)
-        head = buffer[:, :r]
-        if z is None:
-            torch.mm(x.reshape(-1, self.in_features), kept.t(), out=head)
-        else:
-            head.copy_(z.reshape(-1, r))
-        torch.mm(head, y.t(), out=buffer[:, r:])
-        order = self._order(buffer.device)
-        if slow_gather:  # the same gather through a kernel that is fast for 2-byte dtypes
-            out = torch.gather(buffer, 1, order.expand(buffer.shape[0], -1))
-        else:
-            out = buffer.index_select(1, order)
-        if self.bias is not None:
-            out.add_(self.bias)
-        return out.view(*lead, self.out_features)
 
     # ----- conversion --------------------------------------------------------------------------
     @classmethod
