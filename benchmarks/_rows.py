@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from torch import nn
+
+from tensornet_llm.compress.targets import find_targets
 from tensornet_llm.helpers.evaluate import compare_to_dense, perplexity_table
 from tensornet_llm.helpers.models import load_smollm2
 
@@ -52,3 +55,20 @@ def domain_table(dense: dict[str, float], rows: list[dict],
         cells += [f"{ratios['geomean']:.2f}x", f"{ratios['worst']:.2f}x", f"{r['seconds']:.0f} s"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def ratio_leaving_dense(model: nn.Module, keep: float, exclude: list[str]) -> float:
+    """The ``ratio`` for ``compactify(model, ratio=..., exclude=exclude)`` that keeps ``keep`` of
+    the default targets' parameters in all, the excluded modules counted whole (left dense):
+    the same model size as ``ratio=keep`` without ``exclude``."""
+    def count(modules: list[tuple[str, nn.Module]]) -> int:
+        return sum(p.numel() for _, m in modules for p in m.parameters(recurse=False))
+
+    total = count(find_targets(model)[0])
+    rest = count(find_targets(model, exclude=exclude)[0])
+    ratio = (keep * total - (total - rest)) / rest
+    if not 0 < ratio <= 1:
+        raise SystemExit(f"--exclude {' '.join(exclude)}: those modules hold more than keep "
+                         f"{keep:.0%} of the parameters")
+    return ratio
+

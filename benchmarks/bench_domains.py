@@ -37,7 +37,7 @@ from tensornet_llm.helpers.data import DOMAINS, calibration_mix, generated_text,
 from tensornet_llm.helpers.evaluate import perplexity_table
 from tensornet_llm.helpers.models import load_smollm2
 
-from _rows import domain_table, held_out_row, resume
+from _rows import domain_table, held_out_row, ratio_leaving_dense, resume
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +74,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         # rows measured before kept-rows storage existed stored two factors
         "low-rank storage": lambda r: "kept rows" if r.get("interpolative") else "factors",
         "min saving": lambda r: f"{r['min_saving']:.0%}" if r.get("min_saving") else "",
+        "left dense": lambda r: " ".join(r.get("exclude", [])),
         "keep": lambda r: f"{r['keep']:.0%}"})
     (out / "bench_domains.md").write_text("\n".join(lines) + "\n")
 
@@ -98,6 +99,9 @@ def main() -> None:
     parser.add_argument("--min-saving", type=float, default=0.0,
                         help="every compressed module saves at least this fraction "
                         "(CompactifyConfig.min_saving)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
+                        help="leave these modules dense and compress the rest further, to the "
+                        "same parameters in all (CompactifyConfig.exclude)")
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
@@ -118,21 +122,24 @@ def main() -> None:
             metric = args.output_metric if weigh else None
             rows_kept = not args.low_rank_factors
             key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge,
-                   args.match_dense, weigh, metric, rows_kept, args.min_saving)
+                   args.match_dense, weigh, metric, rows_kept, args.min_saving, args.exclude)
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"],
                     r.get("ridge", 0.0), r.get("match_dense", False),
                     r.get("weigh_outputs", False),
                     r.get("output_metric", "diagonal" if r.get("weigh_outputs") else None),
-                    r.get("interpolative", False), r.get("min_saving", 0.0)) == key
+                    r.get("interpolative", False), r.get("min_saving", 0.0),
+                    r.get("exclude", [])) == key
                    for r in rows):
                 continue
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
             config = CompactifyConfig(shrinkage=args.shrinkage, ridge=args.ridge,
                                       match_dense=args.match_dense, weigh_outputs=weigh,
                                       output_metric=args.output_metric,
-                                      interpolative=rows_kept, min_saving=args.min_saving)
+                                      interpolative=rows_kept, min_saving=args.min_saving,
+                                      exclude=list(args.exclude))
+            ratio = ratio_leaving_dense(model, keep, args.exclude) if args.exclude else keep
             row = held_out_row(
-                lambda student: compactify(student, ratio=keep, calibration=data,
+                lambda student: compactify(student, ratio=ratio, calibration=data,
                                            fit_steps=args.fit_steps, progress=False,
                                            config=config), tokenizer, args.tokens, meta["dense"])
             rows.append({"calibration": name, "keep": keep,
@@ -140,7 +147,8 @@ def main() -> None:
                          "shrinkage": args.shrinkage, "ridge": args.ridge,
                          "match_dense": args.match_dense, "weigh_outputs": weigh,
                          "output_metric": metric, "interpolative": rows_kept,
-                         "min_saving": args.min_saving, **row})
+                         "min_saving": args.min_saving,
+                         **({"exclude": args.exclude} if args.exclude else {}), **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
             write(args.out, meta, rows)
     write(args.out, meta, rows)

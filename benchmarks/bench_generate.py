@@ -11,7 +11,9 @@ greedy ``generate`` from a ``--prompt``-token prompt:
 * **prefill**: ``generate(max_new_tokens=1)``, tokens per second of prompt;
 * **decode**: ``(generate(max_new_tokens=1 + N) - prefill) / N`` per new token.
 
-``--fuse`` adds, for every keep, the same model after ``fuse_siblings`` (q/k/v and gate/up
+``--exclude PATTERN ...`` adds, for every keep, a model with those modules left dense and the
+rest compressed further (the same parameters in all). ``--fuse`` adds, for every keep, the same
+model after ``fuse_siblings`` (q/k/v and gate/up
 input sides as one matmul; eager only, since compiled code runs the layers unfused).
 
 Models are interleaved round by round (every model runs once per round, in the same process), so
@@ -45,6 +47,8 @@ from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
 from tensornet_llm.helpers.evaluate import model_size_bytes
 from tensornet_llm.helpers.models import load_smollm2
 
+from _rows import ratio_leaving_dense
+
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -60,16 +64,24 @@ def decode_bytes(model: nn.Module) -> int:
 
 
 def build_models(keeps: list[float], single_keep: float | None, fuse: bool = False,
-                 min_saving: float = 0.0) -> tuple[dict[str, nn.Module], dict[str, int]]:
+                 min_saving: float = 0.0, exclude: list[str] | None = None,
+                 ) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The models by name, and how many modules each compressed."""
     dense, _ = load_smollm2()
     models, compressed = {"dense": dense}, {"dense": 0}
     for keep in keeps:
-        for saving in (0.0, min_saving) if min_saving else (0.0,):
+        variants = [("", keep, CompactifyConfig())]
+        if min_saving:
+            variants.append((f", min saving {min_saving:.0%}", keep,
+                             CompactifyConfig(min_saving=min_saving)))
+        if exclude:  # the same parameters in all: the rest compressed further
+            variants.append((f", without {'/'.join(exclude)}",
+                             ratio_leaving_dense(dense, keep, exclude),
+                             CompactifyConfig(exclude=list(exclude))))
+        for suffix, ratio, config in variants:
             model = copy.deepcopy(dense)
-            report = compactify(model, ratio=keep, progress=False,
-                                config=CompactifyConfig(min_saving=saving))
-            name = f"keep {keep:.0%}" + (f", min saving {saving:.0%}" if saving else "")
+            report = compactify(model, ratio=ratio, progress=False, config=config)
+            name = f"keep {keep:.0%}{suffix}"
             models[name] = model
             compressed[name] = len(report.layers)
             if fuse:  # the same model with its low-rank siblings fused (a copy runs unfused)
@@ -216,11 +228,14 @@ def main() -> None:
                         help="also time each keep with fuse_siblings (eager only)")
     parser.add_argument("--min-saving", type=float, default=0.0,
                         help="also time each keep compressed with CompactifyConfig(min_saving=...)")
+    parser.add_argument("--exclude", nargs="+", metavar="PATTERN",
+                        help="also time each keep with these modules left dense and the rest "
+                        "compressed further, to the same parameters in all")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
 
     models, compressed = build_models(args.keep, args.single_keep or None, args.fuse,
-                                      args.min_saving)
+                                      args.min_saving, args.exclude)
     _, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
     ceilings = {name: decode_bytes(models["dense"]) / decode_bytes(m) for name, m in models.items()}

@@ -14,7 +14,8 @@ from __future__ import annotations
 __all__ = [
     "TensornetError", "ArgumentError", "ArgumentTypeError", "InputFileError",
     "OutputExistsError", "OutputNotWritableError", "CheckpointError", "MissingDependencyError",
-    "NonFiniteActivationError", "EstimateFallbackWarning", "HealingCheckWarning",
+    "NonFiniteActivationError", "RankDeficientError", "EstimateFallbackWarning",
+    "HealingCheckWarning",
 ]
 
 
@@ -50,6 +51,11 @@ class CheckpointError(TensornetError, ValueError):
 class NonFiniteActivationError(ArgumentError):
     """Calibration text drove the model to NaN or Inf activations (a model that overflows in
     float16, say), so nothing can be fitted to them; the message names the first module."""
+
+
+class RankDeficientError(ArgumentError):
+    """A matrix that must have full column rank (the rows kept rows are chosen from) has less:
+    no set of its rows is invertible."""
 
 
 class MissingDependencyError(TensornetError, ImportError):

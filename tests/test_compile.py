@@ -115,5 +115,6 @@ def test_inductor_compiles_a_low_rank_and_an_mpo_layer():
     for kind in ("low-rank", "mpo"):
         layer = kinds[kind]
         compiled = torch.compile(layer, fullgraph=True)
-        x = torch.randn(9, 40)
-        torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
+        for rows in (9, 1):  # one token specialises a graph of its own
+            x = torch.randn(rows, 40)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)

@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 
 from tensornet_llm import CompactifyConfig, compactify
 from tensornet_llm.compress.sweeps import fit_group
-from tensornet_llm.errors import ArgumentError
+from tensornet_llm.errors import ArgumentError, RankDeficientError
 from tensornet_llm.layers.cross_layer import (
     CrossLayerLinear, SharedBases, kept_rows_gauge, plain_members,
 )
@@ -98,6 +98,30 @@ def test_compactify_stores_shared_input_bases_as_kept_rows():
     x = inputs("llama")
     with torch.no_grad():  # the same fit in another gauge
         torch.testing.assert_close(model(**x).logits, plain(**x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_twins_whose_stacked_cores_lack_rank_keep_the_plain_form():
+    """Identical blocks fitted in closed form at an input rank above out_features: the stacked
+    cores [C; C] have rank out_features < r, so no r rows of them are invertible. The gauge
+    says so in one line, and compactify keeps those groups plain, with the same maps."""
+    in_basis = torch.randn(24, 32, dtype=torch.float64)
+    core = torch.randn(16, 24, dtype=torch.float64)
+    with pytest.raises(RankDeficientError, match="full column rank 24"):
+        kept_rows_gauge(in_basis, [core, core])
+    model = build("llama", layers=2)
+    with torch.no_grad():
+        for a, b in zip(model.model.layers[1].parameters(), model.model.layers[0].parameters()):
+            a.copy_(b)
+    x = inputs("llama")
+    with torch.no_grad():
+        ref = model(**x).logits
+    compactify(model, chi=10**6, progress=False,
+               config=CompactifyConfig(cross_layer=2, cross_layer_side="input", sweeps=0))
+    k0 = model.model.layers[0].self_attn.k_proj  # 32 -> 16 at rank 32: [C; C] has rank 16
+    assert isinstance(k0, CrossLayerLinear) and k0.shared.core_shape[1] > k0.out_features
+    assert k0.kept is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x).logits, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("size", [2, 3, 4])

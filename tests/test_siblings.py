@@ -16,6 +16,7 @@ from tensornet_llm import (
 )
 from tensornet_llm.errors import ArgumentError
 from tensornet_llm.layers import Layout, MPOLinear, SiblingGroup
+from tensornet_llm.layers.interpolative import InterpolativeLinear
 
 
 def low_rank_model(name="llama", layers=2):
@@ -119,11 +120,14 @@ def test_a_member_called_alone_or_out_of_order_runs_on_its_own():
 
 @given(ranks=st.lists(st.integers(1, 9), min_size=2, max_size=4),
        n_in=st.integers(1, 24), n_out=st.lists(st.integers(1, 24), min_size=4, max_size=4),
-       rows=st.sampled_from([(1,), (3,), (2, 5)]))
-def test_a_group_gives_each_member_its_own_output(ranks, n_in, n_out, rows):
+       rows=st.sampled_from([(1,), (1, 1), (3,), (2, 5)]), kept_rows=st.booleans())
+def test_a_group_gives_each_member_its_own_output(ranks, n_in, n_out, rows, kept_rows):
+    """Two-factor and kept-rows members, one token (the matrix-vector path) and several."""
     torch.manual_seed(len(ranks) * 31 + n_in)
-    layers = [Layout.low_rank(n_in, o).decompose(torch.randn(o, n_in), torch.randn(o), r)
+    layers = [Layout.low_rank(n_in, o, rows=kept_rows).decompose(torch.randn(o, n_in),
+                                                              torch.randn(o), r)
               for r, o in zip(ranks, n_out)]
+    assert all(isinstance(layer, InterpolativeLinear) == kept_rows for layer in layers)
     x = torch.randn(*rows, n_in)
     with torch.no_grad():
         expected = [layer(x) for layer in layers]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, EstimateFallbackWarning
+from ..errors import ArgumentError, EstimateFallbackWarning, RankDeficientError
 from ..layers.base import linear_weight
 from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases, kept_rows_gauge
 from .budget import KEEP_GRID, Option, _damage, _lower_hull, choose, ladder
@@ -144,16 +144,23 @@ def _fit(group: Group, cfg: CompactifyConfig, covs: list | None) -> tuple[str, G
 def _members(group: Group, fit: GroupFit, kept_rows: bool) -> list[CrossLayerLinear]:
     """The drop-in modules of a fitted group, on the originals' device and dtype; a shared
     input basis alone in the kept-rows gauge with ``kept_rows`` (where its rank allows:
-    ``in_rank <= G out``, as :func:`~.sweeps.group_parameters` counts)."""
+    ``in_rank <= G out``, as :func:`~.sweeps.group_parameters` counts, and the stacked cores
+    have full column rank, which fails only when no member uses some shared direction, as
+    for exact twins fitted in closed form: those keep the plain form, ``in_rank^2``
+    parameters more than priced)."""
     weight, _ = linear_weight(group.modules[0])
     kw = {"device": weight.device, "dtype": weight.dtype}
     out_f, in_f = group.shape
     in_basis, cores = fit.in_basis, fit.cores
     kept: list[tuple | None] = [None] * len(cores)
     if kept_rows and fit.out_basis is None and in_basis.shape[0] <= len(cores) * out_f:
-        in_basis, gauged = kept_rows_gauge(in_basis, cores)
-        kept = [(k, order) if k.numel() else None for k, order, _ in gauged]  # none: plain
-        cores = [core for _, _, core in gauged]
+        try:
+            in_basis, gauged = kept_rows_gauge(in_basis, cores)
+        except RankDeficientError:  # only exact twins give it; the plain form holds the maps
+            gauged = None
+        if gauged is not None:
+            kept = [(k, order) if k.numel() else None for k, order, _ in gauged]  # none: plain
+            cores = [core for _, _, core in gauged]
     shared = SharedBases(
         in_f, out_f, None if in_basis is None else in_basis.shape[0],
         None if fit.out_basis is None else fit.out_basis.shape[1], len(group.modules), **kw)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, RankDeficientError
 from .base import linear_weight
 from .mpo import MPOLinear
 
@@ -46,7 +46,9 @@ def maxvol_rows(u: Tensor, tol: float = 0.1, max_swaps: int | None = None) -> tu
     if m < r:
         raise ArgumentError(f"maxvol needs at least as many rows as columns, got {tuple(u.shape)}")
     u = u.double()
-    _, pivots = torch.linalg.lu_factor(u)
+    lu, pivots, _ = torch.linalg.lu_factor_ex(u)
+    if bool((lu.diagonal()[:r] == 0).any()):
+        raise RankDeficientError(f"maxvol needs full column rank {r}, got a matrix of less")
     order = torch.arange(m)
     for k, p in enumerate((pivots - 1).tolist()):  # LAPACK's row interchanges, in sequence
         order[[k, p]] = order[[p, k]]
@@ -105,13 +107,14 @@ def _slow_column_gather(x: Tensor) -> bool:
     return (torch.get_autocast_dtype("cpu") if autocast else x.dtype).itemsize == 2
 
 
-def _one_token(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None) -> Tensor:
+def _one_token(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None,
+               zx: Tensor | None = None) -> Tensor:
     """One token (batch-1 decode): ``[Z x, Y Z x][order] + b`` as two matrix-vector products,
     one concatenation of a row and one gather (differentiable). At this size each call costs
     more than its arithmetic, and on the CPU ``torch.mv`` has less fixed cost than a one-row
     ``F.linear`` (in bfloat16 about half). ``x`` ``(..., in)`` holds one token; ``z`` ``(r, in)``,
-    ``y`` ``(out - r, r)``, ``order`` ``(out,)``."""
-    zx = torch.mv(z, x.reshape(z.shape[1]))
+    ``y`` ``(out - r, r)``, ``order`` ``(out,)``; ``zx``: ``Z x`` when already known."""
+    zx = torch.mv(z, x.reshape(z.shape[1])) if zx is None else zx.reshape(z.shape[0])
     out = torch.cat([zx, torch.mv(y, zx)]).index_select(0, order)
     if bias is not None:
         out = out + bias
@@ -217,12 +220,12 @@ class InterpolativeLinear(MPOLinear):
         autocast = torch.is_autocast_enabled(x.device.type)
         if torch.compiler.is_compiling():  # no branch on sizes here: one graph for all lengths
             return self._combine(F.linear(x, z), y)
-        if x.numel() == self.in_features and self._siblings is None and not autocast:
-            return _one_token(x, z, y, self._order(x.device), self.bias)
         zx = None
         inference = not torch.is_grad_enabled()
         if inference and self._siblings is not None:
             zx = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
+        if x.numel() == self.in_features and not autocast:
+            return _one_token(x, z, y, self._order(x.device), self.bias, zx)
         if _slow_column_gather(x) and x.numel() >= r * self.in_features:
             # At least r tokens in a 2-byte dtype on the CPU: gathering the (tokens, out)
             # output's columns would cost more than the matmuls, so gather U's rows instead

@@ -128,7 +128,12 @@ class SiblingGroup:
             if not self._current() and not self._stack():
                 self._x = self._z = None
                 return None
-            self._x, self._z = x, F.linear(x, self._stacked)
+            if x.numel() == x.shape[-1] and not torch.is_autocast_enabled(x.device.type):
+                # one token: a matrix-vector product costs less than a one-row F.linear
+                z = torch.mv(self._stacked, x.reshape(-1)).view(*x.shape[:-1], -1)
+            else:
+                z = F.linear(x, self._stacked)
+            self._x, self._z = x, z
         elif x is not self._x or self._z is None:
             return None
         z = self._z.narrow(-1, self._offsets[index], self._ranks[index])
