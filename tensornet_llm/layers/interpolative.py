@@ -210,8 +210,9 @@ class InterpolativeLinear(MPOLinear):
         return True
 
     def forward(self, x: Tensor) -> Tensor:
-        """``y = [x Z^T, x Z^T Y^T][row_order] + b``: two thin matmuls and one gather (in a
-        2-byte dtype on the CPU from ``r`` tokens up, ``y = (x Z^T) U^T + b`` instead)."""
+        """``y = [x Z^T, x Z^T Y^T][row_order] + b``: two thin matmuls and one gather (one
+        token, eager: two matrix-vector products; in a 2-byte dtype on the CPU from ``r``
+        tokens up, ``y = (x Z^T) U^T + b`` instead). Traced, one path for every size."""
         if x.shape[-1] != self.in_features:
             raise ArgumentError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         y_core, z_core = self.cores._parameters.values()
