@@ -155,10 +155,11 @@ def _members(group: Group, fit: GroupFit, kept_rows: bool) -> list[CrossLayerLin
     kept: list[tuple | None] = [None] * len(cores)
     if kept_rows and fit.out_basis is None and in_basis.shape[0] <= len(cores) * out_f:
         try:
-            in_basis, gauged = kept_rows_gauge(in_basis, cores)
+            gauged_basis, gauged = kept_rows_gauge(in_basis, cores)
         except RankDeficientError:  # only exact twins give it; the plain form holds the maps
-            gauged = None
-        if gauged is not None:
+            pass
+        else:
+            in_basis = gauged_basis
             kept = [(k, order) if k.numel() else None for k, order, _ in gauged]  # none: plain
             cores = [core for _, _, core in gauged]
     shared = SharedBases(

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ArgumentError, RankDeficientError
+from ..errors import ArgumentError
 from .interpolative import index_buffer, kept_row_order, maxvol_rows, on_device
 
 __all__ = ["SIDES", "CrossLayerLinear", "SharedBases", "kept_rows_gauge", "plain_members"]
@@ -235,22 +235,16 @@ def kept_rows_gauge(in_basis: Tensor, cores: Sequence[Tensor],
         ``(out - k_l, r)`` (entries of magnitude about 1 or less). Computed in float64.
 
     Raises:
-        RankDeficientError: the stacked cores have rank below ``r`` (some shared direction is
-            used by no member), so no ``r`` of their rows are invertible.
+        RankDeficientError: (from :func:`maxvol_rows`) the stacked cores have rank below
+            ``r`` (some shared direction is used by no member), so no ``r`` of their rows are
+            invertible.
     """
     out_f, r = cores[0].shape
     stacked = torch.cat([c.detach().double() for c in cores])  # (G out, r)
     if r > stacked.shape[0]:
         raise ArgumentError(f"kept rows need in_rank <= {stacked.shape[0]} (group size times "
                             f"out_features), got {r}")
-    try:
-        rows, combined = maxvol_rows(stacked)  # combined = C C[R]^-1, the identity on rows R
-    except RankDeficientError:
-        rows = combined = None
-    if rows is None or rows.unique().numel() != r or not bool(torch.isfinite(combined).all()):
-        raise RankDeficientError(
-            f"kept rows need stacked cores of full column rank {r}: some combination of the "
-            "shared coordinates is used by no member")
+    rows, combined = maxvol_rows(stacked)  # combined = C C[R]^-1, the identity on rows R
     rows = rows.to(stacked.device)
     basis = stacked[rows] @ in_basis.detach().double()
     members = []

@@ -41,14 +41,16 @@ def maxvol_rows(u: Tensor, tol: float = 0.1, max_swaps: int | None = None) -> tu
     volume, and ``B = u u[R]^-1`` ``(m, r)`` (identity on the rows ``R``, every entry at most
     ``1 + tol`` in magnitude unless ``max_swaps``, default ``r``, ran out first). Starts from
     LU with partial pivoting, then swaps rows while an entry of ``B`` exceeds ``1 + tol`` (each
-    swap grows ``|det u[R]|`` by that entry)."""
+    swap grows ``|det u[R]|`` by that entry). Raises :class:`RankDeficientError` when ``u`` has
+    rank below ``r`` (no ``r`` of its rows are invertible)."""
     m, r = u.shape
     if m < r:
         raise ArgumentError(f"maxvol needs at least as many rows as columns, got {tuple(u.shape)}")
     u = u.double()
     lu, pivots, _ = torch.linalg.lu_factor_ex(u)
+    rank_error = f"maxvol needs full column rank {r}, got a matrix of less"
     if bool((lu.diagonal()[:r] == 0).any()):
-        raise RankDeficientError(f"maxvol needs full column rank {r}, got a matrix of less")
+        raise RankDeficientError(rank_error)
     order = torch.arange(m)
     for k, p in enumerate((pivots - 1).tolist()):  # LAPACK's row interchanges, in sequence
         order[[k, p]] = order[[p, k]]
@@ -65,6 +67,10 @@ def maxvol_rows(u: Tensor, tol: float = 0.1, max_swaps: int | None = None) -> tu
         bj, bi = b[:, j].clone(), b[i].clone()
         bi[j] -= 1
         b -= torch.outer(bj, bi / pivot)
+    # u[R] singular in floating point: B is not finite, or is no identity on R and the swaps
+    # picked a row twice
+    if not bool(torch.isfinite(b).all()) or rows.unique().numel() != r:
+        raise RankDeficientError(rank_error)
     return rows, b
 
 
@@ -143,12 +149,6 @@ def _buffered(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | Non
     return out.view(*lead, order.shape[0])
 
 
-def _left_factor(y: Tensor, order: Tensor) -> Tensor:
-    """``U = P^T [I; Y]`` ``(out, r)`` from ``Y`` ``(out - r, r)`` and ``order`` ``(out,)``."""
-    eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)
-    return torch.cat([eye, y]).index_select(0, order)
-
-
 class InterpolativeLinear(MPOLinear):
     """The low-rank layout ``W = U V`` stored as kept rows and their combinations (module docs):
     ``r (in + out - r)`` parameters at rank ``r``. Build it from a low-rank
@@ -195,7 +195,9 @@ class InterpolativeLinear(MPOLinear):
         """``(U, V)`` with ``W = U V``: ``U = P^T [I; Y]`` ``(out, r)``, ``V = Z`` ``(r, in)``."""
         y, z = self.cores if cores is None else cores
         r = z.shape[0]
-        return _left_factor(y.reshape(-1, r), self._order(y.device)), z.reshape(r, -1)
+        y = y.reshape(-1, r)
+        eye = torch.eye(r, dtype=y.dtype, device=y.device)
+        return torch.cat([eye, y]).index_select(0, self._order(y.device)), z.reshape(r, -1)
 
     def _order(self, device: torch.device) -> Tensor:
         """``row_order`` on ``device`` (a quantized layer's skeleton keeps it on the CPU)."""
