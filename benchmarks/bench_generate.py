@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._dynamo
 from torch import nn
 
 from tensornet_llm import CompactifyConfig, compactify, fuse_siblings
@@ -113,6 +114,8 @@ def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: i
     """Prefill and per-token decode seconds of every model in every round (models interleaved:
     each runs once per round, in turn)."""
     ready = {}
+    if mode == "compiled":
+        torch._dynamo.reset()  # each configuration compiles afresh
     for name, model in models.items():
         model = model.to(dtype)
         if mode == "compiled" and name.endswith(" fused"):
@@ -233,6 +236,11 @@ def main() -> None:
                         "compressed further, to the same parameters in all")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
+    # Every model compiles graphs of the same forward (warm-up, prefill, decode), more than
+    # Dynamo's default limit of 8 per function: past it Dynamo would run the rest eagerly
+    # without a word, and the results would mix compiled and eager models. Fail instead.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
 
     models, compressed = build_models(args.keep, args.single_keep or None, args.fuse,
                                       args.min_saving, args.exclude)

@@ -9,6 +9,7 @@ from torch._dynamo.utils import counters
 from models import build
 from tensornet_llm import MPOLinear, TTNSLinear, compactify, quantize
 from tensornet_llm.layers import Layout
+from tensornet_llm.layers.interpolative import TRACED_OP_TOKENS
 from tensornet_llm.layers.quantized import QuantizedTensorNetworkLinear
 
 
@@ -118,3 +119,34 @@ def test_inductor_compiles_a_low_rank_and_an_mpo_layer():
         for rows in (9, 1):  # one token specialises a graph of its own
             x = torch.randn(rows, 40)
             torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_prefill_without_autograd_runs_the_eager_kernels_as_one_operator(dtype):
+    """Kept rows, traced: from TRACED_OP_TOKENS tokens up under no_grad on the CPU the layer
+    calls ``tensornet_llm::kept_rows_many_tokens`` (torch.gather, not inductor's gather loop),
+    and the differentiable form otherwise; outputs equal eager's at every length, with one
+    graph below the threshold, one from it and one for a single token."""
+    layer = layer_kinds()["low-rank"].to(dtype)
+    op = torch.ops.tensornet_llm.kept_rows_many_tokens.default
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(any(node.target is op for node in gm.graph.nodes))
+        return gm.forward
+
+    compiled = torch.compile(layer, fullgraph=True, backend=backend, dynamic=True)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert TRACED_OP_TOKENS == 32
+    for rows in (3, 17, 31, 300, 32, 2048, 1):
+        x = torch.randn(rows, 40, dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), layer(x), rtol=tol, atol=tol)
+    assert seen == [False, True, False]  # 3..31 rows, 32..2048 rows, a single row
+    x = torch.randn(5, 40, dtype=dtype, requires_grad=True)
+    torch.testing.assert_close(compiled(x), layer(x), rtol=tol, atol=tol)
+    assert seen[-1] is False  # with autograd: the differentiable form
+    torch.library.opcheck(op, (torch.randn(6, 40, dtype=dtype), *[
+        t.detach() for t in (layer.cores[1].view(6, 40), layer.cores[0].view(42, 6))],
+        layer.row_order, layer.bias.detach()))
+    assert not counters["graph_break"]

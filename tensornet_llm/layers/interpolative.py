@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError, RankDeficientError
 from .base import linear_weight
+from .contract import is_one_token
 from .mpo import MPOLinear
 
 __all__ = ["InterpolativeLinear", "maxvol_rows"]
@@ -115,11 +116,10 @@ def _slow_column_gather(x: Tensor) -> bool:
 
 def _one_token(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None,
                zx: Tensor | None = None) -> Tensor:
-    """One token (batch-1 decode): ``[Z x, Y Z x][order] + b`` as two matrix-vector products,
-    one concatenation of a row and one gather (differentiable). At this size each call costs
-    more than its arithmetic, and on the CPU ``torch.mv`` has less fixed cost than a one-row
-    ``F.linear`` (in bfloat16 about half). ``x`` ``(..., in)`` holds one token; ``z`` ``(r, in)``,
-    ``y`` ``(out - r, r)``, ``order`` ``(out,)``; ``zx``: ``Z x`` when already known."""
+    """One token (batch-1 decode, :func:`~tensornet_llm.layers.contract.is_one_token`):
+    ``[Z x, Y Z x][order] + b`` as two matrix-vector products, one concatenation of a row and
+    one gather (differentiable). ``x`` ``(..., in)`` holds one token; ``z`` ``(r, in)``, ``y``
+    ``(out - r, r)``, ``order`` ``(out,)``; ``zx``: ``Z x`` when already known."""
     zx = torch.mv(z, x.reshape(z.shape[1])) if zx is None else zx.reshape(z.shape[0])
     out = torch.cat([zx, torch.mv(y, zx)]).index_select(0, order)
     if bias is not None:
@@ -147,6 +147,44 @@ def _buffered(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | Non
     if bias is not None:
         out.add_(bias)
     return out.view(*lead, order.shape[0])
+
+
+def _left_factor(y: Tensor, order: Tensor) -> Tensor:
+    """``U = P^T [I; Y]`` ``(out, r)`` from ``Y`` ``(out - r, r)`` and ``order`` ``(out,)``."""
+    eye = torch.eye(y.shape[1], dtype=y.dtype, device=y.device)
+    return torch.cat([eye, y]).index_select(0, order)
+
+
+def _many_tokens(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None,
+                 zx: Tensor | None = None) -> Tensor:
+    """The forward without autograd from two tokens up, in ``z``'s dtype: :func:`_buffered`,
+    or in a 2-byte dtype on the CPU from ``r`` tokens up ``(x Z^T) U^T + b`` (one matmul with
+    ``U``'s gathered rows costs less there than gathering the output's columns). ``zx``:
+    ``x Z^T`` when already known."""
+    if _slow_column_gather(x) and x.numel() >= z.numel():
+        return F.linear(F.linear(x, z) if zx is None else zx, _left_factor(y, order), bias)
+    return _buffered(x, z, y, order, bias, zx)
+
+
+#: From this many tokens up (prefill), a compiled kept-rows layer without autograd on the CPU
+#: calls :func:`_many_tokens_op`; below it (decode, also at batch 8) the operator's Python
+#: dispatch, tens of microseconds, costs more than it saves. A constant, so a dynamic length
+#: gets at most one more graph (below and from it), not one per layer's rank.
+TRACED_OP_TOKENS = 32
+
+
+@torch.library.custom_op("tensornet_llm::kept_rows_many_tokens", mutates_args=())
+def _many_tokens_op(x: Tensor, z: Tensor, y: Tensor, order: Tensor,
+                    bias: Tensor | None) -> Tensor:
+    """:func:`_many_tokens` as one operator that traced code calls as it is: inductor would
+    otherwise generate its own loop for the gather of the output's columns, which on the CPU
+    runs far slower than ``torch.gather`` (prefill under ``torch.compile``)."""
+    return _many_tokens(x, z, y, order, bias)
+
+
+@_many_tokens_op.register_fake
+def _(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(*x.shape[:-1], order.shape[0])
 
 
 class InterpolativeLinear(MPOLinear):
@@ -195,9 +233,7 @@ class InterpolativeLinear(MPOLinear):
         """``(U, V)`` with ``W = U V``: ``U = P^T [I; Y]`` ``(out, r)``, ``V = Z`` ``(r, in)``."""
         y, z = self.cores if cores is None else cores
         r = z.shape[0]
-        y = y.reshape(-1, r)
-        eye = torch.eye(r, dtype=y.dtype, device=y.device)
-        return torch.cat([eye, y]).index_select(0, self._order(y.device)), z.reshape(r, -1)
+        return _left_factor(y.reshape(-1, r), self._order(y.device)), z.reshape(r, -1)
 
     def _order(self, device: torch.device) -> Tensor:
         """``row_order`` on ``device`` (a quantized layer's skeleton keeps it on the CPU)."""
@@ -214,29 +250,35 @@ class InterpolativeLinear(MPOLinear):
     def forward(self, x: Tensor) -> Tensor:
         """``y = [x Z^T, x Z^T Y^T][row_order] + b``: two thin matmuls and one gather (one
         token, eager: two matrix-vector products; in a 2-byte dtype on the CPU from ``r``
-        tokens up, ``y = (x Z^T) U^T + b`` instead). Traced, one path for every size."""
+        tokens up, ``y = (x Z^T) U^T + b`` instead). Traced: the differentiable form, except
+        for prefill (:data:`TRACED_OP_TOKENS` tokens and more) without autograd on the CPU,
+        where the eager kernels run as one operator (``tensornet_llm::kept_rows_many_tokens``):
+        two graphs at most for every length above one."""
         if x.shape[-1] != self.in_features:
             raise ArgumentError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         y_core, z_core = self.cores._parameters.values()
         r = z_core.shape[0]
         y, z = y_core.view(-1, r), z_core.view(r, self.in_features)
         autocast = torch.is_autocast_enabled(x.device.type)
-        if torch.compiler.is_compiling():  # no branch on sizes here: one graph for all lengths
+        if torch.compiler.is_compiling():
+            if (x.device.type == "cpu" and not torch.is_grad_enabled() and not autocast
+                    and x.dtype == z.dtype and x.numel() >= TRACED_OP_TOKENS * self.in_features):
+                return _many_tokens_op(x, z, y, self._order(x.device), self.bias)
             return self._combine(F.linear(x, z), y)
         zx = None
         inference = not torch.is_grad_enabled()
         if inference and self._siblings is not None:
             zx = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
-        if x.numel() == self.in_features and not autocast:
+        if is_one_token(x):
             return _one_token(x, z, y, self._order(x.device), self.bias, zx)
+        if inference and x.dtype == z.dtype and not autocast:
+            return _many_tokens(x, z, y, self._order(x.device), self.bias, zx)
         if _slow_column_gather(x) and x.numel() >= r * self.in_features:
-            # At least r tokens in a 2-byte dtype on the CPU: gathering the (tokens, out)
-            # output's columns would cost more than the matmuls, so gather U's rows instead
-            # (out x r, contiguous) and multiply once: y = (x Z^T) U^T.
+            # At least r tokens in a 2-byte dtype on the CPU, with autograd or autocast:
+            # gathering the (tokens, out) output's columns would cost more than the matmuls,
+            # so gather U's rows instead (out x r, contiguous) and multiply once.
             u, v = self.factors((y_core, z_core))
             return F.linear(F.linear(x, v) if zx is None else zx, u, self.bias)
-        if inference and x.dtype == z.dtype and not autocast:
-            return _buffered(x, z, y, self._order(x.device), self.bias, zx)
         return self._combine(F.linear(x, z) if zx is None else zx, y)
 
     def _combine(self, z: Tensor, y: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError
 from .base import TensorNetworkLinear
-from .contract import NetworkSpec, factor_pair, factors_linear
+from .contract import NetworkSpec, factor_pair, factors_linear, is_one_token, linear_one_token
 from .decompose import BondSpectrum, mpo_bond_dims, tt_svd
 
 __all__ = ["MPOLinear", "mpo_network"]
@@ -111,6 +111,8 @@ class MPOLinear(TensorNetworkLinear):
                 z = self._siblings.input_side(self._sibling_index, x)  # x V^T, shared
                 if z is not None:
                     a, _ = factor_pair(cores, table.rebuild, self.in_features, self.out_features)
+                    if is_one_token(z):
+                        return linear_one_token(z, a, self.bias)
                     return F.linear(z, a, self.bias)
             return factors_linear(x, cores, table.rebuild, self.bias, self.in_features,
                                   self.out_features)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .contract import is_one_token, linear_one_token
+
 __all__ = ["SiblingGroup", "is_fusable", "can_stack"]
 
 
@@ -128,11 +130,8 @@ class SiblingGroup:
             if not self._current() and not self._stack():
                 self._x = self._z = None
                 return None
-            if x.numel() == x.shape[-1] and not torch.is_autocast_enabled(x.device.type):
-                # one token: a matrix-vector product costs less than a one-row F.linear
-                z = torch.mv(self._stacked, x.reshape(-1)).view(*x.shape[:-1], -1)
-            else:
-                z = F.linear(x, self._stacked)
+            z = (linear_one_token(x, self._stacked) if is_one_token(x)
+                 else F.linear(x, self._stacked))
             self._x, self._z = x, z
         elif x is not self._x or self._z is None:
             return None
