@@ -119,18 +119,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "bench_decode_layers"))
     args = parser.parse_args()
+    shapes = []
     for shape in args.shapes:
         try:
             n_in, n_out = (int(v) for v in shape.lower().split("x"))
         except ValueError:
             parser.error(f"--shapes: {shape!r} is not IN x OUT, e.g. 576x1536")
+        shapes.append((shape, n_in, n_out))
     if not all(0 < k < 1 for k in args.keep):
         parser.error("--keep values must lie in (0, 1)")
     torch.set_num_threads(args.threads)
     rows = []
     for dtype in args.dtypes:
-        for shape in args.shapes:
-            n_in, n_out = (int(v) for v in shape.lower().split("x"))
+        for shape, n_in, n_out in shapes:
             print(f"{shape} {dtype} ...", flush=True)
             rows += measure(n_in, n_out, DTYPES[dtype], args.keep, args.megabytes, args.rounds)
     meta = {"threads": args.threads, "megabytes": args.megabytes, "rounds": args.rounds,

@@ -58,7 +58,7 @@ __all__ = [
     "factors_linear",
     "factor_pair",
     "is_one_token",
-    "linear_one_token",
+    "linear_mv",
     "contract_network",
     "reconstruct",
     "clear_scratch",
@@ -663,7 +663,7 @@ def factor_pair(cores: Sequence[Tensor], plan: RebuildPlan, in_features: int,
 
 def is_one_token(x: Tensor) -> bool:
     """Whether ``x`` ``(..., features)`` holds one token (batch-1 decode), in eager code and
-    outside autocast: where :func:`linear_one_token` applies. At this size a call costs more
+    outside autocast: where :func:`linear_mv` takes ``torch.mv``. At this size a call costs more
     than its arithmetic, and on the CPU ``torch.mv`` has less fixed cost than a one-row
     ``F.linear`` (in bfloat16 about half). Autocast would not cast ``mv``, and traced code
     keeps one path for every length."""
@@ -671,9 +671,11 @@ def is_one_token(x: Tensor) -> bool:
             and not torch.is_autocast_enabled(x.device.type))
 
 
-def linear_one_token(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``x W^T + b`` for ``x`` ``(..., in)`` holding one token, ``W`` ``(out, in)``: one
-    matrix-vector product (differentiable); ``(..., out)``."""
+def linear_mv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, W, b)``, ``x`` ``(..., in)``, ``W`` ``(out, in)`` -> ``(..., out)``, as one
+    matrix-vector product when :func:`is_one_token` (differentiable either way)."""
+    if not is_one_token(x):
+        return F.linear(x, weight, bias)
     y = torch.mv(weight, x.reshape(weight.shape[1]))
     if bias is not None:
         y = y + bias

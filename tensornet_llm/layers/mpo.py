@@ -13,12 +13,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ArgumentError
 from .base import TensorNetworkLinear
-from .contract import NetworkSpec, factor_pair, factors_linear, is_one_token, linear_one_token
+from .contract import NetworkSpec, factor_pair, factors_linear, linear_mv
 from .decompose import BondSpectrum, mpo_bond_dims, tt_svd
 
 __all__ = ["MPOLinear", "mpo_network"]
@@ -111,9 +110,7 @@ class MPOLinear(TensorNetworkLinear):
                 z = self._siblings.input_side(self._sibling_index, x)  # x V^T, shared
                 if z is not None:
                     a, _ = factor_pair(cores, table.rebuild, self.in_features, self.out_features)
-                    if is_one_token(z):
-                        return linear_one_token(z, a, self.bias)
-                    return F.linear(z, a, self.bias)
+                    return linear_mv(z, a, self.bias)
             return factors_linear(x, cores, table.rebuild, self.bias, self.in_features,
                                   self.out_features)
         return super().forward(x)

@@ -25,10 +25,9 @@ import weakref
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .contract import is_one_token, linear_one_token
+from .contract import linear_mv
 
 __all__ = ["SiblingGroup", "is_fusable", "can_stack"]
 
@@ -130,9 +129,7 @@ class SiblingGroup:
             if not self._current() and not self._stack():
                 self._x = self._z = None
                 return None
-            z = (linear_one_token(x, self._stacked) if is_one_token(x)
-                 else F.linear(x, self._stacked))
-            self._x, self._z = x, z
+            self._x, self._z = x, linear_mv(x, self._stacked)
         elif x is not self._x or self._z is None:
             return None
         z = self._z.narrow(-1, self._offsets[index], self._ranks[index])
