@@ -13,7 +13,8 @@ Models:
 * at every ``--heal-keep``, that model healed with the default recipe (next-token loss plus
   distillation from the dense model, ``healing_mix``: an equal share of every domain's fit part,
   batches of 4 x 256 tokens, ``--heal-steps`` steps but at most ``--heal-minutes`` of wall
-  time (30, the issue's budget; the cosine decay follows the clock), lr 3e-4 (``--heal-lr``), 20 warm-up steps, bf16 autocast
+  time (30, the issue's budget; the cosine decay follows the clock), lr 3e-4 (``--heal-lr``), 20 warm-up steps, all but the embeddings
+  trained (heal's default, ``--heal-train``), bf16 autocast
   where the CPU has AMX; checked every 50 steps on 2,048 tokens of ``check_mix``, stopping
   early and keeping the best weights if that perplexity rises twice in a row, as the CLI does),
   alone and with int8 / int4;
@@ -48,7 +49,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensornet_llm import compactify, heal, load_compactified, quantize, save_compactified
+from tensornet_llm import (HealConfig, compactify, heal, load_compactified, quantize,
+                           save_compactified)
 from tensornet_llm.train.quantize import low_rank_as_factors
 from tensornet_llm.helpers.data import (
     DOMAINS, calibration_mix, check_mix, healing_mix, held_out_ids,
@@ -100,6 +102,7 @@ def base_models(args, dense, tokenizer) -> dict:
         model.train()
         batches = healing_mix(tokenizer, args.heal_tokens, seq_len=256, batch_size=4)
         result = heal(model, batches, steps=args.heal_steps, lr=args.heal_lr, warmup_steps=20,
+                      train=args.heal_train,
                       teacher=dense, check=check_mix(tokenizer, 2048), check_every=50,
                       max_minutes=args.heal_minutes, quantize=bits, progress=False)
         return model, {**info, "heal_seconds": result.seconds, "heal_steps": result.steps,
@@ -115,6 +118,8 @@ def base_models(args, dense, tokenizer) -> dict:
         base = ("dense" if keep is None
                 else f"keep{keep}-mix{args.calibration_tokens}-{MODEL_VERSION}")
         lr = "" if args.heal_lr == DEFAULT_HEAL_LR else f"-lr{args.heal_lr:g}"
+        trained = HealConfig(train=args.heal_train, quantize=bits).trained()
+        lr += "" if trained == "all" else f"-{trained}"  # the cache names before "blocks"
         return cached(cache / f"pareto-{base}-heal{args.heal_steps}x{args.heal_tokens}{lr}"
                       f"{f'-qat{bits}' if bits else ''}-{args.heal_minutes:g}min",
                       lambda: healed(keep, bits))
@@ -185,7 +190,8 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              "(SmolLM2-135M)", "",
              f"Calibration: {meta['calibration_tokens']} tokens of `calibration_mix`; healing: "
              f"{meta['heal_steps']} steps on {meta['heal_tokens']} tokens of `healing_mix`, "
-             f"peak lr {meta.get('heal_lr', DEFAULT_HEAL_LR):g}, distilled from dense; perplexity on {meta['tokens']} held-out tokens of each "
+             f"peak lr {meta.get('heal_lr', DEFAULT_HEAL_LR):g}, "
+             f"`train={meta.get('heal_train', 'all')!r}`, distilled from dense; perplexity on {meta['tokens']} held-out tokens of each "
              f"domain; decode: batch 1, {meta['new_tokens']} new tokens after a 64-token prompt, "
              f"fastest of {meta['rounds']} interleaved rounds, against dense fp32. "
              f"{meta['threads']} CPU threads. Written by `benchmarks/bench_pareto.py`; plot "
@@ -259,6 +265,10 @@ def main() -> None:
     parser.add_argument("--heal-tokens", type=int, default=262144)
     parser.add_argument("--heal-lr", type=float, default=DEFAULT_HEAL_LR,
                         help="peak learning rate of the healing (default 3e-4)")
+    parser.add_argument("--heal-train", choices=("all", "blocks", "cores"),
+                        help="heal(train=...): all parameters, all but the embeddings and LM "
+                        "head, or the tensor-network cores only (default: heal's, 'blocks'; "
+                        "'all' for quantization-aware healing)")
     parser.add_argument("--heal-minutes", type=float, default=30.0,
                         help="wall-clock budget of each healing (the issue's target: 30)")
     parser.add_argument("--qat-keep", type=float, nargs="*", default=[0.9],
@@ -279,6 +289,9 @@ def main() -> None:
             "heal_steps": args.heal_steps, "heal_tokens": args.heal_tokens,
             "heal_minutes": args.heal_minutes, "weigh_outputs": True,
             **({"heal_lr": args.heal_lr} if args.heal_lr != DEFAULT_HEAL_LR else {}),
+            # before heal's default became "blocks", runs trained all and wrote no heal_train
+            **({"heal_train": HealConfig(train=args.heal_train).trained()}
+               if HealConfig(train=args.heal_train).trained() != "all" else {}),
             "qat_keep": args.qat_keep,
             "new_tokens": args.new_tokens, "rounds": args.rounds,
             "threads": torch.get_num_threads(),

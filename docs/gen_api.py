@@ -21,7 +21,7 @@ ROOMS = {
     "compress": ["compactify", "stream", "groups", "sweeps", "mpo_sweeps", "fuse", "report", "budget", "calibrate", "fit",
                  "targets", "sensitivity",
                  "entanglement", "profiling", "plots"],
-    "train": ["heal", "quantize", "lora"],
+    "train": ["heal", "token_loss", "quantize", "lora"],
     "saving": ["serialization"],
     "layers": ["mpo", "ttns", "cross_layer", "siblings", "base", "layout", "quantized", "autotune", "factorize",
                "decompose", "tree", "contract"],

@@ -300,6 +300,8 @@ def cmd_heal(args: argparse.Namespace) -> None:
     from .train.heal import heal
     from .saving.serialization import STRUCTURE_FILE, save_compactified
 
+    if args.cores_only and args.train not in (None, "cores"):
+        raise CliError(f"--cores-only and --train {args.train} contradict each other: give one")
     out = Path(args.out)
     _check_out(out, args.overwrite)
     if not (Path(args.model) / STRUCTURE_FILE).is_file():
@@ -330,7 +332,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
             print(f"{converted} low-rank layers stored as two factors, the form "
                   f"'quantize --bits {args.quantize_aware}' rounds")
     result = heal(model, batches, steps=args.steps, lr=args.lr, teacher=teacher,
-                  train="cores" if args.cores_only else "all",
+                  train="cores" if args.cores_only else args.train,
                   gradient_accumulation_steps=args.accumulate,
                   checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, check=check,
                   check_every=args.check_every, on_rise=args.on_rise,
@@ -341,7 +343,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
                                "text": [str(t) for t in args.text] if args.text else "mixture",
                                "steps": result.steps, "max_minutes": args.max_minutes,
                                "lr": args.lr, "teacher": teacher_name,
-                               "cores_only": args.cores_only,
+                               "train": result.train,
                                "check_tokens": args.check_tokens, "on_rise": args.on_rise,
                                "quantize_aware": args.quantize_aware,
                                "stopped_early": result.stopped_early})
@@ -484,7 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="dense model to distil from (smollm2, .gguf or directory; "
                    "default: the model MODEL was compressed from, when it can be loaded)")
     p.add_argument("--no-teacher", action="store_true", help="no distillation")
-    p.add_argument("--cores-only", action="store_true", help="train only the tensor-network cores")
+    p.add_argument("--train", choices=["all", "blocks", "cores"],
+                   help="what healing updates: every parameter, all but the token embeddings and "
+                   "LM head, or only the tensor-network cores (default: blocks; all with "
+                   "--quantize-aware)")
+    p.add_argument("--cores-only", action="store_true", help="the same as --train cores")
     p.add_argument("--checkpoint-dir", help="keep the training state here; rerun to resume")
     p.add_argument("--check-tokens", type=_non_negative, default=2048,
                    help="tokens of every domain's check text (never trained on) whose perplexity "

@@ -114,6 +114,7 @@ def test_heal_then_quantize_then_eval(tiny_dir, text_file, tmp_path, capsys):
     assert len(history["losses"]) == 8 and history["losses"][-1] < history["losses"][0]
     record = json.loads((healed / "tensornet.json").read_text())["healing"]
     assert record["text"] == [str(text_file), str(second)] and record["quantize_aware"] == 4
+    assert record["train"] == "all"  # quantization-aware: the embedding table learns its rounding
     assert main(["quantize", str(healed), "--bits", "4", "--out", str(quantized)]) == 0
     capsys.readouterr()
     assert main(["eval", str(quantized), "--text", str(text_file), "--tokens", "1024",
@@ -126,6 +127,21 @@ def test_heal_needs_a_compressed_model(tiny_dir, text_file, tmp_path, capsys):
     assert main(["heal", str(tiny_dir), "--text", str(text_file), "--steps", "1", "--out",
                  str(tmp_path / "h"), "--quiet"]) == 2
     assert "written by 'compress'" in capsys.readouterr().err
+
+
+def test_heal_trains_the_blocks_by_default_and_refuses_contradicting_flags(
+        tiny_dir, text_file, tmp_path, capsys):
+    compressed = tmp_path / "c"
+    assert main(["compress", str(tiny_dir), "--chi", "4", "--out", str(compressed), "--quiet"]) == 0
+    assert main(["heal", str(compressed), "--text", str(text_file), "--steps", "1", "--train",
+                 "all", "--cores-only", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "--cores-only and --train all" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    for flags, trained in (([], "blocks"), (["--train", "all"], "all"), (["--cores-only"], "cores")):
+        out = tmp_path / f"h{trained}"
+        assert main(["heal", str(compressed), "--text", str(text_file), "--steps", "1", "--batch",
+                     "2", "--seq", "32", "--no-teacher", *flags, "--out", str(out), "--quiet"]) == 0
+        assert json.loads((out / "tensornet.json").read_text())["healing"]["train"] == trained
 
 
 @pytest.mark.parametrize("argv", [["compress", "smollm2", "--chi", "8", "--ratio", "0.5", "--out", "x"],

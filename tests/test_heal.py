@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, strategies as st
 
 from models import build
 from tensornet_llm import compactify
@@ -14,6 +15,7 @@ from tensornet_llm.layers.base import TensorNetworkLinear
 from tensornet_llm.errors import HealingCheckWarning
 from tensornet_llm.train.heal import HealConfig, _loss_terms, auto_precision, heal, trainable_parameters
 from tensornet_llm.train.quantize import QuantizeConfig, quantize, rounded_weights
+from tensornet_llm.train import token_loss as token_loss_module
 from test_compactify import assert_unchanged, snapshot
 
 
@@ -42,7 +44,8 @@ def test_healing_lowers_the_loss(compressed):
     model, _ = compressed
     data = batches()
     before = mean_loss(model, data)
-    result = heal(model, data, steps=15, lr=3e-3, warmup_steps=0, progress=False)
+    # train="all": a random tiny model learns a random stream mostly in its embeddings
+    result = heal(model, data, steps=15, lr=3e-3, warmup_steps=0, train="all", progress=False)
     assert result.steps == 15 and len(result.ce) == 15
     assert result.tokens == 15 * 4 * 15
     assert mean_loss(model, data) < before - 0.3
@@ -55,7 +58,7 @@ def test_bf16_mixed_precision_heals_and_keeps_float32_weights(compressed):
     data = batches()
     before = mean_loss(model, data)
     result = heal(model, data, steps=15, lr=3e-3, warmup_steps=0, mixed_precision="bf16",
-                  teacher=teacher, progress=False)
+                  teacher=teacher, train="all", progress=False)
     assert result.mixed_precision == "bf16"
     assert mean_loss(model, data) < before - 0.3
     assert all(p.dtype == torch.float32 for p in model.parameters())
@@ -70,6 +73,43 @@ def test_cores_only_changes_only_cores(compressed):
         changed = not torch.equal(p, before[name])
         assert changed == (id(p) in core_ids), name
         assert p.requires_grad  # flags restored
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_blocks_leaves_the_embeddings_and_lm_head_alone(tied):
+    """train="blocks": everything moves but the token embeddings and the LM head (one tied
+    table, or two), whose flags are restored after."""
+    model = build("llama")
+    model.lm_head.weight = (model.get_input_embeddings().weight if tied else
+                            torch.nn.Parameter(model.lm_head.weight.detach().clone()))
+    compactify(model, chi=4, progress=False)
+    tables = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    assert len(tables) == (1 if tied else 2)
+    assert {id(p) for p in trainable_parameters(model, "blocks")} == {
+        id(p) for p in model.parameters()} - tables
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = heal(model, batches(), steps=3, lr=1e-2, progress=False)  # the default
+    assert result.train == "blocks"
+    for name, p in model.named_parameters():
+        assert (not torch.equal(p, before[name])) == (id(p) not in tables), name
+        assert p.requires_grad  # flags restored
+
+
+def test_default_trains_everything_of_a_model_without_embedding_getters():
+    class Plain(torch.nn.Module):  # not a transformers model: no get_input_embeddings()
+        def __init__(self):
+            super().__init__()
+            self.inner = build("llama")
+
+        def forward(self, **inputs):
+            return self.inner(**inputs)
+
+    model = Plain()
+    before = model.inner.lm_head.weight.detach().clone()
+    assert heal(model, batches(), steps=2, lr=1e-2, progress=False).train == "all"
+    assert not torch.equal(model.inner.lm_head.weight, before)
+    with pytest.raises(ValueError, match="train='blocks' needs a model with get_input_embeddings"):
+        heal(model, batches(), steps=1, train="blocks", progress=False)
 
 
 def test_distillation_terms_and_frozen_teacher(compressed):
@@ -104,6 +144,61 @@ def test_loss_terms_and_gradient_match_the_textbook_formulas(temperature):
     textbook, = torch.autograd.grad(0.7 * ce + 0.4 * kl, student)
     torch.testing.assert_close(ours, textbook)
     assert ours[0, :3].abs().max() == 0  # inputs of unscored positions get no gradient
+
+
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 6)), vocab=st.integers(2, 40),
+       temperature=st.sampled_from([1.0, 0.5, 3.0]), weights=st.sampled_from([0.0, 0.3, 1.0]),
+       distill=st.sampled_from([0.0, 0.6]), teacher=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), chunk=st.integers(1, 200),
+       seed=st.integers(0, 2**16))
+def test_chunked_token_loss_equals_the_textbook_loss_and_gradient(
+        shape, vocab, temperature, weights, distill, teacher, dtype, chunk, seed):
+    """token_loss on chunks of any size: the weighted CE + T^2 KL and its gradient, as the
+    textbook formulas in float32 give them, without touching its inputs."""
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(*shape, vocab, generator=g)).to(dtype).requires_grad_()
+    t = (3 * torch.randn(*shape, vocab, generator=g)).to(dtype) if teacher else None
+    targets = torch.randint(0, vocab, shape, generator=g)
+    targets[torch.rand(shape, generator=g) < 0.3] = -100
+    w = torch.rand(shape, generator=g) * (targets >= 0)
+    before = (logits.detach().clone(), None if t is None else t.clone(), targets.clone(), w.clone())
+    old = token_loss_module.CHUNK_ELEMENTS
+    token_loss_module.CHUNK_ELEMENTS = chunk
+    try:
+        loss, ce, kl = token_loss_module.token_loss(logits, targets, w, t, weights, distill,
+                                                     temperature)
+    finally:
+        token_loss_module.CHUNK_ELEMENTS = old
+    s = logits.float()
+    ref_ce = (F.cross_entropy(s.reshape(-1, vocab), targets.reshape(-1).clamp_min(0),
+                              reduction="none") * w.reshape(-1)).sum()
+    ref_kl = torch.zeros(())
+    if t is not None:
+        ref_kl = (F.kl_div(F.log_softmax(s / temperature, -1),
+                           F.log_softmax(t.float() / temperature, -1), reduction="none",
+                           log_target=True).sum(-1) * w).sum() * temperature ** 2
+    ref = weights * ref_ce + distill * ref_kl
+    torch.testing.assert_close(ce, ref_ce.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, ref_kl.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
+    if weights == 0 and (distill == 0 or t is None):
+        return  # nothing depends on the logits
+    ours, = torch.autograd.grad(3 * loss, logits)
+    textbook, = torch.autograd.grad(3 * ref, logits)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours.float(), textbook.float(), rtol=1e-2 if dtype != torch.float32
+                               else 1e-5, atol=1e-2 if dtype != torch.float32 else 1e-6)
+    for a, b in zip(before, (logits, t, targets, w)):
+        assert a is None or torch.equal(a, b)
+
+
+def test_token_loss_names_mismatched_shapes():
+    logits = torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="teacher logits"):
+        token_loss_module.token_loss(logits, torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3),
+                                     torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="targets"):
+        token_loss_module.token_loss(logits, torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 2))
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
@@ -155,7 +250,7 @@ def test_interrupted_run_resumes_to_the_same_weights(compressed, tmp_path):
 @pytest.mark.parametrize("options, message", [
     (dict(steps=0), "steps must be an integer >= 1"),
     (dict(lr=-1.0), "lr must be a positive number"),
-    (dict(train="bias"), "train must be 'all' or 'cores'"),
+    (dict(train="bias"), "train must be None, 'all', 'blocks' or 'cores'"),
     (dict(mixed_precision="fp8"), "mixed_precision must be"),
     (dict(distill_weight=1.0), "need a teacher"),
     (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps must be"),
@@ -252,6 +347,7 @@ def test_quantization_aware_healing_trains_the_model_quantize_will_build(compres
                   check=check, check_every=5, on_rise="warn", mixed_precision="no",
                   progress=False)
     assert [s for s, _ in result.checks] == [0, 5, 10]
+    assert result.train == "all"  # the default here: the rounded embedding table trains too
     # The checks measured the int4 model: before healing, and of the final weights.
     assert result.checks[0][1] == pytest.approx(check_perplexity(rounded_before, check), rel=1e-5)
     rounded_after = copy.deepcopy(model)
