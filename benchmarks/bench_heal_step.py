@@ -84,7 +84,8 @@ def main() -> None:
     times = [b - a for a, b in zip(stamps, stamps[1:])][args.skip:]
     row = {"label": args.label or tensornet_llm.__file__, "keep": args.keep, "model": source,
            "mixed_precision": result.mixed_precision, "threads": args.threads,
-           "train": getattr(result, "train", "all"), "steps_timed": len(times), "median_s": statistics.median(times),
+           "train": getattr(result, "train", "all"),  # older versions trained all
+           "steps_timed": len(times), "median_s": statistics.median(times),
            "mean_s": statistics.fmean(times), "step_seconds": times}
     print(json.dumps({k: v for k, v in row.items() if k != "step_seconds"}), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

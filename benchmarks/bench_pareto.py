@@ -13,9 +13,9 @@ Models:
 * at every ``--heal-keep``, that model healed with the default recipe (next-token loss plus
   distillation from the dense model, ``healing_mix``: an equal share of every domain's fit part,
   batches of 4 x 256 tokens, ``--heal-steps`` steps but at most ``--heal-minutes`` of wall
-  time (30, the issue's budget; the cosine decay follows the clock), lr 3e-4 (``--heal-lr``), 20 warm-up steps, all but the embeddings
-  trained (heal's default, ``--heal-train``), bf16 autocast
-  where the CPU has AMX; checked every 50 steps on 2,048 tokens of ``check_mix``, stopping
+  time (30, the issue's budget; the cosine decay follows the clock), lr 3e-4 (``--heal-lr``),
+  20 warm-up steps, all but the embeddings trained (heal's default, ``--heal-train``), bf16
+  autocast where the CPU has AMX; checked every 50 steps on 2,048 tokens of ``check_mix``, stopping
   early and keeping the best weights if that perplexity rises twice in a row, as the CLI does),
   alone and with int8 / int4;
 * at every ``--qat-keep`` (default 90%), that model healed by the same recipe but
@@ -118,8 +118,8 @@ def base_models(args, dense, tokenizer) -> dict:
         base = ("dense" if keep is None
                 else f"keep{keep}-mix{args.calibration_tokens}-{MODEL_VERSION}")
         lr = "" if args.heal_lr == DEFAULT_HEAL_LR else f"-lr{args.heal_lr:g}"
-        trained = HealConfig(train=args.heal_train, quantize=bits).trained()
-        lr += "" if trained == "all" else f"-{trained}"  # the cache names before "blocks"
+        trains = HealConfig(train=args.heal_train, quantize=bits).trained(dense)
+        lr += "" if trains == "all" else f"-{trains}"  # the cache names before "blocks"
         return cached(cache / f"pareto-{base}-heal{args.heal_steps}x{args.heal_tokens}{lr}"
                       f"{f'-qat{bits}' if bits else ''}-{args.heal_minutes:g}min",
                       lambda: healed(keep, bits))
@@ -285,13 +285,13 @@ def main() -> None:
 
     dense, tokenizer = load_smollm2()
     dense.eval()
+    trained = HealConfig(train=args.heal_train).trained(dense)  # what the float healing trains
     meta = {"tokens": args.tokens, "calibration_tokens": args.calibration_tokens,
             "heal_steps": args.heal_steps, "heal_tokens": args.heal_tokens,
             "heal_minutes": args.heal_minutes, "weigh_outputs": True,
             **({"heal_lr": args.heal_lr} if args.heal_lr != DEFAULT_HEAL_LR else {}),
             # before heal's default became "blocks", runs trained all and wrote no heal_train
-            **({"heal_train": HealConfig(train=args.heal_train).trained()}
-               if HealConfig(train=args.heal_train).trained() != "all" else {}),
+            **({"heal_train": trained} if trained != "all" else {}),
             "qat_keep": args.qat_keep,
             "new_tokens": args.new_tokens, "rounds": args.rounds,
             "threads": torch.get_num_threads(),

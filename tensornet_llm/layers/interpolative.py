@@ -155,15 +155,25 @@ def _left_factor(y: Tensor, order: Tensor) -> Tensor:
     return torch.cat([eye, y]).index_select(0, order)
 
 
+def _through_left_factor(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None,
+                         zx: Tensor | None = None) -> Tensor | None:
+    """``(x Z^T) U^T + b`` where that is the faster form: at least ``r`` tokens in a 2-byte
+    dtype on the CPU (also under autocast), where gathering the ``(tokens, out)`` output's
+    columns would cost more than the matmuls, so ``U``'s rows are gathered instead (``out x r``,
+    contiguous) and multiplied once (differentiable). ``None`` elsewhere. ``zx``: ``x Z^T``
+    when already known."""
+    if not (_slow_column_gather(x) and x.numel() >= z.numel()):
+        return None
+    return F.linear(F.linear(x, z) if zx is None else zx, _left_factor(y, order), bias)
+
+
 def _many_tokens(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None,
                  zx: Tensor | None = None) -> Tensor:
-    """The forward without autograd from two tokens up, in ``z``'s dtype: :func:`_buffered`,
-    or in a 2-byte dtype on the CPU from ``r`` tokens up ``(x Z^T) U^T + b`` (one matmul with
-    ``U``'s gathered rows costs less there than gathering the output's columns). ``zx``:
-    ``x Z^T`` when already known."""
-    if _slow_column_gather(x) and x.numel() >= z.numel():
-        return F.linear(F.linear(x, z) if zx is None else zx, _left_factor(y, order), bias)
-    return _buffered(x, z, y, order, bias, zx)
+    """The forward without autograd from two tokens up, in ``z``'s dtype:
+    :func:`_through_left_factor` where it applies, else :func:`_buffered`. ``zx``: ``x Z^T``
+    when already known."""
+    out = _through_left_factor(x, z, y, order, bias, zx)
+    return _buffered(x, z, y, order, bias, zx) if out is None else out
 
 
 #: From this many tokens up (prefill), a compiled kept-rows layer without autograd on the CPU
@@ -271,15 +281,11 @@ class InterpolativeLinear(MPOLinear):
             zx = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
         if is_one_token(x):
             return _one_token(x, z, y, self._order(x.device), self.bias, zx)
+        order = self._order(x.device)
         if inference and x.dtype == z.dtype and not autocast:
-            return _many_tokens(x, z, y, self._order(x.device), self.bias, zx)
-        if _slow_column_gather(x) and x.numel() >= r * self.in_features:
-            # At least r tokens in a 2-byte dtype on the CPU, with autograd or autocast:
-            # gathering the (tokens, out) output's columns would cost more than the matmuls,
-            # so gather U's rows instead (out x r, contiguous) and multiply once.
-            u, v = self.factors((y_core, z_core))
-            return F.linear(F.linear(x, v) if zx is None else zx, u, self.bias)
-        return self._combine(F.linear(x, z) if zx is None else zx, y)
+            return _many_tokens(x, z, y, order, self.bias, zx)
+        out = _through_left_factor(x, z, y, order, self.bias, zx)  # with autograd or autocast
+        return self._combine(F.linear(x, z) if zx is None else zx, y) if out is None else out
 
     def _combine(self, z: Tensor, y: Tensor) -> Tensor:
         """``[z, z Y^T][row_order] + b`` for ``z = x Z^T`` ``(..., r)`` and ``Y`` ``(out - r, r)``

@@ -77,10 +77,10 @@ class HealConfig:
             the most per parameter); or only the tensor-network ``"cores"``. ``None``
             (default): ``"blocks"``, or ``"all"`` with ``quantize`` (which rounds the table
             too, so it trains through its own rounding) and for a model without
-            ``get_input_embeddings`` (not a transformers model). On SmolLM2 at keep 50%, 30 minutes
-            of healing with ``"blocks"`` ended at 1.58x dense perplexity (geometric mean over
-            held-out domains, worst 2.44x) against 1.61x (worst 2.60x) with ``"all"``
-            (docs/comparison.md).
+            ``get_input_embeddings`` (not a transformers model); see :meth:`trained`. On
+            SmolLM2 at keep 50%, 30 minutes of healing with ``"blocks"`` ended at 1.58x dense
+            perplexity (geometric mean over held-out domains, worst 2.44x) against 1.61x
+            (worst 2.60x) with ``"all"`` (docs/comparison.md).
         checkpoint_dir: where to keep the latest training state; an existing one is resumed.
         checkpoint_every: optimiser steps between checkpoints (and one at the end).
         check_every: optimiser steps between checks of the ``check`` text given to
@@ -127,12 +127,15 @@ class HealConfig:
     cpu: bool = False
     progress: bool = True
 
-    def trained(self) -> Train:
-        """What :attr:`train` stands for: itself, or for ``None`` the default
-        (``"blocks"``, ``"all"`` for quantization-aware healing)."""
+    def trained(self, model: nn.Module | None = None) -> Train:
+        """What :attr:`train` stands for: itself, or for ``None`` the default: ``"blocks"``,
+        ``"all"`` for quantization-aware healing and for a ``model`` without embedding
+        getters (not a transformers model; ``None``: assume it has them)."""
         if self.train is not None:
             return self.train
-        return "all" if self.quantize is not None else "blocks"
+        if self.quantize is not None or (model is not None and not _tables(model)):
+            return "all"
+        return "blocks"
 
     def validate(self, has_teacher: bool) -> None:
         def check(name: str, ok: bool, allowed: str) -> None:
@@ -337,9 +340,7 @@ def heal(
     check_data = None if check is None else as_batches(check, min_tokens=2, argument="check")
     if check_data is not None:
         check_token_ids(model, check_data, "check")
-    # The default trains the blocks; a model without embedding getters (not a transformers
-    # model) trains all, as it did before "blocks" existed.
-    train = cfg.trained() if cfg.train is not None or _tables(model) else "all"
+    train = cfg.trained(model)
     params = trainable_parameters(model, train)
     if cfg.quantize is not None:  # every layer must be one whose rounding training can take
         rounding_plan(model, cfg.quantize)

@@ -20,10 +20,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import ArgumentError
+
 __all__ = ["token_loss"]
 
 #: Elements per chunk (rows x vocabulary): 256 Ki float32 values, 1 MiB per temporary, so a
-#: chunk's dozen passes run in cache (on a 2-core CPU, 16 MiB chunks took 1.8x as long).
+#: chunk's dozen passes run in cache (16 MiB chunks ran slower on a 2-core CPU).
 CHUNK_ELEMENTS = 1 << 18
 
 
@@ -48,7 +50,7 @@ class _TokenLoss(torch.autograd.Function):
             ce += (log_q.gather(1, tgt).squeeze(1) * w).sum(dtype=torch.float64).neg()
             if flat_t is not None:
                 log_q_t = log_q if t == 1 else torch.log_softmax(s / t, -1)
-                teacher_rows = flat_t[rows].float()  # (a view of float32 logits: not in place)
+                teacher_rows = flat_t[rows].float()  # float32 logits: a view, never changed
                 log_p_t = torch.log_softmax(teacher_rows if t == 1 else teacher_rows / t, -1)
                 p_t = log_p_t.exp()
                 kl_rows = (p_t * log_p_t.sub_(log_q_t)).sum(-1)
@@ -97,10 +99,10 @@ def token_loss(logits: Tensor, targets: Tensor, weights: Tensor, teacher: Tensor
         alone (``kl`` with its ``T^2``), without gradient; ``loss`` backpropagates to ``logits``.
     """
     if teacher is not None and teacher.shape != logits.shape:
-        raise ValueError(f"teacher logits {tuple(teacher.shape)} and student logits "
+        raise ArgumentError(f"teacher logits {tuple(teacher.shape)} and student logits "
                          f"{tuple(logits.shape)} differ in shape")
     if targets.shape != logits.shape[:-1] or weights.shape != targets.shape:
-        raise ValueError(f"targets {tuple(targets.shape)} and weights {tuple(weights.shape)} must "
+        raise ArgumentError(f"targets {tuple(targets.shape)} and weights {tuple(weights.shape)} must "
                          f"have the logits' leading shape {tuple(logits.shape[:-1])}")
     chunk_rows = max(1, CHUNK_ELEMENTS // max(logits.shape[-1], 1))
     return _TokenLoss.apply(logits, teacher, targets, weights, float(ce_weight),
