@@ -10,14 +10,14 @@ Models:
   table; int8 one scale per channel, int4 groups of 64);
 * ``compactify(model, ratio=keep, calibration=calibration_mix(tokenizer, 16384))`` at every
   ``--keep`` (the library's defaults), alone and with int8 / int4 on top (the same quantizer);
-* at every ``--heal-keep``, that model healed with the default recipe (next-token loss plus
-  distillation from the dense model, ``healing_mix``: an equal share of every domain's fit part,
-  batches of 4 x 256 tokens, ``--heal-steps`` steps but at most ``--heal-minutes`` of wall
-  time (30, the issue's budget; the cosine decay follows the clock), lr 3e-4 (``--heal-lr``),
-  20 warm-up steps, all but the embeddings trained (heal's default, ``--heal-train``), bf16
-  autocast where the CPU has AMX; checked every 50 steps on 2,048 tokens of ``check_mix``, stopping
-  early and keeping the best weights if that perplexity rises twice in a row, as the CLI does),
-  alone and with int8 / int4;
+* at every ``--heal-keep``, that model healed with the default recipe (next-token loss, weight 1
+  (``--heal-ce``), plus distillation from the dense model, ``healing_mix``: an equal share of
+  every domain's fit part, batches of 4 x 256 tokens (``--heal-batch``, ``--heal-seq``),
+  ``--heal-steps`` steps but at most ``--heal-minutes`` of wall time (30, the issue's budget;
+  the cosine decay follows the clock), lr 3e-4 (``--heal-lr``), 20 warm-up steps, all but the
+  embeddings trained (heal's default, ``--heal-train``), bf16 autocast where the CPU has AMX;
+  checked every 50 steps on 2,048 tokens of ``check_mix``, stopping early and keeping the best
+  weights if that perplexity rises twice in a row, as the CLI does), alone and with int8 / int4;
 * at every ``--qat-keep`` (default 90%), that model healed by the same recipe but
   quantization-aware for int4 (``heal(..., quantize=4)``: every pass computes with the weights
   ``quantize(model, 4)`` will store; its low-rank layers first turned into the two balanced
@@ -62,7 +62,7 @@ from _rows import resume
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = {"": None, " + int8": 8, " + int4": 4}
-DEFAULT_HEAL_LR = 3e-4
+DEFAULT_HEAL_LR = HealConfig.lr  # heal()'s default, 3e-4
 QAT = " healed for int4"  # quantization-aware healing: its rows are the float and the int4 model
 #: In the compressed models' cache names: changed whenever compactify's defaults build something
 #: else at the same keep (now: kept rows, ranks that are multiples of 8).
@@ -100,9 +100,10 @@ def base_models(args, dense, tokenizer) -> dict:
         if bits:  # quantize() rounds kept-rows layers as two factors: train that form
             info = {**info, "as_factors": low_rank_as_factors(model)}
         model.train()
-        batches = healing_mix(tokenizer, args.heal_tokens, seq_len=256, batch_size=4)
+        batches = healing_mix(tokenizer, args.heal_tokens, seq_len=args.heal_seq,
+                              batch_size=args.heal_batch)
         result = heal(model, batches, steps=args.heal_steps, lr=args.heal_lr, warmup_steps=20,
-                      train=args.heal_train,
+                      train=args.heal_train, ce_weight=args.heal_ce,
                       teacher=dense, check=check_mix(tokenizer, 2048), check_every=50,
                       max_minutes=args.heal_minutes, quantize=bits, progress=False)
         return model, {**info, "heal_seconds": result.seconds, "heal_steps": result.steps,
@@ -120,6 +121,9 @@ def base_models(args, dense, tokenizer) -> dict:
         lr = "" if args.heal_lr == DEFAULT_HEAL_LR else f"-lr{args.heal_lr:g}"
         trains = HealConfig(train=args.heal_train, quantize=bits).trained(dense)
         lr += "" if trains == "all" else f"-{trains}"  # the cache names before "blocks"
+        lr += "" if args.heal_ce == 1.0 else f"-ce{args.heal_ce:g}"
+        lr += "" if (args.heal_batch, args.heal_seq) == (4, 256) else \
+            f"-b{args.heal_batch}x{args.heal_seq}"
         return cached(cache / f"pareto-{base}-heal{args.heal_steps}x{args.heal_tokens}{lr}"
                       f"{f'-qat{bits}' if bits else ''}-{args.heal_minutes:g}min",
                       lambda: healed(keep, bits))
@@ -189,9 +193,12 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
     lines = ["# Size, held-out perplexity and decode speed: tensor networks and quantization "
              "(SmolLM2-135M)", "",
              f"Calibration: {meta['calibration_tokens']} tokens of `calibration_mix`; healing: "
-             f"{meta['heal_steps']} steps on {meta['heal_tokens']} tokens of `healing_mix`, "
+             f"{meta['heal_steps']} steps of {meta.get('heal_batch', 4)} x "
+             f"{meta.get('heal_seq', 256)} tokens on {meta['heal_tokens']} tokens of `healing_mix`, "
              f"peak lr {meta.get('heal_lr', DEFAULT_HEAL_LR):g}, "
-             f"`train={meta.get('heal_train', 'all')!r}`, distilled from dense; perplexity on {meta['tokens']} held-out tokens of each "
+             f"`train={meta.get('heal_train', 'all')!r}`, distilled from dense"
+             + (f" (next-token loss weight {meta['heal_ce']:g})" if "heal_ce" in meta else "")
+             + f"; perplexity on {meta['tokens']} held-out tokens of each "
              f"domain; decode: batch 1, {meta['new_tokens']} new tokens after a 64-token prompt, "
              f"fastest of {meta['rounds']} interleaved rounds, against dense fp32. "
              f"{meta['threads']} CPU threads. Written by `benchmarks/bench_pareto.py`; plot "
@@ -269,6 +276,13 @@ def main() -> None:
                         help="heal(train=...): all parameters, all but the embeddings and LM "
                         "head, or the tensor-network cores only (default: heal's, 'blocks'; "
                         "'all' for quantization-aware healing)")
+    parser.add_argument("--heal-ce", type=float, default=1.0,
+                        help="weight of the next-token loss beside the distillation "
+                        "(heal(ce_weight=...); default 1; 0: distillation alone)")
+    parser.add_argument("--heal-batch", type=int, default=4,
+                        help="sequences per healing step (default 4)")
+    parser.add_argument("--heal-seq", type=int, default=256,
+                        help="tokens per healing sequence (default 256)")
     parser.add_argument("--heal-minutes", type=float, default=30.0,
                         help="wall-clock budget of each healing (the issue's target: 30)")
     parser.add_argument("--qat-keep", type=float, nargs="*", default=[0.9],
@@ -290,6 +304,9 @@ def main() -> None:
             "heal_steps": args.heal_steps, "heal_tokens": args.heal_tokens,
             "heal_minutes": args.heal_minutes, "weigh_outputs": True,
             **({"heal_lr": args.heal_lr} if args.heal_lr != DEFAULT_HEAL_LR else {}),
+            **({"heal_ce": args.heal_ce} if args.heal_ce != 1.0 else {}),
+            **({"heal_batch": args.heal_batch, "heal_seq": args.heal_seq}
+               if (args.heal_batch, args.heal_seq) != (4, 256) else {}),
             # before heal's default became "blocks", runs trained all and wrote no heal_train
             **({"heal_train": trained} if trained != "all" else {}),
             "qat_keep": args.qat_keep,

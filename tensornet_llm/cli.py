@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from .errors import TensornetError
+from .train.heal import HealConfig
 
 __all__ = ["main", "load_any"]
 
@@ -342,7 +343,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
                       healing={"source": args.model,
                                "text": [str(t) for t in args.text] if args.text else "mixture",
                                "steps": result.steps, "max_minutes": args.max_minutes,
-                               "lr": args.lr, "teacher": teacher_name,
+                               "lr": result.lr, "teacher": teacher_name,
                                "train": result.train,
                                "check_tokens": args.check_tokens, "on_rise": args.on_rise,
                                "quantize_aware": args.quantize_aware,
@@ -479,7 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-minutes", type=_positive_float,
                    help="wall-clock budget: stop after the step that reaches it, with the "
                    "learning rate decayed by then")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    p.add_argument("--lr", type=_positive_float,
+                   help=f"peak learning rate (default {HealConfig.lr:g}, heal's)")
     p.add_argument("--batch", type=_positive, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq", type=_positive, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--accumulate", type=_positive, default=1, help="gradient accumulation steps")

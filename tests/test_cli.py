@@ -5,7 +5,7 @@ import json
 import pytest
 
 from models import build, char_tokenizer
-from tensornet_llm import TensorNetworkLinear, load_compactified
+from tensornet_llm import HealConfig, TensorNetworkLinear, load_compactified
 from tensornet_llm.cli import main
 
 
@@ -115,6 +115,7 @@ def test_heal_then_quantize_then_eval(tiny_dir, text_file, tmp_path, capsys):
     record = json.loads((healed / "tensornet.json").read_text())["healing"]
     assert record["text"] == [str(text_file), str(second)] and record["quantize_aware"] == 4
     assert record["train"] == "all"  # quantization-aware: the embedding table learns its rounding
+    assert record["lr"] == history["lr"] == 3e-3
     assert main(["quantize", str(healed), "--bits", "4", "--out", str(quantized)]) == 0
     capsys.readouterr()
     assert main(["eval", str(quantized), "--text", str(text_file), "--tokens", "1024",
@@ -214,6 +215,7 @@ def test_defaults_calibrate_and_heal_on_the_mixture_distil_from_the_source_eval_
     record = json.loads((healed / "tensornet.json").read_text())["healing"]
     assert record["teacher"] == str(tiny_dir) and record["text"] == "mixture"
     assert record["check_tokens"] == 2048 and record["on_rise"] == "stop"
+    assert record["lr"] == HealConfig.lr == 3e-4  # heal()'s default, the measured recipe
     history = json.loads((healed / "healing.json").read_text())
     assert [step for step, _ in history["checks"]] == [0, 2]  # before and after
     assert main(["heal", str(compressed), "--steps", "1", "--tokens", "1024", "--seq", "32",

@@ -1,0 +1,162 @@
+"""Where one decoded token's time goes: the linear layers against everything else (SmolLM2-135M).
+
+Compression only shortens the linear layers of a decode step; attention over the KV cache,
+norms, rotary embeddings, the cache update and the Python around them stay as they were. This
+measures both parts, for the dense model and ``compactify(model, ratio=keep)`` at each
+``--keep`` (default layouts, no calibration: speed does not depend on the weights' values):
+
+* **step**: one forward pass of one token (batch 1) after a ``--prompt``-token prompt, with a
+  transformers ``DynamicCache`` cropped back after every step, so every step sees the same
+  cache length;
+* **linear layers**: every compressible linear of the blocks (what ``compactify`` targets)
+  called once, in forward order, on the input it received in a real decode step: one sweep
+  reads each weight once, as a step does;
+* **everything else**: step minus linear layers.
+
+Models are interleaved round by round in one process; the fastest of ``--rounds`` rounds
+counts, each round the mean of ``--steps`` steps or sweeps. The *ceiling* is what the step
+would reach if the linear layers' time followed their bytes and nothing else changed:
+``dense step / (dense rest + dense linears x bytes ratio)``. Writes
+``docs/results/bench_decode_step.{json,md}``.
+
+    python benchmarks/bench_decode_step.py                    # keep 80% and 50%, float32
+    python benchmarks/bench_decode_step.py --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tensornet_llm import compactify
+from tensornet_llm.compress.targets import find_targets
+from tensornet_llm.helpers.models import load_smollm2
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Decoder:
+    """One model's decode step and linear sweep, on a cache filled by one prompt."""
+
+    def __init__(self, model: nn.Module, prompt: torch.Tensor, names: list[str]) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        self.cache = DynamicCache()
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # past_key_values' new name
+            logits = model(input_ids=prompt, past_key_values=self.cache, use_cache=True).logits
+        self.token = logits[:, -1:].argmax(-1)
+        self.modules = [model.get_submodule(name) for name in names]
+        self.calls: list[tuple[nn.Module, torch.Tensor]] = []  # in the order the step ran them
+        hooks = [m.register_forward_pre_hook(lambda m, args: self.calls.append((m, args[0])))
+                 for m in self.modules]
+        self.step()
+        for hook in hooks:
+            hook.remove()
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
+        self.cache.crop(-1)  # back to the prompt's length
+
+    @torch.inference_mode()
+    def sweep(self) -> None:
+        for module, x in self.calls:
+            module(x)
+
+    def linear_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for m in self.modules for p in m.parameters())
+
+
+def seconds(fn, n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.8, 0.5])
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    parser.add_argument("--steps", type=int, default=20, help="steps (or sweeps) per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    args = parser.parse_args()
+    if not all(0 < k < 1 for k in args.keep):
+        parser.error("--keep values must lie in (0, 1)")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dense, _ = load_smollm2()
+    dense = dense.to(DTYPES[args.dtype]).eval()
+    models = {"dense": dense}
+    for keep in args.keep:
+        model = copy.deepcopy(dense)
+        compactify(model, ratio=keep, progress=False)
+        models[f"keep {keep:.0%}"] = model.eval()
+    prompt = torch.randint(100, 10000, (1, args.prompt))
+    names = [name for name, _ in find_targets(dense)[0]]  # in forward order
+    decoders = {name: Decoder(model, prompt, names) for name, model in models.items()}
+    best = {name: {"step": math.inf, "linears": math.inf} for name in decoders}
+    for _ in range(args.rounds + 1):  # the first round warms up
+        for name, d in decoders.items():
+            best[name]["step"] = min(best[name]["step"], seconds(d.step, args.steps))
+            best[name]["linears"] = min(best[name]["linears"], seconds(d.sweep, args.steps))
+    base = best["dense"]
+    dense_bytes = decoders["dense"].linear_bytes()
+    rows = []
+    for name, d in decoders.items():
+        b = best[name]
+        ratio = d.linear_bytes() / dense_bytes
+        rest = b["step"] - b["linears"]
+        rows.append({
+            "model": name, "step_ms": b["step"] * 1e3, "linears_ms": b["linears"] * 1e3,
+            "rest_ms": rest * 1e3, "linear_share": b["linears"] / b["step"],
+            "step_speed": base["step"] / b["step"], "linear_speed": base["linears"] / b["linears"],
+            "linear_bytes": ratio,
+            "ceiling": base["step"] / (base["step"] - base["linears"] + base["linears"] * ratio),
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    meta = {"dtype": args.dtype, "prompt": args.prompt, "steps": args.steps,
+            "rounds": args.rounds, "threads": args.threads, "machine": platform.machine(),
+            "torch": torch.__version__}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_decode_step.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [
+        "# One decoded token: the linear layers against everything else (SmolLM2-135M)", "",
+        f"Batch 1, one token after a {args.prompt}-token prompt, {args.dtype}, "
+        f"{args.threads} CPU threads ({meta['machine']}, torch {meta['torch']}); fastest of "
+        f"{args.rounds} interleaved rounds of {args.steps}. *Linear layers*: every targeted "
+        "linear of the blocks once, in forward order, on its input from a real step. *Ceiling*: "
+        "the step's speed against dense if the linear layers' time followed their bytes. "
+        "Written by `benchmarks/bench_decode_step.py`.", "",
+        "| model | step | linear layers | everything else | linear share | step vs dense "
+        "| linear layers vs dense | linear bytes vs dense | ceiling |",
+        "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['step_ms']:.1f} ms | {r['linears_ms']:.1f} ms | "
+            f"{r['rest_ms']:.1f} ms | {r['linear_share']:.0%} | {r['step_speed']:.2f}x | "
+            f"{r['linear_speed']:.2f}x | {r['linear_bytes']:.2f} | {r['ceiling']:.2f}x |")
+    (args.out / "bench_decode_step.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out / 'bench_decode_step.md'}")
+
+
+if __name__ == "__main__":
+    main()
