@@ -53,10 +53,7 @@ class Decoder:
 
         self.model = model
         self.cache = DynamicCache()
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # past_key_values' new name
-            logits = model(input_ids=prompt, past_key_values=self.cache, use_cache=True).logits
-        self.token = logits[:, -1:].argmax(-1)
+        self.token = self._forward(prompt).logits[:, -1:].argmax(-1)
         self.modules = [model.get_submodule(name) for name in names]
         self.calls: list[tuple[nn.Module, torch.Tensor]] = []  # in the order the step ran them
         hooks = [m.register_forward_pre_hook(lambda m, args: self.calls.append((m, args[0])))
@@ -66,10 +63,14 @@ class Decoder:
             hook.remove()
 
     @torch.inference_mode()
-    def step(self) -> None:
+    def _forward(self, ids: torch.Tensor):
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            self.model(input_ids=self.token, past_key_values=self.cache, use_cache=True)
+            warnings.simplefilter("ignore", FutureWarning)  # past_key_values' new name
+            return self.model(input_ids=ids, past_key_values=self.cache, use_cache=True)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._forward(self.token)
         self.cache.crop(-1)  # back to the prompt's length
 
     @torch.inference_mode()

@@ -63,6 +63,8 @@ from _rows import resume
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = {"": None, " + int8": 8, " + int4": 4}
 DEFAULT_HEAL_LR = HealConfig.lr  # heal()'s default, 3e-4
+DEFAULT_HEAL_CE = HealConfig.ce_weight  # heal()'s default, 1
+DEFAULT_HEAL_SHAPE = (4, 256)  # sequences x tokens per healing step, the CLI's default
 QAT = " healed for int4"  # quantization-aware healing: its rows are the float and the int4 model
 #: In the compressed models' cache names: changed whenever compactify's defaults build something
 #: else at the same keep (now: kept rows, ranks that are multiples of 8).
@@ -102,7 +104,7 @@ def base_models(args, dense, tokenizer) -> dict:
         model.train()
         batches = healing_mix(tokenizer, args.heal_tokens, seq_len=args.heal_seq,
                               batch_size=args.heal_batch)
-        result = heal(model, batches, steps=args.heal_steps, lr=args.heal_lr, warmup_steps=20,
+        result = heal(model, batches, steps=args.heal_steps, lr=args.heal_lr,
                       train=args.heal_train, ce_weight=args.heal_ce,
                       teacher=dense, check=check_mix(tokenizer, 2048), check_every=50,
                       max_minutes=args.heal_minutes, quantize=bits, progress=False)
@@ -121,8 +123,8 @@ def base_models(args, dense, tokenizer) -> dict:
         lr = "" if args.heal_lr == DEFAULT_HEAL_LR else f"-lr{args.heal_lr:g}"
         trains = HealConfig(train=args.heal_train, quantize=bits).trained(dense)
         lr += "" if trains == "all" else f"-{trains}"  # the cache names before "blocks"
-        lr += "" if args.heal_ce == 1.0 else f"-ce{args.heal_ce:g}"
-        lr += "" if (args.heal_batch, args.heal_seq) == (4, 256) else \
+        lr += "" if args.heal_ce == DEFAULT_HEAL_CE else f"-ce{args.heal_ce:g}"
+        lr += "" if (args.heal_batch, args.heal_seq) == DEFAULT_HEAL_SHAPE else \
             f"-b{args.heal_batch}x{args.heal_seq}"
         return cached(cache / f"pareto-{base}-heal{args.heal_steps}x{args.heal_tokens}{lr}"
                       f"{f'-qat{bits}' if bits else ''}-{args.heal_minutes:g}min",
@@ -193,8 +195,8 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
     lines = ["# Size, held-out perplexity and decode speed: tensor networks and quantization "
              "(SmolLM2-135M)", "",
              f"Calibration: {meta['calibration_tokens']} tokens of `calibration_mix`; healing: "
-             f"{meta['heal_steps']} steps of {meta.get('heal_batch', 4)} x "
-             f"{meta.get('heal_seq', 256)} tokens on {meta['heal_tokens']} tokens of `healing_mix`, "
+             f"{meta['heal_steps']} steps of {meta.get('heal_batch', DEFAULT_HEAL_SHAPE[0])} x "
+             f"{meta.get('heal_seq', DEFAULT_HEAL_SHAPE[1])} tokens on {meta['heal_tokens']} tokens of `healing_mix`, "
              f"peak lr {meta.get('heal_lr', DEFAULT_HEAL_LR):g}, "
              f"`train={meta.get('heal_train', 'all')!r}`, distilled from dense"
              + (f" (next-token loss weight {meta['heal_ce']:g})" if "heal_ce" in meta else "")
@@ -276,12 +278,12 @@ def main() -> None:
                         help="heal(train=...): all parameters, all but the embeddings and LM "
                         "head, or the tensor-network cores only (default: heal's, 'blocks'; "
                         "'all' for quantization-aware healing)")
-    parser.add_argument("--heal-ce", type=float, default=1.0,
+    parser.add_argument("--heal-ce", type=float, default=DEFAULT_HEAL_CE,
                         help="weight of the next-token loss beside the distillation "
                         "(heal(ce_weight=...); default 1; 0: distillation alone)")
-    parser.add_argument("--heal-batch", type=int, default=4,
+    parser.add_argument("--heal-batch", type=int, default=DEFAULT_HEAL_SHAPE[0],
                         help="sequences per healing step (default 4)")
-    parser.add_argument("--heal-seq", type=int, default=256,
+    parser.add_argument("--heal-seq", type=int, default=DEFAULT_HEAL_SHAPE[1],
                         help="tokens per healing sequence (default 256)")
     parser.add_argument("--heal-minutes", type=float, default=30.0,
                         help="wall-clock budget of each healing (the issue's target: 30)")
@@ -304,9 +306,9 @@ def main() -> None:
             "heal_steps": args.heal_steps, "heal_tokens": args.heal_tokens,
             "heal_minutes": args.heal_minutes, "weigh_outputs": True,
             **({"heal_lr": args.heal_lr} if args.heal_lr != DEFAULT_HEAL_LR else {}),
-            **({"heal_ce": args.heal_ce} if args.heal_ce != 1.0 else {}),
+            **({"heal_ce": args.heal_ce} if args.heal_ce != DEFAULT_HEAL_CE else {}),
             **({"heal_batch": args.heal_batch, "heal_seq": args.heal_seq}
-               if (args.heal_batch, args.heal_seq) != (4, 256) else {}),
+               if (args.heal_batch, args.heal_seq) != DEFAULT_HEAL_SHAPE else {}),
             # before heal's default became "blocks", runs trained all and wrote no heal_train
             **({"heal_train": trained} if trained != "all" else {}),
             "qat_keep": args.qat_keep,
