@@ -26,23 +26,16 @@ would reach if the linear layers' time followed their bytes and nothing else cha
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
-import platform
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from tensornet_llm import compactify
+from _speed import run_meta, speed_arguments, timed_models, write_results
 from tensornet_llm.compress.targets import find_targets
-from tensornet_llm.helpers.models import load_smollm2
-
-ROOT = Path(__file__).resolve().parents[1]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Decoder:
@@ -91,25 +84,11 @@ def seconds(fn, n: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keep", type=float, nargs="+", default=[0.8, 0.5])
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
+    speed_arguments(parser, rounds=5)
     parser.add_argument("--steps", type=int, default=20, help="steps (or sweeps) per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     args = parser.parse_args()
-    if not all(0 < k < 1 for k in args.keep):
-        parser.error("--keep values must lie in (0, 1)")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    dense, _ = load_smollm2()
-    dense = dense.to(DTYPES[args.dtype]).eval()
-    models = {"dense": dense}
-    for keep in args.keep:
-        model = copy.deepcopy(dense)
-        compactify(model, ratio=keep, progress=False)
-        models[f"keep {keep:.0%}"] = model.eval()
+    models = timed_models(args, parser)
+    dense = models["dense"]
     prompt = torch.randint(100, 10000, (1, args.prompt))
     names = [name for name, _ in find_targets(dense)[0]]  # in forward order
     decoders = {name: Decoder(model, prompt, names) for name, model in models.items()}
@@ -133,12 +112,7 @@ def main() -> None:
             "ceiling": base["step"] / (base["step"] - base["linears"] + base["linears"] * ratio),
         })
         print(json.dumps(rows[-1]), flush=True)
-    meta = {"dtype": args.dtype, "prompt": args.prompt, "steps": args.steps,
-            "rounds": args.rounds, "threads": args.threads, "machine": platform.machine(),
-            "torch": torch.__version__}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_decode_step.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    meta = run_meta(args, steps=args.steps)
     lines = [
         "# One decoded token: the linear layers against everything else (SmolLM2-135M)", "",
         f"Batch 1, one token after a {args.prompt}-token prompt, {args.dtype}, "
@@ -155,8 +129,7 @@ def main() -> None:
             f"| {r['model']} | {r['step_ms']:.1f} ms | {r['linears_ms']:.1f} ms | "
             f"{r['rest_ms']:.1f} ms | {r['linear_share']:.0%} | {r['step_speed']:.2f}x | "
             f"{r['linear_speed']:.2f}x | {r['linear_bytes']:.2f} | {r['ceiling']:.2f}x |")
-    (args.out / "bench_decode_step.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'bench_decode_step.md'}")
+    write_results(args.out, "bench_decode_step", meta, rows, lines)
 
 
 if __name__ == "__main__":

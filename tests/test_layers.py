@@ -8,6 +8,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 from tensornet_llm import MPOLinear, TTNSLinear
+from tensornet_llm.layers import contract
 from tensornet_llm.layers.contract import batch_bucket, get_plan
 from tensornet_llm.layers.decompose import _svd
 
@@ -181,6 +182,26 @@ def test_dense_strategy_training_keeps_no_rebuilt_weight(cls):
     layer(x).square().sum().backward()
     for g, p in zip(grads, (x, *layer.parameters())):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", LAYERS)
+def test_scratch_rebuild_serves_inference_mode_then_no_grad(cls, monkeypatch):
+    """The reused buffer of a large rebuild, first allocated under ``torch.inference_mode``,
+    still takes the next rebuild under ``torch.no_grad`` (as ``generate`` runs): an inference
+    tensor could not be written into there."""
+    monkeypatch.setattr(contract, "SCRATCH_MIN_ELEMENTS", 1)
+    contract.clear_scratch()
+    torch.manual_seed(0)
+    layer = cls(48, 64, 4, n_sites=3, strategy="dense")
+    x = torch.randn(3, 48)
+    expected = layer(x).detach()
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():
+        second = layer(x)
+    contract.clear_scratch()
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
 
 
 @pytest.mark.parametrize("cls", LAYERS)

@@ -343,7 +343,10 @@ def _scratch(size: int, like: Tensor) -> Tensor:
     key = (like.device, like.dtype)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < size:
-        buffer = buffers[key] = torch.empty(size, device=like.device, dtype=like.dtype)
+        # A normal tensor even under inference_mode: an inference tensor could not be written
+        # into later outside it (torch.no_grad, as in generate()).
+        with torch.inference_mode(False):
+            buffer = buffers[key] = torch.empty(size, device=like.device, dtype=like.dtype)
     return buffer[:size]
 
 
