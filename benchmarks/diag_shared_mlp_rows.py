@@ -1,0 +1,117 @@
+"""Can an MLP's ``gate_proj`` and ``up_proj`` share one row order, and at what conditioning?
+
+A kept-rows layer stores ``W = P^T [I; Y] Z``: ``r`` kept rows ``Z = W[R]`` and every other row
+as a combination ``Y`` of them. ``bench_prefill_gathers.py`` shows that putting the outputs of
+``gate_proj`` and ``up_proj`` back in order costs float32 prefill about a tenth; if both layers
+kept nested row sets in one shared order, ``act(gate) * up`` could be computed unordered and
+the order folded into ``down_proj``. Each layer's rows are chosen by maxvol alone today, which
+keeps every entry of ``Y`` near or below 1 (well conditioned). This measures, per MLP of a
+compactified SmolLM2, the largest ``|Y|`` entry of each layer:
+
+* **alone**: the rows each layer has now (maxvol on its own left factor);
+* **larger first**: the higher-rank layer keeps its maxvol rows, the other chooses its rows
+  among them (maxvol on its left factor restricted to those rows);
+* **smaller first**: the lower-rank layer keeps its maxvol rows, the other keeps them too and
+  adds the rest by maxvol swaps that leave them in place.
+
+    python benchmarks/diag_shared_mlp_rows.py [--keep 0.8] [--model DIR]
+
+``--model``: a directory written by ``save_compactified`` (default: ``compactify(model,
+ratio=keep)`` without calibration). Prints one line per MLP and a summary; writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from tensornet_llm import compactify, load_compactified
+from tensornet_llm.helpers.models import load_smollm2
+from tensornet_llm.layers.interpolative import InterpolativeLinear, maxvol_rows
+
+
+def left_factor(layer: InterpolativeLinear) -> torch.Tensor:
+    return layer.factors()[0].detach().double()
+
+
+def largest_coefficient(u: torch.Tensor, rows: torch.Tensor) -> float:
+    """``max |u u[rows]^-1|``: the largest entry of ``Y`` for kept rows ``rows``."""
+    return float(torch.linalg.solve(u[rows], u, left=False).abs().max())
+
+
+def extend_rows(u: torch.Tensor, fixed: torch.Tensor, tol: float = 0.1) -> torch.Tensor:
+    """``r`` rows of ``u`` ``(m, r)`` that include ``fixed`` (first, in place) and whose block
+    has locally maximal volume among such sets: the others start from pivoted QR of what
+    ``fixed`` leaves unexplained, then maxvol swaps that never move a fixed row."""
+    m, r = u.shape
+    k = fixed.numel()
+    if k == r:
+        return fixed
+    basis = torch.linalg.qr(u[fixed].T).Q  # (r, k): the span of the fixed rows
+    residual = u - (u @ basis) @ basis.T
+    residual[fixed] = 0
+    picked = []
+    for _ in range(r - k):  # greedy: the row with most left unexplained, then project it out
+        i = int(residual.norm(dim=1).argmax())
+        picked.append(i)
+        v = residual[i] / residual[i].norm()
+        residual = residual - torch.outer(residual @ v, v)
+        residual[i] = 0
+    rows = torch.cat([fixed, torch.tensor(picked, dtype=torch.long)])
+    for _ in range(r):
+        b = torch.linalg.solve(u[rows], u, left=False)
+        free = b[:, k:].abs()
+        flat = int(free.argmax())
+        i, j = divmod(flat, r - k)
+        if float(free.view(-1)[flat]) <= 1 + tol:
+            break
+        rows[k + j] = i
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", type=float, default=0.8)
+    parser.add_argument("--model", help="a save_compactified directory (default: compactify "
+                        "SmolLM2 at --keep without calibration)")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    if args.model:
+        model = load_compactified(args.model)
+    else:
+        if not 0 < args.keep < 1:
+            parser.error("--keep must lie in (0, 1)")
+        model, _ = load_smollm2()
+        compactify(model, ratio=args.keep, progress=False)
+    found = {"alone": [], "larger first": [], "smaller first": []}
+    for name, mlp in model.named_modules():
+        gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+        if not (isinstance(gate, InterpolativeLinear) and isinstance(up, InterpolativeLinear)):
+            continue
+        big, small = (gate, up) if gate.rank >= up.rank else (up, gate)
+        u_big, u_small = left_factor(big), left_factor(small)
+        rows_big, _ = maxvol_rows(u_big)
+        rows_small, _ = maxvol_rows(u_small)
+        alone = max(largest_coefficient(u_big, rows_big),
+                    largest_coefficient(u_small, rows_small))
+        inside, _ = maxvol_rows(u_small[rows_big])
+        larger_first = max(largest_coefficient(u_big, rows_big),
+                           largest_coefficient(u_small, rows_big[inside]))
+        smaller_first = max(largest_coefficient(u_small, rows_small),
+                            largest_coefficient(u_big, extend_rows(u_big, rows_small)))
+        for key, value in zip(found, (alone, larger_first, smaller_first)):
+            found[key].append(value)
+        print(f"{name}: ranks {gate.rank} (gate) / {up.rank} (up); largest |Y|: alone "
+              f"{alone:.2f}, larger first {larger_first:.3g}, smaller first "
+              f"{smaller_first:.3g}", flush=True)
+    if not found["alone"]:
+        parser.error("no MLP has both gate_proj and up_proj stored as kept rows")
+    for key, values in found.items():
+        print(f"{key}: median {statistics.median(values):.3g}, largest {max(values):.3g} "
+              f"over {len(values)} MLPs")
+
+
+if __name__ == "__main__":
+    main()
