@@ -12,7 +12,9 @@ compactified SmolLM2, the largest ``|Y|`` entry of each layer:
 * **larger first**: the higher-rank layer keeps its maxvol rows, the other chooses its rows
   among them (maxvol on its left factor restricted to those rows);
 * **smaller first**: the lower-rank layer keeps its maxvol rows, the other keeps them too and
-  adds the rest by maxvol swaps that leave them in place.
+  adds the rest by maxvol swaps that leave them in place;
+* **both at once** (where the ranks are equal, so both keep the same rows): swaps that grow the
+  product of the two blocks' volumes.
 
     python benchmarks/diag_shared_mlp_rows.py [--keep 0.8] [--model DIR]
 
@@ -71,6 +73,28 @@ def extend_rows(u: torch.Tensor, fixed: torch.Tensor, tol: float = 0.1) -> torch
     return rows
 
 
+def joint_rows(u: torch.Tensor, w: torch.Tensor, tol: float = 0.1) -> torch.Tensor:
+    """``r`` rows good for both ``u`` and ``w`` ``(m, r)`` (equal ranks): start from ``u``'s
+    maxvol rows, then swap while a swap grows ``|det u[R]| * |det w[R]|`` by more than
+    ``1 + tol`` (a swap of row ``j`` of the block for row ``i`` scales the two by
+    ``(u u[R]^-1)[i, j]`` and ``(w w[R]^-1)[i, j]``)."""
+    rows, bu = maxvol_rows(u)
+    bw = torch.linalg.solve(w[rows], w, left=False)
+    for _ in range(4 * u.shape[1]):
+        gain = (bu * bw).abs()
+        flat = int(gain.argmax())
+        if float(gain.view(-1)[flat]) <= 1 + tol:
+            break
+        i, j = divmod(flat, u.shape[1])
+        rows[j] = i
+        for b in (bu, bw):  # the rank-one update of b = x x[R]^-1 (as in maxvol_rows)
+            bj, bi = b[:, j].clone(), b[i].clone()
+            pivot = bi[j].clone()
+            bi[j] -= 1
+            b -= torch.outer(bj, bi / pivot)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=float, default=0.8)
@@ -86,6 +110,7 @@ def main() -> None:
         model, _ = load_smollm2()
         compactify(model, ratio=args.keep, progress=False)
     found = {"alone": [], "larger first": [], "smaller first": []}
+    both = []  # equal ranks only: rows chosen for the two layers at once
     for name, mlp in model.named_modules():
         gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
         if not (isinstance(gate, InterpolativeLinear) and isinstance(up, InterpolativeLinear)):
@@ -103,14 +128,20 @@ def main() -> None:
                             largest_coefficient(u_big, extend_rows(u_big, rows_small)))
         for key, value in zip(found, (alone, larger_first, smaller_first)):
             found[key].append(value)
+        at_once = ""
+        if gate.rank == up.rank:
+            rows = joint_rows(u_big, u_small)
+            both.append(max(largest_coefficient(u_big, rows), largest_coefficient(u_small, rows)))
+            at_once = f", both at once {both[-1]:.3g}"
         print(f"{name}: ranks {gate.rank} (gate) / {up.rank} (up); largest |Y|: alone "
               f"{alone:.2f}, larger first {larger_first:.3g}, smaller first "
-              f"{smaller_first:.3g}", flush=True)
+              f"{smaller_first:.3g}{at_once}", flush=True)
     if not found["alone"]:
         parser.error("no MLP has both gate_proj and up_proj stored as kept rows")
-    for key, values in found.items():
-        print(f"{key}: median {statistics.median(values):.3g}, largest {max(values):.3g} "
-              f"over {len(values)} MLPs")
+    for key, values in [*found.items(), ("both at once (equal ranks)", both)]:
+        if values:
+            print(f"{key}: median {statistics.median(values):.3g}, largest {max(values):.3g} "
+                  f"over {len(values)} MLPs")
 
 
 if __name__ == "__main__":
