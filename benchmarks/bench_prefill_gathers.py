@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from _speed import run_meta, speed_arguments, timed_models, write_results
-from tensornet_llm.layers.interpolative import InterpolativeLinear
+from tensornet_llm.layers.interpolative import InterpolativeLinear, unordered_outputs
 
 WIDE = ("gate_proj", "up_proj")  # the MLP's input-side pair: same input, elementwise product
 
@@ -48,11 +48,7 @@ def unordered_forward(self: InterpolativeLinear, x: torch.Tensor) -> torch.Tenso
     """``[x Z^T, x Z^T Y^T] + b`` left in kept-rows order (no gather): timing only."""
     y_core, z_core = self.cores._parameters.values()
     r = z_core.shape[0]
-    y, z = y_core.view(-1, r), z_core.view(r, self.in_features)
-    flat = x.reshape(-1, self.in_features)
-    out = flat.new_empty(flat.shape[0], self.out_features)
-    torch.mm(flat, z.t(), out=out[:, :r])
-    torch.mm(out[:, :r], y.t(), out=out[:, r:])
+    out = unordered_outputs(x, z_core.view(r, self.in_features), y_core.view(-1, r))
     if self.bias is not None:
         out.add_(self.bias)
     return out.view(*x.shape[:-1], self.out_features)

@@ -31,7 +31,7 @@ import torch
 
 from tensornet_llm import compactify, load_compactified
 from tensornet_llm.helpers.models import load_smollm2
-from tensornet_llm.layers.interpolative import InterpolativeLinear, maxvol_rows
+from tensornet_llm.layers.interpolative import InterpolativeLinear, maxvol_rows, swap_update_
 
 
 def left_factor(layer: InterpolativeLinear) -> torch.Tensor:
@@ -62,23 +62,25 @@ def extend_rows(u: torch.Tensor, fixed: torch.Tensor, tol: float = 0.1) -> torch
         residual = residual - torch.outer(residual @ v, v)
         residual[i] = 0
     rows = torch.cat([fixed, torch.tensor(picked, dtype=torch.long)])
+    b = torch.linalg.solve(u[rows], u, left=False)
     for _ in range(r):
-        b = torch.linalg.solve(u[rows], u, left=False)
         free = b[:, k:].abs()
         flat = int(free.argmax())
         i, j = divmod(flat, r - k)
         if float(free.view(-1)[flat]) <= 1 + tol:
             break
         rows[k + j] = i
+        swap_update_(b, i, k + j)
     return rows
 
 
-def joint_rows(u: torch.Tensor, w: torch.Tensor, tol: float = 0.1) -> torch.Tensor:
+def joint_rows(u: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, bu: torch.Tensor,
+               tol: float = 0.1) -> torch.Tensor:
     """``r`` rows good for both ``u`` and ``w`` ``(m, r)`` (equal ranks): start from ``u``'s
-    maxvol rows, then swap while a swap grows ``|det u[R]| * |det w[R]|`` by more than
-    ``1 + tol`` (a swap of row ``j`` of the block for row ``i`` scales the two by
-    ``(u u[R]^-1)[i, j]`` and ``(w w[R]^-1)[i, j]``)."""
-    rows, bu = maxvol_rows(u)
+    maxvol ``rows`` (and its ``bu = u u[rows]^-1``), then swap while a swap grows
+    ``|det u[R]| * |det w[R]|`` by more than ``1 + tol`` (a swap of row ``j`` of the block for
+    row ``i`` scales the two by ``(u u[R]^-1)[i, j]`` and ``(w w[R]^-1)[i, j]``)."""
+    rows, bu = rows.clone(), bu.clone()
     bw = torch.linalg.solve(w[rows], w, left=False)
     for _ in range(4 * u.shape[1]):
         gain = (bu * bw).abs()
@@ -87,11 +89,8 @@ def joint_rows(u: torch.Tensor, w: torch.Tensor, tol: float = 0.1) -> torch.Tens
             break
         i, j = divmod(flat, u.shape[1])
         rows[j] = i
-        for b in (bu, bw):  # the rank-one update of b = x x[R]^-1 (as in maxvol_rows)
-            bj, bi = b[:, j].clone(), b[i].clone()
-            pivot = bi[j].clone()
-            bi[j] -= 1
-            b -= torch.outer(bj, bi / pivot)
+        swap_update_(bu, i, j)
+        swap_update_(bw, i, j)
     return rows
 
 
@@ -117,7 +116,7 @@ def main() -> None:
             continue
         big, small = (gate, up) if gate.rank >= up.rank else (up, gate)
         u_big, u_small = left_factor(big), left_factor(small)
-        rows_big, _ = maxvol_rows(u_big)
+        rows_big, b_big = maxvol_rows(u_big)
         rows_small, _ = maxvol_rows(u_small)
         alone = max(largest_coefficient(u_big, rows_big),
                     largest_coefficient(u_small, rows_small))
@@ -130,7 +129,7 @@ def main() -> None:
             found[key].append(value)
         at_once = ""
         if gate.rank == up.rank:
-            rows = joint_rows(u_big, u_small)
+            rows = joint_rows(u_big, u_small, rows_big, b_big)
             both.append(max(largest_coefficient(u_big, rows), largest_coefficient(u_small, rows)))
             at_once = f", both at once {both[-1]:.3g}"
         print(f"{name}: ranks {gate.rank} (gate) / {up.rank} (up); largest |Y|: alone "

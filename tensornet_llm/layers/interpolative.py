@@ -60,19 +60,25 @@ def maxvol_rows(u: Tensor, tol: float = 0.1, max_swaps: int | None = None) -> tu
     for _ in range(max_swaps if max_swaps is not None else r):
         flat = int(b.abs().argmax())
         i, j = divmod(flat, r)
-        pivot = b[i, j]
-        if abs(float(pivot)) <= 1 + tol:
+        if abs(float(b[i, j])) <= 1 + tol:
             break
-        # Row j of the block becomes row i of u: the rank-one update of u u[R]^-1.
         rows[j] = i
-        bj, bi = b[:, j].clone(), b[i].clone()
-        bi[j] -= 1
-        b -= torch.outer(bj, bi / pivot)
+        swap_update_(b, i, j)
     # u[R] singular in floating point: B is not finite, or is no identity on R and the swaps
     # picked a row twice
     if not bool(torch.isfinite(b).all()) or rows.unique().numel() != r:
         raise RankDeficientError(rank_error)
     return rows, b
+
+
+def swap_update_(b: Tensor, i: int, j: int) -> None:
+    """Update ``b = u u[R]^-1`` ``(m, r)`` in place for kept rows ``R`` whose ``j``-th becomes
+    row ``i`` of ``u`` (``R[j] = i``, set by the caller): a rank-one update. Before it,
+    ``b[i, j]`` is the factor by which that swap scales ``|det u[R]|``."""
+    bj, bi = b[:, j].clone(), b[i].clone()
+    pivot = bi[j].clone()
+    bi[j] -= 1
+    b -= torch.outer(bj, bi / pivot)
 
 
 def _inverse(permutation: Tensor) -> Tensor:
@@ -127,20 +133,27 @@ def _one_token(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | No
     return out.view(*x.shape[:-1], order.shape[0])
 
 
-def _buffered(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None,
-              zx: Tensor | None = None) -> Tensor:
-    """The forward without autograd: both matmuls write straight into one ``(tokens, out)``
-    buffer, ``[x Z^T | x Z^T Y^T]`` (BLAS takes the column blocks as strided outputs), so the
-    only copy is the final gather of the output features. ``zx``: ``x Z^T`` when already known."""
+def unordered_outputs(x: Tensor, z: Tensor, y: Tensor, zx: Tensor | None = None) -> Tensor:
+    """``[x Z^T | x Z^T Y^T]`` ``(tokens, out)``: the outputs in kept-rows order, without
+    autograd. Both matmuls write straight into one buffer (BLAS takes the column blocks as
+    strided outputs). ``zx``: ``x Z^T`` when already known."""
     r, in_f = z.shape
-    lead = x.shape[:-1]
-    buffer = x.new_empty(lead.numel(), order.shape[0])
+    buffer = x.new_empty(x.shape[:-1].numel(), r + y.shape[0])
     head = buffer[:, :r]
     if zx is None:
         torch.mm(x.reshape(-1, in_f), z.t(), out=head)
     else:
         head.copy_(zx.reshape(-1, r))
     torch.mm(head, y.t(), out=buffer[:, r:])
+    return buffer
+
+
+def _buffered(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None,
+              zx: Tensor | None = None) -> Tensor:
+    """The forward without autograd: :func:`unordered_outputs`, then the only copy, the gather
+    of the output features. ``zx``: ``x Z^T`` when already known."""
+    lead = x.shape[:-1]
+    buffer = unordered_outputs(x, z, y, zx)
     # torch.gather, not index_select: on the CPU it is the faster column gather in float32
     # too, and index_select has no vectorised kernel for 2-byte dtypes
     out = torch.gather(buffer, 1, order.expand(buffer.shape[0], -1))
