@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensornet_llm import compactify
+from tensornet_llm import CompactifyConfig, compactify
 from tensornet_llm.helpers.models import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,11 +28,13 @@ def speed_arguments(parser: argparse.ArgumentParser, rounds: int) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
 
 
-def timed_models(args: argparse.Namespace, parser: argparse.ArgumentParser
-                 ) -> dict[str, nn.Module]:
+def timed_models(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                 own_rows: bool = False) -> dict[str, nn.Module]:
     """Dense SmolLM2 in ``args.dtype`` and ``compactify(model, ratio=keep)`` at each
     ``args.keep`` (default layouts, no calibration: speed does not depend on the weights'
-    values), in eval mode, after checking the options and setting the threads."""
+    values), in eval mode, after checking the options and setting the threads. ``own_rows``:
+    also each keep with ``CompactifyConfig(share_mlp_rows=False)`` (labelled ``", own rows"``),
+    whose MLPs gather their ``gate_proj`` and ``up_proj`` outputs as before stop 38."""
     if not all(0 < k < 1 for k in args.keep):
         parser.error("--keep values must lie in (0, 1)")
     if args.rounds < 1 or args.prompt < 2:
@@ -43,9 +45,11 @@ def timed_models(args: argparse.Namespace, parser: argparse.ArgumentParser
     dense = dense.to(DTYPES[args.dtype]).eval()
     models = {"dense": dense}
     for keep in args.keep:
-        model = copy.deepcopy(dense)
-        compactify(model, ratio=keep, progress=False)
-        models[f"keep {keep:.0%}"] = model.eval()
+        for suffix, share in (("", True), *([(", own rows", False)] if own_rows else [])):
+            model = copy.deepcopy(dense)
+            compactify(model, ratio=keep, progress=False,
+                       config=CompactifyConfig(share_mlp_rows=share))
+            models[f"keep {keep:.0%}{suffix}"] = model.eval()
     return models
 
 

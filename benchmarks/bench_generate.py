@@ -12,7 +12,9 @@ greedy ``generate`` from a ``--prompt``-token prompt:
 * **decode**: ``(generate(max_new_tokens=1 + N) - prefill) / N`` per new token.
 
 ``--exclude PATTERN ...`` adds, for every keep, a model with those modules left dense and the
-rest compressed further (the same parameters in all). ``--fuse`` adds, for every keep, the same
+rest compressed further (the same parameters in all). ``--own-rows`` adds, for every keep, the
+model whose MLPs' ``gate_proj`` and ``up_proj`` keep their own rows (``CompactifyConfig(
+share_mlp_rows=False)``, as before stop 38). ``--fuse`` adds, for every keep, the same
 model after ``fuse_siblings`` (q/k/v and gate/up
 input sides as one matmul; eager only, since compiled code runs the layers unfused).
 
@@ -66,12 +68,14 @@ def decode_bytes(model: nn.Module) -> int:
 
 def build_models(keeps: list[float], single_keep: float | None, fuse: bool = False,
                  min_saving: float = 0.0, exclude: list[str] | None = None,
-                 ) -> tuple[dict[str, nn.Module], dict[str, int]]:
+                 own_rows: bool = False) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The models by name, and how many modules each compressed."""
     dense, _ = load_smollm2()
     models, compressed = {"dense": dense}, {"dense": 0}
     for keep in keeps:
         variants = [("", keep, CompactifyConfig())]
+        if own_rows:
+            variants.append((", own rows", keep, CompactifyConfig(share_mlp_rows=False)))
         if min_saving:
             variants.append((f", min saving {min_saving:.0%}", keep,
                              CompactifyConfig(min_saving=min_saving)))
@@ -231,6 +235,9 @@ def main() -> None:
                         help="also time each keep with fuse_siblings (eager only)")
     parser.add_argument("--min-saving", type=float, default=0.0,
                         help="also time each keep compressed with CompactifyConfig(min_saving=...)")
+    parser.add_argument("--own-rows", action="store_true",
+                        help="also time each keep compressed with CompactifyConfig("
+                        "share_mlp_rows=False): gate_proj and up_proj keep their own rows")
     parser.add_argument("--exclude", nargs="+", metavar="PATTERN",
                         help="also time each keep with these modules left dense and the rest "
                         "compressed further, to the same parameters in all")
@@ -243,7 +250,7 @@ def main() -> None:
     torch._dynamo.config.fail_on_recompile_limit_hit = True
 
     models, compressed = build_models(args.keep, args.single_keep or None, args.fuse,
-                                      args.min_saving, args.exclude)
+                                      args.min_saving, args.exclude, args.own_rows)
     _, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
     ceilings = {name: decode_bytes(models["dense"]) / decode_bytes(m) for name, m in models.items()}

@@ -16,6 +16,11 @@ compactified SmolLM2, the largest ``|Y|`` entry of each layer:
 * **both at once** (where the ranks are equal, so both keep the same rows): swaps that grow the
   product of the two blocks' volumes.
 
+``compactify`` shares the rows by default since stop 38
+(:func:`tensornet_llm.layers.shared_rows.shared_row_order`: *smaller first* where the ranks
+differ, *both at once* where they are equal); every strategy here starts afresh from each layer's
+left factor, so the figures do not depend on the rows the model holds.
+
     python benchmarks/diag_shared_mlp_rows.py [--keep 0.8] [--model DIR]
 
 ``--model``: a directory written by ``save_compactified`` (default: ``compactify(model,
@@ -31,7 +36,8 @@ import torch
 
 from tensornet_llm import compactify, load_compactified
 from tensornet_llm.helpers.models import load_smollm2
-from tensornet_llm.layers.interpolative import InterpolativeLinear, maxvol_rows, swap_update_
+from tensornet_llm.layers.interpolative import InterpolativeLinear, maxvol_rows
+from tensornet_llm.layers.shared_rows import extend_rows, joint_rows
 
 
 def left_factor(layer: InterpolativeLinear) -> torch.Tensor:
@@ -41,57 +47,6 @@ def left_factor(layer: InterpolativeLinear) -> torch.Tensor:
 def largest_coefficient(u: torch.Tensor, rows: torch.Tensor) -> float:
     """``max |u u[rows]^-1|``: the largest entry of ``Y`` for kept rows ``rows``."""
     return float(torch.linalg.solve(u[rows], u, left=False).abs().max())
-
-
-def extend_rows(u: torch.Tensor, fixed: torch.Tensor, tol: float = 0.1) -> torch.Tensor:
-    """``r`` rows of ``u`` ``(m, r)`` that include ``fixed`` (first, in place) and whose block
-    has locally maximal volume among such sets: the others start from pivoted QR of what
-    ``fixed`` leaves unexplained, then maxvol swaps that never move a fixed row."""
-    m, r = u.shape
-    k = fixed.numel()
-    if k == r:
-        return fixed
-    basis = torch.linalg.qr(u[fixed].T).Q  # (r, k): the span of the fixed rows
-    residual = u - (u @ basis) @ basis.T
-    residual[fixed] = 0
-    picked = []
-    for _ in range(r - k):  # greedy: the row with most left unexplained, then project it out
-        i = int(residual.norm(dim=1).argmax())
-        picked.append(i)
-        v = residual[i] / residual[i].norm()
-        residual = residual - torch.outer(residual @ v, v)
-        residual[i] = 0
-    rows = torch.cat([fixed, torch.tensor(picked, dtype=torch.long)])
-    b = torch.linalg.solve(u[rows], u, left=False)
-    for _ in range(r):
-        free = b[:, k:].abs()
-        flat = int(free.argmax())
-        i, j = divmod(flat, r - k)
-        if float(free.view(-1)[flat]) <= 1 + tol:
-            break
-        rows[k + j] = i
-        swap_update_(b, i, k + j)
-    return rows
-
-
-def joint_rows(u: torch.Tensor, w: torch.Tensor, rows: torch.Tensor, bu: torch.Tensor,
-               tol: float = 0.1) -> torch.Tensor:
-    """``r`` rows good for both ``u`` and ``w`` ``(m, r)`` (equal ranks): start from ``u``'s
-    maxvol ``rows`` (and its ``bu = u u[rows]^-1``), then swap while a swap grows
-    ``|det u[R]| * |det w[R]|`` by more than ``1 + tol`` (a swap of row ``j`` of the block for
-    row ``i`` scales the two by ``(u u[R]^-1)[i, j]`` and ``(w w[R]^-1)[i, j]``)."""
-    rows, bu = rows.clone(), bu.clone()
-    bw = torch.linalg.solve(w[rows], w, left=False)
-    for _ in range(4 * u.shape[1]):
-        gain = (bu * bw).abs()
-        flat = int(gain.argmax())
-        if float(gain.view(-1)[flat]) <= 1 + tol:
-            break
-        i, j = divmod(flat, u.shape[1])
-        rows[j] = i
-        swap_update_(bu, i, j)
-        swap_update_(bw, i, j)
-    return rows
 
 
 def main() -> None:
@@ -116,7 +71,7 @@ def main() -> None:
             continue
         big, small = (gate, up) if gate.rank >= up.rank else (up, gate)
         u_big, u_small = left_factor(big), left_factor(small)
-        rows_big, b_big = maxvol_rows(u_big)
+        rows_big, _ = maxvol_rows(u_big)
         rows_small, _ = maxvol_rows(u_small)
         alone = max(largest_coefficient(u_big, rows_big),
                     largest_coefficient(u_small, rows_small))
@@ -124,12 +79,12 @@ def main() -> None:
         larger_first = max(largest_coefficient(u_big, rows_big),
                            largest_coefficient(u_small, rows_big[inside]))
         smaller_first = max(largest_coefficient(u_small, rows_small),
-                            largest_coefficient(u_big, extend_rows(u_big, rows_small)))
+                            largest_coefficient(u_big, extend_rows(u_big, rows_small, 0.1)))
         for key, value in zip(found, (alone, larger_first, smaller_first)):
             found[key].append(value)
         at_once = ""
         if gate.rank == up.rank:
-            rows = joint_rows(u_big, u_small, rows_big, b_big)
+            rows = joint_rows(u_big, u_small, 0.1)
             both.append(max(largest_coefficient(u_big, rows), largest_coefficient(u_small, rows)))
             at_once = f", both at once {both[-1]:.3g}"
         print(f"{name}: ranks {gate.rank} (gate) / {up.rank} (up); largest |Y|: alone "

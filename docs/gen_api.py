@@ -23,7 +23,7 @@ ROOMS = {
                  "entanglement", "profiling", "plots"],
     "train": ["heal", "token_loss", "quantize", "lora"],
     "saving": ["serialization"],
-    "layers": ["mpo", "ttns", "cross_layer", "siblings", "base", "layout", "quantized", "autotune", "factorize",
+    "layers": ["mpo", "ttns", "cross_layer", "siblings", "gated_mlp", "shared_rows", "base", "layout", "quantized", "autotune", "factorize",
                "decompose", "tree", "contract"],
     "helpers": ["data", "generated", "evaluate", "models", "files"],
 }

@@ -23,7 +23,7 @@ from .compress import (
 )
 from .layers import (
     BondSpectrum, CrossLayerLinear, Layout, MPOLinear, SharedBases, TensorNetworkLinear,
-    TTNSLinear, TuneRow, autotune, factorize,
+    TTNSLinear, TuneRow, autotune, factorize, share_mlp_rows, unshare_mlp_rows,
 )
 from .saving import load_compactified, save_compactified
 from .train import HealConfig, HealResult, QuantizeConfig, QuantizeReport, heal, quantize
@@ -42,6 +42,8 @@ __all__ = [
     "compactify_pretrained",
     "fuse_siblings",
     "unfuse_siblings",
+    "share_mlp_rows",
+    "unshare_mlp_rows",
     "CompactifyConfig",
     "CompactifyReport",
     "LayerReport",

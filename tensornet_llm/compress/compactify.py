@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import ArgumentError, EstimateFallbackWarning
 from ..layers.base import TensorNetworkLinear, linear_weight
 from ..layers.cross_layer import SIDES
+from ..layers.gated_mlp import share_mlp_rows
 from ..layers.layout import METHODS, Layout
 from .budget import allocate
 from .calibrate import (
@@ -122,6 +123,10 @@ class CompactifyConfig:
             90% of its parameters runs as two thinner matmuls and decodes no faster than the
             dense layer, so for speed at batch 1 something like ``0.4`` concentrates the
             compression on fewer modules (see docs/speed.md).
+        share_mlp_rows: give the kept-rows ``gate_proj`` and ``up_proj`` of every gated MLP one
+            row order and run the MLP without gathering their outputs
+            (:func:`~tensornet_llm.layers.gated_mlp.share_mlp_rows`; the same weights, faster
+            prefill). ``False``: each layer keeps its own rows.
     """
 
     chi: PerModule | None = None
@@ -145,6 +150,7 @@ class CompactifyConfig:
     output_metric: str = "diagonal"
     interpolative: bool = True
     min_saving: float = 0.0
+    share_mlp_rows: bool = True
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -171,7 +177,8 @@ class CompactifyConfig:
             raise ArgumentError(f"shrinkage must be a number in [0, 1], got {self.shrinkage!r}")
         if not (_is_number(self.ridge) and 0 <= self.ridge < math.inf):
             raise ArgumentError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
-        for flag in ("low_rank", "match_dense", "gradients", "weigh_outputs", "interpolative"):
+        for flag in ("low_rank", "match_dense", "gradients", "weigh_outputs", "interpolative",
+                     "share_mlp_rows"):
             if not isinstance(getattr(self, flag), bool):
                 raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
@@ -412,6 +419,8 @@ def compactify(
             _replace_all(model, plan, cfg, built, done, bar)
         else:
             _replace_block_by_block(model, plan, cfg, batches, built, done, bar)
+    if cfg.share_mlp_rows:
+        share_mlp_rows(model)
     return CompactifyReport(
         layers=[row for _, row in built.values()], skipped=plan.skipped,
         model_params_before=params_before, model_params_after=_count(model),

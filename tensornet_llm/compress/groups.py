@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import ArgumentError, EstimateFallbackWarning, RankDeficientError
 from ..layers.base import linear_weight
 from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases, kept_rows_gauge
+from ..layers.gated_mlp import share_mlp_rows
 from .budget import KEEP_GRID, Option, _damage, _lower_hull, choose, ladder
 from .calibrate import BlockReplay, calibrated_order, collect_covariances, output_gradients
 from .compactify import (
@@ -438,6 +439,8 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
     skipped += [(n, f"left dense by the ratio={cfg.ratio} budget") for n, _ in dense]
     dense_target_params = sum(sum(p.numel() for p in linear_weight(m) if p is not None)
                               for _, m in dense)
+    if cfg.share_mlp_rows:  # MLPs whose gate and up the budget left to per-layer kept rows
+        share_mlp_rows(model)
     return CompactifyReport(
         layers=rows, skipped=skipped, model_params_before=params_before,
         model_params_after=_count(model), seconds=time.perf_counter() - start, ratio=cfg.ratio,

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError, CheckpointError, InputFileError
 from ..helpers.files import atomic_directory, check_output
+from ..layers.gated_mlp import share_mlp_rows
 from ..layers.layout import Layout
 from ..saving.serialization import (
     STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, _first_line, _model_class, read_weight_map,
@@ -518,6 +519,9 @@ def _compress_block(stream: _Stream, prefix: str, block: nn.Module,
         rows.append(row)
         layouts[name] = new.layout()
         _release_memory(collect=False)  # the fit's float64 buffers, before the next module's
+    if cfg.share_mlp_rows and share_mlp_rows(block):
+        for name in modules:  # gate/up rows and down's input order as they are now
+            layouts[name] = stream.model.get_submodule(name).layout()
 
 
 @contextmanager

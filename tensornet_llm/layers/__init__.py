@@ -7,7 +7,9 @@ dense matrix (``decompose``), the pure contraction functions and their cached pl
 networks shared by same-role layers of several blocks), how one layer is cut
 (``layout``), the int8 / int4 layers (``quantized``) and the per-machine strategy timing
 (``autotune``); ``siblings`` runs low-rank layers that read one input as one stacked
-matmul. Nothing in this room knows about models: see ``tensornet_llm.compress``.
+matmul; ``shared_rows`` and ``gated_mlp`` run a gated MLP's kept-rows layers in one row order,
+without gathers. Nothing in this room knows about whole models (``gated_mlp`` knows a gated MLP
+by its ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn``): see ``tensornet_llm.compress``.
 """
 
 from .autotune import TuneRow, autotune
@@ -15,6 +17,7 @@ from .base import TensorNetworkLinear, is_linear_like, linear_weight
 from .cross_layer import CrossLayerLinear, SharedBases
 from .decompose import BondSpectrum
 from .factorize import factorize
+from .gated_mlp import share_mlp_rows, unshare_mlp_rows
 from .layout import METHODS, Layout
 from .mpo import MPOLinear
 from .quantized import (
@@ -28,5 +31,6 @@ __all__ = [
     "MPOLinear", "TTNSLinear", "TensorNetworkLinear", "BondSpectrum", "Layout", "METHODS",
     "factorize", "is_linear_like", "linear_weight", "QuantizedWeight", "QuantizedLinear",
     "QuantizedEmbedding", "QuantizedTensorNetworkLinear", "QuantizedModule", "autotune",
-    "TuneRow", "CrossLayerLinear", "SharedBases", "SiblingGroup",
+    "TuneRow", "CrossLayerLinear", "SharedBases", "SiblingGroup", "share_mlp_rows",
+    "unshare_mlp_rows",
 ]

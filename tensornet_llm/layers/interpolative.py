@@ -8,6 +8,8 @@ identity on the rows ``R``. So the layer stores
 * ``Y = U[R'] U[R]^-1`` ``(out - r, r)``: every other row ``R'`` as a combination of the kept
   ones (``cores[0]``, shaped ``(1, out - r, 1, r)``),
 * ``row_order``: where each output row sits in ``[R, R']`` (from the layout, not a parameter),
+* ``input_order`` (usually ``None``): the order in which ``Z`` stores its columns, where the
+  layer's input arrives permuted (:func:`tensornet_llm.share_mlp_rows`),
 
 ``r (in + out - r)`` parameters instead of ``r (in + out)``, for the same weight. Every rank
 below ``min(in, out)`` is then smaller than the dense layer, and at a fixed parameter count the
@@ -23,6 +25,7 @@ float rounding).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import torch
@@ -35,6 +38,10 @@ from .contract import is_one_token
 from .mpo import MPOLinear
 
 __all__ = ["InterpolativeLinear", "maxvol_rows"]
+
+#: Source of :attr:`InterpolativeLinear.order_stamp`: unique across layers, so a stamp recorded
+#: for one layer never matches another, nor the same layer after its orders changed.
+_STAMPS = itertools.count()
 
 
 def maxvol_rows(u: Tensor, tol: float = 0.1, max_swaps: int | None = None) -> tuple[Tensor, Tensor]:
@@ -79,6 +86,14 @@ def swap_update_(b: Tensor, i: int, j: int) -> None:
     pivot = bi[j].clone()
     bi[j] -= 1
     b -= torch.outer(bj, bi / pivot)
+
+
+def _permutation(values: Sequence[int] | Tensor, n: int, argument: str, device) -> Tensor:
+    """``values`` as an index buffer (:func:`index_buffer`), checked to permute ``range(n)``."""
+    order = torch.as_tensor(values, dtype=torch.long)
+    if sorted(order.tolist()) != list(range(n)):
+        raise ArgumentError(f"{argument} must be a permutation of range({n})")
+    return index_buffer(order, device)
 
 
 def _inverse(permutation: Tensor) -> Tensor:
@@ -135,10 +150,15 @@ def _one_token(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | No
 
 def unordered_outputs(x: Tensor, z: Tensor, y: Tensor, zx: Tensor | None = None) -> Tensor:
     """``[x Z^T | x Z^T Y^T]`` ``(tokens, out)``: the outputs in kept-rows order, without
-    autograd. Both matmuls write straight into one buffer (BLAS takes the column blocks as
-    strided outputs). ``zx``: ``x Z^T`` when already known."""
+    autograd. From two tokens up both matmuls write straight into one buffer (BLAS takes the
+    column blocks as strided outputs); one token is two matrix-vector products and a
+    concatenation. ``zx``: ``x Z^T`` when already known."""
     r, in_f = z.shape
-    buffer = x.new_empty(x.shape[:-1].numel(), r + y.shape[0])
+    tokens = x.shape[:-1].numel()
+    if tokens == 1:  # two matrix-vector products (with out=, mv runs slower on the CPU)
+        head = torch.mv(z, x.reshape(in_f)) if zx is None else zx.reshape(r)
+        return torch.cat([head, torch.mv(y, head)]).view(1, -1)
+    buffer = x.new_empty(tokens, r + y.shape[0])
     head = buffer[:, :r]
     if zx is None:
         torch.mm(x.reshape(-1, in_f), z.t(), out=head)
@@ -224,7 +244,8 @@ class InterpolativeLinear(MPOLinear):
     def __init__(self, in_features: int, out_features: int, chi: int, n_sites: int | None = 2,
                  bias: bool = True, *, in_shape: Sequence[int] | None = None,
                  out_shape: Sequence[int] | None = None, bond_dims: Sequence[int] | None = None,
-                 row_order: Sequence[int] | Tensor | None = None, strategy: str = "auto",
+                 row_order: Sequence[int] | Tensor | None = None,
+                 input_order: Sequence[int] | Tensor | None = None, strategy: str = "auto",
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  ) -> None:
         in_shape = (1, in_features) if in_shape is None else tuple(in_shape)
@@ -237,11 +258,12 @@ class InterpolativeLinear(MPOLinear):
                          device=device, dtype=dtype)
         if row_order is None:  # the first r rows kept, in order
             row_order = torch.arange(out_features)
-        order = torch.as_tensor(row_order, dtype=torch.long)
-        if sorted(order.tolist()) != list(range(out_features)):
-            raise ArgumentError(f"row_order must be a permutation of range({out_features})")
-        self.register_buffer("row_order", index_buffer(order, self.cores[1].device),
-                             persistent=False)
+        self.register_buffer("row_order", _permutation(row_order, out_features, "row_order",
+                                                       self.cores[1].device), persistent=False)
+        if input_order is not None:
+            input_order = _permutation(input_order, in_features, "input_order", self.cores[1].device)
+        self.register_buffer("input_order", input_order, persistent=False)
+        self.order_stamp = next(_STAMPS)
 
     @staticmethod
     def _parameter_shapes(spec) -> tuple[tuple[int, ...], ...]:
@@ -253,10 +275,14 @@ class InterpolativeLinear(MPOLinear):
         return int(self.cores[1].shape[0])
 
     def factors(self, cores: Sequence[Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """``(U, V)`` with ``W = U V``: ``U = P^T [I; Y]`` ``(out, r)``, ``V = Z`` ``(r, in)``."""
+        """``(U, V)`` with ``W = U V``: ``U = P^T [I; Y]`` ``(out, r)``, ``V = Z`` ``(r, in)``
+        (its columns put back in input order where :attr:`input_order` permutes them)."""
         y, z = self.cores if cores is None else cores
         r = z.shape[0]
-        return _left_factor(y.reshape(-1, r), self._order(y.device)), z.reshape(r, -1)
+        v = z.reshape(r, -1)
+        if self.input_order is not None:
+            v = v.index_select(1, _inverse(self.input_order).to(v.device))
+        return _left_factor(y.reshape(-1, r), self._order(y.device)), v
 
     def _order(self, device: torch.device) -> Tensor:
         """``row_order`` on ``device`` (a quantized layer's skeleton keeps it on the CPU)."""
@@ -276,9 +302,18 @@ class InterpolativeLinear(MPOLinear):
         tokens up, ``y = (x Z^T) U^T + b`` instead). Traced: the differentiable form, except
         for prefill (:data:`TRACED_OP_TOKENS` tokens and more) without autograd on the CPU,
         where the eager kernels run as one operator (``tensornet_llm::kept_rows_many_tokens``):
-        two graphs at most for every length above one."""
+        two graphs at most for every length above one. Where :attr:`input_order` permutes the
+        stored columns, ``x``'s features are gathered into that order first."""
         if x.shape[-1] != self.in_features:
             raise ArgumentError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
+        if self.input_order is not None:
+            x = x.index_select(-1, on_device(self.input_order, x.device))
+        return self.forward_stored_order(x)
+
+    def forward_stored_order(self, x: Tensor) -> Tensor:
+        """:meth:`forward` for an input ``(..., in_features)`` whose features are already in
+        :attr:`input_order` (``x[..., k]`` is input feature ``input_order[k]``): no gather
+        of the input. The same as :meth:`forward` where there is no input order."""
         y_core, z_core = self.cores._parameters.values()
         r = z_core.shape[0]
         y, z = y_core.view(-1, r), z_core.view(r, self.in_features)
@@ -290,7 +325,7 @@ class InterpolativeLinear(MPOLinear):
             return self._combine(F.linear(x, z), y)
         zx = None
         inference = not torch.is_grad_enabled()
-        if inference and self._siblings is not None:
+        if inference and self._siblings is not None and self.input_order is None:
             zx = self._siblings.input_side(self._sibling_index, x)  # x Z^T, shared
         if is_one_token(x):
             return _one_token(x, z, y, self._order(x.device), self.bias, zx)
@@ -354,13 +389,15 @@ class InterpolativeLinear(MPOLinear):
         return cls.from_weight(weight, bias, chi, n_sites, **kwargs)
 
     def layout(self) -> dict[str, Any]:
-        return {**super().layout(), "row_order": self.row_order.tolist()}
+        inputs = {} if self.input_order is None else {"input_order": self.input_order.tolist()}
+        return {**super().layout(), "row_order": self.row_order.tolist(), **inputs}
 
     @classmethod
     def from_layout(cls, layout: dict[str, Any], device=None, dtype=None) -> "InterpolativeLinear":
         return cls(layout["in_features"], layout["out_features"], layout["chi"], 2,
                    bias=layout["bias"], bond_dims=layout["bond_dims"],
-                   row_order=layout["row_order"], device=device, dtype=dtype)
+                   row_order=layout["row_order"], input_order=layout.get("input_order"),
+                   device=device, dtype=dtype)
 
     @torch.no_grad()
     def to_factors(self) -> MPOLinear:
@@ -400,6 +437,7 @@ class InterpolativeLinear(MPOLinear):
         like = self.cores[1]
         self._set_cores([y.reshape(1, m - r, 1, r).to(like), z.reshape(r, 1, n, 1).to(like)])
         self.row_order = _inverse(rows).to(self.row_order.device)
+        self.order_stamp = next(_STAMPS)
 
     @torch.no_grad()
     def append_factors_(self, left: Tensor, right: Tensor) -> None:
@@ -421,6 +459,8 @@ class InterpolativeLinear(MPOLinear):
         z = self.cores[1].detach().reshape(r, n).double()
         lk, lo = left.detach().double().cpu()[kept], left.detach().double().cpu()[others]
         y, z, a = y.cpu(), z.cpu(), right.detach().double().cpu()
+        if self.input_order is not None:  # Z's columns are stored in input order
+            a = a[:, self.input_order.cpu()]
         # Row o of W + L A is (Y[o] + D[o] S^-1 Y_S-part ...): with D = L_O - Y L_R, the part of
         # L the kept rows' coefficients do not explain, the joining rows S are D's maxvol rows
         # and every remaining row's coefficients are [Y - D S^-1 Y_S, D S^-1].
@@ -443,6 +483,46 @@ class InterpolativeLinear(MPOLinear):
         y.mul_((g_other[:, None] / g_kept[None, :]).to(y).reshape(y.shape))
         z.mul_(g_kept.to(z).view(r, 1, 1, 1))
 
+    @torch.no_grad()
+    def arrange_rows_(self, stacked: Tensor) -> None:
+        """Keep other rows, the same weight: the first ``rank`` of ``stacked`` ``(out,)`` (a
+        permutation of the output rows) become the kept rows and the rest follow in that order,
+        so that :attr:`row_order` becomes ``stacked``'s inverse. Exact up to float rounding
+        (computed in float64); the coefficients are as large as those rows make them (every
+        row set of a well-chosen order keeps them small, see
+        :func:`~tensornet_llm.layers.shared_rows.shared_row_order`). Raises
+        :class:`RankDeficientError` when the chosen kept rows are not independent; the layer is
+        then unchanged."""
+        m, r = self.out_features, self.rank
+        stacked = torch.as_tensor(stacked, dtype=torch.long).cpu()
+        if sorted(stacked.tolist()) != list(range(m)):
+            raise ArgumentError(f"stacked must be a permutation of range({m})")
+        u = self.factors()[0].detach().double().cpu()
+        z = self.cores[1].detach().reshape(r, -1).double().cpu()  # stored column order
+        kept = stacked[:r]
+        if torch.linalg.matrix_rank(u[kept]) < r:
+            raise RankDeficientError(f"the first {r} rows of stacked are not independent")
+        coeff = torch.linalg.solve(u[kept], u, left=False)  # u u[R]^-1, identity on R
+        self._store(coeff[stacked[r:]], u[kept] @ z, stacked)  # W = u Z_old, so W[R] = u[R] Z_old
+
+    @torch.no_grad()
+    def permute_inputs_(self, input_order: Tensor | None) -> None:
+        """Store ``Z``'s columns in ``input_order`` (a permutation of the input features, or
+        ``None`` for their own order): the same weight, but :meth:`forward_stored_order` then
+        takes inputs in that order. :meth:`forward` gathers its input into it (one gather
+        more), so this pays where the caller produces its input in that order anyway (a gated
+        MLP whose gate and up layers share a row order: :func:`tensornet_llm.share_mlp_rows`)."""
+        n, r = self.in_features, self.rank
+        new = None if input_order is None else _permutation(input_order, n, "input_order", "cpu")
+        z = self.cores[1].detach().reshape(r, n)
+        if self.input_order is not None:  # back to the features' own order
+            z = z.index_select(1, _inverse(self.input_order.cpu()).to(z.device))
+        if new is not None:
+            z = z.index_select(1, new.to(z.device))
+        self._set_cores([self.cores[0].detach(), z.reshape(r, 1, n, 1)])
+        self.input_order = None if new is None else new.to(self.row_order.device)
+        self.order_stamp = next(_STAMPS)
+
     def state(self) -> tuple[Tensor, Tensor, Tensor]:
         """Copies of ``(Y, Z, row_order)``, for :meth:`restore_`."""
         return (self.cores[0].detach().clone(), self.cores[1].detach().clone(),
@@ -460,5 +540,6 @@ class InterpolativeLinear(MPOLinear):
                             "append_factors_ with restore_(state) taken before it")
 
     def extra_repr(self) -> str:
+        permuted = "" if self.input_order is None else ", inputs permuted"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, bias={self.bias is not None}")
+                f"rank={self.rank}, bias={self.bias is not None}{permuted}")

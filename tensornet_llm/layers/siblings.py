@@ -34,8 +34,10 @@ __all__ = ["SiblingGroup", "is_fusable", "can_stack"]
 
 def is_fusable(module: nn.Module) -> bool:
     """Whether ``module`` can join a :class:`SiblingGroup`: a float low-rank layer
-    (:attr:`MPOLinear.is_low_rank <tensornet_llm.layers.mpo.MPOLinear.is_low_rank>`)."""
-    return bool(getattr(module, "is_low_rank", False)) and hasattr(module, "cores")
+    (:attr:`MPOLinear.is_low_rank <tensornet_llm.layers.mpo.MPOLinear.is_low_rank>`) whose
+    input side reads its input in order (no ``input_order``)."""
+    return (bool(getattr(module, "is_low_rank", False)) and hasattr(module, "cores")
+            and getattr(module, "input_order", None) is None)
 
 
 def can_stack(members: Sequence[nn.Module]) -> bool:

@@ -32,6 +32,7 @@ from ..errors import ArgumentError, CheckpointError, InputFileError
 from ..helpers.files import MARKER, atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
 from ..layers.cross_layer import CrossLayerLinear, SharedBases, cross_layer_members, group_names
+from ..layers.gated_mlp import share_mlp_rows
 from ..layers.layout import LAYER_CLASSES
 from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
 
@@ -320,4 +321,5 @@ def load_compactified(
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if dtype is not None:
         model.to(dtype)
+    share_mlp_rows(model, rearrange=False)  # where the saved MLPs share their rows
     return model.eval()
