@@ -98,14 +98,6 @@ def _is_gated_mlp(module: nn.Module) -> bool:
             and gate.input_order is None and up.input_order is None)
 
 
-def _stacked(layer: InterpolativeLinear) -> Tensor:
-    """The layer's stacked order (kept rows first): :attr:`row_order`'s inverse."""
-    order = layer.row_order.cpu()
-    stacked = torch.empty_like(order)
-    stacked[order] = torch.arange(order.numel())
-    return stacked
-
-
 def _arrange(gate: InterpolativeLinear, up: InterpolativeLinear, down: nn.Module) -> None:
     """Give ``gate`` and ``up`` one row order and ``down`` (if kept rows) that input order."""
     left = [layer.factors()[0].detach() for layer in (gate, up)]
@@ -127,7 +119,7 @@ def _down_stamp(gate: InterpolativeLinear, up: InterpolativeLinear, down: nn.Mod
     """``down``'s stamp where it stores its inputs in the order ``gate`` and ``up`` share."""
     if type(down) is not InterpolativeLinear or down.input_order is None:
         return None
-    return down.order_stamp if torch.equal(down.input_order.cpu(), _stacked(gate)) else None
+    return down.order_stamp if torch.equal(down.input_order.cpu(), gate._stacked_rows()) else None
 
 
 @torch.no_grad()

@@ -118,7 +118,6 @@ def unordered_outputs_of(layer: InterpolativeLinear, x: Tensor, zx: Tensor | Non
     else:
         out = unordered_outputs(x, z, y, zx).view(*x.shape[:-1], layer.out_features)
     if layer.bias is not None:
-        stacked = torch.empty_like(layer.row_order)
-        stacked[layer.row_order] = torch.arange(layer.out_features, device=stacked.device)
-        out = out + layer.bias.index_select(0, stacked.to(layer.bias.device)).to(out.dtype)
+        stacked = layer._stacked_rows().to(layer.bias.device)
+        out = out + layer.bias.index_select(0, stacked).to(out.dtype)
     return out
