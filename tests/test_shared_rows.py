@@ -69,10 +69,17 @@ def test_new_rows_and_permuted_inputs_keep_the_weight_and_the_forward(out_f, in_
     columns = torch.randperm(in_f, generator=torch.Generator().manual_seed(seed + 2))
     layer.permute_inputs_(columns)
     torch.testing.assert_close(layer.to_dense(), weight, rtol=1e-9, atol=1e-9)
+    for tokens in (x, x[:1, :1]):  # many tokens, and one (its own lean path: batch-1 decode)
+        want = tokens @ weight.T + layer.bias
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                torch.testing.assert_close(layer(tokens), want, rtol=1e-9, atol=1e-9)
+                torch.testing.assert_close(layer.forward_stored_order(tokens[..., columns]),
+                                           want, rtol=1e-9, atol=1e-9)
+    one = x[:1, :1].clone().requires_grad_()
+    layer(one).sum().backward()  # the one-token path is differentiable
+    torch.testing.assert_close(one.grad, weight.sum(0).expand_as(one), rtol=1e-9, atol=1e-9)
     with torch.no_grad():
-        torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-9)
-        torch.testing.assert_close(layer.forward_stored_order(x[..., columns]), expected,
-                                   rtol=1e-9, atol=1e-9)
         unordered = unordered_outputs_of(layer, x[..., columns])
         torch.testing.assert_close(unordered[..., layer.row_order], expected, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-9)  # with autograd
@@ -124,7 +131,7 @@ def shortcut_calls(model, batch, grad=False):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "mistral"])
-def test_compactify_shares_mlp_rows_with_the_outputs_of_own_rows(name):
+def test_compactify_shares_mlp_rows_with_the_outputs_of_own_rows(name, monkeypatch):
     shared, own = compressed(name), compressed(name, share_mlp_rows=False)
     batch = inputs(name)
     mlps = [m for m in shared.modules() if hasattr(m, "gate_proj")]
@@ -137,6 +144,20 @@ def test_compactify_shares_mlp_rows_with_the_outputs_of_own_rows(name):
     assert calls == len(mlps)
     with torch.no_grad():
         torch.testing.assert_close(logits, own(**batch).logits, rtol=1e-4, atol=1e-4)
+    # one token (batch-1 decode): every layer's lean path, gate and up without their gathers
+    ordered, lean = [], InterpolativeLinear._forward_one_token
+
+    def counted(self, *args, **kwargs):
+        ordered.append(kwargs.get("ordered", True))
+        return lean(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpolativeLinear, "_forward_one_token", counted)
+    one = batch["input_ids"][:1, :1]
+    with torch.no_grad():
+        torch.testing.assert_close(shared(input_ids=one).logits, own(input_ids=one).logits,
+                                   rtol=1e-4, atol=1e-4)
+    assert ordered.count(False) == 2 * len(mlps)
+    monkeypatch.undo()
     assert unshare_mlp_rows(shared) == len(mlps)
     assert shortcut_calls(shared, batch)[0] == 0
     torch.testing.assert_close(shortcut_calls(shared, batch)[1], logits, rtol=1e-5, atol=1e-5)

@@ -66,7 +66,11 @@ def _shared_forward(mlp: nn.Module, x: Tensor, *args, **kwargs) -> Tensor:
             or up.order_stamp != shared.up or not (_plain_call(gate) and _plain_call(up))
             or not _no_global_hooks()):
         return type(mlp).forward(mlp, x, *args, **kwargs)
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if (gate._one_token_path(x) and up._one_token_path(x) and gate.bias is None
+            and up.bias is None):  # batch-1 decode
+        h = (mlp.act_fn(gate._forward_one_token(x, gather=False, ordered=False))
+             * up._forward_one_token(x, gather=False, ordered=False))
+    elif torch.is_grad_enabled() or torch.compiler.is_compiling():
         h = mlp.act_fn(unordered_outputs_of(gate, x)) * unordered_outputs_of(up, x)
     else:
         zx = _from_siblings(gate, up, x=x)

@@ -304,6 +304,8 @@ class InterpolativeLinear(MPOLinear):
         where the eager kernels run as one operator (``tensornet_llm::kept_rows_many_tokens``):
         two graphs at most for every length above one. Where :attr:`input_order` permutes the
         stored columns, ``x``'s features are gathered into that order first."""
+        if self._one_token_path(x):
+            return self._forward_one_token(x, gather=True)
         if x.shape[-1] != self.in_features:
             raise ArgumentError(f"expected input (..., {self.in_features}), got {tuple(x.shape)}")
         if self.input_order is not None:
@@ -314,6 +316,8 @@ class InterpolativeLinear(MPOLinear):
         """:meth:`forward` for an input ``(..., in_features)`` whose features are already in
         :attr:`input_order` (``x[..., k]`` is input feature ``input_order[k]``): no gather
         of the input. The same as :meth:`forward` where there is no input order."""
+        if self._one_token_path(x):
+            return self._forward_one_token(x, gather=False)
         y_core, z_core = self.cores._parameters.values()
         r = z_core.shape[0]
         y, z = y_core.view(-1, r), z_core.view(r, self.in_features)
@@ -334,6 +338,34 @@ class InterpolativeLinear(MPOLinear):
             return _many_tokens(x, z, y, order, self.bias, zx)
         out = _through_left_factor(x, z, y, order, self.bias, zx)  # with autograd or autocast
         return self._combine(F.linear(x, z) if zx is None else zx, y) if out is None else out
+
+    def _one_token_path(self, x: Tensor) -> bool:
+        """Whether ``x`` runs through :meth:`_forward_one_token`: one token ``(..., in)`` in
+        eager code outside autocast, and no sibling group to share ``x Z^T`` with. (Traced code
+        asks nothing of ``x``'s size here, so this adds no guard on it.)"""
+        return (not torch.compiler.is_compiling() and self._siblings is None
+                and x.numel() == self.in_features == x.shape[-1]
+                and not torch.is_autocast_enabled(x.device.type))
+
+    def _forward_one_token(self, x: Tensor, gather: bool, ordered: bool = True) -> Tensor:
+        """One token (batch-1 decode) with as little per-call work as the arithmetic allows:
+        at this size the layer's time is its fixed cost per call, not its bytes. Two
+        matrix-vector products, one concatenation and one gather (differentiable); ``x``'s
+        features gathered into :attr:`input_order` first where ``gather`` and it is set.
+        ``x`` ``(..., in)`` holding one token -> ``(..., out)``; in stacked order (no gather
+        of the outputs, no bias: the caller adds it) where not ``ordered``."""
+        y_core, z_core = self._modules["cores"]._parameters.values()
+        r = z_core.shape[0]
+        v = x.reshape(self.in_features)
+        if gather and self._buffers["input_order"] is not None:
+            v = v.index_select(0, on_device(self._buffers["input_order"], x.device))
+        zx = torch.mv(z_core.view(r, self.in_features), v)
+        out = torch.cat([zx, torch.mv(y_core.view(-1, r), zx)])
+        if not ordered:
+            return out.view(*x.shape[:-1], self.out_features)
+        out = out.index_select(0, on_device(self._buffers["row_order"], x.device))
+        bias = self._parameters["bias"]
+        return (out if bias is None else out + bias).view(*x.shape[:-1], self.out_features)
 
     def _combine(self, z: Tensor, y: Tensor) -> Tensor:
         """``[z, z Y^T][row_order] + b`` for ``z = x Z^T`` ``(..., r)`` and ``Y`` ``(out - r, r)``
