@@ -71,6 +71,12 @@ QAT = " healed for int4"  # quantization-aware healing: its rows are the float a
 MODEL_VERSION = "rows8"
 
 
+def compressed_path(keep: float, calibration_tokens: int) -> Path:
+    """Where ``compactify(ratio=keep)`` on ``calibration_tokens`` of the mixture is cached."""
+    return (default_cache_dir() / "bench"
+            / f"pareto-keep{keep}-mix{calibration_tokens}-{MODEL_VERSION}")
+
+
 def cached(path: Path, build) -> tuple[nn.Module, dict]:
     """The model saved at ``path``, or ``build() -> (model, info)`` saved there first."""
     if (path / "tensornet.json").is_file():
@@ -114,8 +120,7 @@ def base_models(args, dense, tokenizer) -> dict:
                        "stopped_early": result.stopped_early, "out_of_time": result.out_of_time}
 
     def compressed_at(keep: float):
-        return cached(cache / f"pareto-keep{keep}-mix{args.calibration_tokens}-{MODEL_VERSION}",
-                      lambda: compressed(keep))
+        return cached(compressed_path(keep, args.calibration_tokens), lambda: compressed(keep))
 
     def healed_at(keep: float | None, bits: int | None = None):
         base = ("dense" if keep is None

@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensornet_llm import compactify, heal, load_compactified, save_compactified
+from bench_pareto import cached, compressed_path
+from tensornet_llm import compactify, heal
 from tensornet_llm.helpers.data import calibration_mix, check_mix, healing_mix
 from tensornet_llm.helpers.evaluate import compare_to_dense, perplexity_table
-from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
+from tensornet_llm.helpers.models import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE_BATCHES = 8  # batches on which each block's relative error is reported
@@ -44,17 +45,17 @@ PROBE_BATCHES = 8  # batches on which each block's relative error is reported
 
 def compressed_model(dense: nn.Module, tokenizer, keep: float, calibration_tokens: int
                      ) -> nn.Module:
-    """``bench_pareto.py``'s cached ``compactify(ratio=keep)`` on the calibration mixture."""
-    path = default_cache_dir() / "bench" / f"pareto-keep{keep}-mix{calibration_tokens}-rows8"
-    if (path / "tensornet.json").is_file():
-        return load_compactified(path)
-    model = copy.deepcopy(dense)
-    start = time.perf_counter()
-    report = compactify(model, ratio=keep, calibration=calibration_mix(tokenizer, calibration_tokens),
-                        progress=False)
-    info = {"compress_seconds": time.perf_counter() - start, "kept": report.kept_fraction}
-    save_compactified(model, path, overwrite=True, files={"bench_info.json": json.dumps(info)})
-    return model
+    """``bench_pareto.py``'s cached ``compactify(ratio=keep)`` on the calibration mixture (the
+    same cache entry, built there first if missing)."""
+    def build() -> tuple[nn.Module, dict]:
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        report = compactify(model, ratio=keep, progress=False,
+                            calibration=calibration_mix(tokenizer, calibration_tokens))
+        return model, {"compress_seconds": time.perf_counter() - start,
+                       "kept": report.kept_fraction}
+
+    return cached(compressed_path(keep, calibration_tokens), build)[0]
 
 
 @torch.no_grad()
@@ -64,8 +65,8 @@ def teacher_stream(dense: nn.Module, batches: list[torch.Tensor]) -> list[list[t
     blocks = dense.model.layers
     stream: list[list[torch.Tensor]] = [[] for _ in range(len(blocks) + 1)]
     hooks = [block.register_forward_pre_hook(
-        lambda m, args, kwargs, i=i: stream[i].append(args[0].to(torch.bfloat16)) if args
-        else stream[i].append(kwargs["hidden_states"].to(torch.bfloat16)), with_kwargs=True)
+        lambda m, args, kwargs, i=i: stream[i].append(
+            (args[0] if args else kwargs["hidden_states"]).to(torch.bfloat16)), with_kwargs=True)
         for i, block in enumerate(blocks)]
     hooks.append(blocks[-1].register_forward_hook(
         lambda m, args, out: stream[-1].append((out[0] if isinstance(out, tuple) else out)

@@ -135,17 +135,20 @@ def _slow_column_gather(x: Tensor) -> bool:
     return (torch.get_autocast_dtype("cpu") if autocast else x.dtype).itemsize == 2
 
 
-def _one_token(x: Tensor, z: Tensor, y: Tensor, order: Tensor, bias: Tensor | None,
+def _one_token(x: Tensor, z: Tensor, y: Tensor, order: Tensor | None, bias: Tensor | None,
                zx: Tensor | None = None) -> Tensor:
     """One token (batch-1 decode, :func:`~tensornet_llm.layers.contract.is_one_token`):
     ``[Z x, Y Z x][order] + b`` as two matrix-vector products, one concatenation of a row and
     one gather (differentiable). ``x`` ``(..., in)`` holds one token; ``z`` ``(r, in)``, ``y``
-    ``(out - r, r)``, ``order`` ``(out,)``; ``zx``: ``Z x`` when already known."""
+    ``(out - r, r)``, ``order`` ``(out,)`` or ``None`` for the stacked order (no gather);
+    ``zx``: ``Z x`` when already known. -> ``(..., out)``"""
     zx = torch.mv(z, x.reshape(z.shape[1])) if zx is None else zx.reshape(z.shape[0])
-    out = torch.cat([zx, torch.mv(y, zx)]).index_select(0, order)
+    out = torch.cat([zx, torch.mv(y, zx)])
+    if order is not None:
+        out = out.index_select(0, order)
     if bias is not None:
         out = out + bias
-    return out.view(*x.shape[:-1], order.shape[0])
+    return out.view(*x.shape[:-1], out.shape[0])
 
 
 def unordered_outputs(x: Tensor, z: Tensor, y: Tensor, zx: Tensor | None = None) -> Tensor:
@@ -156,8 +159,7 @@ def unordered_outputs(x: Tensor, z: Tensor, y: Tensor, zx: Tensor | None = None)
     r, in_f = z.shape
     tokens = x.shape[:-1].numel()
     if tokens == 1:  # two matrix-vector products (with out=, mv runs slower on the CPU)
-        head = torch.mv(z, x.reshape(in_f)) if zx is None else zx.reshape(r)
-        return torch.cat([head, torch.mv(y, head)]).view(1, -1)
+        return _one_token(x, z, y, None, None, zx).view(1, -1)
     buffer = x.new_empty(tokens, r + y.shape[0])
     head = buffer[:, :r]
     if zx is None:
@@ -356,16 +358,13 @@ class InterpolativeLinear(MPOLinear):
         of the outputs, no bias: the caller adds it) where not ``ordered``."""
         y_core, z_core = self._modules["cores"]._parameters.values()
         r = z_core.shape[0]
-        v = x.reshape(self.in_features)
         if gather and self._buffers["input_order"] is not None:
-            v = v.index_select(0, on_device(self._buffers["input_order"], x.device))
-        zx = torch.mv(z_core.view(r, self.in_features), v)
-        out = torch.cat([zx, torch.mv(y_core.view(-1, r), zx)])
+            x = x.index_select(-1, on_device(self._buffers["input_order"], x.device))
         if not ordered:
-            return out.view(*x.shape[:-1], self.out_features)
-        out = out.index_select(0, on_device(self._buffers["row_order"], x.device))
-        bias = self._parameters["bias"]
-        return (out if bias is None else out + bias).view(*x.shape[:-1], self.out_features)
+            return _one_token(x, z_core.view(r, self.in_features), y_core.view(-1, r), None, None)
+        return _one_token(x, z_core.view(r, self.in_features), y_core.view(-1, r),
+                          on_device(self._buffers["row_order"], x.device),
+                          self._parameters["bias"])
 
     def _combine(self, z: Tensor, y: Tensor) -> Tensor:
         """``[z, z Y^T][row_order] + b`` for ``z = x Z^T`` ``(..., r)`` and ``Y`` ``(out - r, r)``
