@@ -12,7 +12,9 @@ Models:
   ``--keep`` (the library's defaults), alone and with int8 / int4 on top (the same quantizer);
 * at every ``--heal-keep``, that model healed with the default recipe (next-token loss, weight 1
   (``--heal-ce``), plus distillation from the dense model, ``healing_mix``: an equal share of
-  every domain's fit part, batches of 4 x 256 tokens (``--heal-batch``, ``--heal-seq``),
+  every domain's fit part (``--heal-text``: or ``--generated-tokens`` of text sampled from the
+  dense model, ``generated_text``, alone or interleaved with the mixture; the sampling is timed
+  apart from the healing), batches of 4 x 256 tokens (``--heal-batch``, ``--heal-seq``),
   ``--heal-steps`` steps but at most ``--heal-minutes`` of wall time (30, the issue's budget;
   the cosine decay follows the clock), lr 3e-4 (``--heal-lr``), 20 warm-up steps, all but the
   embeddings trained (heal's default, ``--heal-train``), bf16 autocast where the CPU has AMX;
@@ -53,7 +55,7 @@ from tensornet_llm import (HealConfig, compactify, heal, load_compactified, quan
                            save_compactified)
 from tensornet_llm.train.quantize import low_rank_as_factors
 from tensornet_llm.helpers.data import (
-    DOMAINS, calibration_mix, check_mix, healing_mix, held_out_ids,
+    DOMAINS, calibration_mix, check_mix, generated_text, healing_mix, held_out_ids,
 )
 from tensornet_llm.helpers.evaluate import compare_to_dense, model_size_bytes, perplexity_table
 from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
@@ -65,6 +67,7 @@ QUANT = {"": None, " + int8": 8, " + int4": 4}
 DEFAULT_HEAL_LR = HealConfig.lr  # heal()'s default, 3e-4
 DEFAULT_HEAL_CE = HealConfig.ce_weight  # heal()'s default, 1
 DEFAULT_HEAL_SHAPE = (4, 256)  # sequences x tokens per healing step, the CLI's default
+HEAL_TEXTS = ("mix", "mix+generated", "generated")
 QAT = " healed for int4"  # quantization-aware healing: its rows are the float and the int4 model
 #: In the compressed models' cache names: changed whenever compactify's defaults build something
 #: else at the same keep (now: kept rows, ranks that are multiples of 8).
@@ -107,9 +110,10 @@ def base_models(args, dense, tokenizer) -> dict:
         model, info = compressed_at(keep) if keep is not None else (copy.deepcopy(dense), {})
         if bits:  # quantize() rounds kept-rows layers as two factors: train that form
             info = {**info, "as_factors": low_rank_as_factors(model)}
+        batches, generate_seconds = healing_text(args, dense, tokenizer)
+        if generate_seconds is not None:
+            info = {**info, "generate_seconds": generate_seconds}
         model.train()
-        batches = healing_mix(tokenizer, args.heal_tokens, seq_len=args.heal_seq,
-                              batch_size=args.heal_batch)
         result = heal(model, batches, steps=args.heal_steps, lr=args.heal_lr,
                       train=args.heal_train, ce_weight=args.heal_ce,
                       teacher=dense, check=check_mix(tokenizer, 2048), check_every=50,
@@ -131,6 +135,8 @@ def base_models(args, dense, tokenizer) -> dict:
         lr += "" if args.heal_ce == DEFAULT_HEAL_CE else f"-ce{args.heal_ce:g}"
         lr += "" if (args.heal_batch, args.heal_seq) == DEFAULT_HEAL_SHAPE else \
             f"-b{args.heal_batch}x{args.heal_seq}"
+        lr += "" if args.heal_text == "mix" else \
+            f"-{args.heal_text.replace('+', '')}{args.generated_tokens}"
         return cached(cache / f"pareto-{base}-heal{args.heal_steps}x{args.heal_tokens}{lr}"
                       f"{f'-qat{bits}' if bits else ''}-{args.heal_minutes:g}min",
                       lambda: healed(keep, bits))
@@ -145,6 +151,32 @@ def base_models(args, dense, tokenizer) -> dict:
     for keep in args.qat_keep:
         out[f"keep {keep:.0%}{QAT}"] = lambda keep=keep: healed_at(keep, 4)
     return out
+
+
+def healing_text(args, dense: nn.Module, tokenizer) -> tuple[list[torch.Tensor], float | None]:
+    """The healing batches ``(heal_batch, heal_seq + 1)`` of ``--heal-text``, and the seconds
+    spent sampling text from the dense model (``None`` when none is used; near 0 when cached).
+
+    ``mix``: ``healing_mix`` of ``--heal-tokens``; ``generated``: ``--generated-tokens`` of
+    ``generated_text`` from the dense model; ``mix+generated``: both, their windows interleaved
+    evenly before batching, so every batch holds both kinds in proportion."""
+    seq = args.heal_seq + 1
+    mix = [] if args.heal_text == "generated" else [
+        w.unsqueeze(0) for b in healing_mix(tokenizer, args.heal_tokens, seq_len=args.heal_seq,
+                                            batch_size=args.heal_batch) for w in b]
+    seconds, sampled = None, []
+    if args.heal_text != "mix":
+        start = time.perf_counter()
+        sampled = generated_text(dense, tokenizer, args.generated_tokens, seq_len=seq,
+                                 batch_size=64)
+        seconds = time.perf_counter() - start
+    # interleave: window i of a list of n goes to position (i + 0.5) / n of the whole
+    order = sorted([((i + 0.5) / len(mix), w) for i, w in enumerate(mix)]
+                   + [((i + 0.5) / len(sampled), w) for i, w in enumerate(sampled)],
+                   key=lambda t: t[0])
+    windows = [w for _, w in order]
+    return [torch.cat(windows[i:i + args.heal_batch])
+            for i in range(0, len(windows), args.heal_batch)], seconds
 
 
 def variant(model: nn.Module, bits: int | None) -> nn.Module:
@@ -191,6 +223,15 @@ def beats(row: dict, anchor: dict) -> bool:
         row["perplexity"][d] < anchor["perplexity"][d] for d in anchor["perplexity"])
 
 
+def healing_words(meta: dict) -> str:
+    """What the healing read, in words, from a run's metadata."""
+    mix = f"{meta['heal_tokens']} tokens of `healing_mix`"
+    sampled = (f"{meta.get('generated_tokens')} tokens sampled from the dense model "
+               "(`generated_text`)")
+    return {"mix": mix, "generated": sampled,
+            "mix+generated": f"{mix} and {sampled}"}[meta.get("heal_text", "mix")]
+
+
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
     (out / "bench_pareto.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     dense = meta["dense"]
@@ -201,7 +242,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              "(SmolLM2-135M)", "",
              f"Calibration: {meta['calibration_tokens']} tokens of `calibration_mix`; healing: "
              f"{meta['heal_steps']} steps of {meta.get('heal_batch', DEFAULT_HEAL_SHAPE[0])} x "
-             f"{meta.get('heal_seq', DEFAULT_HEAL_SHAPE[1])} tokens on {meta['heal_tokens']} tokens of `healing_mix`, "
+             f"{meta.get('heal_seq', DEFAULT_HEAL_SHAPE[1])} tokens on {healing_words(meta)}, "
              f"peak lr {meta.get('heal_lr', DEFAULT_HEAL_LR):g}, "
              f"`train={meta.get('heal_train', 'all')!r}`, distilled from dense"
              + (f" (next-token loss weight {meta['heal_ce']:g})" if "heal_ce" in meta else "")
@@ -290,6 +331,13 @@ def main() -> None:
                         help="sequences per healing step (default 4)")
     parser.add_argument("--heal-seq", type=int, default=DEFAULT_HEAL_SHAPE[1],
                         help="tokens per healing sequence (default 256)")
+    parser.add_argument("--heal-text", choices=HEAL_TEXTS, default="mix",
+                        help="healing text: healing_mix of --heal-tokens (default), "
+                        "--generated-tokens sampled from the dense model (generated_text), or "
+                        "both, interleaved")
+    parser.add_argument("--generated-tokens", type=int, default=262144,
+                        help="tokens of generated_text with --heal-text generated or "
+                        "mix+generated (sampled once, cached)")
     parser.add_argument("--heal-minutes", type=float, default=30.0,
                         help="wall-clock budget of each healing (the issue's target: 30)")
     parser.add_argument("--qat-keep", type=float, nargs="*", default=[0.9],
@@ -316,6 +364,8 @@ def main() -> None:
                if (args.heal_batch, args.heal_seq) != DEFAULT_HEAL_SHAPE else {}),
             # before heal's default became "blocks", runs trained all and wrote no heal_train
             **({"heal_train": trained} if trained != "all" else {}),
+            **({"heal_text": args.heal_text, "generated_tokens": args.generated_tokens}
+               if args.heal_text != "mix" else {}),
             "qat_keep": args.qat_keep,
             "new_tokens": args.new_tokens, "rounds": args.rounds,
             "threads": torch.get_num_threads(),

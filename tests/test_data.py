@@ -160,6 +160,11 @@ def test_generated_text_is_sampled_cached_and_leaves_the_rng(tmp_path):
     generated_text(model, tok, 100, seq_len=24, batch_size=2, cache_dir=tmp_path,
                    prompts=["It is", "The"], progress=False)
     assert len(list(tmp_path.iterdir())) == 2
+    # so is another batch size: a batch shares its seed and prompt, so the samples differ
+    regrouped = generated_text(model, tok, 100, seq_len=24, batch_size=5, cache_dir=tmp_path,
+                               prompts=["It is", "The"], progress=False)
+    assert len(list(tmp_path.iterdir())) == 3
+    assert all(int(w[0, 0]) == (tok.bos_token_id or 0) for w in regrouped)
 
 
 def test_generated_text_refuses_bad_settings():

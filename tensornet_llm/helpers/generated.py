@@ -90,8 +90,10 @@ def generated_text(
     if any(len(s) >= seq_len for s in starts):
         raise ArgumentError(f"prompts must be shorter than seq_len={seq_len} tokens")
     windows = math.ceil(n_tokens / seq_len)
+    # batch_size is part of the key: a batch shares its seed and prompt, so it shapes the samples
     settings = {"windows": windows, "seq_len": seq_len, "starts": starts,
                 "temperature": temperature, "top_p": top_p, "seed": seed,
+                "batch_size": batch_size,
                 "vocab": len(tokenizer), "model": model_fingerprint(model)}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     cache = None if cache_dir is False else Path(
