@@ -80,6 +80,16 @@ def compressed_path(keep: float, calibration_tokens: int) -> Path:
             / f"pareto-keep{keep}-mix{calibration_tokens}-{MODEL_VERSION}")
 
 
+def compress(dense: nn.Module, keep: float, calibration: list[torch.Tensor]
+             ) -> tuple[nn.Module, dict]:
+    """A copy of ``dense`` compactified to ``ratio=keep`` on ``calibration`` (the library's
+    defaults), and ``{"compress_seconds", "kept"}``."""
+    model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    report = compactify(model, ratio=keep, calibration=calibration, progress=False)
+    return model, {"compress_seconds": time.perf_counter() - start, "kept": report.kept_fraction}
+
+
 def cached(path: Path, build) -> tuple[nn.Module, dict]:
     """The model saved at ``path``, or ``build() -> (model, info)`` saved there first."""
     if (path / "tensornet.json").is_file():
@@ -98,11 +108,7 @@ def base_models(args, dense, tokenizer) -> dict:
     def compressed(keep: float) -> tuple[nn.Module, dict]:
         nonlocal calib
         calib = calib or calibration_mix(tokenizer, args.calibration_tokens)
-        model = copy.deepcopy(dense)
-        start = time.perf_counter()
-        report = compactify(model, ratio=keep, calibration=calib, progress=False)
-        return model, {"compress_seconds": time.perf_counter() - start,
-                       "kept": report.kept_fraction}
+        return compress(dense, keep, calib)
 
     def healed(keep: float | None, bits: int | None = None) -> tuple[nn.Module, dict]:
         """The keep-``keep`` model (``None``: dense) healed by the default recipe; with
@@ -161,9 +167,8 @@ def healing_text(args, dense: nn.Module, tokenizer) -> tuple[list[torch.Tensor],
     ``generated_text`` from the dense model; ``mix+generated``: both, their windows interleaved
     evenly before batching, so every batch holds both kinds in proportion."""
     seq = args.heal_seq + 1
-    mix = [] if args.heal_text == "generated" else [
-        w.unsqueeze(0) for b in healing_mix(tokenizer, args.heal_tokens, seq_len=args.heal_seq,
-                                            batch_size=args.heal_batch) for w in b]
+    mix = [] if args.heal_text == "generated" else healing_mix(
+        tokenizer, args.heal_tokens, seq_len=args.heal_seq, batch_size=1)  # windows, one each
     seconds, sampled = None, []
     if args.heal_text != "mix":
         start = time.perf_counter()

@@ -24,7 +24,6 @@ here if missing). A diagnostic: no recipe of the library changes with it.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -33,8 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench_pareto import cached, compressed_path
-from tensornet_llm import compactify, heal
+from bench_pareto import cached, compress, compressed_path
+from tensornet_llm import heal
 from tensornet_llm.helpers.data import calibration_mix, check_mix, healing_mix
 from tensornet_llm.helpers.evaluate import compare_to_dense, perplexity_table
 from tensornet_llm.helpers.models import load_smollm2
@@ -46,16 +45,9 @@ PROBE_BATCHES = 8  # batches on which each block's relative error is reported
 def compressed_model(dense: nn.Module, tokenizer, keep: float, calibration_tokens: int
                      ) -> nn.Module:
     """``bench_pareto.py``'s cached ``compactify(ratio=keep)`` on the calibration mixture (the
-    same cache entry, built there first if missing)."""
-    def build() -> tuple[nn.Module, dict]:
-        model = copy.deepcopy(dense)
-        start = time.perf_counter()
-        report = compactify(model, ratio=keep, progress=False,
-                            calibration=calibration_mix(tokenizer, calibration_tokens))
-        return model, {"compress_seconds": time.perf_counter() - start,
-                       "kept": report.kept_fraction}
-
-    return cached(compressed_path(keep, calibration_tokens), build)[0]
+    same cache entry, built as there first if missing)."""
+    return cached(compressed_path(keep, calibration_tokens), lambda: compress(
+        dense, keep, calibration_mix(tokenizer, calibration_tokens)))[0]
 
 
 @torch.no_grad()
