@@ -355,8 +355,13 @@ def heal(
     cpu = cfg.cpu or (launched() and not torch.cuda.is_available())
     precision = auto_precision(cpu) if cfg.mixed_precision == "auto" else cfg.mixed_precision
     _allow_new_precision(precision)
+    # The schedule counts optimiser steps of the whole group of processes, so the scheduler is
+    # stepped by hand after each real optimiser step. Left to accelerate (the default
+    # step_scheduler_with_optimizer=True), it would step it once per process on every step,
+    # running warm-up and decay N times too fast under N processes.
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=precision, cpu=cpu)
+                              mixed_precision=precision, cpu=cpu,
+                              step_scheduler_with_optimizer=False)
     if cfg.quantize is not None and accelerator.distributed_type == DistributedType.FSDP:
         raise ArgumentError("quantize: quantization-aware healing needs whole parameters on "
                             "every process; it does not run under FSDP")
@@ -452,7 +457,8 @@ def heal(
                     if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                        scheduler.step()
                     # Zeroed in place: the next backward accumulates into the same buffers
                     # instead of allocating every gradient afresh (a large cost where fresh
                     # pages are slow to fault in, as in many virtual machines).
