@@ -37,7 +37,7 @@ def main() -> None:
     dense = {
         "params": sum(p.numel() for p in model.parameters()),
         "mb": model_size_bytes(model) / 1e6,
-        "perplexity": perplexity(model, ids),
+        "perplexity": perplexity(model, ids, tokenizer=tokenizer),
     }
     print(f"dense: {dense}", flush=True)
     rows = []
@@ -52,7 +52,7 @@ def main() -> None:
                 "target_kept": report.kept_fraction, "model_kept": report.model_kept_fraction,
                 "params": report.model_params_after, "mb": model_size_bytes(model) / 1e6,
                 "mean_rel_error": sum(r.rel_error for r in report.layers) / len(report.layers),
-                "perplexity": perplexity(model, ids),
+                "perplexity": perplexity(model, ids, tokenizer=tokenizer),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from tensornet_llm import MPOLinear
 from tensornet_llm.compress.calibrate import as_batches, collect_covariances
 from tensornet_llm.helpers.data import token_batches, tokenize_text
+from tensornet_llm.helpers.start_token import start_token
 from tensornet_llm.compress.fit import (
     fit_weighted, kronecker_whitened, weighted_error, whitened_svd,
 )
@@ -56,7 +57,7 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, "austen_emma.txt", args.calibration_tokens)
     modules = {n: model.get_submodule(n) for n in LAYERS}
-    covs = collect_covariances(model, as_batches(token_batches(ids, 512, 4)), modules)
+    covs = collect_covariances(model, as_batches(token_batches(ids, 512, 4, start_token(tokenizer, model))), modules)
     lines = ["# Data-aware fit of single SmolLM2 layers", "",
              f"MPO chi {args.chi}, 3 sites; covariances from {ids.numel()} tokens of Emma through "
              "the dense model. Activation-weighted relative error (lower is better); fit times in "

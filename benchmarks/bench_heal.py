@@ -66,13 +66,13 @@ def heal_curve(keep: float, variant: str, args, tokenizer, teacher, batches, cal
         report = compactify(model, ratio=keep, fit_steps=args.fit_steps, progress=False,
                             low_rank=low_rank, calibration=calib if fitted else None)
         kept, compress_s = report.kept_fraction, time.perf_counter() - t0
-    curve = {0: perplexity(model, held_out)}
+    curve = {0: perplexity(model, held_out, tokenizer=tokenizer)}
     print(f"keep {keep} {variant}: start perplexity {curve[0]:.2f}", flush=True)
     wanted = set(args.steps)
 
     def evaluate(step: int, result) -> None:
         if step in wanted:
-            curve[step] = perplexity(model, held_out)
+            curve[step] = perplexity(model, held_out, tokenizer=tokenizer)
             print(f"  step {step}: perplexity {curve[step]:.2f} ({result.seconds:.0f} s)", flush=True)
 
     result = None
@@ -261,7 +261,7 @@ def main() -> None:
         data = saved
     meta = data["meta"]
     if "dense_perplexity" not in meta:
-        meta["dense_perplexity"] = perplexity(teacher, held_out)
+        meta["dense_perplexity"] = perplexity(teacher, held_out, tokenizer=tokenizer)
     if not args.timing_only:
         batches = text_batches(tokenizer, args.heal_texts, args.heal_tokens, args.seq, args.batch)
         calib = text_batches(tokenizer, CALIBRATION_TEXTS[0], args.calibration_tokens, 512)

@@ -81,13 +81,13 @@ def uniform_chis(model, keep: float, cls) -> dict[str, int]:
         for name, m in find_targets(model)[0]}
 
 
-def held_out_perplexities(model, held_out: dict) -> dict[str, float]:
+def held_out_perplexities(model, held_out: dict, tokenizer) -> dict[str, float]:
     """``{"perplexity": Persuasion, "perplexity_wiki": second half of Wikipedia}``."""
-    return {"perplexity": perplexity(model, held_out["persuasion"]),
-            "perplexity_wiki": perplexity(model, held_out["wiki"])}
+    return {"perplexity": perplexity(model, held_out["persuasion"], tokenizer=tokenizer),
+            "perplexity_wiki": perplexity(model, held_out["wiki"], tokenizer=tokenizer)}
 
 
-def run(method: str, keep: float, calib, covs, held_out: dict, fit_steps: int) -> dict:
+def run(method: str, keep: float, calib, covs, held_out: dict, fit_steps: int, tokenizer) -> dict:
     model, _ = load_smollm2()
     targets = sum(m.weight.numel() for _, m in find_targets(model)[0])
     t0 = time.perf_counter()
@@ -114,7 +114,7 @@ def run(method: str, keep: float, calib, covs, held_out: dict, fit_steps: int) -
                  "layout": {r.name: r.method for r in report.layers}}
     seconds = time.perf_counter() - t0
     return {"method": method, "keep": keep, "kept": kept, "seconds": seconds,
-            **held_out_perplexities(model, held_out), **extra}
+            **held_out_perplexities(model, held_out, tokenizer), **extra}
 
 
 def choices_table(rows: list[dict], kinds: list[str]) -> list[str]:
@@ -233,7 +233,7 @@ def main() -> None:
                          "or --fresh to start over")
         rows, meta = saved["rows"], saved["meta"]
     if "dense_perplexity" not in meta:
-        meta.update({f"dense_{k}": v for k, v in held_out_perplexities(model, held_out).items()})
+        meta.update({f"dense_{k}": v for k, v in held_out_perplexities(model, held_out, tokenizer).items()})
     print(f"dense perplexity {meta['dense_perplexity']:.2f}, Wikipedia half "
           f"{meta['dense_perplexity_wiki']:.2f}", flush=True)
     covs = None
@@ -244,7 +244,7 @@ def main() -> None:
         for keep in args.keep:
             if any(r["method"] == method and r["keep"] == keep for r in rows):
                 continue
-            rows.append(run(method, keep, calib, covs, held_out, args.fit_steps))
+            rows.append(run(method, keep, calib, covs, held_out, args.fit_steps, tokenizer))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "chi"}), flush=True)
             write(args.out, meta, rows)
     write(args.out, meta, rows)

@@ -71,7 +71,7 @@ def main() -> None:
         # fp16 matmuls on CPU are slow and imprecise: score the fp16 weights in fp32.
         scored = copy.deepcopy(model).float() if name.endswith("fp16") else model
         rows.append({"model": name, "memory_bytes": model_size_bytes(model),
-                     "disk_bytes": disk_bytes(model), "perplexity": perplexity(scored, held_out)})
+                     "disk_bytes": disk_bytes(model), "perplexity": perplexity(scored, held_out, tokenizer=tokenizer)})
         print(json.dumps(rows[-1]), flush=True)
     meta = {"compressed": str(source), "held_out": f"{HELD_OUT_TEXT}, {held_out.numel()} tokens",
             "threads": torch.get_num_threads()}

@@ -19,7 +19,7 @@ def main() -> None:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
     model, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, "austen_prideprejudice.txt", 20_480)
-    ppl = perplexity(model, ids)
+    ppl = perplexity(model, ids, tokenizer=tokenizer)
     print(f"perplexity {ppl:.3f} on {ids.numel()} tokens of Pride and Prejudice; "
           f"reference {REFERENCE}; {'match' if round(ppl, 2) == REFERENCE else 'MISMATCH'}")
 

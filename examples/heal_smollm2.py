@@ -59,14 +59,14 @@ def main() -> None:
         report = compactify(model, ratio=args.keep, calibration=calib)
         print(report.summary())
         save_compactified(model, compressed, tokenizer=tokenizer)
-    dense_ppl = perplexity(teacher, held_out)
-    before = perplexity(model, held_out)
+    dense_ppl = perplexity(teacher, held_out, tokenizer=tokenizer)
+    before = perplexity(model, held_out, tokenizer=tokenizer)
     print(f"perplexity: dense {dense_ppl:.2f}, compressed {before:.2f}")
 
     batches = text_batches(tokenizer, HEALING_TEXTS, 65536 * len(HEALING_TEXTS))
     result = heal(model, batches, steps=args.steps, lr=args.lr, teacher=teacher,
                   warmup_steps=20, checkpoint_dir=args.work / "checkpoint", checkpoint_every=25)
-    after = perplexity(model, held_out)
+    after = perplexity(model, held_out, tokenizer=tokenizer)
     print(f"healed {result.steps} steps ({result.resumed_from} from an earlier run, "
           f"mixed precision {result.mixed_precision}) in {result.seconds:.0f} s; "
           f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")

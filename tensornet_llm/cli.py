@@ -36,33 +36,37 @@ from .train.heal import HealConfig
 
 __all__ = ["main", "load_any"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``--dtype`` choices; ``auto`` (the default) keeps the checkpoint's own dtype (its config's
+#: ``dtype``; float32 for a de-quantized GGUF file), as ``from_pretrained(dtype="auto")`` does.
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
 
 
 class CliError(TensornetError):
     """A bad command line, reported as one line."""
 
 
-def load_any(spec: str, dtype: torch.dtype = torch.float32):
+def load_any(spec: str, dtype: torch.dtype | None = None):
     """``(model, tokenizer or None)`` from ``smollm2``, a GGUF file, a Hugging Face directory or
-    a compactified directory."""
+    a compactified directory, in ``dtype`` (``None``: the checkpoint's own; float32 for GGUF,
+    whose quantized weights are de-quantized)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .helpers.models import load_gguf, load_smollm2
     from .saving.serialization import STRUCTURE_FILE, load_compactified
 
     if spec == "smollm2":
-        return load_smollm2(dtype=dtype)
+        return load_smollm2(dtype=dtype or torch.float32)
     path = Path(spec)
     if path.is_file() and path.suffix == ".gguf":
-        return load_gguf(path, dtype=dtype)
+        return load_gguf(path, dtype=dtype or torch.float32)
     if not path.is_dir():
         raise CliError(f"MODEL {spec!r} is not 'smollm2', a .gguf file or a model directory")
     if (path / STRUCTURE_FILE).is_file():
         model = load_compactified(path, dtype=dtype)
     elif (path / "config.json").is_file():
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto").eval()
         except (OSError, ValueError) as exc:  # transformers' words for a broken directory
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CliError(f"MODEL {path} cannot be loaded as a Hugging Face model: {first}"
@@ -117,17 +121,18 @@ def _positive_float(value: str) -> float:
 
 
 def _text_batches(model_name: str, tokenizer, text: str | list[str] | None, n_tokens: int | None,
-                  seq_len: int, batch_size: int, option: str) -> list:
+                  seq_len: int, batch_size: int, option: str, model=None) -> list:
     """Token windows ``(batch, seq_len + 1)`` of one text file or several, for calibration or
-    healing; without a text, the bundled mixture of every domain's fit part."""
+    healing; without a text, the bundled mixture of every domain's fit part. Each window starts
+    with the start token of ``tokenizer`` and ``model`` (or its config)."""
     from .helpers.data import healing_mix, text_batches
 
     if tokenizer is None:
         raise CliError(f"{model_name} has no tokenizer to read {option} with")
     if text is None:
-        return healing_mix(tokenizer, n_tokens or 65536, seq_len, batch_size)
+        return healing_mix(tokenizer, n_tokens or 65536, seq_len, batch_size, model=model)
     names = [text] if isinstance(text, str) else text
-    batches = text_batches(tokenizer, names, n_tokens, seq_len, batch_size)
+    batches = text_batches(tokenizer, names, n_tokens, seq_len, batch_size, model=model)
     if not batches:
         raise CliError(f"{option} {' '.join(names)} has fewer than {seq_len} tokens")
     return batches
@@ -155,7 +160,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     calibration = None
     if not args.no_calibration:  # a file, or by default the mixture of every domain's fit part
         calibration = _text_batches(args.model, tokenizer, args.calibration,
-                                    args.calibration_tokens, 512, 4, "--calibration")
+                                    args.calibration_tokens, 512, 4, "--calibration", model)
     options = _compress_options(args)
     report = compactify(model, calibration=calibration, progress=not args.quiet,
                         config=CompactifyConfig(weigh_outputs=not args.no_weigh_outputs,
@@ -198,9 +203,19 @@ def _settings(args: argparse.Namespace) -> dict:
             "min_saving": args.min_saving if args.ratio is not None else None}
 
 
+def _saved_dtype(source: Path) -> torch.dtype:
+    """The floating dtype a Hugging Face checkpoint's config names (float32 where it names none)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    saved = getattr(torch, saved) if isinstance(saved, str) else saved
+    return saved if isinstance(saved, torch.dtype) and saved.is_floating_point else torch.float32
+
+
 def _compress_streaming(args: argparse.Namespace, out: Path) -> None:
     """``compress DIR --stream``: block by block from the checkpoint, never the whole model."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from .compress.stream import compactify_pretrained
 
@@ -215,10 +230,12 @@ def _compress_streaming(args: argparse.Namespace, out: Path) -> None:
         except (OSError, ValueError, TypeError):
             tokenizer = None
         calibration = _text_batches(args.model, tokenizer, args.calibration,
-                                    args.calibration_tokens, 512, 4, "--calibration")
+                                    args.calibration_tokens, 512, 4, "--calibration",
+                                    AutoConfig.from_pretrained(source))
     options = {k: v for k, v in _compress_options(args).items() if v is not None}
     report = compactify_pretrained(source, out, calibration=calibration,
-                                   dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+                                   dtype=DTYPES[args.dtype] or _saved_dtype(source),
+                                   overwrite=args.overwrite,
                                    progress=not args.quiet, metadata={"compactify": _settings(args)},
                                    **options)
     print(report)
@@ -238,7 +255,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if ids.numel() < args.window:
         raise CliError(f"--text has {ids.numel()} tokens, fewer than --window {args.window}")
     t0 = time.perf_counter()
-    ppl = perplexity(model, ids, window=args.window, progress=not args.quiet)
+    ppl = perplexity(model, ids, window=args.window, progress=not args.quiet, tokenizer=tokenizer)
     result = {
         "model": args.model, "text": str(args.text), "tokens": int(ids.numel() // args.window * args.window),
         "window": args.window, "perplexity": ppl,
@@ -287,7 +304,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
     _check_out(out, args.overwrite)
     model, tokenizer = load_any(args.model, DTYPES[args.dtype])
     batches = _text_batches(args.model, tokenizer, args.calibration, args.calibration_tokens,
-                            args.seq, 4, "--calibration")
+                            args.seq, 4, "--calibration", model)
     summary = profile_model(model, batches, out, keep=args.keep, method=args.method,
                             n_sites=args.n_sites, progress=not args.quiet,
                             cache_dir=False if args.no_cache else None,
@@ -307,7 +324,8 @@ def cmd_heal(args: argparse.Namespace) -> None:
     _check_out(out, args.overwrite)
     if not (Path(args.model) / STRUCTURE_FILE).is_file():
         raise CliError(f"MODEL {args.model!r} must be a directory written by 'compress'")
-    model, tokenizer = load_any(args.model)
+    # Trained in float32 (autocast computes in bf16 where heal's mixed precision says so).
+    model, tokenizer = load_any(args.model, torch.float32)
     teacher_name = args.teacher
     if teacher_name is None and not args.no_teacher:
         # Distil from the dense model the directory was compressed from, when it can be had.
@@ -317,14 +335,15 @@ def cmd_heal(args: argparse.Namespace) -> None:
             teacher_name = source
             print(f"distilling from {source} (the model {args.model} was compressed from; "
                   "--no-teacher to train on the text alone)")
-    teacher = load_any(teacher_name)[0] if teacher_name else None
+    teacher = load_any(teacher_name, torch.float32)[0] if teacher_name else None
     batches = _text_batches(args.model, tokenizer, args.text, args.tokens, args.seq, args.batch,
-                            "--text")
+                            "--text", model)
     check = None
     if args.check_tokens:  # text of every domain that healing never reads
         from .helpers.data import check_mix
 
-        check = check_mix(tokenizer, args.check_tokens, seq_len=min(512, args.check_tokens))
+        check = check_mix(tokenizer, args.check_tokens, seq_len=min(512, args.check_tokens),
+                          model=model)
     if args.quantize_aware:  # quantize() rounds kept-rows low-rank layers as two factors
         from .train.quantize import low_rank_as_factors
 
@@ -428,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-layer", type=_positive, metavar="G",
                    help="share bases between the same-role modules of every G consecutive "
                         "blocks (cross-layer networks; see docs/cross-layer.md)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                   help="the dtype to load in (default: the checkpoint's own)")
     p.add_argument("--stream", action="store_true",
                    help="read a Hugging Face directory block by block and write the output as "
                         "it goes: memory for about two blocks, not the model")
@@ -445,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                    ".gguf or directory) and print the ratios to it")
     p.add_argument("--tokens", type=_positive, default=8192, help="tokens to score (default 8192)")
     p.add_argument("--window", type=_positive, default=512, help="window length (default 512)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                   help="the dtype to load in (default: the checkpoint's own)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -461,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of each module's parameters to try (default 0.5)")
     p.add_argument("--method", choices=["mpo", "ttns"], default="mpo")
     p.add_argument("--n-sites", type=int, default=3)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                   help="the dtype to load in (default: the checkpoint's own)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the profile cache")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true")

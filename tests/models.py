@@ -67,3 +67,50 @@ def char_tokenizer():
     core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     return tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", unk_token="<unk>",
                                       pad_token="<s>")
+
+
+#: Tokenizer conventions for the start of a text, as :func:`convention_tokenizer` builds them:
+#: (special tokens in id order, the token the tokenizer prepends itself or None, bos_token,
+#: the start token a window must begin with).
+CONVENTIONS = {
+    # GPT-2 / SmolLM2 base: documents joined by <|endoftext|> (id 0), nothing prepended.
+    "bos0": (["<|endoftext|>", "<unk>"], None, "<|endoftext|>", 0),
+    # Gemma: <pad> is 0, the tokenizer prepends <bos> (2) itself.
+    "bos2_pad0": (["<pad>", "<eos>", "<bos>", "<unk>"], "<bos>", "<bos>", 2),
+    # A family without a start token.
+    "none": (["<eos>", "<unk>"], None, None, None),
+    # SmolLM2-Instruct: bos_token <|im_start|> is a chat turn marker; text starts after 0.
+    "chat": (["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"], None, "<|im_start|>", 0),
+}
+
+
+def convention_tokenizer(name: str):
+    """A character-level fast tokenizer (ids inside the tiny models' vocabulary) with the
+    special tokens and start-of-text habit of :data:`CONVENTIONS`\\ ``[name]``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials, prepended, bos, _ = CONVENTIONS[name]
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,;:!?'\"-\n()"
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({c: i + len(specials) for i, c in enumerate(chars[: V - len(specials)])})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    if prepended is not None:
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{prepended} $A", special_tokens=[(prepended, vocab[prepended])])
+    eos = next(t for t in specials if t in ("<eos>", "<|im_end|>", "<|endoftext|>"))
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=core, bos_token=bos, eos_token=eos,
+                                     unk_token="<unk>", pad_token=specials[0])
+    if name == "chat":
+        tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                             "{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    return tok
+
+
+def convention_model(name: str):
+    """The tiny LLaMA with a config that agrees with :func:`convention_tokenizer` (``name``)."""
+    tok = convention_tokenizer(name)
+    config = tf.LlamaConfig(**{**LLAMA_LIKE, "bos_token_id": tok.bos_token_id,
+                               "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(config).eval()

@@ -24,7 +24,7 @@ def texts(tmp_path):
 
 def test_token_batches_cut_windows_with_bos():
     ids = torch.arange(2, 12)
-    batches = list(token_batches(ids, seq_len=3, batch_size=2))
+    batches = list(token_batches(ids, seq_len=3, batch_size=2, bos_token_id=0))
     assert [b.shape for b in batches] == [(2, 4), (1, 4)]  # 3 windows, the 10th token dropped
     assert batches[0].tolist() == [[0, 2, 3, 4], [0, 5, 6, 7]]
     assert list(token_batches(ids, 3, 2, bos_token_id=None))[1].tolist() == [[8, 9, 10]]

@@ -29,6 +29,16 @@ def test_architecture_is_as_documented(smollm2):
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
 
 
+def test_text_starts_after_endoftext(smollm2):
+    """SmolLM2-Instruct's bos_token (1, <|im_start|>) marks chat turns; its pretraining documents
+    start after <|endoftext|> (0), the token every window begins with (the texts' README figures)."""
+    from tensornet_llm.helpers.start_token import start_token
+
+    model, tokenizer = smollm2()
+    assert model.config.bos_token_id == tokenizer.bos_token_id == 1
+    assert start_token(tokenizer, model) == start_token(tokenizer) == 0
+
+
 def test_full_chi_keeps_logits(smollm2, sample):
     model, _ = smollm2()
     with torch.no_grad():

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError, InputFileError
 from .generated import generated_text  # text sampled from the model itself: data-free
+from .start_token import AUTO, StartToken, resolve_start_token
 
 __all__ = ["DATA_DIR", "CALIBRATION_TEXTS", "HELD_OUT_TEXT", "HEALING_TEXTS", "Part", "Domain",
            "DOMAINS", "domain_text", "calibration_mix", "healing_mix", "check_mix", "CHECK_SHARE",
@@ -211,12 +212,13 @@ def _spread_windows(tokenizer, texts: list[str], count: int, length: int) -> lis
 
 
 def _mix(tokenizer, n_tokens: int, seq_len: int, domains: Sequence[str] | None,
-         bos_token_id: int | None, split: str = "fit") -> list[Tensor]:
+         bos_token_id: StartToken, model, split: str = "fit") -> list[Tensor]:
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ArgumentError(f"n_tokens must be a positive integer, got {n_tokens!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ArgumentError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     chosen = _domains(domains)
+    bos_token_id = resolve_start_token(bos_token_id, tokenizer, model)
     windows = max(len(chosen), math.ceil(n_tokens / seq_len))
     body = seq_len - (bos_token_id is not None)
     per_domain = [_spread_windows(tokenizer, domain_text(d.name, split),
@@ -233,35 +235,38 @@ def _mix(tokenizer, n_tokens: int, seq_len: int, domains: Sequence[str] | None,
 
 
 def calibration_mix(tokenizer, n_tokens: int = 16384, seq_len: int = 512,
-                    domains: Sequence[str] | None = None, bos_token_id: int | None = 0
-                    ) -> list[Tensor]:
+                    domains: Sequence[str] | None = None, bos_token_id: StartToken = AUTO,
+                    *, model=None) -> list[Tensor]:
     """Calibration text from the fit part of every domain, an equal share of each.
 
     Returns about ``n_tokens / seq_len`` (at least one per domain) token-id tensors of shape
-    ``(1, seq_len)``, each ``bos_token_id`` followed by text, spread evenly through each
-    domain's fit text and interleaved domain by domain. Deterministic: the same tokenizer gives
-    the same windows.
+    ``(1, seq_len)``, each the start token followed by text, spread evenly through each
+    domain's fit text and interleaved domain by domain. The start token is ``bos_token_id``, by
+    default the one the model was trained to see first (:func:`~tensornet_llm.helpers.
+    start_token.start_token` of the tokenizer and ``model``); ``None``: text alone.
+    Deterministic: the same tokenizer gives the same windows.
     """
-    return _mix(tokenizer, n_tokens, seq_len, domains, bos_token_id)
+    return _mix(tokenizer, n_tokens, seq_len, domains, bos_token_id, model)
 
 
 def healing_mix(tokenizer, n_tokens: int, seq_len: int = 256, batch_size: int = 4,
-                domains: Sequence[str] | None = None, bos_token_id: int | None = 0
-                ) -> list[Tensor]:
+                domains: Sequence[str] | None = None, bos_token_id: StartToken = AUTO,
+                *, model=None) -> list[Tensor]:
     """Healing batches ``(batch_size, seq_len + 1)`` from the fit part of every domain, an equal
     share of each (domains interleaved, so every batch mixes them), less the part kept for
-    :func:`check_mix`."""
-    windows = _mix(tokenizer, n_tokens, seq_len + 1, domains, bos_token_id, split="heal")
+    :func:`check_mix`. Windows start as :func:`calibration_mix`'s do."""
+    windows = _mix(tokenizer, n_tokens, seq_len + 1, domains, bos_token_id, model, split="heal")
     return [torch.cat(windows[i:i + batch_size]) for i in range(0, len(windows), batch_size)]
 
 
 def check_mix(tokenizer, n_tokens: int = 2048, seq_len: int = 512,
-              domains: Sequence[str] | None = None, bos_token_id: int | None = 0
-              ) -> list[Tensor]:
+              domains: Sequence[str] | None = None, bos_token_id: StartToken = AUTO,
+              *, model=None) -> list[Tensor]:
     """Windows ``(1, seq_len)`` for the checks during healing (``heal(..., check=...)``): an
     equal share of every domain's ``"check"`` split, text :func:`healing_mix` never reads and
-    :func:`~tensornet_llm.helpers.evaluate.perplexity_table` never scores."""
-    return _mix(tokenizer, n_tokens, seq_len, domains, bos_token_id, split="check")
+    :func:`~tensornet_llm.helpers.evaluate.perplexity_table` never scores. Windows start as
+    :func:`calibration_mix`'s do."""
+    return _mix(tokenizer, n_tokens, seq_len, domains, bos_token_id, model, split="check")
 
 
 def held_out_ids(tokenizer, domain: str, n_tokens: int | None = 8192) -> Tensor:
@@ -304,9 +309,15 @@ def tokenize_text(tokenizer, name: str | os.PathLike, n_tokens: int | None = Non
     return ids if n_tokens is None else ids[:n_tokens]
 
 
-def token_batches(ids: Tensor, seq_len: int, batch_size: int, bos_token_id: int | None = 0,
+def token_batches(ids: Tensor, seq_len: int, batch_size: int, bos_token_id: int | None
                   ) -> Iterator[Tensor]:
-    """Non-overlapping windows of ``seq_len`` tokens (``bos`` prepended), ``(batch, seq_len+1)``."""
+    """Non-overlapping windows of ``seq_len`` tokens, ``(batch, seq_len + 1)`` with
+    ``bos_token_id`` before each (``(batch, seq_len)`` for ``None``). The ids alone cannot say
+    which start token their model was trained with, so it has no default: see
+    :func:`~tensornet_llm.helpers.start_token.start_token`."""
+    if bos_token_id is not None and (isinstance(bos_token_id, bool) or not isinstance(
+            bos_token_id, int) or bos_token_id < 0):
+        raise ArgumentError(f"bos_token_id must be a token id or None, got {bos_token_id!r}")
     n = ids.numel() // seq_len
     windows = ids[: n * seq_len].reshape(n, seq_len)
     if bos_token_id is not None:
@@ -317,15 +328,17 @@ def token_batches(ids: Tensor, seq_len: int, batch_size: int, bos_token_id: int 
 
 def text_batches(tokenizer, texts: str | os.PathLike | Sequence[str | os.PathLike],
                  n_tokens: int | None = None, seq_len: int = 256, batch_size: int = 4,
-                 bos_token_id: int | None = 0) -> list[Tensor]:
+                 bos_token_id: StartToken = AUTO, *, model=None) -> list[Tensor]:
     """Training or calibration batches ``(batch, seq_len + 1)`` from one text or several.
 
     ``n_tokens`` in all (``None``: every token), an equal share from each text; the texts are
-    joined in order and cut into windows as :func:`token_batches` does.
+    joined in order and cut into windows as :func:`token_batches` does, each starting with the
+    start token (as :func:`calibration_mix`'s).
     """
     names = [texts] if isinstance(texts, (str, os.PathLike)) else list(texts)
     if not names:
         raise ArgumentError("texts must name at least one text")
+    bos_token_id = resolve_start_token(bos_token_id, tokenizer, model)
     share = None if n_tokens is None else n_tokens // len(names)
     ids = torch.cat([tokenize_text(tokenizer, name, share) for name in names])
     return list(token_batches(ids, seq_len, batch_size, bos_token_id))

@@ -1,7 +1,8 @@
 """Perplexity of a causal language model on a token stream.
 
 Protocol: the stream is cut into non-overlapping windows of ``window`` tokens; each window gets
-``bos_token_id`` prepended (so every scored token has a context of at least that token) and all
+the model's start token prepended (so every scored token has a context of at least that token:
+:func:`~tensornet_llm.helpers.start_token.start_token`, or ``bos_token_id`` where given) and all
 ``window`` tokens are scored. Perplexity is ``exp`` of the mean negative log-likelihood over all
 scored tokens. With SmolLM2, 40 windows of 512 tokens from character 20,000 of Pride and
 Prejudice give 30.70 (the reference figure in ``tensornet_llm/helpers/texts/README.md``).
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError
 from .data import DOMAINS, held_out_ids, token_batches
+from .start_token import AUTO, StartToken, resolve_start_token
 
 __all__ = ["perplexity", "mean_nll", "summed_nll", "next_token_targets", "model_size_bytes",
            "perplexity_table", "compare_to_dense"]
@@ -58,10 +60,14 @@ def summed_nll(model: nn.Module, batches: Iterable[Tensor | dict[str, Tensor]],
 
 @torch.no_grad()
 def mean_nll(model: nn.Module, ids: Tensor, window: int = 512, batch_size: int = 4,
-             bos_token_id: int | None = 0, progress: bool = False) -> float:
-    """Mean next-token negative log-likelihood (nats) over the windows of ``ids`` (1-D)."""
+             bos_token_id: StartToken = AUTO, progress: bool = False, *, tokenizer=None
+             ) -> float:
+    """Mean next-token negative log-likelihood (nats) over the windows of ``ids`` (1-D), each
+    window after the start token: ``bos_token_id``, or by default the one ``tokenizer`` (which
+    made ``ids``) and the model's config say the model was trained with."""
     if ids.dim() != 1 or ids.numel() < window:
         raise ArgumentError(f"ids must be 1-D with at least window={window} tokens, got {tuple(ids.shape)}")
+    bos_token_id = resolve_start_token(bos_token_id, tokenizer, model)
     was_training = model.training
     model.eval()
     batches = list(token_batches(ids, window, batch_size, bos_token_id))
@@ -77,9 +83,11 @@ def mean_nll(model: nn.Module, ids: Tensor, window: int = 512, batch_size: int =
 
 
 def perplexity(model: nn.Module, ids: Tensor, window: int = 512, batch_size: int = 4,
-               bos_token_id: int | None = 0, progress: bool = False) -> float:
+               bos_token_id: StartToken = AUTO, progress: bool = False, *, tokenizer=None
+               ) -> float:
     """``exp(mean_nll)``: see the module docs for the protocol."""
-    return math.exp(mean_nll(model, ids, window, batch_size, bos_token_id, progress))
+    return math.exp(mean_nll(model, ids, window, batch_size, bos_token_id, progress,
+                             tokenizer=tokenizer))
 
 
 def model_size_bytes(model: nn.Module) -> int:
@@ -95,14 +103,16 @@ def model_size_bytes(model: nn.Module) -> int:
 
 def perplexity_table(model: nn.Module, tokenizer, n_tokens: int = 8192,
                      domains: Sequence[str] | None = None, window: int = 512,
-                     progress: bool = False) -> dict[str, float]:
+                     progress: bool = False, bos_token_id: StartToken = AUTO
+                     ) -> dict[str, float]:
     """Perplexity on the held-out part of every bundled domain (or of ``domains``):
     ``{"fiction": ..., "encyclopedia": ..., "technical": ..., "code": ...}``, ``n_tokens`` of
     each, scored as :func:`perplexity` does. Never text that calibration or healing draw from
     (see :mod:`tensornet_llm.helpers.data`)."""
     names = list(DOMAINS) if domains is None else list(domains)
+    start = resolve_start_token(bos_token_id, tokenizer, model)
     return {name: perplexity(model, held_out_ids(tokenizer, name, n_tokens), window,
-                             progress=progress) for name in names}
+                             bos_token_id=start, progress=progress) for name in names}
 
 
 def compare_to_dense(table: dict[str, float], dense: dict[str, float]) -> dict[str, float]:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..errors import ArgumentError
 from .files import atomic_directory
 from .models import default_cache_dir
+from .start_token import AUTO, StartToken, resolve_start_token
 
 __all__ = ["generated_text", "model_fingerprint"]
 
@@ -57,11 +58,13 @@ def generated_text(
     seed: int = 0,
     cache_dir: str | os.PathLike | bool | None = None,
     progress: bool = True,
+    bos_token_id: StartToken = AUTO,
 ) -> list[Tensor]:
     """About ``n_tokens`` of text sampled from ``model``, as ``(1, seq_len)`` token-id windows.
 
-    Each window starts with the tokenizer's beginning-of-text token (or token 0), then, with
-    ``prompts``, one of them (in turn), then sampled tokens up to ``seq_len`` (end-of-text is
+    Each window starts with the model's start token (``bos_token_id``, by default
+    :func:`~tensornet_llm.helpers.start_token.start_token` of the tokenizer and model), then,
+    with ``prompts``, one of them (in turn), then sampled tokens up to ``seq_len`` (end-of-text is
     suppressed, so every window is full). Usable wherever calibration or healing text is taken
     (``compactify(calibration=...)``, ``heal``, by windows). Deterministic for a given ``seed``;
     the global RNG state is left as it was.
@@ -76,6 +79,7 @@ def generated_text(
         cache_dir: where to keep the samples (default ``$TENSORNET_LLM_CACHE/generated``);
             ``False`` neither reads nor writes a cache.
         progress: show a progress bar.
+        bos_token_id: the start token (an id; ``None``: none, then ``prompts`` are needed).
     """
     for name, value, low in (("n_tokens", n_tokens, 1), ("seq_len", seq_len, 2),
                              ("batch_size", batch_size, 1)):
@@ -85,8 +89,12 @@ def generated_text(
         raise ArgumentError(f"temperature must be a positive number, got {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ArgumentError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
-    starts = [[bos] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts or [""]]
+    bos = resolve_start_token(bos_token_id, tokenizer, model)
+    starts = [([] if bos is None else [bos]) + tokenizer(p, add_special_tokens=False)["input_ids"]
+              for p in prompts or [""]]
+    if not all(starts):
+        raise ArgumentError("this model has no start token (bos_token_id None): give prompts= "
+                            "to sample from")
     if any(len(s) >= seq_len for s in starts):
         raise ArgumentError(f"prompts must be shorter than seq_len={seq_len} tokens")
     windows = math.ceil(n_tokens / seq_len)
