@@ -25,7 +25,8 @@ ROOMS = {
     "saving": ["serialization"],
     "layers": ["mpo", "ttns", "cross_layer", "siblings", "gated_mlp", "shared_rows", "base", "layout", "quantized", "autotune", "factorize",
                "decompose", "tree", "contract"],
-    "helpers": ["data", "generated", "evaluate", "models", "files"],
+    "helpers": ["data", "start_token", "generated", "evaluate", "speed", "models", "files",
+                "progress"],
 }
 MODULES = [f"{room}.{name}" for room, names in ROOMS.items() for name in names] + ["errors", "cli"]
 

@@ -384,3 +384,18 @@ def test_full_output_metric_fits_the_kfac_cut():
             module.weight.detach(), cov, rows=rows).to_dense()
     torch.testing.assert_close(layer.to_dense(), cuts["full"], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(cuts["full"], cuts["diagonal"], atol=1e-4)
+
+
+@pytest.mark.parametrize("cross_layer", [None, 2])
+def test_the_planning_stages_show_progress_before_the_layers(cross_layer, capsys):
+    """The budget pass (statistics, loss gradients, pricing every layout) takes minutes on a
+    real model: each stage has a bar, shown before compactify's own."""
+    model = build("llama")
+    compactify(model, ratio=0.5, calibration=calibration_batches(), cross_layer=cross_layer,
+               progress=True)
+    err = capsys.readouterr().err
+    stages = ["budget: input statistics", "budget: loss gradients", "budget: pricing layouts"]
+    where = [err.find(s) for s in stages] + [err.find("compactify")]
+    assert -1 not in where and where == sorted(where), err[:500]
+    compactify(build("llama"), ratio=0.5, calibration=calibration_batches(), progress=False)
+    assert capsys.readouterr().err == ""

@@ -1,6 +1,7 @@
 """The command line: compress and eval, errors as one line with a non-zero exit."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -170,6 +171,17 @@ def test_errors_are_one_line_and_write_nothing(tiny_dir, tmp_path, capsys, argv,
     assert len(errors) == 1 and errors[0].startswith("tensornet-llm: error:") and message in errors[0]
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".never")]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_out_that_cannot_be_created_is_refused_before_any_work(tiny_dir, capsys):
+    # /proc refuses new directories even to root, whom permission bits do not stop.
+    assert main(["compress", str(tiny_dir), "--chi", "8", "--no-calibration", "--out",
+                 "/proc/forbidden/x", "--quiet"]) == 2
+    printed = capsys.readouterr()
+    errors = [l for l in printed.err.splitlines() if l.strip()]
+    assert len(errors) == 1 and errors[0].startswith("tensornet-llm: error: cannot create")
+    assert "MPOLinear" not in printed.out  # no report: nothing was compressed
 
 
 def test_bad_chi_is_rejected_by_the_parser(capsys):

@@ -125,6 +125,10 @@ def test_the_wheel_installs_with_its_texts_and_runs_from_elsewhere(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "tensornet_llm/helpers/texts/austen_persuasion.txt" in names
     assert "tensornet_llm/helpers/texts/python_code.txt" in names
+    # The licence as an SPDX expression (a TOML table is deprecated, an error from 2027-02-18).
+    metadata = zipfile.ZipFile(wheel).read(
+        next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(site), str(wheel)], check=True, capture_output=True)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
+from ..helpers.progress import Tick
 from ..layers.base import TensorNetworkLinear, linear_weight
 from .fit import (SiteWhitening, kronecker_whitened, metric_roots, output_weights,
                   stable_cholesky, weigh_rows)
@@ -221,6 +222,7 @@ def allocate(
     keep_grid: tuple[float, ...] = KEEP_GRID,
     weigh_outputs: bool = False,
     max_keep: float = 1.0,
+    tick: Tick | None = None,
 ) -> Allocation:
     """Choose chi per module so that the kept parameters total at most ``ratio`` of the dense.
 
@@ -236,19 +238,21 @@ def allocate(
             ``grad_sq`` (see :func:`ladder`).
         max_keep: offer no network that keeps more than this fraction of its module's
             parameters (a module is then left dense or compressed at least that far).
+        tick: called after each module's ladder is priced (a progress bar's).
 
     Raises:
         ValueError: ``ratio`` outside (0, 1] or below what the smallest grid rung keeps.
     """
     check_ratio(ratio)
     estimate = "weight" if covariances is None else ("fisher" if grad_sq is not None else "output")
-    ladders = {
-        name: ladder(module, settings[name],
-                     covariances[name] if covariances is not None else None,
-                     grad_sq[name] if grad_sq is not None else None, keep_grid, weigh_outputs,
-                     max_keep)
-        for name, module in modules.items()
-    }
+    ladders = {}
+    for name, module in modules.items():
+        ladders[name] = ladder(module, settings[name],
+                               covariances[name] if covariances is not None else None,
+                               grad_sq[name] if grad_sq is not None else None, keep_grid,
+                               weigh_outputs, max_keep)
+        if tick is not None:
+            tick()
     return choose(ladders, ratio, estimate)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentError, EstimateFallbackWarning
+from ..helpers.progress import Tick
 from .fit import CovarianceCollector, SharedInputConflict
 from .targets import block_prefix, block_stacks
 
@@ -205,19 +206,22 @@ def collect_covariances(
     modules: dict[str, nn.Module],
     stop_after: nn.Module | None = None,
     replay: BlockReplay | None = None,
+    tick: Tick | None = None,
 ) -> CovarianceCollector:
     """Input covariances of ``modules`` over all batches; the forward stops after ``stop_after``.
 
     With ``replay``, finished blocks return their recorded outputs instead of running (a model
-    that runs a block twice per pass turns replay off and is collected without it)."""
+    that runs a block twice per pass turns replay off and is collected without it). ``tick`` is
+    called after every batch (a progress bar's)."""
     for share in (True, False):  # sharing one sum between modules of one input saves memory
         try:
             if replay is not None and replay.enabled:
                 try:
-                    return _collect_covariances(model, batches, modules, stop_after, replay, share)
+                    return _collect_covariances(model, batches, modules, stop_after, replay,
+                                                share, tick)
                 except _ReplayConflict:
                     replay.disable()
-            return _collect_covariances(model, batches, modules, stop_after, None, share)
+            return _collect_covariances(model, batches, modules, stop_after, None, share, tick)
         except SharedInputConflict:
             continue
     raise AssertionError("unreachable: a collection without sharing has no conflict")
@@ -230,6 +234,7 @@ def _collect_covariances(
     stop_after: nn.Module | None,
     replay: BlockReplay | None,
     share: bool = False,
+    tick: Tick | None = None,
 ) -> CovarianceCollector:
     device = next(model.parameters()).device
     was_training = model.training
@@ -250,6 +255,8 @@ def _collect_covariances(
                             model(**model_inputs(model, batch, device))
                 except _StopForward:
                     pass
+                if tick is not None:
+                    tick()
     finally:
         if handle is not None:
             handle.remove()
@@ -354,12 +361,13 @@ def collect_output_gradients(
 
 def output_gradients(
     model: nn.Module, batches: list[dict[str, Tensor]], modules: dict[str, nn.Module],
-    full: bool = False,
+    full: bool = False, tick: Tick | None = None,
 ) -> tuple[dict[str, Tensor] | None, str | None]:
     """:func:`collect_output_gradients` without the warning: ``(gradients, None)``, or
     ``(None, reason)`` when the model has no language-modelling loss to differentiate.
     ``full``: the whole second moment ``E[g g^T]`` ``(out, out)`` per module (float64,
-    accumulated from float32 products per batch) instead of its diagonal ``(out,)``.
+    accumulated from float32 products per batch) instead of its diagonal ``(out,)``. ``tick``
+    is called after every batch.
 
     That is the case when ``model.forward`` takes no ``labels``, returns no ``loss``, or rejects
     the ids as labels (``TypeError`` / ``ValueError`` from the forward pass, as a classification
@@ -427,6 +435,8 @@ def output_gradients(
                 return None, f"{type(model).__name__} returned no loss for labels=input_ids"
             # Sum over tokens, so each token's gradient is its own loss's gradient.
             torch.autograd.grad(loss * inputs["input_ids"].numel(), [leaf])
+            if tick is not None:
+                tick()
     finally:
         for h in handles:
             h.remove()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentError, EstimateFallbackWarning
+from ..helpers.progress import stage
 from ..layers.base import TensorNetworkLinear, linear_weight
 from ..layers.cross_layer import SIDES
 from ..layers.gated_mlp import share_mlp_rows
@@ -405,7 +406,7 @@ def compactify(
         from .groups import compactify_groups  # groups builds on this module
 
         return compactify_groups(model, cfg, batches, progress)
-    plan = _plan(model, cfg, batches)
+    plan = _plan(model, cfg, batches, progress=progress)
     params_before = _count(model)
     bar = None
     if progress:
@@ -459,11 +460,12 @@ class _Plan:
 
 
 def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
-          budget: Callable | None = None) -> _Plan:
+          budget: Callable | None = None, progress: bool = False) -> _Plan:
     """Targets, and every module's layout and chi (from the budget when ``cfg.ratio`` is set).
     Every per-module setting is resolved here, so a missing pattern fails before any work.
     ``budget(chosen, offered) -> (settings, estimate)`` replaces the in-memory budget pass
-    (streaming compression builds the ladders block by block)."""
+    (streaming compression builds the ladders block by block). ``progress``: a bar for each
+    stage of the budget pass (statistics, loss gradients, pricing)."""
     chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
     if not chosen:
         raise ArgumentError(
@@ -482,7 +484,8 @@ def _plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     offered = {name: offered_layouts(name, module, cfg) for name, module in chosen}
     notes: list[str] = []
     if budget is None:
-        settings, estimate, rows = _budget_settings(model, chosen, offered, batches, notes, cfg)
+        settings, estimate, rows = _budget_settings(model, chosen, offered, batches, notes, cfg,
+                                                    progress)
     else:
         (settings, estimate), rows = budget(chosen, offered), {}
     left = {id(m): m for n, m in chosen if settings[n] is None}
@@ -576,7 +579,7 @@ def _replace_block_by_block(
 
 def _budget_settings(
     model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
-    batches: list | None, notes: list[str], cfg: CompactifyConfig,
+    batches: list | None, notes: list[str], cfg: CompactifyConfig, progress: bool = False,
 ) -> tuple[dict[str, tuple[Layout, int] | None], str, dict[str, torch.Tensor]]:
     """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget, how
     damage was estimated, and the output row weights per target name the fit then uses (empty
@@ -588,18 +591,22 @@ def _budget_settings(
     modules = {name: module for name, module in chosen if unique[id(module)] == name}
     covs = grads = None
     if batches is not None:
-        collector = collect_covariances(model, batches, modules)
+        with stage("budget: input statistics", len(batches), "batch", progress) as tick:
+            collector = collect_covariances(model, batches, modules, tick=tick)
         covs = {n: cfg.regularize(collector.covariance(n)) for n in modules}
         full = cfg.weigh_outputs and cfg.output_metric == "full"
-        grads, reason = (output_gradients(model, batches, modules, full=full) if cfg.gradients
-                         else (None, None))
+        grads, reason = None, None
+        if cfg.gradients:
+            with stage("budget: loss gradients", len(batches), "batch", progress) as tick:
+                grads, reason = output_gradients(model, batches, modules, full=full, tick=tick)
         if reason is not None:
             note = (f"budget damage estimated from the output error, not the loss: {reason}")
             warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
             notes.append(note)
     weigh = cfg.weigh_outputs and grads is not None
-    allocation = allocate(modules, cfg.ratio, {n: offered[n] for n in modules}, covs, grads,
-                          weigh_outputs=weigh, max_keep=cfg.max_keep)
+    with stage("budget: pricing layouts", len(modules), "module", progress) as tick:
+        allocation = allocate(modules, cfg.ratio, {n: offered[n] for n in modules}, covs, grads,
+                              weigh_outputs=weigh, max_keep=cfg.max_keep, tick=tick)
     if weigh:
         notes.append("each network fitted to the Gauss-Newton loss estimate (output features "
                      "weighted by the loss gradient's second moment"

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentError, EstimateFallbackWarning, RankDeficientError
+from ..helpers.progress import stage
 from ..layers.base import linear_weight
 from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases, kept_rows_gauge
 from ..layers.gated_mlp import share_mlp_rows
@@ -264,22 +265,27 @@ def _group_ladder(group: Group, cfg: CompactifyConfig, covs: dict | None, grads:
 
 
 def _budget(model: nn.Module, groups: list[Group], cfg: CompactifyConfig, batches: list | None,
-            covs: dict | None, notes: list[str]) -> tuple[list[_Choice], str, dict | None]:
+            covs: dict | None, notes: list[str], progress: bool = False
+            ) -> tuple[list[_Choice], str, dict | None]:
     """Per group, the choice that keeps at most ``cfg.ratio`` of the targeted parameters with
     the least summed damage (the same estimate and greedy as the per-layer budget); how damage
     was estimated; the loss gradients' second moments per module (``None`` without them)."""
     grads = None
     if batches is not None and cfg.gradients:
         modules = {n: m for g in groups for n, m in zip(g.names, g.modules)}
-        grads, reason = output_gradients(model, batches, modules)
+        with stage("budget: loss gradients", len(batches), "batch", progress) as tick:
+            grads, reason = output_gradients(model, batches, modules, tick=tick)
         if reason is not None:
             note = f"budget damage estimated from the output error, not the loss: {reason}"
             warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
             notes.append(note)
     estimate = "weight" if covs is None else ("fisher" if grads is not None else "output")
     ladders, table = {}, {}
-    for group in groups:
-        ladders[group.names[0]], table[group.names[0]] = _group_ladder(group, cfg, covs, grads)
+    with stage("budget: pricing layouts", len(groups), "group", progress) as tick:
+        for group in groups:
+            ladders[group.names[0]], table[group.names[0]] = _group_ladder(group, cfg, covs,
+                                                                           grads)
+            tick()
     allocation = choose(ladders, cfg.ratio, estimate)
     return [table[g.names[0]][allocation.chi[g.names[0]]] for g in groups], estimate, grads
 
@@ -364,14 +370,15 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
     covs = None
     if batches is not None and cfg.ratio is not None:  # the budget's: the dense model's inputs
         modules = {n: m for g in groups for n, m in zip(g.names, g.modules)}
-        collector = collect_covariances(model, batches, modules)
+        with stage("budget: input statistics", len(batches), "batch", progress) as tick:
+            collector = collect_covariances(model, batches, modules, tick=tick)
         covs = {n: cfg.regularize(collector.take(n)) for n in modules}
     notes = [f"cross-layer groups of up to {cfg.cross_layer} blocks per role"]
     estimate = grads = None
     if cfg.ratio is None:
         plans = [_Choice("group") for _ in groups]
     else:
-        plans, estimate, grads = _budget(model, groups, cfg, batches, covs, notes)
+        plans, estimate, grads = _budget(model, groups, cfg, batches, covs, notes, progress)
     # Output weights per module for the fit (as the budget priced it); empty when unweighted.
     out_weights = ({n: output_weights(g) for n, g in grads.items()}
                    if cfg.weigh_outputs and grads is not None else {})

@@ -63,6 +63,14 @@ def check_output(target: str | os.PathLike, overwrite: bool = False,
         raise OutputNotWritableError(f"cannot create {target}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise OutputNotWritableError(f"cannot create {target}: {ancestor} is not writable")
+    # Permission bits do not tell everything (root, read-only mounts, /proc): make and remove a
+    # directory where the first missing one (or the temporary sibling) will go.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".tensornet-llm-probe-", dir=ancestor))
+    except OSError as exc:
+        raise OutputNotWritableError(
+            f"cannot create {target}: {ancestor} refuses new directories ({exc.strerror})"
+        ) from None
     return target
 
 
@@ -79,8 +87,11 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
     ``target`` missing, with the old output whole beside it as ``.<name>.old-*``.
     """
     target = check_output(target, overwrite, known)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:
+        raise OutputNotWritableError(f"cannot create {target}: {exc.strerror}") from None
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory

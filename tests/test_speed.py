@@ -1,0 +1,36 @@
+"""Speed against a reference, as the demo and the benchmarks measure it: interleaved rounds,
+ratios of the best rounds and of each round's pair, with their spread."""
+
+import copy
+
+import pytest
+import torch
+
+from models import build
+from tensornet_llm import compactify
+from tensornet_llm.helpers.speed import RoundTimes, ratios, time_generate
+
+
+def test_ratios_pair_rounds_in_order():
+    reference = RoundTimes(prefill=[2.0, 4.0, 3.0], decode=[1.0, 1.0, 2.0])
+    model = RoundTimes(prefill=[1.0, 4.0, 1.5], decode=[2.0, 0.5, 1.0])
+    got = ratios(model, reference)
+    assert got["prefill"].best == pytest.approx(2.0 / 1.0)
+    assert (got["prefill"].median, got["prefill"].low, got["prefill"].high) == (2.0, 1.0, 2.0)
+    assert got["decode"].best == pytest.approx(1.0 / 0.5)
+    assert (got["decode"].median, got["decode"].low, got["decode"].high) == (2.0, 0.5, 2.0)
+    assert str(got["decode"]) == "2.00x (rounds 0.50x-2.00x)"
+
+
+def test_time_generate_times_every_model_every_round():
+    dense = build("llama")
+    model = copy.deepcopy(dense)
+    compactify(model, chi=4, progress=False)
+    prompt = torch.randint(2, 90, (1, 6))
+    times = time_generate({"dense": dense, "compressed": model}, prompt, new_tokens=3, rounds=2)
+    assert set(times) == {"dense", "compressed"}
+    for t in times.values():
+        assert len(t.prefill) == len(t.decode) == 2
+        assert all(s > 0 for s in t.prefill + t.decode)
+    with pytest.raises(ValueError):
+        time_generate({"dense": dense}, prompt, rounds=0)
