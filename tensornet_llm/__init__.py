@@ -12,9 +12,6 @@ The package is split into rooms whose imports only run downwards (see docs/archi
 Every public name is importable from here.
 """
 
-import sys
-
-from . import _compat
 from .compress import (
     Allocation, CompactifyConfig, CompactifyReport, EntanglementRow, LayerReport,
     SensitivityProfile, SensitivityRow, allocate, compactify, entanglement_profile,
@@ -91,4 +88,3 @@ def __getattr__(name: str):
         return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-_compat.register(sys.modules[__name__])

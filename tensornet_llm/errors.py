@@ -15,7 +15,7 @@ __all__ = [
     "TensornetError", "ArgumentError", "ArgumentTypeError", "InputFileError",
     "OutputExistsError", "OutputNotWritableError", "CheckpointError", "MissingDependencyError",
     "NonFiniteActivationError", "RankDeficientError", "EstimateFallbackWarning",
-    "HealingCheckWarning",
+    "HealingCheckWarning", "first_line",
 ]
 
 
@@ -71,3 +71,10 @@ class EstimateFallbackWarning(UserWarning):
 class HealingCheckWarning(UserWarning):
     """Perplexity on the check text rose during healing (``heal(..., check=...,
     on_rise="warn")``): training on the healing text is costing quality elsewhere."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``"KindOfError: the first line of its message"``: another library's error, as the one-line
+    reason inside one of ours."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

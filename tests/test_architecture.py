@@ -1,4 +1,4 @@
-"""The rooms of the package import only downwards, and the old flat module paths still work."""
+"""The rooms of the package import only downwards."""
 
 import ast
 import importlib
@@ -120,19 +120,104 @@ def test_layers_run_without_transformers_accelerate_or_safetensors():
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("old,new", sorted(tensornet_llm._compat.MOVED.items()))
-def test_old_module_paths_are_the_moved_modules(old, new):
-    assert importlib.import_module(f"tensornet_llm.{old}") is importlib.import_module(
-        f"tensornet_llm.{new}")
+def import_graph(modules: list[tuple[str, Path]]) -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at the top or inside functions alike (a lazy
+    import is still a dependency). ``from pkg import name`` counts as importing ``pkg.name``
+    where that is a module, else ``pkg`` itself."""
+    known = {dotted for dotted, _ in modules}
+    graph = {}
+    for dotted, path in modules:
+        edges = set()
+        for target, _ in imports_of(dotted, path):
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != dotted:
+                edges.add(target)
+        graph[dotted] = edges
+    return graph
 
 
-def test_old_paths_keep_functions_and_split_modules_reexport():
-    from tensornet_llm.fit import whitened_svd
-    from tensornet_llm.quantize import QuantizedLinear, quantize, quantize_tensor
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
 
-    assert callable(tensornet_llm.compactify) and callable(tensornet_llm.heal)
-    assert whitened_svd is tensornet_llm.compress.fit.whitened_svd
-    assert quantize is importlib.import_module("tensornet_llm.train.quantize").quantize
-    assert QuantizedLinear is tensornet_llm.layers.quantized.QuantizedLinear
-    assert quantize_tensor is tensornet_llm.layers.quantized.quantize_tensor
-    assert tensornet_llm.data is tensornet_llm.helpers.data
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def private_imports(dotted: str, path: Path) -> list[str]:
+    """``from <another package module> import _name`` in the file: a private name used across
+    modules (a name that another module needs belongs in the public API of its home)."""
+    is_package = path.name == "__init__.py"
+    base = dotted.split(".") if is_package else dotted.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = base[: len(base) - node.level + 1]
+                module = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module.split(".")[0] != "tensornet_llm" or module == dotted:
+                continue
+            found += [f"{path.name}:{node.lineno} imports {a.name} from {module}"
+                      for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def package_graph() -> dict[str, set[str]]:
+    """The import graph of the package's modules. A package's ``__init__`` only gathers names
+    for the reader: an import from it stands for imports of every module it gathers from."""
+    graph = import_graph(MODULES)
+    inits = {dotted for dotted, path in MODULES if path.name == "__init__.py"}
+
+    def through(target: str, seen: frozenset = frozenset()) -> set[str]:
+        if target not in inits:
+            return {target}
+        return {m for t in graph[target] - seen for m in through(t, seen | {target})}
+
+    return {m: {t for e in edges for t in through(e)} - {m}
+            for m, edges in graph.items() if m not in inits}
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(package_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_private_names_imported_across_modules():
+    found = [hit for dotted, path in MODULES for hit in private_imports(dotted, path)]
+    assert not found, found
+
+
+def test_the_cycle_and_private_checks_can_fail(tmp_path):
+    """The checks above see a cycle through a lazy import and a private name imported."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    fake = tmp_path / "tensornet_llm" / "compress" / "bad.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("def f():\n    from .compactify import _helper, public\n")
+    assert private_imports("tensornet_llm.compress.bad", fake) == [
+        "bad.py:2 imports _helper from tensornet_llm.compress.compactify"]
+    graph = import_graph([("tensornet_llm.compress.bad", fake),
+                          ("tensornet_llm.compress.compactify", PACKAGE / "compress" / "compactify.py")])
+    assert graph["tensornet_llm.compress.bad"] == {"tensornet_llm.compress.compactify"}

@@ -12,7 +12,7 @@ from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, save_compactified,
 )
 from tensornet_llm.compress.budget import (
-    RANK_MULTIPLE, Option, _damage, _lower_hull, _start_row_errors, allocate, chi_for_params,
+    RANK_MULTIPLE, Option, damage, lower_hull, _start_row_errors, allocate, chi_for_params,
     ladder,
 )
 from tensornet_llm.compress.calibrate import (
@@ -61,7 +61,7 @@ def test_budget_ranks_of_low_rank_layers_are_aligned(rows):
 def test_lower_hull_is_convex_and_drops_dominated_options():
     opts = [Option(None, 100, 0.0), Option(8, 50, 1.0), Option(6, 40, 1.5), Option(5, 45, 3.0),
             Option(4, 30, 5.0), Option(2, 20, 20.0), Option(3, 35, 9.0)]
-    hull = _lower_hull(opts)
+    hull = lower_hull(opts)
     assert [o.chi for o in hull] == [None, 8, 6, 4, 2]
     slopes = [(b.damage - a.damage) / (a.params - b.params) for a, b in zip(hull, hull[1:])]
     assert slopes == sorted(slopes)
@@ -76,7 +76,7 @@ def test_budget_respected_within_one_chi_step(cls, ratio):
     assert alloc.params_after <= alloc.budget
     # Within one step: no step back up along any module's hull would still fit the budget.
     for name, opts in alloc.options.items():
-        hull = _lower_hull(opts)
+        hull = lower_hull(opts)
         at = [o.chi for o in hull].index(alloc.chi[name])
         if at > 0:
             assert alloc.params_after + hull[at - 1].params - hull[at].params > alloc.budget
@@ -260,7 +260,7 @@ def test_budget_picks_the_layout_that_fits_the_weight(calibrated):
 
 
 def test_compactify_offers_low_rank_only_when_asked(tmp_path, monkeypatch):
-    cm = importlib.import_module("tensornet_llm.compress.compactify")
+    cm = importlib.import_module("tensornet_llm.compress.surgery")  # where layers are fitted
     fits = []
     original = cm.fit_weighted
     monkeypatch.setattr(cm, "fit_weighted", lambda layer, *a, **k: fits.append(layer) or
@@ -323,7 +323,7 @@ def test_full_metric_damage_is_the_kfac_estimate_for_every_layout():
             start = kronecker_whitened(layout.decompose(w, None, chi), w, cov, rows=rows)
             e = (w - start.to_dense().detach()) @ factor
             expected = 0.5 * float(torch.trace(e.T @ second @ e))
-            assert _damage(row, 0.0, second) == pytest.approx(expected, rel=1e-6)
+            assert damage(row, 0.0, second) == pytest.approx(expected, rel=1e-6)
 
 
 def test_compactify_fits_what_the_budget_ranks_by():

@@ -344,7 +344,7 @@ def test_bad_calibration_leaves_model_untouched(calibration, match):
 
 
 def test_calibrated_failure_midway_undoes_every_swap(monkeypatch):
-    cm = importlib.import_module("tensornet_llm.compress.compactify")
+    cm = importlib.import_module("tensornet_llm.compress.surgery")  # where layers are fitted
 
     model = build("llama")
     snap = snapshot(model)

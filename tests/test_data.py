@@ -134,7 +134,7 @@ def test_generated_text_is_sampled_cached_and_leaves_the_rng(tmp_path):
     import torch
 
     from models import build, char_tokenizer
-    from tensornet_llm.data import generated_text
+    from tensornet_llm.helpers.data import generated_text
 
     model, tok = build("llama"), char_tokenizer()
     state = torch.random.get_rng_state()
@@ -169,7 +169,7 @@ def test_generated_text_is_sampled_cached_and_leaves_the_rng(tmp_path):
 
 def test_generated_text_refuses_bad_settings():
     from models import build, char_tokenizer
-    from tensornet_llm.data import generated_text
+    from tensornet_llm.helpers.data import generated_text
     from tensornet_llm.errors import ArgumentError
 
     model, tok = build("llama"), char_tokenizer()

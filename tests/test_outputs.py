@@ -295,7 +295,7 @@ def test_float64_weights_are_whitened_and_fitted_in_float64():
 
 def test_shrinkage_is_validated_and_pulls_the_covariance_to_its_diagonal():
     from tensornet_llm import CompactifyConfig
-    from tensornet_llm.compress.compactify import shrunk
+    from tensornet_llm.compress.config import shrunk
 
     with pytest.raises(ValueError, match="shrinkage"):
         compactify(build("llama"), chi=2, config=CompactifyConfig(shrinkage=1.5))
@@ -306,7 +306,7 @@ def test_shrinkage_is_validated_and_pulls_the_covariance_to_its_diagonal():
 
 def test_ridge_is_validated_and_bounds_what_whitening_amplifies():
     from tensornet_llm import CompactifyConfig
-    from tensornet_llm.compress.compactify import shrunk
+    from tensornet_llm.compress.config import shrunk
     from tensornet_llm.compress.fit import whitened_svd
 
     for bad in (-0.1, float("inf"), True):

@@ -191,7 +191,7 @@ def test_the_cli_refuses_to_stream_what_is_not_a_directory(tmp_path, capsys):
 def test_an_interrupt_leaves_no_output_and_no_temporary_files(tmp_path, monkeypatch):
     source, _ = checkpoint(tmp_path)
     calls = []
-    build_one = streaming._build
+    build_one = streaming.build_layer
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -199,7 +199,7 @@ def test_an_interrupt_leaves_no_output_and_no_temporary_files(tmp_path, monkeypa
             raise KeyboardInterrupt
         return build_one(*args, **kwargs)
 
-    monkeypatch.setattr(streaming, "_build", interrupted)
+    monkeypatch.setattr(streaming, "build_layer", interrupted)
     with pytest.raises(KeyboardInterrupt):
         compactify_pretrained(source, tmp_path / "out", chi=4, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-source"]

@@ -38,7 +38,8 @@ from .fit import (SiteWhitening, kronecker_whitened, metric_roots, output_weight
                   stable_cholesky, weigh_rows)
 from ..layers.layout import Layout
 
-__all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate", "choose", "ladder"]
+__all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate", "choose", "ladder",
+           "damage", "lower_hull"]
 
 #: Keep fractions (of a module's dense parameters) tried for every module.
 KEEP_GRID = (0.04, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -111,7 +112,7 @@ def chi_for_params(cls: type[TensorNetworkLinear] | Layout, in_features: int, ou
     return lo
 
 
-def _damage(row_sq: Tensor, reference_sq: float, grad_sq: Tensor | None) -> float:
+def damage(row_sq: Tensor, reference_sq: float, grad_sq: Tensor | None) -> float:
     """Damage of an error ``E`` ``(out, in)`` (whitened when calibrated) from its squared row
     norms ``row_sq = sum_i E[o, i]^2`` ``(out,)``: Gauss-Newton with ``grad_sq``, otherwise
     relative to ``reference_sq``, the squared norm of the weight (whitened likewise).
@@ -143,7 +144,7 @@ def _start_row_errors(
     :func:`~.fit.output_weights`) the start is the cut of ``R W L`` where the layout allows it
     (:func:`~.fit.kronecker_whitened`). The errors returned are unweighted (``E L``) for weights
     and in the metric's coordinates (``R E L``, ``R^T R = M``) for a matrix: a full metric does
-    not split into rows of ``E L``, and :func:`_damage` prices it from those.
+    not split into rows of ``E L``, and :func:`damage` prices it from those.
     """
     target = weight if factor is None else weight @ factor
     if layout.is_low_rank:  # one SVD gives every rank's cut (of W, or of W L: SVD-LLM)
@@ -187,7 +188,7 @@ def _start_row_errors(
     return errors
 
 
-def _lower_hull(options: list[Option]) -> list[Option]:
+def lower_hull(options: list[Option]) -> list[Option]:
     """Options on the lower convex hull of (params, damage), most parameters first.
 
     Dominated options (another has no more parameters and no more damage) are dropped first;
@@ -300,7 +301,7 @@ def ladder(
         counts = {chi: layout.num_parameters(in_f, out_f, chi, bias is not None) for chi in chis}
         chis = [chi for chi in chis if counts[chi] < dense and counts[chi] <= max_keep * dense]
         for chi, row_sq in zip(chis, _start_row_errors(layout, w, chis, cov, factor, rows)):
-            options.append(Option(chi, counts[chi], _damage(row_sq, reference_sq, grad_sq), layout))
+            options.append(Option(chi, counts[chi], damage(row_sq, reference_sq, grad_sq), layout))
     return options
 
 
@@ -311,7 +312,7 @@ def choose(ladders: Mapping[str, list[Option]], ratio: float, estimate: str) -> 
     ladders = dict(ladders)
     before = sum(o[0].params for o in ladders.values())
     budget = int(math.floor(ratio * before))
-    hulls = {n: _lower_hull(o) for n, o in ladders.items()}
+    hulls = {n: lower_hull(o) for n, o in ladders.items()}
     smallest = sum(h[-1].params for h in hulls.values())
     if smallest > budget:
         raise ArgumentError(

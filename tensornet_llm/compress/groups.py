@@ -29,12 +29,11 @@ from ..helpers.progress import stage
 from ..layers.base import linear_weight
 from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases, kept_rows_gauge
 from ..layers.gated_mlp import share_mlp_rows
-from .budget import KEEP_GRID, Option, _damage, _lower_hull, choose, ladder
+from .budget import KEEP_GRID, Option, choose, damage, ladder, lower_hull
 from .calibrate import BlockReplay, calibrated_order, collect_covariances, output_gradients
-from .compactify import (
-    CompactifyConfig, _build, _count, _swap, offered_layouts, relative_error,
-    swaps_undone_on_error,
-)
+from .config import CompactifyConfig
+from .plan import chosen_targets, offered_layouts
+from .surgery import build_layer, count_parameters, relative_error, replacing
 from .fit import output_weights
 from .report import CompactifyReport, LayerReport
 from .sweeps import GroupFit, fit_group, group_parameters, group_ranks, start_row_errors
@@ -221,8 +220,8 @@ def _group_ladder(group: Group, cfg: CompactifyConfig, covs: dict | None, grads:
         choices.append(choice)
 
     names, modules = group.names, group.modules
-    weigh = cfg.weigh_outputs and grads is not None  # as _build then fits them
-    hulls = [_lower_hull(ladder(m, offered_layouts(n, m, cfg), covs[n] if covs else None,
+    weigh = cfg.weigh_outputs and grads is not None  # as build_layer then fits them
+    hulls = [lower_hull(ladder(m, offered_layouts(n, m, cfg), covs[n] if covs else None,
                                 grads[n] if grads else None, weigh_outputs=weigh,
                                 max_keep=cfg.max_keep))
              for n, m in zip(names, modules)]
@@ -258,7 +257,7 @@ def _group_ladder(group: Group, cfg: CompactifyConfig, covs: dict | None, grads:
             params = group_parameters(candidate, in_f, out_f, g, *rank,
                                       cfg.interpolative) + biases
             if params < dense and params <= cfg.max_keep * dense:
-                add(params, sum(_damage(r, ref, grads[n] if grads else None)
+                add(params, sum(damage(r, ref, grads[n] if grads else None)
                                 for r, ref, n in zip(rows, references, names)),
                     _Choice("group", side=candidate, ranks=rank))
     return options, choices
@@ -311,7 +310,7 @@ def _group_rows(group: Group, side: str, fit: GroupFit, members: list[CrossLayer
 
 
 def _in_block_order(model: nn.Module, groups: list[Group], plans: list[_Choice],
-                    cfg: CompactifyConfig, batches: list, realise, bar) -> None:
+                    cfg: CompactifyConfig, batches: list, realise, tick) -> None:
     """Fit in forward order of the blocks, like the per-layer path: each block's inputs come
     from the already-compressed blocks before it. A module compressed alone is realised as soon
     as its block is reached; a shared network when its last member's block is (its earlier
@@ -336,8 +335,7 @@ def _in_block_order(model: nn.Module, groups: list[Group], plans: list[_Choice],
                 if plan.kind == "group":
                     realise(group, plan, ready, group.names)
                 del pending[index]
-                if bar is not None:
-                    bar.update()
+                tick()
         if block is not None:
             unfinished.append(block)
             if not pending:  # every block so far holds its final modules
@@ -353,11 +351,7 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
     budget chooses per group between the cross-layer network (at some size), the members'
     own per-layer networks, and leaving them dense."""
     start = time.perf_counter()
-    chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
-    if not chosen:
-        raise ArgumentError(
-            f"targets={cfg.targets!r} (exclude={cfg.exclude!r}) matched no nn.Linear or Conv1D "
-            "module of the model")
+    chosen, skipped = chosen_targets(model, cfg)
     groups = find_groups(chosen, cfg.cross_layer)
     for group in groups:  # every per-module setting resolves before any work
         resolve_override(cfg.cross_layer_side, group.names[0], "cross_layer_side")
@@ -366,7 +360,7 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
                 resolve_override(cfg.effective_chi, name, "chi")
             else:
                 offered_layouts(name, module, cfg)
-    params_before = _count(model)
+    params_before = count_parameters(model)
     covs = None
     if batches is not None and cfg.ratio is not None:  # the budget's: the dense model's inputs
         modules = {n: m for g in groups for n, m in zip(g.names, g.modules)}
@@ -386,17 +380,12 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
         notes.append("fitted to the Gauss-Newton loss estimate (output features weighted by the "
                      "loss gradient's second moment): modules compressed alone and shared input "
                      "bases; shared output bases to the unweighted output error")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(groups), desc="compactify (cross-layer)", unit="group")
     rows: list[LayerReport] = []
     dense: list[tuple[str, nn.Module]] = []
-    done: list[tuple[nn.Module, str, nn.Module]] = []
     names_of = {id(m): [n for n, mm in chosen if mm is m] for _, m in chosen}
 
-    def realise(group: Group, plan: _Choice, group_covs: dict | None, names: list[str]) -> None:
+    def realise(swaps, group: Group, plan: _Choice, group_covs: dict | None,
+                names: list[str]) -> None:
         """Build ``names`` of ``group`` as planned (all of it for a shared network) and swap
         them in under every name they have."""
         t0 = time.perf_counter()
@@ -424,25 +413,26 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
                 if option.chi is None:
                     dense.append((name, module))
                     continue
-                new, row = _build(name, module, (option.layout, option.chi), cfg,
+                new, row = build_layer(name, module, (option.layout, option.chi), cfg,
                                   group_covs[name] if group_covs else None,
                                   rows=out_weights.get(name))
                 built.append((module, new))
                 rows.append(row)
         for module, new in built:
             for name in names_of[id(module)]:
-                done.append(_swap(model, name, new))
+                swaps.swap(name, new)
 
-    with swaps_undone_on_error(done, bar):
+    with replacing(model, len(groups), "compactify (cross-layer)", "group", progress) as (
+            swaps, tick):
         if batches is None:
             for group, plan in zip(groups, plans):
-                realise(group, plan, None, group.names)
-                if bar is not None:
-                    bar.update()
+                realise(swaps, group, plan, None, group.names)
+                tick()
         else:
             notes.append("each block's modules fitted on the inputs the compressed blocks before "
                          "it give (a shared network once its last member's block is reached)")
-            _in_block_order(model, groups, plans, cfg, batches, realise, bar)
+            _in_block_order(model, groups, plans, cfg, batches,
+                            lambda *a: realise(swaps, *a), tick)
     skipped += [(n, f"left dense by the ratio={cfg.ratio} budget") for n, _ in dense]
     dense_target_params = sum(sum(p.numel() for p in linear_weight(m) if p is not None)
                               for _, m in dense)
@@ -450,5 +440,5 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
         share_mlp_rows(model)
     return CompactifyReport(
         layers=rows, skipped=skipped, model_params_before=params_before,
-        model_params_after=_count(model), seconds=time.perf_counter() - start, ratio=cfg.ratio,
+        model_params_after=count_parameters(model), seconds=time.perf_counter() - start, ratio=cfg.ratio,
         dense_target_params=dense_target_params, estimate=estimate, notes=notes)

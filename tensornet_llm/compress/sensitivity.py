@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import ArgumentError
 from ..layers.base import linear_weight
-from .budget import _damage, chi_for_params
+from .budget import damage, chi_for_params
 from .calibrate import (
     as_batches, check_token_ids, collect_covariances, collect_output_gradients, model_inputs,
 )
@@ -226,7 +226,7 @@ def profile_sensitivity(
                     w = weight.detach().to(torch.float64)
                     factor = stable_cholesky(covs.covariance(name).to(torch.float64))
                     error = (w - layer.to_dense().detach().double()) @ factor  # E L
-                    predicted = _damage(error.pow(2).sum(1), 0.0, grads[name])  # needs no reference
+                    predicted = damage(error.pow(2).sum(1), 0.0, grads[name])  # needs no reference
                 profile.rows.append(SensitivityRow(
                     name=name, block=block, module_type=kind, keep=float(k), chi=chi,
                     params_before=dense, params_after=layer.num_parameters, loss=loss,

@@ -33,17 +33,19 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from ..errors import ArgumentError, CheckpointError, InputFileError
+from ..errors import ArgumentError, CheckpointError, InputFileError, first_line
 from ..helpers.files import atomic_directory, check_output
 from ..layers.gated_mlp import share_mlp_rows
 from ..layers.layout import Layout
 from ..saving.serialization import (
-    STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, _first_line, _model_class, read_weight_map,
+    STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, model_class_of, read_weight_map,
     shard_name, structure,
 )
 from .budget import choose, ladder
 from .calibrate import BlockReplay, as_batches, check_token_ids, collect_covariances
-from .compactify import CompactifyConfig, _build, _count, _merged_config, _plan, _swap
+from .config import CompactifyConfig, merged_config
+from .plan import make_plan
+from .surgery import build_layer, count_parameters, swap
 from .report import CompactifyReport, LayerReport
 from .targets import block_prefix, block_stacks
 
@@ -102,7 +104,7 @@ class CheckpointReader:
                     parts.append(table[rows[start]:rows[stop - 1] + 1].to(dtype))
                     start = stop
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be read ({_first_line(exc)})") from exc
+            raise CheckpointError(f"{path}: cannot be read ({first_line(exc)})") from exc
         return torch.cat(parts)
 
     @staticmethod
@@ -113,7 +115,7 @@ class CheckpointReader:
         except FileNotFoundError as exc:
             raise CheckpointError(f"{path}: missing") from exc
         except Exception as exc:  # safetensors raises its own SafetensorError
-            raise CheckpointError(f"{path}: cannot be read ({_first_line(exc)})") from exc
+            raise CheckpointError(f"{path}: cannot be read ({first_line(exc)})") from exc
 
     def read(self, keys: Iterable[str], dtype: torch.dtype,
              device: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -133,7 +135,7 @@ class CheckpointReader:
                         t = t.to(device)
                         out[key] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
             except Exception as exc:
-                raise CheckpointError(f"{path}: cannot be read ({_first_line(exc)})") from exc
+                raise CheckpointError(f"{path}: cannot be read ({first_line(exc)})") from exc
         return out
 
 
@@ -235,11 +237,11 @@ def _open(source: Path, model_class, dtype: torch.dtype, device: torch.device) -
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{source / 'config.json'}: cannot be read ({_first_line(exc)})"
+        raise CheckpointError(f"{source / 'config.json'}: cannot be read ({first_line(exc)})"
                               ) from exc
     reader = CheckpointReader(source)
     if model_class is None and getattr(config, "architectures", None):
-        cls = _model_class(config, None, None)
+        cls = model_class_of(config)
     else:
         cls = model_class or AutoModelForCausalLM
     with init_empty_weights(include_buffers=False):
@@ -333,7 +335,7 @@ def compactify_pretrained(
                             "holds one block at a time and cannot offer them")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ArgumentError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    cfg = _merged_config(None, chi=chi, ratio=ratio, **compactify_options)
+    cfg = merged_config(None, chi=chi, ratio=ratio, **compactify_options)
     cfg.gradients = False
     check_output(out, overwrite, known=(STRUCTURE_FILE,))
     batches = as_batches(calibration) if calibration is not None else None
@@ -350,12 +352,12 @@ def compactify_pretrained(
     def budget(chosen, offered):
         return _streamed_budget(stream, cfg, batches, chosen, offered, progress, out.parent)
 
-    plan = _plan(model, cfg, batches, budget)
+    plan = make_plan(model, cfg, batches, budget)
     _targets_by_block(stream, plan.chosen)  # any outside the blocks: refused before any work
     if batches is not None and cfg.ratio is not None:
         notes.append("budget damage estimated from the output error, not the loss: streaming "
                      "compression has no whole model to differentiate")
-    params_before = _count(model)
+    params_before = count_parameters(model)
     rows: list[LayerReport] = []
     layouts: dict[str, dict] = {}
     with atomic_directory(out, overwrite, known=(STRUCTURE_FILE,)) as tmp:
@@ -373,7 +375,7 @@ def compactify_pretrained(
             **(metadata or {})), indent=1))
         report = CompactifyReport(
             layers=rows, skipped=plan.skipped, model_params_before=params_before,
-            model_params_after=_count(model), seconds=time.perf_counter() - start,
+            model_params_after=count_parameters(model), seconds=time.perf_counter() - start,
             ratio=cfg.ratio, dense_target_params=plan.dense_target_params,
             estimate=plan.estimate, notes=plan.notes + notes,
         )
@@ -466,7 +468,7 @@ def _targets_by_block(stream: _Stream, chosen: list[tuple[str, nn.Module]]
 def _streamed_budget(stream: _Stream, cfg: CompactifyConfig, batches: list | None,
                      chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
                      progress: bool, spill_parent: Path):
-    """The budget pass of :func:`~.compactify._plan`, one block at a time over the dense
+    """The budget pass of :func:`~.plan.make_plan`, one block at a time over the dense
     model: every module's ladder, then one choice over all of them."""
     names_in = _targets_by_block(stream, chosen)
     ladders = {}
@@ -513,8 +515,8 @@ def _compress_block(stream: _Stream, prefix: str, block: nn.Module,
     modules = {n: stream.model.get_submodule(n) for n in names_in.get(prefix, [])}
     covs = walk.covariances(modules, block, batches, cfg) if batches else {}
     for name, module in modules.items():
-        new, row = _build(name, module, plan.settings[name], cfg, covs.pop(name, None))
-        _swap(stream.model, name, new)
+        new, row = build_layer(name, module, plan.settings[name], cfg, covs.pop(name, None))
+        swap(stream.model, name, new)
         module.to("meta")  # the plan still holds the original: free its weight
         rows.append(row)
         layouts[name] = new.layout()

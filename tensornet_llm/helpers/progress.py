@@ -16,15 +16,17 @@ def no_tick() -> None:
 
 
 @contextmanager
-def stage(description: str, total: int, unit: str, enabled: bool = True) -> Iterator[Tick]:
-    """A bar ``description`` of ``total`` ``unit``\\ s while the block runs, removed after it;
-    yields the tick that advances it (:func:`no_tick` when not ``enabled``)."""
+def stage(description: str, total: int, unit: str, enabled: bool = True,
+          leave: bool = False) -> Iterator[Tick]:
+    """A bar ``description`` of ``total`` ``unit``\\ s while the block runs (removed after it
+    unless ``leave``); yields the tick that advances it (:func:`no_tick` when not
+    ``enabled``)."""
     if not enabled:
         yield no_tick
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=description, unit=unit, leave=False)
+    bar = tqdm(total=total, desc=description, unit=unit, leave=leave)
     try:
         yield bar.update
     finally:

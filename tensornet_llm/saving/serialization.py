@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, CheckpointError, InputFileError
+from ..errors import ArgumentError, CheckpointError, InputFileError, first_line
 from ..helpers.files import MARKER, atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
 from ..layers.cross_layer import CrossLayerLinear, SharedBases, cross_layer_members, group_names
@@ -37,7 +37,7 @@ from ..layers.layout import LAYER_CLASSES
 from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
 
 __all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE",
-           "WEIGHTS_INDEX", "shard_name", "structure"]
+           "WEIGHTS_INDEX", "shard_name", "structure", "model_class_of", "read_weight_map"]
 
 STRUCTURE_FILE = "tensornet.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -167,14 +167,9 @@ def _build_cross_layer(model: nn.Module, entries: Mapping[str, dict], where: Pat
                                                   device="meta")
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: cross_layer entry {name!r} does not fit "
-                                  f"{type(model).__name__} ({_first_line(exc)})") from exc
+                                  f"{type(model).__name__} ({first_line(exc)})") from exc
         shared.setdefault(layout["group"], member.shared)
         setattr(parent, child, member)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _read_structure(directory: Path) -> dict[str, Any]:
@@ -188,7 +183,7 @@ def _read_structure(directory: Path) -> dict[str, Any]:
     try:
         structure = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{path}: not valid JSON ({first_line(exc)})") from exc
     if not isinstance(structure, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(structure).__name__}")
     if structure.get("format_version") != FORMAT_VERSION:
@@ -214,7 +209,7 @@ def read_weight_map(index: Path) -> dict[str, str]:
         if not all(isinstance(f, str) and Path(f).name == f for f in weight_map.values()):
             raise ValueError("shard names must be plain file names")
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index}: not a safetensors index ({_first_line(exc)})") from exc
+        raise CheckpointError(f"{index}: not a safetensors index ({first_line(exc)})") from exc
     return weight_map
 
 
@@ -236,11 +231,14 @@ def _read_weights(directory: Path, device: str) -> tuple[dict[str, torch.Tensor]
         except FileNotFoundError as exc:
             raise CheckpointError(f"{path}: missing") from exc
         except Exception as exc:  # safetensors raises its own SafetensorError (not importable)
-            raise CheckpointError(f"{path}: cannot be read ({_first_line(exc)})") from exc
+            raise CheckpointError(f"{path}: cannot be read ({first_line(exc)})") from exc
     return state, index
 
 
-def _model_class(config, model_class, saved_architecture: str | None):
+def model_class_of(config, model_class: type | None = None,
+                   saved_architecture: str | None = None) -> type:
+    """``model_class`` if given, else the transformers class the saved structure or
+    ``config.architectures`` names."""
     if model_class is not None:
         return model_class
     import transformers
@@ -280,9 +278,9 @@ def load_compactified(
     try:
         config = AutoConfig.from_pretrained(directory)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{directory / 'config.json'}: cannot be read ({_first_line(exc)})"
+        raise CheckpointError(f"{directory / 'config.json'}: cannot be read ({first_line(exc)})"
                               ) from exc
-    cls = _model_class(config, model_class, structure.get("architecture"))
+    cls = model_class_of(config, model_class, structure.get("architecture"))
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
     where = directory / STRUCTURE_FILE
@@ -296,7 +294,7 @@ def load_compactified(
                 setattr(parent, child, build(layout))
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{where}: {section} entry {name!r} does not fit "
-                                      f"{cls.__name__} ({_first_line(exc)})") from exc
+                                      f"{cls.__name__} ({first_line(exc)})") from exc
     _build_cross_layer(model, structure.get("cross_layer", {}), where)
     state, weights = _read_weights(directory, str(device) if device else "cpu")
     aliases = structure.get("aliases", {})
@@ -310,7 +308,7 @@ def load_compactified(
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{weights} does not match {where} and config.json "
-                              f"({_first_line(exc)})") from exc
+                              f"({first_line(exc)})") from exc
     # Quantized tables are tied through the aliases alone (their weights are not parameters).
     if aliases and hasattr(model, "tie_weights") and not structure.get("quantized"):
         model.tie_weights()

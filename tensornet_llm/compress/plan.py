@@ -1,0 +1,149 @@
+"""What :func:`~.compactify.compactify` replaces and how, decided before any module is touched:
+the targets, and each one's layout and bond dimension, given by the settings or chosen by the
+parameter budget (:mod:`.budget`) from calibration statistics."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ArgumentError, EstimateFallbackWarning
+from ..helpers.progress import stage
+from ..layers.base import linear_weight
+from ..layers.layout import METHODS, Layout
+from .budget import allocate
+from .calibrate import collect_covariances, output_gradients
+from .config import CompactifyConfig
+from .fit import output_weights
+from .targets import find_targets, fused_expert_tensors, resolve_override
+
+__all__ = ["Plan", "make_plan", "chosen_targets", "offered_layouts", "layout_for"]
+
+
+def chosen_targets(model: nn.Module, cfg: CompactifyConfig
+                   ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
+    """The modules ``cfg`` targets, ``[(name, module)]``, and the ones passed over with the
+    reason (fused MoE expert tensors among them); an error when nothing matches."""
+    chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
+    if not chosen:
+        raise ArgumentError(
+            f"targets={cfg.targets!r} (exclude={cfg.exclude!r}) matched no nn.Linear or Conv1D "
+            "module of the model"
+        )
+    skipped += [(name, f"fused MoE expert tensor {shape}, not tensorized")
+                for name, shape in fused_expert_tensors(model)]
+    return chosen, skipped
+
+
+@dataclass
+class Plan:
+    """What ``compactify`` replaces and how, decided before any module is touched.
+
+    ``settings`` holds ``(layout, chi)`` per target name (``None``: left dense by the budget) in
+    model order; ``chosen`` the targets that are replaced."""
+
+    chosen: list[tuple[str, nn.Module]]
+    skipped: list[tuple[str, str]]
+    settings: dict[str, tuple[Layout, int] | None]
+    dense_target_params: int = 0
+    estimate: str | None = None
+    notes: list[str] = field(default_factory=list)
+    #: Output row weights per target name (:func:`~.fit.output_weights`), for the fit.
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
+          budget: Callable | None = None, progress: bool = False) -> Plan:
+    """Targets, and every module's layout and chi (from the budget when ``cfg.ratio`` is set).
+    Every per-module setting is resolved here, so a missing pattern fails before any work.
+    ``budget(chosen, offered) -> (settings, estimate)`` replaces the in-memory budget pass
+    (streaming compression builds the ladders block by block). ``progress``: a bar for each
+    stage of the budget pass (statistics, loss gradients, pricing)."""
+    chosen, skipped = chosen_targets(model, cfg)
+    if cfg.ratio is None:
+        settings = {name: (layout_for(module, resolve_override(cfg.method, name, "method"),
+                                   resolve_override(cfg.n_sites, name, "n_sites"),
+                                   cfg.interpolative),
+                           resolve_override(cfg.effective_chi, name, "chi"))
+                    for name, module in chosen}
+        return Plan(chosen, skipped, settings)
+    offered = {name: offered_layouts(name, module, cfg) for name, module in chosen}
+    notes: list[str] = []
+    if budget is None:
+        settings, estimate, rows = _budget_settings(model, chosen, offered, batches, notes, cfg,
+                                                    progress)
+    else:
+        (settings, estimate), rows = budget(chosen, offered), {}
+    left = {id(m): m for n, m in chosen if settings[n] is None}
+    dense_target_params = sum(
+        sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
+    )
+    skipped += [(n, f"left dense by the ratio={cfg.ratio} budget")
+                for n, _ in chosen if settings[n] is None]
+    chosen = [(n, m) for n, m in chosen if settings[n] is not None]
+    return Plan(chosen, skipped, settings, dense_target_params, estimate, notes, rows)
+
+
+def offered_layouts(name: str, module: nn.Module, cfg: CompactifyConfig) -> list[Layout]:
+    """The layouts the budget offers module ``name``: its ``method`` / ``n_sites`` layout, and
+    the low-rank one too when ``cfg.low_rank``."""
+    layout = layout_for(module, resolve_override(cfg.method, name, "method"),
+                     resolve_override(cfg.n_sites, name, "n_sites"), cfg.interpolative)
+    out_f, in_f = linear_weight(module)[0].shape
+    low_rank = Layout.low_rank(in_f, out_f, cfg.interpolative)
+    return [layout] + ([low_rank] if cfg.low_rank and layout != low_rank else [])
+
+
+def layout_for(module: nn.Module, method: str, n_sites: int, rows: bool = True) -> Layout:
+    if method == "low-rank":
+        out_f, in_f = linear_weight(module)[0].shape
+        return Layout.low_rank(in_f, out_f, rows)
+    return Layout(METHODS[method], n_sites)
+
+
+def _budget_settings(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
+    batches: list | None, notes: list[str], cfg: CompactifyConfig, progress: bool = False,
+) -> tuple[dict[str, tuple[Layout, int] | None], str, dict[str, torch.Tensor]]:
+    """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget, how
+    damage was estimated, and the output row weights per target name the fit then uses (empty
+    unless ``cfg.weigh_outputs`` and loss gradients). A weaker estimate than the data allows is
+    warned and noted."""
+    unique: dict[int, str] = {}
+    for name, module in chosen:
+        unique.setdefault(id(module), name)
+    modules = {name: module for name, module in chosen if unique[id(module)] == name}
+    covs = grads = None
+    if batches is not None:
+        with stage("budget: input statistics", len(batches), "batch", progress) as tick:
+            collector = collect_covariances(model, batches, modules, tick=tick)
+        covs = {n: cfg.regularize(collector.covariance(n)) for n in modules}
+        full = cfg.weigh_outputs and cfg.output_metric == "full"
+        grads, reason = None, None
+        if cfg.gradients:
+            with stage("budget: loss gradients", len(batches), "batch", progress) as tick:
+                grads, reason = output_gradients(model, batches, modules, full=full, tick=tick)
+        if reason is not None:
+            note = (f"budget damage estimated from the output error, not the loss: {reason}")
+            warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
+            notes.append(note)
+    weigh = cfg.weigh_outputs and grads is not None
+    with stage("budget: pricing layouts", len(modules), "module", progress) as tick:
+        allocation = allocate(modules, cfg.ratio, {n: offered[n] for n in modules}, covs, grads,
+                              weigh_outputs=weigh, max_keep=cfg.max_keep, tick=tick)
+    if weigh:
+        notes.append("each network fitted to the Gauss-Newton loss estimate (output features "
+                     "weighted by the loss gradient's second moment"
+                     + (", the whole matrix: K-FAC)" if cfg.output_metric == "full" else ")"))
+    settings = {
+        name: None if allocation.chi[key] is None else (allocation.layout[key], allocation.chi[key])
+        for name, module in chosen
+        for key in [unique[id(module)]]
+    }
+    rows = {name: output_weights(grads[unique[id(module)]]) for name, module in chosen
+            if weigh and settings[name] is not None}  # only what the fit will use
+    return settings, allocation.estimate, rows
