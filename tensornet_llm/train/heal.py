@@ -66,6 +66,7 @@ class HealConfig:
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps, then cosine decay to 10% of ``lr``
             (``schedule="constant"``: warm-up then constant).
+        schedule: after the warm-up, ``"cosine"`` decay or a ``"constant"`` rate.
         gradient_accumulation_steps: micro-batches per optimiser step.
         max_grad_norm: gradient clipping (``None``: off).
         mixed_precision: ``"no"``, ``"fp16"``, ``"bf16"`` or ``"auto"`` (bf16 on a GPU that
@@ -89,6 +90,8 @@ class HealConfig:
             :func:`heal` (also one before the first step and one after the last).
         check_patience: checks in a row whose perplexity is above the best so far by more
             than ``check_tolerance`` (relative) before ``on_rise`` acts.
+        check_tolerance: how far (relative) above the best a check may be without counting as
+            a rise.
         on_rise: ``"stop"``: end training and restore the weights of the best check;
             ``"warn"``: warn (:class:`~tensornet_llm.errors.HealingCheckWarning`) and go on.
         quantize: quantization-aware healing for the rounding that
@@ -320,24 +323,11 @@ def heal(
     Returns:
         A :class:`HealResult` with the loss history (including steps a resumed checkpoint had).
     """
-    from accelerate import Accelerator, DistributedType
-    from tqdm.auto import tqdm
-
-    cfg = HealConfig(**{f.name: getattr(config, f.name) for f in fields(HealConfig)}) if config \
-        else HealConfig()
-    unknown = set(options) - {f.name for f in fields(HealConfig)}
-    if unknown:
-        raise ArgumentTypeError(f"heal() got unknown options {sorted(unknown)}; allowed: "
-                        f"{[f.name for f in fields(HealConfig)]}")
-    for key, value in {"steps": steps, "lr": lr, **options}.items():
-        if value is not None or key in options:
-            setattr(cfg, key, value)
-    cfg.validate(teacher is not None)
+    cfg = _settings(config, steps, lr, teacher is not None, options)
     if teacher is model:
         raise ArgumentError("teacher must be a separate (dense) model, not the model being healed")
-    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
-    if ckpt is not None:  # a directory that is not a checkpoint is refused before training
-        check_output(ckpt, known=(PROGRESS_FILE,))
+    if cfg.checkpoint_dir is not None:  # a directory that is not a checkpoint: refused now
+        check_output(Path(cfg.checkpoint_dir), known=(PROGRESS_FILE,))
     data = as_batches(batches, min_tokens=2, argument="batches")
     check_token_ids(model, data, "batches")
     check_data = None if check is None else as_batches(check, min_tokens=2, argument="check")
@@ -347,165 +337,221 @@ def heal(
     params = trainable_parameters(model, train)
     if cfg.quantize is not None:  # every layer must be one whose rounding training can take
         rounding_plan(model, cfg.quantize)
-    distill = (1.0 if teacher is not None else 0.0) if cfg.distill_weight is None \
-        else cfg.distill_weight
 
-    # Under torchrun / accelerate launch without a GPU, accelerate runs data-parallel on the
-    # CPUs (gloo) only when told cpu=True; otherwise every rank would train alone.
-    cpu = cfg.cpu or (launched() and not torch.cuda.is_available())
-    precision = auto_precision(cpu) if cfg.mixed_precision == "auto" else cfg.mixed_precision
-    _allow_new_precision(precision)
-    # The schedule counts optimiser steps of the whole group of processes, so the scheduler is
-    # stepped by hand after each real optimiser step. Left to accelerate (the default
-    # step_scheduler_with_optimizer=True), it would step it once per process on every step,
-    # running warm-up and decay N times too fast under N processes.
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              mixed_precision=precision, cpu=cpu,
-                              step_scheduler_with_optimizer=False)
-    if cfg.quantize is not None and accelerator.distributed_type == DistributedType.FSDP:
-        raise ArgumentError("quantize: quantization-aware healing needs whole parameters on "
-                            "every process; it does not run under FSDP")
-    # What the model computes with: its float weights, or their rounding by quantize().
-    rounded = nullcontext if cfg.quantize is None else (
-        lambda: rounded_weights(model, cfg.quantize))
-    ranks, rank = accelerator.num_processes, accelerator.process_index
-    if len(data) < ranks:
-        raise ArgumentError(f"batches: {len(data)} batch(es) cannot be shared by {ranks} "
-                            "processes; give at least one per process")
-    torch.manual_seed(cfg.seed)
-
-    chosen = {id(p) for p in params}
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
-    for p in model.parameters():
-        p.requires_grad_(id(p) in chosen)
-    optimizer = _adamw(params, cfg)
+    run = _Training(cfg, model, params, teacher, data, train)
+    try:
+        run.resume()
+        watch = None if check_data is None else _Watch(cfg, run.result, model, check_data,
+                                                       run.accelerator, run.rounded)
+        if watch is not None and not run.result.checks:
+            watch.check()  # the start: what healing must not make worse
+        run.wrapped.train()
+        while run.result.steps < cfg.steps:
+            run.step()
+            last = run.result.steps == cfg.steps or run.result.out_of_time
+            if run.checkpoint is not None and (run.result.steps % cfg.checkpoint_every == 0
+                                               or last):
+                run.save_checkpoint()
+            if callback is not None:
+                callback(run.result.steps, run.result)
+                run.wrapped.train()
+            if watch is not None and (run.result.steps % cfg.check_every == 0 or last):
+                if watch.check():
+                    break
+                run.wrapped.train()
+            if run.result.out_of_time:
+                break
+    finally:
+        run.close()
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return run.result
 
-    budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
-    clock = {"seconds": 0.0}  # training time so far, the same on every process
 
-    def schedule(step: int) -> float:
+def _settings(config: HealConfig | None, steps: int | None, lr: float | None,
+              has_teacher: bool, options: dict[str, Any]) -> HealConfig:
+    """``config`` (or the defaults) with ``steps``, ``lr`` and ``options`` over it, validated."""
+    cfg = HealConfig(**{f.name: getattr(config, f.name) for f in fields(HealConfig)}) if config \
+        else HealConfig()
+    unknown = set(options) - {f.name for f in fields(HealConfig)}
+    if unknown:
+        raise ArgumentTypeError(f"heal() got unknown options {sorted(unknown)}; allowed: "
+                                f"{[f.name for f in fields(HealConfig)]}")
+    for key, value in {"steps": steps, "lr": lr, **options}.items():
+        if value is not None or key in options:
+            setattr(cfg, key, value)
+    cfg.validate(has_teacher)
+    return cfg
+
+
+class _Training:
+    """One healing run: the accelerator and what it prepared, the data order, the learning-rate
+    schedule, the checkpoint, and the :class:`HealResult` it fills step by step."""
+
+    def __init__(self, cfg: HealConfig, model: nn.Module, params: list[nn.Parameter],
+                 teacher: nn.Module | None, data: list[dict], train: str) -> None:
+        from accelerate import Accelerator, DistributedType
+
+        self.cfg, self.model, self.params, self.data = cfg, model, params, data
+        self.distill = (1.0 if teacher is not None else 0.0) if cfg.distill_weight is None \
+            else cfg.distill_weight
+        # Under torchrun / accelerate launch without a GPU, accelerate runs data-parallel on
+        # the CPUs (gloo) only when told cpu=True; otherwise every rank would train alone.
+        cpu = cfg.cpu or (launched() and not torch.cuda.is_available())
+        precision = auto_precision(cpu) if cfg.mixed_precision == "auto" else cfg.mixed_precision
+        _allow_new_precision(precision)
+        # The schedule counts optimiser steps of the whole group of processes, so the
+        # scheduler is stepped by hand after each real optimiser step. Left to accelerate (the
+        # default step_scheduler_with_optimizer=True), it would step it once per process on
+        # every step, running warm-up and decay N times too fast under N processes.
+        self.accelerator = accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=precision, cpu=cpu, step_scheduler_with_optimizer=False)
+        fsdp = accelerator.distributed_type == DistributedType.FSDP
+        if cfg.quantize is not None and fsdp:
+            raise ArgumentError("quantize: quantization-aware healing needs whole parameters "
+                                "on every process; it does not run under FSDP")
+        # What the model computes with: its float weights, or their rounding by quantize().
+        self.rounded = nullcontext if cfg.quantize is None else (
+            lambda: rounded_weights(model, cfg.quantize))
+        self.ranks, self.rank = accelerator.num_processes, accelerator.process_index
+        if len(data) < self.ranks:
+            raise ArgumentError(f"batches: {len(data)} batch(es) cannot be shared by "
+                                f"{self.ranks} processes; give at least one per process")
+        torch.manual_seed(cfg.seed)
+        chosen = {id(p) for p in params}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in chosen)
+        self.budget = None if cfg.max_minutes is None else 60.0 * cfg.max_minutes
+        self.clock = 0.0  # training seconds so far, the same on every process
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer := _adamw(params, cfg),
+                                                      self.learning_rate)
+        self.wrapped, self.optimizer, self.scheduler = accelerator.prepare(
+            model, optimizer, scheduler)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            if fsdp:  # sharded like the student, for teachers that do not fit one device either
+                self.teacher = accelerator.prepare_model(teacher)
+            else:
+                teacher.to(accelerator.device)
+        self.result = HealResult(mixed_precision=precision, train=train, lr=cfg.lr)
+        self.checkpoint = None if cfg.checkpoint_dir is None else Path(cfg.checkpoint_dir)
+        self.groups = len(data) // self.ranks  # a remainder of fewer than `ranks` is left out
+        self.bar = None
+        self.start = _now()
+
+    def learning_rate(self, step: int) -> float:
+        """The schedule's factor of ``lr`` at optimiser step ``step``: linear warm-up, then a
+        cosine to 10% over the steps (or the time budget, whichever runs out first)."""
+        cfg = self.cfg
         if step < cfg.warmup_steps:
             return (step + 1) / (cfg.warmup_steps + 1)
         if cfg.schedule == "constant":
             return 1.0
         done = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-        if budget is not None:
-            done = max(done, clock["seconds"] / budget)
+        if self.budget is not None:
+            done = max(done, self.clock / self.budget)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    wrapped, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-        if accelerator.distributed_type == DistributedType.FSDP:
-            # Sharded like the student, for teachers that do not fit one device either.
-            teacher = accelerator.prepare_model(teacher)
-        else:
-            teacher.to(accelerator.device)
+    def resume(self) -> None:
+        """Continue from the checkpoint, if there is one: weights, optimiser, schedule, RNG
+        and the history so far; then show the progress bar from there."""
+        from tqdm.auto import tqdm
 
-    result = HealResult(mixed_precision=precision, train=train, lr=cfg.lr)
-    if ckpt is not None and (ckpt / PROGRESS_FILE).is_file():
-        accelerator.load_state(str(ckpt))
-        saved = json.loads((ckpt / PROGRESS_FILE).read_text())
-        for key in ("losses", "ce", "distill", "hidden", "tokens", "seconds"):
-            setattr(result, key, saved[key])
-        result.resumed_from = len(result.losses)
-    clock["seconds"] = result.seconds  # a resumed run's budget counts the earlier time
+        result = self.result
+        if self.checkpoint is not None and (self.checkpoint / PROGRESS_FILE).is_file():
+            self.accelerator.load_state(str(self.checkpoint))
+            saved = json.loads((self.checkpoint / PROGRESS_FILE).read_text())
+            for key in ("losses", "ce", "distill", "hidden", "tokens", "seconds"):
+                setattr(result, key, saved[key])
+            result.resumed_from = len(result.losses)
+        self.clock = result.seconds  # a resumed run's budget counts the earlier time
+        self.start = _now() - result.seconds
+        self.bar = tqdm(total=self.cfg.steps, initial=result.steps, desc="healing", unit="step",
+                        disable=not self.cfg.progress or not self.accelerator.is_main_process)
 
-    def save_checkpoint() -> None:
-        # The main process owns the directory; every process writes its RNG state into it.
+    def step(self) -> None:
+        """One optimiser step over ``gradient_accumulation_steps`` micro-batches on every
+        process; its loss terms (averaged over the processes), tokens and time recorded."""
+        cfg, accelerator, result = self.cfg, self.accelerator, self.result
+        accum = cfg.gradient_accumulation_steps
+        step_terms = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hidden": 0.0}
+        for micro in range(accum):
+            group = _order(self.groups, result.steps * accum + micro, cfg.seed)
+            batch = self.data[group * self.ranks + self.rank]
+            values = self._micro_step({k: v.to(accelerator.device) if isinstance(v, Tensor)
+                                       else v for k, v in batch.items()})
+            if self.ranks > 1:  # every rank records the terms averaged over the ranks
+                values = accelerator.reduce(values, reduction="sum")
+                values[:4] /= self.ranks
+            for k, v in zip(("loss", "ce", "distill", "hidden"), values[:4].tolist()):
+                step_terms[k] += v / accum
+            result.tokens += int(values[4])
+        result.losses.append(step_terms["loss"])
+        for k in ("ce", "distill", "hidden"):
+            getattr(result, k).append(step_terms[k])
+        result.seconds = _now() - self.start
+        if self.budget is not None:  # every process must see one clock (same rate, same stop)
+            elapsed = torch.tensor([result.seconds], dtype=torch.float64, device=accelerator.device)
+            if self.ranks > 1:
+                elapsed = accelerator.reduce(elapsed, reduction="sum") / self.ranks
+            self.clock = float(elapsed)
+            result.out_of_time = self.clock >= self.budget and result.steps < cfg.steps
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{step_terms['loss']:.4f}")
+
+    def _micro_step(self, batch: dict[str, Tensor]) -> Tensor:
+        """Forward, backward and (on the accumulation's last micro-batch) the optimiser and
+        schedule step; ``[loss, ce, distill, hidden, tokens]`` of this process."""
+        cfg, accelerator = self.cfg, self.accelerator
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        want_hidden = self.teacher is not None and cfg.hidden_weight > 0
+        with accelerator.accumulate(self.wrapped):
+            teacher_out = None
+            if self.teacher is not None:
+                with torch.no_grad(), accelerator.autocast():
+                    teacher_out = self.teacher(**inputs, output_hidden_states=want_hidden)
+            with self.rounded():  # the gradients are taken at the weights it computes with
+                out = self.wrapped(**inputs, output_hidden_states=want_hidden)
+                targets = next_token_targets(batch)
+                loss, terms = _loss_terms(out, teacher_out, targets, cfg, self.distill)
+                accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                self.scheduler.step()
+            # Zeroed in place: the next backward accumulates into the same buffers instead of
+            # allocating every gradient afresh (a large cost where fresh pages are slow to
+            # fault in, as in many virtual machines).
+            self.optimizer.zero_grad(set_to_none=False)
+        return torch.tensor([float(loss.detach()), terms["ce"], terms["distill"], terms["hidden"],
+                             float((targets != -100).sum())], dtype=torch.float64,
+                            device=accelerator.device)
+
+    def save_checkpoint(self) -> None:
+        """The whole training state into the checkpoint directory, all or nothing. The main
+        process owns the directory; every process writes its RNG state into it."""
+        accelerator = self.accelerator
         main = accelerator.is_main_process
-        with atomic_directory(ckpt, known=(PROGRESS_FILE,)) if main else nullcontext() as tmp:
+        with atomic_directory(self.checkpoint, known=(PROGRESS_FILE,)) if main \
+                else nullcontext() as tmp:
             path = _broadcast(str(tmp) if main else None, accelerator)
             accelerator.save_state(path, safe_serialization=False)
             accelerator.wait_for_everyone()
             if main:
-                (tmp / PROGRESS_FILE).write_text(json.dumps(result.to_dict()))
+                (tmp / PROGRESS_FILE).write_text(json.dumps(self.result.to_dict()))
         accelerator.wait_for_everyone()
 
-    watch = None if check_data is None else _Watch(cfg, result, model, check_data, accelerator,
-                                                   rounded)
-    accum = cfg.gradient_accumulation_steps
-    bar = tqdm(total=cfg.steps, initial=result.steps, desc="healing", unit="step",
-               disable=not cfg.progress or not accelerator.is_main_process)
-    groups = len(data) // ranks  # a remainder of fewer than `ranks` batches is left out
-    start = _now() - result.seconds
-    if watch is not None and not result.checks:
-        watch.check()  # the start: what healing must not make worse
-    wrapped.train()
-    try:
-        while result.steps < cfg.steps:
-            step_terms = {"loss": 0.0, "ce": 0.0, "distill": 0.0, "hidden": 0.0}
-            for micro in range(accum):
-                group = _order(groups, result.steps * accum + micro, cfg.seed)
-                batch = data[group * ranks + rank]
-                batch = {k: v.to(accelerator.device) if isinstance(v, Tensor) else v
-                         for k, v in batch.items()}
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                want_hidden = teacher is not None and cfg.hidden_weight > 0
-                with accelerator.accumulate(wrapped):
-                    teacher_out = None
-                    if teacher is not None:
-                        with torch.no_grad(), accelerator.autocast():
-                            teacher_out = teacher(**inputs, output_hidden_states=want_hidden)
-                    with rounded():  # the gradients are taken at the weights it computes with
-                        out = wrapped(**inputs, output_hidden_states=want_hidden)
-                        targets = next_token_targets(batch)
-                        loss, terms = _loss_terms(out, teacher_out, targets, cfg, distill)
-                        accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
-                        scheduler.step()
-                    # Zeroed in place: the next backward accumulates into the same buffers
-                    # instead of allocating every gradient afresh (a large cost where fresh
-                    # pages are slow to fault in, as in many virtual machines).
-                    optimizer.zero_grad(set_to_none=False)
-                # Every rank records the terms averaged over the ranks, and all tokens seen.
-                values = torch.tensor([float(loss.detach()), terms["ce"], terms["distill"],
-                                       terms["hidden"], float((targets != -100).sum())],
-                                      dtype=torch.float64, device=accelerator.device)
-                if ranks > 1:
-                    values = accelerator.reduce(values, reduction="sum")
-                    values[:4] /= ranks
-                for k, v in zip(("loss", "ce", "distill", "hidden"), values[:4].tolist()):
-                    step_terms[k] += v / accum
-                result.tokens += int(values[4])
-            result.losses.append(step_terms["loss"])
-            for k in ("ce", "distill", "hidden"):
-                getattr(result, k).append(step_terms[k])
-            result.seconds = _now() - start
-            if budget is not None:  # every process must see one clock (same rate, same stop)
-                elapsed = torch.tensor([result.seconds], dtype=torch.float64,
-                                       device=accelerator.device)
-                if ranks > 1:
-                    elapsed = accelerator.reduce(elapsed, reduction="sum") / ranks
-                clock["seconds"] = float(elapsed)
-                result.out_of_time = clock["seconds"] >= budget and result.steps < cfg.steps
-            last = result.steps == cfg.steps or result.out_of_time
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_terms['loss']:.4f}")
-            if ckpt is not None and (result.steps % cfg.checkpoint_every == 0 or last):
-                save_checkpoint()
-            if callback is not None:
-                callback(result.steps, result)
-                wrapped.train()
-            if watch is not None and (result.steps % cfg.check_every == 0 or last):
-                if watch.check():
-                    break
-                wrapped.train()
-            if result.out_of_time:
-                break
-    finally:
-        bar.close()
-        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
-        accelerator.free_memory()
-    return result
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.accelerator.unwrap_model(self.wrapped, keep_fp32_wrapper=False)
+        self.accelerator.free_memory()
 
 
 class _Watch:
