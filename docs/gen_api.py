@@ -18,7 +18,7 @@ API = Path(__file__).with_name("api.md")
 #: Rooms in reading order (the model-level API first, the pure functions last) and each room's
 #: modules in reading order.
 ROOMS = {
-    "compress": ["compactify", "stream", "groups", "sweeps", "mpo_sweeps", "fuse", "report", "budget", "calibrate", "fit",
+    "compress": ["compactify", "config", "plan", "surgery", "stream", "groups", "sweeps", "mpo_sweeps", "fuse", "report", "budget", "calibrate", "fit",
                  "targets", "sensitivity",
                  "entanglement", "profiling", "plots"],
     "train": ["heal", "token_loss", "quantize", "lora"],
@@ -28,7 +28,8 @@ ROOMS = {
     "helpers": ["data", "start_token", "generated", "evaluate", "speed", "models", "files",
                 "progress"],
 }
-MODULES = [f"{room}.{name}" for room, names in ROOMS.items() for name in names] + ["errors", "cli"]
+MODULES = [f"{room}.{name}" for room, names in ROOMS.items() for name in names] + [
+    "errors", "cli", "cli_options"]
 
 
 def _doc(obj) -> str:

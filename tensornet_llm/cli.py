@@ -31,8 +31,11 @@ from typing import Sequence
 
 import torch
 
+from .cli_options import add_field, settings_from
+from .compress.config import OUTPUT_METRICS, CompactifyConfig
 from .errors import TensornetError
 from .train.heal import HealConfig
+from .train.quantize import QuantizeConfig
 
 __all__ = ["main", "load_any"]
 
@@ -110,6 +113,17 @@ def _fraction(value: str) -> float:
     return ratio
 
 
+def _saving(value: str) -> float:
+    """An argparse type: a number in [0, 1)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {value!r}") from None
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {number}")
+    return number
+
+
 def _positive_float(value: str) -> float:
     try:
         number = float(value)
@@ -149,7 +163,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    from .compress.compactify import CompactifyConfig, compactify
+    from .compress.compactify import compactify
     from .saving.serialization import save_compactified
 
     out = Path(args.out)
@@ -161,25 +175,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
     if not args.no_calibration:  # a file, or by default the mixture of every domain's fit part
         calibration = _text_batches(args.model, tokenizer, args.calibration,
                                     args.calibration_tokens, 512, 4, "--calibration", model)
-    options = _compress_options(args)
     report = compactify(model, calibration=calibration, progress=not args.quiet,
-                        config=CompactifyConfig(weigh_outputs=not args.no_weigh_outputs,
-                                                output_metric=args.output_metric,
-                                                interpolative=options.pop("interpolative", True),
-                                                min_saving=options.pop("min_saving", 0.0)),
-                        **options)
+                        config=CompactifyConfig(**settings_from(args, CompactifyConfig)))
     print(report)
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
                       files={"report.json": report.to_json()}, compactify=_settings(args))
     print(f"saved to {out}")
-
-
-def _compress_options(args: argparse.Namespace) -> dict:
-    return dict(chi=args.chi, ratio=args.ratio, method=args.method, n_sites=args.n_sites,
-                tol=args.tol, exclude=args.exclude or None, fit_steps=args.fit_steps,
-                low_rank=not args.no_low_rank, cross_layer=args.cross_layer,
-                **({"interpolative": False} if args.low_rank_factors else {}),
-                **({"min_saving": args.min_saving} if args.min_saving else {}))
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -191,15 +192,15 @@ def _settings(args: argparse.Namespace) -> dict:
             "calibration": args.calibration or "mixture" if calibrated else None,
             "calibration_tokens": args.calibration_tokens if calibrated else None,
             "fit_steps": args.fit_steps if calibrated else None,
-            "low_rank": not args.no_low_rank if args.ratio is not None else None,
-            "weigh_outputs": (not args.no_weigh_outputs
+            "low_rank": args.low_rank if args.ratio is not None else None,
+            "weigh_outputs": (args.weigh_outputs
                               if args.ratio is not None and calibrated and not args.stream
                               else None),
             "output_metric": (args.output_metric
                               if args.ratio is not None and calibrated and not args.stream
-                              and not args.no_weigh_outputs else None),
+                              and args.weigh_outputs else None),
             "cross_layer": args.cross_layer, "low_rank_storage":
-                "factors" if args.low_rank_factors else "kept rows",
+                "kept rows" if args.interpolative else "factors",
             "min_saving": args.min_saving if args.ratio is not None else None}
 
 
@@ -232,7 +233,8 @@ def _compress_streaming(args: argparse.Namespace, out: Path) -> None:
         calibration = _text_batches(args.model, tokenizer, args.calibration,
                                     args.calibration_tokens, 512, 4, "--calibration",
                                     AutoConfig.from_pretrained(source))
-    options = {k: v for k, v in _compress_options(args).items() if v is not None}
+    options = {k: v for k, v in settings_from(
+        args, CompactifyConfig, skip=("weigh_outputs", "output_metric")).items() if v is not None}
     report = compactify_pretrained(source, out, calibration=calibration,
                                    dtype=DTYPES[args.dtype] or _saved_dtype(source),
                                    overwrite=args.overwrite,
@@ -344,19 +346,16 @@ def cmd_heal(args: argparse.Namespace) -> None:
 
         check = check_mix(tokenizer, args.check_tokens, seq_len=min(512, args.check_tokens),
                           model=model)
-    if args.quantize_aware:  # quantize() rounds kept-rows low-rank layers as two factors
+    if args.quantize:  # quantize() rounds kept-rows low-rank layers as two factors
         from .train.quantize import low_rank_as_factors
 
         converted = low_rank_as_factors(model)
         if converted:
             print(f"{converted} low-rank layers stored as two factors, the form "
-                  f"'quantize --bits {args.quantize_aware}' rounds")
-    result = heal(model, batches, steps=args.steps, lr=args.lr, teacher=teacher,
-                  train="cores" if args.cores_only else args.train,
-                  gradient_accumulation_steps=args.accumulate,
-                  checkpoint_dir=args.checkpoint_dir, progress=not args.quiet, check=check,
-                  check_every=args.check_every, on_rise=args.on_rise,
-                  max_minutes=args.max_minutes, quantize=args.quantize_aware)
+                  f"'quantize --bits {args.quantize}' rounds")
+    result = heal(model, batches, teacher=teacher, check=check, progress=not args.quiet,
+                  **{**settings_from(args, HealConfig),
+                     **({"train": "cores"} if args.cores_only else {})})
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
                       files={"healing.json": json.dumps(result.to_dict())},
                       healing={"source": args.model,
@@ -365,7 +364,7 @@ def cmd_heal(args: argparse.Namespace) -> None:
                                "lr": result.lr, "teacher": teacher_name,
                                "train": result.train,
                                "check_tokens": args.check_tokens, "on_rise": args.on_rise,
-                               "quantize_aware": args.quantize_aware,
+                               "quantize_aware": args.quantize,
                                "stopped_early": result.stopped_early})
     first, last = result.losses[0], result.losses[-1]
     print(f"healed {result.steps} steps in {result.seconds:.0f} s"
@@ -375,11 +374,11 @@ def cmd_heal(args: argparse.Namespace) -> None:
         print(f"check perplexity (every domain, text healing never read): {start:.2f} -> "
               f"{result.checks[-1][1]:.2f}, best {best:.2f} at step {result.best_step}"
               + ("; stopped there, as it rose after" if result.stopped_early else "")
-              + (f" (int{args.quantize_aware} weights)" if args.quantize_aware else ""))
+              + (f" (int{args.quantize} weights)" if args.quantize else ""))
     print(f"saved to {out}")
-    if args.quantize_aware:
-        print(f"trained for int{args.quantize_aware}: now run 'tensornet-llm quantize {out} "
-              f"--bits {args.quantize_aware} --out ...' (default groups)")
+    if args.quantize:
+        print(f"trained for int{args.quantize}: now run 'tensornet-llm quantize {out} "
+              f"--bits {args.quantize} --out ...' (default groups)")
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
@@ -389,8 +388,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = Path(args.out)
     _check_out(out, args.overwrite)
     model, tokenizer = load_any(args.model)
-    report = quantize(model, args.bits, group_size=args.group_size,
-                      embeddings=not args.keep_embeddings, dense=not args.keep_dense)
+    report = quantize(model, **settings_from(args, QuantizeConfig))
     print(report.summary())
     save_compactified(model, out, tokenizer=tokenizer, overwrite=args.overwrite,
                       quantization={"source": args.model, "bits": args.bits,
@@ -399,8 +397,6 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .compress.compactify import OUTPUT_METRICS, CompactifyConfig
-
     parser = argparse.ArgumentParser(
         prog="tensornet-llm", description="Compress transformer language models with tensor networks.",
     )
@@ -409,15 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="tensorize a model's attention and MLP layers and save it")
     p.add_argument("model", help="smollm2, a .gguf file, or a Hugging Face model directory")
     size = p.add_mutually_exclusive_group(required=True)
-    size.add_argument("--chi", type=_chi, help="bond dimension of every layer (integer >= 1)")
-    size.add_argument("--ratio", type=_fraction,
-                      help="keep this fraction of the attention/MLP parameters, choosing chi per "
-                      "layer (with --calibration: from the predicted loss increase)")
-    p.add_argument("--method", choices=["mpo", "ttns", "low-rank"], default="mpo",
-                   help="network of every layer (low-rank: W = U V; --n-sites does not apply)")
-    p.add_argument("--n-sites", type=int, default=3, help="sites per layer (default 3)")
-    p.add_argument("--tol", type=float, help="relative weight tolerance; bonds may keep fewer values")
-    p.add_argument("--exclude", nargs="*", help="module patterns to keep dense, e.g. layers.0.")
+    add_field(size, CompactifyConfig, "chi", type=_chi,
+              help="bond dimension of every layer (integer >= 1)")
+    add_field(size, CompactifyConfig, "ratio", type=_fraction,
+              help="keep this fraction of the attention/MLP parameters, choosing chi per layer "
+              "(with calibration: from the predicted loss increase)")
+    add_field(p, CompactifyConfig, "method")
+    add_field(p, CompactifyConfig, "n_sites")
+    add_field(p, CompactifyConfig, "tol", type=float)
+    add_field(p, CompactifyConfig, "exclude", nargs="*", metavar="PATTERN")
     p.add_argument("--calibration", help="text file (or bundled name) to fit the layers to "
                    "(default: the bundled mixture of fiction, encyclopedia, technical prose and "
                    "code)")
@@ -426,27 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-tokens", type=_positive, default=16384,
                    help="calibration tokens, in 512-token windows (default 16384: fewer fit the "
                    "calibration text's domain more and others less, see bench_domains.md)")
-    p.add_argument("--fit-steps", type=_non_negative, default=50, help="L-BFGS steps per layer (default 50)")
-    p.add_argument("--no-low-rank", action="store_true",
-                   help="with --ratio, use only the --method layout (by default the budget may "
-                   "also give a layer the low-rank 2-site MPO, the rank-chi factorisation)")
-    p.add_argument("--low-rank-factors", action="store_true",
-                   help="store low-rank layers as two factors U, V (peft merges adapters into "
-                   "them by concatenation) instead of kept rows and their combinations, which "
-                   "hold the same rank in r^2 fewer parameters")
-    p.add_argument("--min-saving", type=float, default=0.0,
-                   help="with --ratio, every compressed module saves at least this fraction of "
-                   "its parameters (default 0; e.g. 0.4 for decode speed: fewer modules, each "
-                   "compressed further)")
-    p.add_argument("--no-weigh-outputs", action="store_true",
-                   help="with --ratio and calibration, fit every output feature alike (SVD-LLM's "
-                   "objective) instead of weighting each by the loss gradient there")
-    p.add_argument("--output-metric", choices=OUTPUT_METRICS, default=CompactifyConfig.output_metric,
-                   help="how the output features are weighted: 'diagonal' (each by the loss "
-                   "gradient's second moment) or 'full' (the whole matrix, K-FAC)")
-    p.add_argument("--cross-layer", type=_positive, metavar="G",
-                   help="share bases between the same-role modules of every G consecutive "
-                        "blocks (cross-layer networks; see docs/cross-layer.md)")
+    add_field(p, CompactifyConfig, "fit_steps", type=_non_negative)
+    add_field(p, CompactifyConfig, "low_rank")
+    add_field(p, CompactifyConfig, "interpolative", "--low-rank-factors",
+              help="store low-rank layers as two factors U, V (peft merges adapters into them "
+              "by concatenation) instead of kept rows and their combinations, which hold the "
+              "same rank in r^2 fewer parameters")
+    add_field(p, CompactifyConfig, "min_saving", type=_saving)
+    add_field(p, CompactifyConfig, "weigh_outputs")
+    add_field(p, CompactifyConfig, "output_metric", choices=OUTPUT_METRICS)
+    add_field(p, CompactifyConfig, "cross_layer", type=_positive, metavar="G")
     p.add_argument("--dtype", choices=list(DTYPES), default="auto",
                    help="the dtype to load in (default: the checkpoint's own)")
     p.add_argument("--stream", action="store_true",
@@ -497,37 +482,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "bundled mixture of every domain's fit part)")
     p.add_argument("--tokens", type=_positive,
                    help="use at most this many tokens of --text (an equal share of each)")
-    p.add_argument("--steps", type=_positive, required=True,
-                   help="optimiser steps (at most, with --max-minutes)")
-    p.add_argument("--max-minutes", type=_positive_float,
-                   help="wall-clock budget: stop after the step that reaches it, with the "
-                   "learning rate decayed by then")
-    p.add_argument("--lr", type=_positive_float,
-                   help=f"peak learning rate (default {HealConfig.lr:g}, heal's)")
+    add_field(p, HealConfig, "steps", type=_positive, required=True)
+    add_field(p, HealConfig, "max_minutes", type=_positive_float)
+    add_field(p, HealConfig, "lr", type=_positive_float)
     p.add_argument("--batch", type=_positive, default=4, help="sequences per step (default 4)")
     p.add_argument("--seq", type=_positive, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--accumulate", type=_positive, default=1, help="gradient accumulation steps")
+    add_field(p, HealConfig, "gradient_accumulation_steps", "--accumulate", type=_positive,
+              metavar="N")
     p.add_argument("--teacher", help="dense model to distil from (smollm2, .gguf or directory; "
                    "default: the model MODEL was compressed from, when it can be loaded)")
     p.add_argument("--no-teacher", action="store_true", help="no distillation")
-    p.add_argument("--train", choices=["all", "blocks", "cores"],
-                   help="what healing updates: every parameter, all but the token embeddings and "
-                   "LM head, or only the tensor-network cores (default: blocks; all with "
-                   "--quantize-aware)")
+    add_field(p, HealConfig, "train")
     p.add_argument("--cores-only", action="store_true", help="the same as --train cores")
-    p.add_argument("--checkpoint-dir", help="keep the training state here; rerun to resume")
+    add_field(p, HealConfig, "checkpoint_dir")
     p.add_argument("--check-tokens", type=_non_negative, default=2048,
                    help="tokens of every domain's check text (never trained on) whose perplexity "
                    "is watched during healing (default 2048; 0: no checks)")
-    p.add_argument("--check-every", type=_positive, default=50,
-                   help="steps between checks (default 50)")
-    p.add_argument("--on-rise", choices=["stop", "warn"], default="stop",
-                   help="when the check perplexity rises twice in a row: stop and keep the best "
-                   "weights (default), or warn and go on")
-    p.add_argument("--quantize-aware", type=int, choices=[8, 4], metavar="BITS",
-                   help="quantization-aware healing: train through the rounding that 'quantize "
-                   "--bits BITS' (default groups) applies afterwards; the checks measure the "
-                   "quantized model")
+    add_field(p, HealConfig, "check_every", type=_positive)
+    add_field(p, HealConfig, "on_rise")
+    add_field(p, HealConfig, "quantize", "--quantize-aware", type=int, choices=[8, 4],
+              metavar="BITS",
+              help="quantization-aware healing: train through the rounding that 'quantize "
+              "--bits BITS' (default groups) applies afterwards; the checks measure the "
+              "quantized model")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -535,12 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="int8 / int4 weights of a (compressed) model")
     p.add_argument("model", help="a directory written by compress or heal, smollm2, or a HF directory")
-    p.add_argument("--bits", type=int, choices=[8, 4], default=8)
-    p.add_argument("--group-size", type=_positive, help="entries per scale (default: per channel for "
-                   "int8, 64 for int4)")
-    p.add_argument("--keep-embeddings", action="store_true", help="leave embeddings in float")
-    p.add_argument("--keep-dense", action="store_true",
-                   help="leave dense linears (LM head, excluded layers) in float")
+    add_field(p, QuantizeConfig, "bits", choices=[8, 4])
+    add_field(p, QuantizeConfig, "group_size", type=_positive)
+    add_field(p, QuantizeConfig, "embeddings", "--keep-embeddings",
+              help="leave embeddings in float")
+    add_field(p, QuantizeConfig, "dense", "--keep-dense",
+              help="leave dense linears (LM head, excluded layers) in float")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_quantize)

@@ -267,3 +267,33 @@ def test_compress_min_saving_is_passed_and_recorded(tiny_dir, tmp_path, capsys):
     assert main(["compress", str(tiny_dir), "--chi", "4", "--min-saving", "0.5",
                  "--out", str(tmp_path / "refused"), "--quiet"]) != 0
     assert "min_saving" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
+def test_options_of_settings_take_default_and_help_from_the_dataclasses():
+    """Every option named after a field of CompactifyConfig / HealConfig / QuantizeConfig has
+    that field's default and a help text from its docstring: one source for both."""
+    import argparse
+    import dataclasses
+
+    from tensornet_llm import CompactifyConfig, QuantizeConfig
+    from tensornet_llm.cli import build_parser
+    from tensornet_llm.cli_options import field_help
+
+    commands = {"compress": CompactifyConfig, "heal": HealConfig, "quantize": QuantizeConfig}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    seen = 0
+    for command, cls in commands.items():
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING
+                    else f.default_factory() for f in dataclasses.fields(cls)}
+        helps = field_help(cls)
+        for action in sub.choices[command]._actions:
+            if action.dest in defaults:
+                seen += 1
+                assert action.default == defaults[action.dest], (command, action.dest)
+                assert action.help and (action.dest not in helps or helps[action.dest] in
+                                        action.help or action.option_strings[0] in (
+                                            "--low-rank-factors", "--quantize-aware",
+                                            "--keep-embeddings", "--keep-dense", "--chi",
+                                            "--ratio")), (command, action.dest)
+    assert seen >= 25
+    assert field_help(HealConfig)["lr"] == "peak learning rate of AdamW"
