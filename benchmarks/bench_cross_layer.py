@@ -62,9 +62,8 @@ from tensornet_llm.helpers.data import calibration_mix, check_mix, healing_mix
 from tensornet_llm.helpers.evaluate import perplexity_table
 from tensornet_llm.helpers.models import load_smollm2
 
-from _rows import domain_table, held_out_row, resume
+from harness import RESULTS, domain_table, held_out_row, pyplot, resume, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["per-layer", "cross-layer 1", "svd-llm", "basis-sharing", "cross-layer 2", "cross-layer 4"]
 #: Basis Sharing's grouping: q, k, v, gate, up over pairs of blocks; o and down per layer.
 BASIS_SHARING_GROUPS = {"re:.*(o_proj|down_proj)": 1, "_default": 2}
@@ -110,8 +109,6 @@ def healed(model, report, dense, tokenizer, minutes: float):
 
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
-    (out / "bench_cross_layer.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                           indent=1))
     lines = ["# Cross-layer networks, per-layer default, Basis Sharing (SmolLM2-135M, no "
              "fine-tuning)", "",
              f"Every method keeps the same fraction of the targeted parameters, calibrated on "
@@ -135,7 +132,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         for role, ranks in meta["spectra"].items():
             lines.append(f"| {role} | {ranks['1']} | {ranks['2']} ({2 * ranks['1']}) | "
                          f"{ranks['4']} ({4 * ranks['1']}) |")
-    (out / "bench_cross_layer.md").write_text("\n".join(lines) + "\n")
+    write_results(out, "bench_cross_layer", meta, rows, lines)
 
 
 ROLES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -178,12 +175,8 @@ def spectra(model, batches) -> tuple[dict, dict]:
 
 def plot_spectra(path: Path, curves: dict) -> None:
     """One panel per role: cumulative whitened energy against rank, stacked against separate."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(curves), figsize=(2.6 * len(curves), 3.0), sharey=True)
     for ax, (role, by_group) in zip(axes, curves.items()):
@@ -210,7 +203,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--heal-minutes", type=float, default=0.0,
                         help="heal every model this long after compressing (0: no healing)")

@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 import warnings
 
 import torch
 from torch import nn
 
-from _speed import run_meta, speed_arguments, timed_models, write_results
+from harness import interleaved, machine, ratio, speed_arguments, timed_models, write_results
 from tensornet_llm.compress.targets import find_targets
 
 
@@ -75,11 +73,28 @@ class Decoder:
         return sum(p.numel() * p.element_size() for m in self.modules for p in m.parameters())
 
 
-def seconds(fn, n: int) -> float:
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
+def table(meta: dict, rows: list[dict]) -> list[str]:
+    """The results file's Markdown: the settings, then a row per model."""
+    lines = [
+        "# One decoded token: the linear layers against everything else (SmolLM2-135M)", "",
+        f"Batch 1, one token after a {meta['prompt']}-token prompt, {meta['dtype']}, "
+        f"{meta['threads']} CPU threads ({meta['machine']}, torch {meta['torch']}); fastest of "
+        f"{meta['rounds']} interleaved rounds of {meta['steps']}. *Linear layers*: every targeted "
+        "linear of the blocks once, in forward order, on its input from a real step. *Ceiling*: "
+        "the step's speed against dense if the linear layers' time followed their bytes; "
+        "*within rounds*: the median and range of the ratio within a round. "
+        "Written by `benchmarks/bench_decode_step.py`.", "",
+        "| model | step | linear layers | everything else | linear share | step vs dense "
+        "| step vs dense within rounds | linear layers vs dense | linear bytes vs dense "
+        "| ceiling |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['step_ms']:.1f} ms | {r['linears_ms']:.1f} ms | "
+            f"{r['rest_ms']:.1f} ms | {r['linear_share']:.0%} | {r['step_speed']:.2f}x | "
+            f"{r['step_rounds']} | {r['linear_speed']:.2f}x | {r['linear_bytes']:.2f} | "
+            f"{r['ceiling']:.2f}x |")
+    return lines
 
 
 def main() -> None:
@@ -92,43 +107,30 @@ def main() -> None:
     prompt = torch.randint(100, 10000, (1, args.prompt))
     names = [name for name, _ in find_targets(dense)[0]]  # in forward order
     decoders = {name: Decoder(model, prompt, names) for name, model in models.items()}
-    best = {name: {"step": math.inf, "linears": math.inf} for name in decoders}
-    for _ in range(args.rounds + 1):  # the first round warms up
-        for name, d in decoders.items():
-            best[name]["step"] = min(best[name]["step"], seconds(d.step, args.steps))
-            best[name]["linears"] = min(best[name]["linears"], seconds(d.sweep, args.steps))
+    calls = {(name, part): getattr(d, method) for name, d in decoders.items()
+             for part, method in (("step", "step"), ("linears", "sweep"))}
+    times = interleaved(calls, args.rounds, repeat=args.steps, warmup=args.steps)
+    best = {name: {part: min(times[name, part]) for part in ("step", "linears")}
+            for name in decoders}
     base = best["dense"]
     dense_bytes = decoders["dense"].linear_bytes()
     rows = []
     for name, d in decoders.items():
         b = best[name]
-        ratio = d.linear_bytes() / dense_bytes
+        byte_share = d.linear_bytes() / dense_bytes
         rest = b["step"] - b["linears"]
         rows.append({
             "model": name, "step_ms": b["step"] * 1e3, "linears_ms": b["linears"] * 1e3,
             "rest_ms": rest * 1e3, "linear_share": b["linears"] / b["step"],
             "step_speed": base["step"] / b["step"], "linear_speed": base["linears"] / b["linears"],
-            "linear_bytes": ratio,
-            "ceiling": base["step"] / (base["step"] - base["linears"] + base["linears"] * ratio),
+            "step_rounds": str(ratio(times[name, "step"], times["dense", "step"])),
+            "linear_bytes": byte_share,
+            "ceiling": base["step"] / (base["step"] - base["linears"]
+                                       + base["linears"] * byte_share),
         })
         print(json.dumps(rows[-1]), flush=True)
-    meta = run_meta(args, steps=args.steps)
-    lines = [
-        "# One decoded token: the linear layers against everything else (SmolLM2-135M)", "",
-        f"Batch 1, one token after a {args.prompt}-token prompt, {args.dtype}, "
-        f"{args.threads} CPU threads ({meta['machine']}, torch {meta['torch']}); fastest of "
-        f"{args.rounds} interleaved rounds of {args.steps}. *Linear layers*: every targeted "
-        "linear of the blocks once, in forward order, on its input from a real step. *Ceiling*: "
-        "the step's speed against dense if the linear layers' time followed their bytes. "
-        "Written by `benchmarks/bench_decode_step.py`.", "",
-        "| model | step | linear layers | everything else | linear share | step vs dense "
-        "| linear layers vs dense | linear bytes vs dense | ceiling |",
-        "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['step_ms']:.1f} ms | {r['linears_ms']:.1f} ms | "
-            f"{r['rest_ms']:.1f} ms | {r['linear_share']:.0%} | {r['step_speed']:.2f}x | "
-            f"{r['linear_speed']:.2f}x | {r['linear_bytes']:.2f} | {r['ceiling']:.2f}x |")
+    meta = machine(dtype=args.dtype, prompt=args.prompt, steps=args.steps, rounds=args.rounds)
+    lines = table(meta, rows)
     write_results(args.out, "bench_decode_step", meta, rows, lines)
 
 

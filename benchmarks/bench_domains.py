@@ -16,7 +16,7 @@ to dense, the geometric mean and the worst ratio. Calibrations:
 
 * ``mixture``: ``calibration_mix``, an equal share of every domain's fit part (the default of
   the CLI and the examples);
-* ``emma``: the single novel earlier versions calibrated on (as in ``bench_quality.py``);
+* ``emma``: the single novel earlier versions calibrated on;
 * ``generated``: ``generated_text``, windows sampled from the dense model itself (no data);
 * ``mixture+generated``: half of the tokens from each of the two above.
 
@@ -37,9 +37,9 @@ from tensornet_llm.helpers.data import DOMAINS, calibration_mix, generated_text,
 from tensornet_llm.helpers.evaluate import perplexity_table
 from tensornet_llm.helpers.models import load_smollm2
 
-from _rows import domain_table, held_out_row, ratio_leaving_dense, resume
+from harness import (RESULTS, domain_table, held_out_row, ratio_leaving_dense, resume,
+                     write_results)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def calibration(model, tokenizer, name: str, n_tokens: int) -> list:
@@ -56,7 +56,6 @@ def calibration(model, tokenizer, name: str, n_tokens: int) -> list:
 
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
-    (out / "bench_domains.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["# Held-out perplexity on every domain (SmolLM2-135M, no fine-tuning)", "",
              f"`compactify(model, ratio=keep, calibration=...)` with the default layouts, "
              f"{meta['fit_steps']} fit steps per layer; perplexity on {meta['tokens']} held-out "
@@ -76,7 +75,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         "min saving": lambda r: f"{r['min_saving']:.0%}" if r.get("min_saving") else "",
         "left dense": lambda r: " ".join(r.get("exclude", [])),
         "keep": lambda r: f"{r['keep']:.0%}"})
-    (out / "bench_domains.md").write_text("\n".join(lines) + "\n")
+    write_results(out, "bench_domains", meta, rows, lines)
 
 
 def main() -> None:
@@ -104,7 +103,7 @@ def main() -> None:
                         "same parameters in all (CompactifyConfig.exclude)")
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
 

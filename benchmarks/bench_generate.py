@@ -36,9 +36,6 @@ import argparse
 import copy
 import gc
 import json
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -49,11 +46,10 @@ from tensornet_llm import CompactifyConfig, compactify, fuse_siblings
 from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
 from tensornet_llm.helpers.evaluate import model_size_bytes
 from tensornet_llm.helpers.models import load_smollm2
+from tensornet_llm.helpers.speed import RoundTimes, ratios, time_generate
 
-from _rows import ratio_leaving_dense
+from harness import DTYPES, RESULTS, machine, pyplot, ratio_leaving_dense, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def decode_bytes(model: nn.Module) -> int:
@@ -104,17 +100,8 @@ def build_models(keeps: list[float], single_keep: float | None, fuse: bool = Fal
     return {k: m.eval() for k, m in models.items()}, compressed
 
 
-def generate_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int, static: bool
-                     ) -> float:
-    kwargs = {"cache_implementation": "static"} if static else {}
-    start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                   pad_token_id=0, **kwargs)
-    return time.perf_counter() - start
-
-
 def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, rounds: int,
-               mode: str, dtype: torch.dtype) -> dict[str, dict[str, list[float]]]:
+               mode: str, dtype: torch.dtype) -> dict[str, RoundTimes]:
     """Prefill and per-token decode seconds of every model in every round (models interleaved:
     each runs once per round, in turn)."""
     ready = {}
@@ -128,76 +115,58 @@ def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: i
             model = copy.copy(model)  # a shallow copy carries the compiled forward alone
             model.forward = torch.compile(model.forward, dynamic=True)
         ready[name] = model
-    times = {name: {"prefill": [], "decode": []} for name in ready}
-    static = mode == "compiled"
-    with torch.inference_mode():
-        for name, model in ready.items():  # warm-up (and compilation)
-            generate_seconds(model, prompt, 2, static)
-        for _ in range(rounds):
-            for name, model in ready.items():
-                prefill = generate_seconds(model, prompt, 1, static)
-                total = generate_seconds(model, prompt, 1 + new_tokens, static)
-                times[name]["prefill"].append(prefill)
-                times[name]["decode"].append(max(total - prefill, 1e-9) / new_tokens)
-    for name, model in models.items():
+    times = time_generate(ready, prompt, new_tokens, rounds, static=mode == "compiled")
+    for model in models.values():
         model.to(torch.float32)
     return times
 
 
-def speed_ratios(times: dict[str, list[float]], dense: dict[str, list[float]]
-                 ) -> dict[str, float]:
+def speed_ratios(times: RoundTimes, dense: RoundTimes) -> dict[str, float]:
     """Per phase: the fastest round's seconds, the ratio of the fastest rounds (dense over
-    model) and the median over rounds of the ratio within a round (each round's model run against
-    the dense run next to it in time, which cancels drift slower than a round)."""
+    model), and the median, lowest and highest over rounds of the ratio within a round."""
     out = {}
-    for phase in ("prefill", "decode"):
-        out[f"{phase}_s"] = min(times[phase])
-        out[f"{phase}_ratio"] = min(dense[phase]) / min(times[phase])
-        out[f"{phase}_ratio_median"] = statistics.median(
-            d / t for d, t in zip(dense[phase], times[phase]))
+    for phase, r in ratios(times, dense).items():
+        out[f"{phase}_s"] = min(getattr(times, phase))
+        out.update({f"{phase}_ratio": r.best, f"{phase}_ratio_median": r.median,
+                    f"{phase}_ratio_low": r.low, f"{phase}_ratio_high": r.high})
     return out
 
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
-    (out / "bench_generate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["# Generation speed against dense (SmolLM2-135M)", "",
              f"Greedy `generate` from a {meta['prompt']}-token prompt; decode is per new token "
              f"over {meta['new_tokens']} new tokens; {meta['rounds']} interleaved rounds, "
              f"{meta['threads']} CPU threads ({meta['machine']}). Ratios are dense time over the "
              "model's time (above 1: faster than dense): \"vs dense\" of the fastest rounds, "
-             "\"median\" the median over rounds of the ratio within a round (robust to drift "
-             "between rounds); the ceiling is dense bytes read per "
+             "\"median (rounds)\" the median over rounds of the ratio within a round and its "
+             "lowest and highest (the spread a difference must clear); the ceiling is dense "
+             "bytes read per "
              "decoded token over the model's. Models compressed with "
              "`compactify(model, ratio=keep)` (default layouts, no calibration: speed does not "
              "depend on the weights' values). Written by `benchmarks/bench_generate.py`.", "",
              "| model | modules compressed | batch | mode | dtype | prefill tok/s | "
-             "prefill vs dense | median | decode tok/s | decode vs dense | median | "
-             "decode ceiling | of ceiling |",
+             "prefill vs dense | median (rounds) | decode tok/s | decode vs dense | "
+             "median (rounds) | decode ceiling | of ceiling |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ceiling = r["ceiling"]
-        count = r.get("compressed_modules", "")  # not recorded by runs before this column
         share = f"{(r['decode_ratio'] - 1) / (ceiling - 1):.0%} " if ceiling > 1.001 else ""
-        median = {phase: f"{r[f'{phase}_ratio_median']:.2f}x" if f"{phase}_ratio_median" in r
-                  else "" for phase in ("prefill", "decode")}  # not recorded by older runs
+        spread = {phase: f"{r[f'{phase}_ratio_median']:.2f}x ({r[f'{phase}_ratio_low']:.2f}x-"
+                  f"{r[f'{phase}_ratio_high']:.2f}x)" for phase in ("prefill", "decode")}
         lines.append(
-            f"| {r['model']} | {count} | {r['batch']} | {r['mode']} | {r['dtype']} | "
-            f"{r['prefill_tokens_per_s']:.0f} | {r['prefill_ratio']:.2f}x | {median['prefill']} | "
-            f"{r['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | {median['decode']} | "
-            f"{ceiling:.2f}x | {share}|")
+            f"| {r['model']} | {r['compressed_modules']} | {r['batch']} | {r['mode']} | "
+            f"{r['dtype']} | {r['prefill_tokens_per_s']:.0f} | {r['prefill_ratio']:.2f}x | "
+            f"{spread['prefill']} | {r['decode_tokens_per_s']:.1f} | {r['decode_ratio']:.2f}x | "
+            f"{spread['decode']} | {ceiling:.2f}x | {share}|")
     lines += ["", "\"of ceiling\": the share of the possible decode gain reached, "
               "(ratio - 1) / (ceiling - 1)."]
-    (out / "bench_generate.md").write_text("\n".join(lines) + "\n")
+    write_results(out, "bench_generate", meta, rows, lines)
     plot(out / "bench_generate.png", rows)
 
 
 def plot(path: Path, rows: list[dict]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     configs = sorted({(r["batch"], r["mode"], r["dtype"]) for r in rows})
     fig, axes = plt.subplots(1, len(configs), figsize=(5 * len(configs), 4.2), squeeze=False)
@@ -241,7 +210,7 @@ def main() -> None:
     parser.add_argument("--exclude", nargs="+", metavar="PATTERN",
                         help="also time each keep with these modules left dense and the rest "
                         "compressed further, to the same parameters in all")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     # Every model compiles graphs of the same forward (warm-up, prefill, decode), more than
     # Dynamo's default limit of 8 per function: past it Dynamo would run the rest eagerly
@@ -254,9 +223,7 @@ def main() -> None:
     _, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
     ceilings = {name: decode_bytes(models["dense"]) / decode_bytes(m) for name, m in models.items()}
-    meta = {"prompt": args.prompt, "new_tokens": args.new_tokens, "rounds": args.rounds,
-            "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-            "torch": torch.__version__}
+    meta = machine(prompt=args.prompt, new_tokens=args.new_tokens, rounds=args.rounds)
     rows = []
     for dtype in args.dtypes:
         for mode in args.modes:
@@ -275,7 +242,6 @@ def main() -> None:
                     })
                     print(json.dumps(rows[-1]), flush=True)
                 gc.collect()
-                args.out.mkdir(parents=True, exist_ok=True)
                 write(args.out, meta, rows)
 
 

@@ -18,7 +18,6 @@ that checkout to compare. Writes ``<out>/bench_heal_step.{json,md}``.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -27,11 +26,12 @@ from pathlib import Path
 import torch
 
 import tensornet_llm
-from tensornet_llm import compactify, heal, load_compactified
+from tensornet_llm import heal, load_compactified
 from tensornet_llm.helpers.data import healing_mix
-from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
+from tensornet_llm.helpers.models import default_cache_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import RESULTS, compressed, machine, smollm2, write_results
+
 PARETO_MODEL = "pareto-keep{keep}-mix16384-rows8"  # bench_pareto.py's cache name
 
 
@@ -39,13 +39,11 @@ def student_model(dense, keep: float) -> tuple[torch.nn.Module, str]:
     cached = default_cache_dir() / "bench" / PARETO_MODEL.format(keep=keep)
     if (cached / "tensornet.json").is_file():
         return load_compactified(cached), f"bench_pareto's cached model ({cached.name})"
-    model = copy.deepcopy(dense)
-    compactify(model, ratio=keep, progress=False)
-    return model, "compactify(ratio=keep) without calibration"
+    return compressed(dense, keep)[0].train(), "compactify(ratio=keep) without calibration"
 
 
 def write_table(out: Path, rows: list[dict]) -> None:
-    """``<out>/bench_heal_step.md`` from the rows of ``bench_heal_step.json``."""
+    """``<out>/bench_heal_step.{json,md}`` from all rows so far."""
     lines = ["# Seconds per healing step (SmolLM2-135M, default recipe)", "",
              "Batches of 4 x 256 tokens, distilled from the dense model. Written by "
              "`benchmarks/bench_heal_step.py`; one row per run, in the order they ran.", "",
@@ -56,7 +54,7 @@ def write_table(out: Path, rows: list[dict]) -> None:
                      f"{r['mixed_precision']} | "
                      f"{r['threads']} | {r['steps_timed']} | {r['median_s']:.2f} | "
                      f"{r['mean_s']:.2f} | {1800 / r['median_s']:.0f} |")
-    (out / "bench_heal_step.md").write_text("\n".join(lines) + "\n")
+    write_results(out, "bench_heal_step", machine(), rows, lines)
 
 
 def main() -> None:
@@ -68,12 +66,12 @@ def main() -> None:
     parser.add_argument("--train", help="heal(train=...): what the steps update (default: "
                         "heal's default)")
     parser.add_argument("--label", default="", help="a name for this run in the table")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.steps <= args.skip:
         parser.error("--steps must exceed --skip")
     torch.set_num_threads(args.threads)
-    dense, tokenizer = load_smollm2()
+    dense, tokenizer = smollm2()
     model, source = student_model(dense, args.keep)
     batches = healing_mix(tokenizer, 4 * 256 * args.steps, seq_len=256, batch_size=4)
     stamps = [time.perf_counter()]
@@ -88,11 +86,9 @@ def main() -> None:
            "steps_timed": len(times), "median_s": statistics.median(times),
            "mean_s": statistics.fmean(times), "step_seconds": times}
     print(json.dumps({k: v for k, v in row.items() if k != "step_seconds"}), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "bench_heal_step.json"
-    rows = json.loads(path.read_text()) if path.is_file() else []
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
     rows.append(row)
-    path.write_text(json.dumps(rows, indent=1))
     write_table(args.out, rows)
 
 

@@ -21,38 +21,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from harness import RESULTS, interleaved, machine, write_results
+
 from tensornet_llm import MPOLinear, TTNSLinear, autotune
 from tensornet_llm.layers.contract import get_plan
 
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"mpo": MPOLinear, "ttns": TTNSLinear}
 
 
-def time_variants(fns: dict, budget_s: float, max_reps: int) -> dict[str, float]:
+def time_variants(fns: dict, rounds: int) -> dict[str, float]:
     """Fastest seconds per call of each function over interleaved rounds.
 
     The minimum, not the median: on a shared machine interference only ever adds time, so the
     fastest round is the best estimate of what the code costs.
     """
-    for fn in fns.values():  # warm-up: plans, allocator, caches
-        fn()
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    start = time.perf_counter()
-    reps = 0
-    while reps < max_reps and (reps < 2 or time.perf_counter() - start < budget_s):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - t0)
-        reps += 1
-    return {k: min(v) for k, v in samples.items()}
+    return {name: min(times) for name, times in interleaved(fns, rounds).items()}
 
 
 def left_to_right_flops(layer, tokens: int) -> float:
@@ -78,7 +67,7 @@ def fmt_ms(seconds: float | None) -> str:
     return "skipped" if seconds is None else f"{seconds * 1e3:.3f}"
 
 
-def run(grid: dict, budget_s: float, out_stem: str) -> list[dict]:
+def run(grid: dict, rounds_scale: float) -> list[dict]:
     rows = []
     torch.manual_seed(0)
     for in_f, out_f in grid["shapes"]:
@@ -107,8 +96,8 @@ def run(grid: dict, budget_s: float, out_stem: str) -> list[dict]:
                             "auto": strat("auto"),
                         }
                         with torch.inference_mode():
-                            max_reps = 60 if tokens <= 16 else (8 if tokens < 2048 else 2)
-                            t = time_variants(fns, budget_s, max_reps)
+                            rounds = 60 if tokens <= 16 else (8 if tokens < 2048 else 2)
+                            t = time_variants(fns, max(2, int(rounds * rounds_scale)))
                             # The pathless einsum is a slow reference: one call is enough, and
                             # none where the last measurement extrapolates past 2 s a call.
                             naive = left_to_right_flops(layer, tokens)
@@ -176,7 +165,7 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def write_markdown(rows: list[dict], summary: dict, path: Path, meta: dict) -> None:
+def markdown(rows: list[dict], summary: dict, meta: dict) -> list[str]:
     lines = [
         "# Layer benchmark: tensor network vs dense nn.Linear",
         "",
@@ -211,7 +200,7 @@ def write_markdown(rows: list[dict], summary: dict, path: Path, meta: dict) -> N
             f"{r['linear_over_auto']:.2f} | {r['flops']['network']/1e9:.3g} / "
             f"{r['flops']['linear']/1e9:.3g} |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def main() -> None:
@@ -225,17 +214,17 @@ def main() -> None:
     parser.add_argument("--stem", help="results file name (default: bench_layers, or "
                         "bench_layers_quick with --quick)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         grid = {"shapes": [(576, 1536), (1536, 576)], "n_sites": [3], "chi": [16, 64],
                 "tokens": [1, 16, 512]}
-        stem, budget = "bench_layers_quick", 0.1
+        stem, scale = "bench_layers_quick", 0.25
     else:
         grid = {"shapes": [(576, 1536), (1536, 576), (4096, 4096), (4096, 11008)],
                 "n_sites": [3, 4], "chi": [16, 64], "tokens": [1, 16, 512, 2048]}
-        stem, budget = "bench_layers", 0.3
+        stem, scale = "bench_layers", 1.0
     for key in ("n_sites", "chi", "tokens"):
         if getattr(args, key):
             grid[key] = getattr(args, key)
@@ -243,17 +232,11 @@ def main() -> None:
         grid["shapes"] = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
     grid["methods"] = args.methods or sorted(METHODS)
     stem = args.stem or stem
-    meta = {"machine": f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} threads", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "grid": grid}
-    rows = run(grid, budget, stem)
+    rows = run(grid, scale)
     summary = summarise(rows)
     print(json.dumps(summary, indent=2))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "rows": rows}, indent=1)
-    )
-    write_markdown(rows, summary, args.out / f"{stem}.md", meta)
+    meta = machine(grid=grid, summary=summary)
+    write_results(args.out, stem, meta, rows, markdown(rows, summary, meta))
 
 
 if __name__ == "__main__":

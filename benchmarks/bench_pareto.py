@@ -44,7 +44,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import time
 from pathlib import Path
 
@@ -58,11 +57,11 @@ from tensornet_llm.helpers.data import (
     DOMAINS, calibration_mix, check_mix, generated_text, healing_mix, held_out_ids,
 )
 from tensornet_llm.helpers.evaluate import compare_to_dense, model_size_bytes, perplexity_table
+from tensornet_llm.helpers.speed import time_generate
 from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
 
-from _rows import resume
+from harness import RESULTS, pyplot, resume, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 QUANT = {"": None, " + int8": 8, " + int4": 4}
 DEFAULT_HEAL_LR = HealConfig.lr  # heal()'s default, 3e-4
 DEFAULT_HEAL_CE = HealConfig.ce_weight  # heal()'s default, 1
@@ -192,26 +191,12 @@ def variant(model: nn.Module, bits: int | None) -> nn.Module:
     return model
 
 
-def decode_seconds(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
-    start = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                   pad_token_id=0)
-    return time.perf_counter() - start
-
-
 def measure_speed(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int,
                   rounds: int) -> dict[str, float]:
-    """Seconds per decoded token of every model: (generate(1 + N) - generate(1)) / N, fastest
-    of ``rounds`` interleaved rounds."""
-    best = {name: [math.inf, math.inf] for name in models}
-    with torch.inference_mode():
-        for model in models.values():
-            decode_seconds(model, prompt, 2)  # warm-up
-        for _ in range(rounds):
-            for name, model in models.items():
-                best[name][0] = min(best[name][0], decode_seconds(model, prompt, 1))
-                best[name][1] = min(best[name][1], decode_seconds(model, prompt, 1 + new_tokens))
-    return {name: max(total - first, 1e-9) / new_tokens for name, (first, total) in best.items()}
+    """Seconds per decoded token of every model, fastest of ``rounds`` interleaved rounds
+    (:func:`~tensornet_llm.helpers.speed.time_generate`)."""
+    times = time_generate(models, prompt, new_tokens, rounds)
+    return {name: min(t.decode) for name, t in times.items()}
 
 
 def frontier(rows: list[dict]) -> set[str]:
@@ -237,20 +222,25 @@ def healing_words(meta: dict) -> str:
             "mix+generated": f"{mix} and {sampled}"}[meta.get("heal_text", "mix")]
 
 
+def healing_sentence(meta: dict) -> str:
+    """How the healed rows were healed, for the results file's header."""
+    return (f"; healing: {meta['heal_steps']} steps of "
+            f"{meta.get('heal_batch', DEFAULT_HEAL_SHAPE[0])} x "
+            f"{meta.get('heal_seq', DEFAULT_HEAL_SHAPE[1])} tokens on {healing_words(meta)}, "
+            f"peak lr {meta.get('heal_lr', DEFAULT_HEAL_LR):g}, "
+            f"`train={meta.get('heal_train', 'all')!r}`, distilled from dense"
+            + (f" (next-token loss weight {meta['heal_ce']:g})" if "heal_ce" in meta else ""))
+
+
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
-    (out / "bench_pareto.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     dense = meta["dense"]
     names = list(dense)
     on_frontier = frontier(rows)
     int4 = next((r for r in rows if r["model"] == "dense int4"), None)
     lines = ["# Size, held-out perplexity and decode speed: tensor networks and quantization "
              "(SmolLM2-135M)", "",
-             f"Calibration: {meta['calibration_tokens']} tokens of `calibration_mix`; healing: "
-             f"{meta['heal_steps']} steps of {meta.get('heal_batch', DEFAULT_HEAL_SHAPE[0])} x "
-             f"{meta.get('heal_seq', DEFAULT_HEAL_SHAPE[1])} tokens on {healing_words(meta)}, "
-             f"peak lr {meta.get('heal_lr', DEFAULT_HEAL_LR):g}, "
-             f"`train={meta.get('heal_train', 'all')!r}`, distilled from dense"
-             + (f" (next-token loss weight {meta['heal_ce']:g})" if "heal_ce" in meta else "")
+             f"Calibration: {meta['calibration_tokens']} tokens of `calibration_mix`"
+             + (healing_sentence(meta) if any("healed" in r["model"] for r in rows) else "")
              + f"; perplexity on {meta['tokens']} held-out tokens of each "
              f"domain; decode: batch 1, {meta['new_tokens']} new tokens after a 64-token prompt, "
              f"fastest of {meta['rounds']} interleaved rounds, against dense fp32. "
@@ -278,17 +268,13 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
             for name, i in meta.get("built", {}).items() if i]
     if info:
         lines += ["", "How the models were built (seconds on this machine):", "", *info]
-    (out / "bench_pareto.md").write_text("\n".join(lines) + "\n")
+    write_results(out, "bench_pareto", meta, rows, lines)
     plot(out / "bench_pareto.png", rows, on_frontier)
 
 
 def plot(path: Path, rows: list[dict], on_frontier: set[str]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     marks = {"": "o", " + int8": "s", " + int4": "^"}
@@ -353,7 +339,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-speed", action="store_true", help="skip the decode timing")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
 

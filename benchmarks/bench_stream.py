@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+from harness import RESULTS, machine, write_results
 
 CHILD = r"""
 import json, re, sys, time, torch
@@ -115,7 +114,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/tensornet_stream")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=2048, help="calibration tokens (default 2048)")
-    ap.add_argument("--out", default=str(RESULTS / "bench_stream"))
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -146,7 +145,7 @@ def main() -> None:
             with done_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-    write(rows, baseline, Path(args.out), args)
+    write(rows, baseline, args.out, args)
 
 
 def child_import_rss() -> int:
@@ -158,10 +157,8 @@ def child_import_rss() -> int:
 
 
 def write(rows: list[dict], baseline_kb: int, out: Path, args) -> None:
-    meta = {"python": platform.python_version(), "threads": args.threads,
-            "calibration_tokens": args.tokens, "import_only_rss_kb": baseline_kb,
-            "date": time.strftime("%Y-%m-%d")}
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    meta = machine(calibration_tokens=args.tokens, import_only_rss_kb=baseline_kb,
+                   date=time.strftime("%Y-%m-%d"), child_threads=args.threads)
     lines = [
         "# Streaming compression: peak memory against checkpoint size",
         "",
@@ -186,8 +183,7 @@ def write(rows: list[dict], baseline_kb: int, out: Path, args) -> None:
                   "`compactify` with the same settings: " + ", ".join(
                       f"{r['model']} {r['setting']}: {r['max_logit_diff_vs_in_memory']:.2e}"
                       for r in diffs) + "."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(out, "bench_stream", meta, rows, lines)
 
 
 if __name__ == "__main__":

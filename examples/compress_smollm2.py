@@ -76,7 +76,7 @@ def main() -> None:
     print(f"{'size (MB, fp32)':28}{size0 / 1e6:>14.1f}{size1 / 1e6:>16.1f}")
     print(f"{'compactify time (s)':28}{'':>14}{report.seconds:>16.1f}")
     print(f"{'decode (tokens/s, batch 1)':28}{speed0:>14.1f}{speed1:>16.1f}"
-          f"   ({decode}; best rounds)")
+          f"   ({decode}; tokens/s of the fastest rounds)")
     for name in ppl0:
         print(f"{'perplexity, ' + name:28}{ppl0[name]:>14.2f}{ppl1[name]:>16.2f}"
               f"   ({ppl_ratio[name]:.2f}x)")

@@ -11,15 +11,10 @@
    continue.
 3. Held-out perplexity (Persuasion) before and after; the healed model goes to ``WORK/healed``.
 
-Run time on 2 CPU cores (Xeon with AMX): about 4 minutes for step 1 and ~3.6 s per healing
-step, so ~18 minutes for the default 300 steps (the float32 run of
-docs/results/heal_more_text took 12 s per step). Measured
-by ``benchmarks/bench_heal.py`` with these settings at keep 50% (the budget gives the compressed
-modules the low-rank layout on SmolLM2): perplexity 213.9 -> 82.0 after 50 steps -> 73.9 after
-100 -> 61.3 after 200 -> 55.1 after 300 (dense 45.7, so 1.21x) in 18 minutes; see
-docs/results/heal_bf16/bench_heal.md. Those runs trained every parameter and took longer steps;
-``heal`` now leaves the embeddings and LM head alone by default (``train="blocks"``, better on
-held-out domains, docs/comparison.md) and steps faster, so this script's figures differ.
+Run time on 2 CPU cores (Xeon with AMX): a few minutes for step 1 and a few seconds per
+healing step (``benchmarks/bench_heal_step.py`` times the default recipe's steps). The held-out
+quality of healing on every domain is ``benchmarks/bench_pareto.py --heal-keep``'s to measure;
+this script scores one held-out novel.
 """
 
 from __future__ import annotations

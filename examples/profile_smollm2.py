@@ -5,7 +5,7 @@
 Compresses each of the 210 attention/MLP linears alone (MPO, 3 sites, keeping ``--keep`` of its
 parameters), measures the rise of the calibration loss (Emma), and cuts every dense layer exactly
 to read its bond spectra. Writes the tables, ``sensitivity.png`` (blocks x module types) and
-``entanglement.png`` (entropy across depth) to ``--out`` (default ``docs/results/profile``) and
+``entanglement.png`` (entropy across depth) to ``--out`` (default ``smollm2-profile``) and
 prints the rank correlations. The profile is cached, so a second run takes seconds. About 15
 minutes on 2 CPU cores the first time.
 """
@@ -20,7 +20,6 @@ from tensornet_llm.helpers.data import text_batches
 from tensornet_llm.helpers.models import load_smollm2
 from tensornet_llm.compress.profiling import profile_model
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
     parser.add_argument("--keep", type=float, nargs="+", default=[0.5])
     parser.add_argument("--calibration-tokens", type=int, default=1024)
     parser.add_argument("--method", choices=["mpo", "ttns"], default="mpo")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "profile")
+    parser.add_argument("--out", type=Path, default=Path("smollm2-profile"))
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()

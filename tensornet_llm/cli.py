@@ -27,7 +27,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -103,35 +103,24 @@ _chi = _positive = _at_least(1)
 _non_negative = _at_least(0)
 
 
-def _fraction(value: str) -> float:
-    try:
-        ratio = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {value!r}") from None
-    if not 0 < ratio <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {ratio}")
-    return ratio
+def _number(ok: Callable[[float], bool], allowed: str) -> Callable[[str], float]:
+    """An argparse type: a number for which ``ok`` holds (``allowed`` says which, in errors)."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value!r}") from None
+        if not ok(number):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {number}")
+        return number
+
+    return parse
 
 
-def _saving(value: str) -> float:
-    """An argparse type: a number in [0, 1)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {value!r}") from None
-    if not 0 <= number < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {number}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value!r}") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {number}")
-    return number
+_fraction = _number(lambda v: 0 < v <= 1, "a number in (0, 1]")
+_saving = _number(lambda v: 0 <= v < 1, "a number in [0, 1)")
+_positive_float = _number(lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
 def _text_batches(model_name: str, tokenizer, text: str | list[str] | None, n_tokens: int | None,

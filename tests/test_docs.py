@@ -49,7 +49,7 @@ def test_docs_links_resolve():
 
 @pytest.mark.parametrize("script", sorted(
     p.relative_to(DOCS.parent) for folder in ("examples", "benchmarks", "scripts")
-    for p in (DOCS.parent / folder).glob("[!_]*.py")), ids=str)
+    for p in (DOCS.parent / folder).glob("*.py") if "__main__" in p.read_text()), ids=str)
 def test_example_and_benchmark_scripts_import_and_parse_arguments(script, monkeypatch, capsys):
     """Every script imports (its imports of the package are current) and answers --help.
 
@@ -63,22 +63,60 @@ def test_example_and_benchmark_scripts_import_and_parse_arguments(script, monkey
     assert "usage:" in capsys.readouterr().out
 
 
-def test_quality_benchmark_report_is_written_from_rows(tmp_path, monkeypatch):
-    """bench_quality's writer: both texts' tables, a missing cell left blank, and the plot."""
-    pytest.importorskip("matplotlib")
-    monkeypatch.syspath_prepend(str(DOCS.parent / "benchmarks"))
-    import bench_quality
+def readme_layout() -> set[str]:
+    """The paths the README's layout tree names (``tensornet_llm/...``, files and folders),
+    read from its indentation (two spaces a level)."""
+    text = (DOCS.parent / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    stack: list[tuple[int, str]] = []
+    paths = set()
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        name = line.split()[0]
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = "/".join([p for _, p in stack] + [name.rstrip("/")])
+        paths.add(path)
+        if name.endswith("/"):
+            stack.append((indent, name.rstrip("/")))
+    return {p for p in paths if p.startswith("tensornet_llm")}
 
-    meta = {"calibration": "c.txt, 8 tokens", "held_out": "p.txt, 8 tokens",
-            "held_out_wiki": "w.txt, 8 tokens", "fit_steps": 1, "threads": 1,
-            "dense_perplexity": 40.0, "dense_perplexity_wiki": 20.0}
-    rows = [{"method": m, "keep": k, "kept": k, "seconds": 1.0, "perplexity": p * k_mult,
-             "perplexity_wiki": 2 * p * k_mult}
-            for m, p in (("svd", 1e7), ("wsvd", 100.0)) for k, k_mult in ((0.9, 1), (0.5, 3))]
-    rows = [r for r in rows if not (r["method"] == "svd" and r["keep"] == 0.5)]
-    bench_quality.write(tmp_path, meta, rows)
-    text = (tmp_path / "bench_quality.md").read_text()
-    assert "| wsvd | 100 (1 s; 90.0%) | 300 (1 s; 50.0%) |" in text
-    assert "| svd | 1e+07 (1 s; 90.0%) |  |" in text
-    assert "| wsvd | 10x | 30x |" in text  # the Wikipedia ratios: 200 / 20, 600 / 20
-    assert (tmp_path / "bench_quality.png").stat().st_size > 10_000
+
+def test_readme_layout_lists_every_module_and_nothing_else():
+    package = DOCS.parent / "tensornet_llm"
+    modules = {str(p.relative_to(DOCS.parent)) for p in package.rglob("*.py")}
+    named = readme_layout()
+    assert {p for p in named if p.endswith(".py")} == modules
+    for path in named - modules:  # the folders it names exist
+        assert (DOCS.parent / path).is_dir(), path
+
+
+def markdown_table(text: str, heading: str | None = None) -> list[dict[str, str]]:
+    """The first table in ``text`` (after ``heading``), one dict per row (header -> cell)."""
+    part = text if heading is None else text.split(heading, 1)[1]
+    lines = [l for l in part.splitlines() if l.startswith("|")]
+    rows = [[c.strip() for c in l.strip().strip("|").split("|")] for l in lines]
+    block = []
+    for row in rows[2:]:
+        if len(row) != len(rows[0]):
+            break
+        block.append(dict(zip(rows[0], row)))
+    return block
+
+
+def test_readme_is_short_and_its_headline_comes_from_the_results_file():
+    readme = (DOCS.parent / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    first_screen = "\n".join(readme.splitlines()[:60])
+    assert "make demo" in first_screen and "make test" in first_screen
+    assert "## What it buys" in first_screen
+    headline = markdown_table(readme, "## What it buys")
+    results = {r["model"]: r for r in markdown_table(
+        (DOCS / "results" / "bench_pareto.md").read_text())}
+    assert len(headline) >= 4
+    for row in headline:
+        source = results[row["model"]]
+        assert {k: v for k, v in row.items()} == {k: source[k] for k in row}, row["model"]
+

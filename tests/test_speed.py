@@ -34,3 +34,19 @@ def test_time_generate_times_every_model_every_round():
         assert all(s > 0 for s in t.prefill + t.decode)
     with pytest.raises(ValueError):
         time_generate({"dense": dense}, prompt, rounds=0)
+
+
+def test_the_benchmark_harness_interleaves_rounds(monkeypatch):
+    """benchmarks/harness.interleaved calls every variant once per round, in turn, after the
+    warm-up; each round's time is the mean of its repeats."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import harness
+
+    order = []
+    times = harness.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+                                rounds=3, repeat=2, warmup=1)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert [len(t) for t in times.values()] == [3, 3]
+    assert harness.ratio([2.0, 1.0], [1.0, 2.0]).median == pytest.approx(1.25)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PHASES", "Ratio", "RoundTimes", "generate_seconds", "time_generate", "ratios"]
+__all__ = ["PHASES", "Ratio", "RoundTimes", "generate_seconds", "time_generate", "ratio",
+           "ratios"]
 
 #: ``prefill``: seconds of ``generate(max_new_tokens=1)``; ``decode``: seconds per new token.
 PHASES = ("prefill", "decode")
@@ -85,12 +86,13 @@ def time_generate(models: Mapping[str, nn.Module], prompt: Tensor, new_tokens: i
     return times
 
 
+def ratio(times: Sequence[float], reference: Sequence[float]) -> Ratio:
+    """The :class:`Ratio` of ``reference`` seconds over ``times`` (rounds paired in order)."""
+    within = [r / t for r, t in zip(reference, times)]
+    return Ratio(best=min(reference) / min(times), median=statistics.median(within),
+                 low=min(within), high=max(within))
+
+
 def ratios(times: RoundTimes, reference: RoundTimes) -> dict[str, Ratio]:
-    """Per phase, the :class:`Ratio` of ``reference`` over ``times`` (rounds paired in order)."""
-    out = {}
-    for phase in PHASES:
-        ours, theirs = getattr(times, phase), getattr(reference, phase)
-        within = [r / t for r, t in zip(theirs, ours)]
-        out[phase] = Ratio(best=min(theirs) / min(ours), median=statistics.median(within),
-                           low=min(within), high=max(within))
-    return out
+    """Per phase, the :class:`Ratio` of ``reference`` over ``times``."""
+    return {phase: ratio(getattr(times, phase), getattr(reference, phase)) for phase in PHASES}

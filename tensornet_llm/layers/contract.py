@@ -139,8 +139,8 @@ def batch_bucket(batch: int) -> int:
 #: per-kernel overhead, not arithmetic, while the dense strategy's one large matmul runs much
 #: closer to peak than the network's many skinny contractions (its FLOPs weigh
 #: ``MATMUL_FLOP_WEIGHT``); without these terms the FLOP count alone picks the slower strategy
-#: where the two counts are close. ``benchmarks/fit_cost_model.py`` chooses them from the
-#: timings of ``benchmarks/bench_layers.py``.
+#: where the two counts are close. They were fitted to the timings of
+#: ``benchmarks/bench_layers.py`` (the fitting script is in git history).
 MATMUL_FLOP_WEIGHT = 0.5
 FLOPS_PER_ELEMENT = 192.0
 FLOPS_PER_KERNEL = 1.0e5

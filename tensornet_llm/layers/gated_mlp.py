@@ -4,7 +4,7 @@ A gated MLP computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (LLaMA, Mi
 Gemma and their kin). Where ``gate_proj`` and ``up_proj`` are kept-rows layers
 (:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`), each puts its outputs back in
 order with a gather of the ``(tokens, intermediate)`` output, which costs float32 prefill on a CPU
-about a tenth of its time (``benchmarks/bench_prefill_gathers.py``). :func:`share_mlp_rows` gives
+about a tenth of its time (measured by a diagnostic benchmark, in git history). :func:`share_mlp_rows` gives
 the two layers one row order (the same weights, exactly up to float rounding:
 :func:`~tensornet_llm.layers.shared_rows.shared_row_order`), stores ``down_proj``'s input columns
 in that order where it is a kept-rows layer too, and runs the MLP as

@@ -11,7 +11,7 @@ no gather at all. That needs nested kept rows: with ranks ``r_small <= r_large``
 
 The rows decide how large the combination coefficients ``Y`` get. Each layer's own maxvol rows keep
 them below 1.1; a shared order costs some of that. :func:`shared_row_order` chooses it as
-``benchmarks/diag_shared_mlp_rows.py`` measured best: where the ranks differ, the smaller layer
+a diagnostic benchmark (in git history) measured best: where the ranks differ, the smaller layer
 keeps its maxvol rows and the larger adds its own by maxvol swaps that leave those in place (largest
 coefficient below 3 at keep 80% on SmolLM2); where they are equal, swaps grow the product of both
 blocks' volumes (below 5). :func:`unordered_outputs_of` is the layer's forward without the gather.
