@@ -218,6 +218,17 @@ def test_a_forward_that_raises_in_gradient_collection_warns_and_is_recorded():
     assert report.to_dict()["notes"] == report.notes and "note: budget damage" in str(report)
 
 
+def test_cross_layer_budget_without_a_loss_warns_and_is_recorded():
+    """The cross-layer budget falls back like the per-layer one (it used to raise NameError)."""
+    model = _RejectsLabels()
+    batches = [inputs("llama", seed=s)["input_ids"] for s in range(2)]
+    with pytest.warns(EstimateFallbackWarning, match="output error, not the loss"):
+        report = compactify(model, ratio=0.6, calibration=batches, cross_layer=2, fit_steps=1,
+                            progress=False)
+    assert report.estimate == "output"
+    assert any("rejected labels" in n for n in report.notes)
+
+
 def test_other_errors_in_gradient_collection_propagate():
     model = _RejectsLabels()
 

@@ -18,13 +18,14 @@ networks (each at its own chi and layout), or dense.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..errors import ArgumentError, EstimateFallbackWarning, RankDeficientError
+from ..errors import EstimateFallbackWarning, RankDeficientError
 from ..helpers.progress import stage
 from ..layers.base import linear_weight
 from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases, kept_rows_gauge
@@ -37,7 +38,7 @@ from .surgery import build_layer, count_parameters, relative_error, replacing
 from .fit import output_weights
 from .report import CompactifyReport, LayerReport
 from .sweeps import GroupFit, fit_group, group_parameters, group_ranks, start_row_errors
-from .targets import find_targets, resolve_override
+from .targets import resolve_override
 
 __all__ = ["Group", "compactify_groups", "find_groups"]
 
