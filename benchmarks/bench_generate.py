@@ -14,7 +14,7 @@ greedy ``generate`` from a ``--prompt``-token prompt:
 ``--exclude PATTERN ...`` adds, for every keep, a model with those modules left dense and the
 rest compressed further (the same parameters in all). ``--own-rows`` adds, for every keep, the
 model whose MLPs' ``gate_proj`` and ``up_proj`` keep their own rows (``CompactifyConfig(
-share_mlp_rows=False)``, as before stop 38). ``--fuse`` adds, for every keep, the same
+share_mlp_rows=False)``). ``--fuse`` adds, for every keep, the same
 model after ``fuse_siblings`` (q/k/v and gate/up
 input sides as one matmul; eager only, since compiled code runs the layers unfused).
 
