@@ -385,6 +385,11 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     print(f"saved to {out}")
 
 
+def _dtype_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                        help="the dtype to load in (default: the checkpoint's own)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tensornet-llm", description="Compress transformer language models with tensor networks.",
@@ -421,8 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_field(p, CompactifyConfig, "weigh_outputs")
     add_field(p, CompactifyConfig, "output_metric", choices=OUTPUT_METRICS)
     add_field(p, CompactifyConfig, "cross_layer", type=_positive, metavar="G")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
-                   help="the dtype to load in (default: the checkpoint's own)")
+    _dtype_option(p)
     p.add_argument("--stream", action="store_true",
                    help="read a Hugging Face directory block by block and write the output as "
                         "it goes: memory for about two blocks, not the model")
@@ -439,8 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    ".gguf or directory) and print the ratios to it")
     p.add_argument("--tokens", type=_positive, default=8192, help="tokens to score (default 8192)")
     p.add_argument("--window", type=_positive, default=512, help="window length (default 512)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
-                   help="the dtype to load in (default: the checkpoint's own)")
+    _dtype_option(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -456,8 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of each module's parameters to try (default 0.5)")
     p.add_argument("--method", choices=["mpo", "ttns"], default="mpo")
     p.add_argument("--n-sites", type=int, default=3)
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto",
-                   help="the dtype to load in (default: the checkpoint's own)")
+    _dtype_option(p)
     p.add_argument("--no-cache", action="store_true", help="do not read or write the profile cache")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true")
