@@ -33,7 +33,7 @@ import torch
 
 from .cli_options import add_field, settings_from
 from .compress.config import OUTPUT_METRICS, CompactifyConfig
-from .errors import TensornetError
+from .errors import TensornetError, first_line
 from .train.heal import HealConfig
 from .train.quantize import QuantizeConfig
 
@@ -193,11 +193,8 @@ def _settings(args: argparse.Namespace) -> dict:
             "min_saving": args.min_saving if args.ratio is not None else None}
 
 
-def _saved_dtype(source: Path) -> torch.dtype:
-    """The floating dtype a Hugging Face checkpoint's config names (float32 where it names none)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source)
+def _saved_dtype(config) -> torch.dtype:
+    """The floating dtype a Hugging Face config names (float32 where it names none)."""
     saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     saved = getattr(torch, saved) if isinstance(saved, str) else saved
     return saved if isinstance(saved, torch.dtype) and saved.is_floating_point else torch.float32
@@ -213,6 +210,10 @@ def _compress_streaming(args: argparse.Namespace, out: Path) -> None:
     if not (source / "config.json").is_file():
         raise CliError(f"--stream reads a Hugging Face model directory with safetensors "
                        f"weights; MODEL {args.model!r} is not one")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:  # transformers' words for a broken config
+        raise CliError(f"{source / 'config.json'} cannot be read: {first_line(exc)}") from exc
     calibration = None
     if not args.no_calibration:
         try:
@@ -220,12 +221,11 @@ def _compress_streaming(args: argparse.Namespace, out: Path) -> None:
         except (OSError, ValueError, TypeError):
             tokenizer = None
         calibration = _text_batches(args.model, tokenizer, args.calibration,
-                                    args.calibration_tokens, 512, 4, "--calibration",
-                                    AutoConfig.from_pretrained(source))
+                                    args.calibration_tokens, 512, 4, "--calibration", config)
     options = {k: v for k, v in settings_from(
         args, CompactifyConfig, skip=("weigh_outputs", "output_metric")).items() if v is not None}
     report = compactify_pretrained(source, out, calibration=calibration,
-                                   dtype=DTYPES[args.dtype] or _saved_dtype(source),
+                                   dtype=DTYPES[args.dtype] or _saved_dtype(config),
                                    overwrite=args.overwrite,
                                    progress=not args.quiet, metadata={"compactify": _settings(args)},
                                    **options)

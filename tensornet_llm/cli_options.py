@@ -84,7 +84,7 @@ def add_field(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
         if choices and "choices" not in options:
             options["choices"] = choices
         if type is None and default is not None and not isinstance(default, (list, tuple)):
-            type = builtin_type(default)
+            type = _builtin_type(default)
         if type is not None:
             options["type"] = type
         if options["default"] not in (None, [], ()) and "(default" not in options["help"]:
@@ -92,7 +92,7 @@ def add_field(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: ty
     return parser.add_argument(*flags, dest=name, **options)
 
 
-def builtin_type(value: Any) -> Callable[[str], Any]:
+def _builtin_type(value: Any) -> Callable[[str], Any]:
     return {int: int, float: float, str: str}.get(value.__class__, str)
 
 

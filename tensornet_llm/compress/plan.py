@@ -57,7 +57,7 @@ class Plan:
 
 
 def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
-          budget: Callable | None = None, progress: bool = False) -> Plan:
+              budget: Callable | None = None, progress: bool = False) -> Plan:
     """Targets, and every module's layout and chi (from the budget when ``cfg.ratio`` is set).
     Every per-module setting is resolved here, so a missing pattern fails before any work.
     ``budget(chosen, offered) -> (settings, estimate)`` replaces the in-memory budget pass
@@ -66,8 +66,8 @@ def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     chosen, skipped = chosen_targets(model, cfg)
     if cfg.ratio is None:
         settings = {name: (layout_for(module, resolve_override(cfg.method, name, "method"),
-                                   resolve_override(cfg.n_sites, name, "n_sites"),
-                                   cfg.interpolative),
+                                      resolve_override(cfg.n_sites, name, "n_sites"),
+                                      cfg.interpolative),
                            resolve_override(cfg.effective_chi, name, "chi"))
                     for name, module in chosen}
         return Plan(chosen, skipped, settings)
@@ -92,7 +92,7 @@ def offered_layouts(name: str, module: nn.Module, cfg: CompactifyConfig) -> list
     """The layouts the budget offers module ``name``: its ``method`` / ``n_sites`` layout, and
     the low-rank one too when ``cfg.low_rank``."""
     layout = layout_for(module, resolve_override(cfg.method, name, "method"),
-                     resolve_override(cfg.n_sites, name, "n_sites"), cfg.interpolative)
+                        resolve_override(cfg.n_sites, name, "n_sites"), cfg.interpolative)
     out_f, in_f = linear_weight(module)[0].shape
     low_rank = Layout.low_rank(in_f, out_f, cfg.interpolative)
     return [layout] + ([low_rank] if cfg.low_rank and layout != low_rank else [])

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import ArgumentError, InputFileError
 from .generated import generated_text  # text sampled from the model itself: data-free
-from .start_token import AUTO, StartToken, resolve_start_token
+from .start_token import AUTO, StartToken, is_token_id, resolve_start_token
 
 __all__ = ["DATA_DIR", "CALIBRATION_TEXTS", "HELD_OUT_TEXT", "HEALING_TEXTS", "Part", "Domain",
            "DOMAINS", "domain_text", "calibration_mix", "healing_mix", "check_mix", "CHECK_SHARE",
@@ -315,8 +315,7 @@ def token_batches(ids: Tensor, seq_len: int, batch_size: int, bos_token_id: int 
     ``bos_token_id`` before each (``(batch, seq_len)`` for ``None``). The ids alone cannot say
     which start token their model was trained with, so it has no default: see
     :func:`~tensornet_llm.helpers.start_token.start_token`."""
-    if bos_token_id is not None and (isinstance(bos_token_id, bool) or not isinstance(
-            bos_token_id, int) or bos_token_id < 0):
+    if bos_token_id is not None and not is_token_id(bos_token_id):
         raise ArgumentError(f"bos_token_id must be a token id or None, got {bos_token_id!r}")
     n = ids.numel() // seq_len
     windows = ids[: n * seq_len].reshape(n, seq_len)

@@ -27,7 +27,7 @@ from ..errors import ArgumentError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-__all__ = ["AUTO", "StartToken", "start_token", "resolve_start_token"]
+__all__ = ["AUTO", "StartToken", "start_token", "resolve_start_token", "is_token_id"]
 
 #: The default of every ``bos_token_id`` argument: take the start token from the tokenizer.
 AUTO = "auto"
@@ -51,7 +51,7 @@ def start_token(tokenizer, model: nn.Module | PretrainedConfig | None = None) ->
     template = template if isinstance(template, str) else " ".join(
         template.values() if isinstance(template, dict) else [])
     for token_id in candidates:
-        if isinstance(token_id, int) and not isinstance(token_id, bool) and not (
+        if is_token_id(token_id) and not (
                 template and _token_text(tokenizer, token_id) in template):
             return token_id
     return None
@@ -62,8 +62,7 @@ def resolve_start_token(bos_token_id: StartToken, tokenizer,
                         argument: str = "bos_token_id") -> int | None:
     """``bos_token_id`` as given (an id or ``None``), or for :data:`AUTO` the
     :func:`start_token` of ``tokenizer`` (an error without one: the ids alone cannot say)."""
-    if bos_token_id is None or (isinstance(bos_token_id, int) and not isinstance(bos_token_id, bool)
-                                and bos_token_id >= 0):
+    if bos_token_id is None or is_token_id(bos_token_id):
         return bos_token_id
     if bos_token_id != AUTO:
         raise ArgumentError(f"{argument} must be a token id, None or {AUTO!r}, got {bos_token_id!r}")
@@ -71,6 +70,11 @@ def resolve_start_token(bos_token_id: StartToken, tokenizer,
         raise ArgumentError(f"{argument}={AUTO!r} takes the start token from the tokenizer: pass "
                             f"tokenizer=, or {argument}= an id (None: no start token)")
     return start_token(tokenizer, model)
+
+
+def is_token_id(value: object) -> bool:
+    """Whether ``value`` can be a token id: an integer >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _prepended(tokenizer) -> int | None:
