@@ -42,13 +42,14 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from tensornet_llm import CompactifyConfig, compactify, fuse_siblings
+from tensornet_llm import CompactifyConfig, fuse_siblings
 from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
 from tensornet_llm.helpers.evaluate import model_size_bytes
 from tensornet_llm.helpers.models import load_smollm2
 from tensornet_llm.helpers.speed import RoundTimes, ratios, time_generate
 
-from harness import DTYPES, RESULTS, machine, pyplot, ratio_leaving_dense, write_results
+from harness import (DTYPES, RESULTS, compressed, machine, pyplot, ratio_leaving_dense,
+                     write_results)
 
 
 
@@ -67,7 +68,7 @@ def build_models(keeps: list[float], single_keep: float | None, fuse: bool = Fal
                  own_rows: bool = False) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The models by name, and how many modules each compressed."""
     dense, _ = load_smollm2()
-    models, compressed = {"dense": dense}, {"dense": 0}
+    models, counts = {"dense": dense}, {"dense": 0}
     for keep in keeps:
         variants = [("", keep, CompactifyConfig())]
         if own_rows:
@@ -80,24 +81,22 @@ def build_models(keeps: list[float], single_keep: float | None, fuse: bool = Fal
                              ratio_leaving_dense(dense, keep, exclude),
                              CompactifyConfig(exclude=list(exclude))))
         for suffix, ratio, config in variants:
-            model = copy.deepcopy(dense)
-            report = compactify(model, ratio=ratio, progress=False, config=config)
+            model, report = compressed(dense, ratio, config=config)
             name = f"keep {keep:.0%}{suffix}"
             models[name] = model
-            compressed[name] = len(report.layers)
+            counts[name] = len(report.layers)
             if fuse:  # the same model with its low-rank siblings fused (a copy runs unfused)
                 fused = copy.deepcopy(model)
                 fuse_siblings(fused)
-                models[f"{name} fused"], compressed[f"{name} fused"] = fused, compressed[name]
+                models[f"{name} fused"], counts[f"{name} fused"] = fused, counts[name]
     if single_keep is not None:
         for method, n_sites in (("mpo", 3), ("ttns", 4)):
-            model = copy.deepcopy(dense)
-            report = compactify(model, ratio=single_keep, method=method, n_sites=n_sites,
-                                low_rank=False, progress=False)
+            model, report = compressed(dense, single_keep, config=CompactifyConfig(
+                method=method, n_sites=n_sites, low_rank=False))
             name = f"{method} keep {single_keep:.0%}"
             models[name] = model
-            compressed[name] = len(report.layers)
-    return {k: m.eval() for k, m in models.items()}, compressed
+            counts[name] = len(report.layers)
+    return {k: m.eval() for k, m in models.items()}, counts
 
 
 def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, rounds: int,
@@ -218,7 +217,7 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
 
-    models, compressed = build_models(args.keep, args.single_keep or None, args.fuse,
+    models, counts = build_models(args.keep, args.single_keep or None, args.fuse,
                                       args.min_saving, args.exclude, args.own_rows)
     _, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
@@ -238,7 +237,7 @@ def main() -> None:
                         "model": name, "batch": batch, "mode": mode, "dtype": dtype, **ratios,
                         "prefill_tokens_per_s": batch * args.prompt / ratios["prefill_s"],
                         "decode_tokens_per_s": batch / ratios["decode_s"],
-                        "ceiling": ceilings[name], "compressed_modules": compressed[name],
+                        "ceiling": ceilings[name], "compressed_modules": counts[name],
                     })
                     print(json.dumps(rows[-1]), flush=True)
                 gc.collect()

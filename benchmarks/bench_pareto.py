@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tensornet_llm import (HealConfig, compactify, heal, load_compactified, quantize,
+from tensornet_llm import (HealConfig, heal, load_compactified, quantize,
                            save_compactified)
 from tensornet_llm.train.quantize import low_rank_as_factors
 from tensornet_llm.helpers.data import (
@@ -60,7 +60,7 @@ from tensornet_llm.helpers.evaluate import compare_to_dense, model_size_bytes, p
 from tensornet_llm.helpers.speed import time_generate
 from tensornet_llm.helpers.models import default_cache_dir, load_smollm2
 
-from harness import RESULTS, pyplot, resume, write_results
+from harness import RESULTS, compressed, pyplot, resume, write_results
 
 QUANT = {"": None, " + int8": 8, " + int4": 4}
 DEFAULT_HEAL_LR = HealConfig.lr  # heal()'s default, 3e-4
@@ -83,9 +83,8 @@ def compress(dense: nn.Module, keep: float, calibration: list[torch.Tensor]
              ) -> tuple[nn.Module, dict]:
     """A copy of ``dense`` compactified to ``ratio=keep`` on ``calibration`` (the library's
     defaults), and ``{"compress_seconds", "kept"}``."""
-    model = copy.deepcopy(dense)
     start = time.perf_counter()
-    report = compactify(model, ratio=keep, calibration=calibration, progress=False)
+    model, report = compressed(dense, keep, calibration=calibration)
     return model, {"compress_seconds": time.perf_counter() - start, "kept": report.kept_fraction}
 
 
