@@ -14,9 +14,7 @@ greedy ``generate`` from a ``--prompt``-token prompt:
 ``--exclude PATTERN ...`` adds, for every keep, a model with those modules left dense and the
 rest compressed further (the same parameters in all). ``--own-rows`` adds, for every keep, the
 model whose MLPs' ``gate_proj`` and ``up_proj`` keep their own rows (``CompactifyConfig(
-share_mlp_rows=False)``). ``--fuse`` adds, for every keep, the same
-model after ``fuse_siblings`` (q/k/v and gate/up
-input sides as one matmul; eager only, since compiled code runs the layers unfused).
+share_mlp_rows=False)``).
 
 Models are interleaved round by round (every model runs once per round, in the same process), so
 drift and interference hit all alike. Ratios are against the dense model in the same
@@ -42,7 +40,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from tensornet_llm import CompactifyConfig, fuse_siblings
+from tensornet_llm import CompactifyConfig
 from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
 from tensornet_llm.helpers.evaluate import model_size_bytes
 from tensornet_llm.helpers.models import load_smollm2
@@ -63,7 +61,7 @@ def decode_bytes(model: nn.Module) -> int:
     return model_size_bytes(model) - (0 if tied else embed.numel() * embed.element_size())
 
 
-def build_models(keeps: list[float], single_keep: float | None, fuse: bool = False,
+def build_models(keeps: list[float], single_keep: float | None,
                  min_saving: float = 0.0, exclude: list[str] | None = None,
                  own_rows: bool = False) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The models by name, and how many modules each compressed."""
@@ -85,10 +83,6 @@ def build_models(keeps: list[float], single_keep: float | None, fuse: bool = Fal
             name = f"keep {keep:.0%}{suffix}"
             models[name] = model
             counts[name] = len(report.layers)
-            if fuse:  # the same model with its low-rank siblings fused (a copy runs unfused)
-                fused = copy.deepcopy(model)
-                fuse_siblings(fused)
-                models[f"{name} fused"], counts[f"{name} fused"] = fused, counts[name]
     if single_keep is not None:
         for method, n_sites in (("mpo", 3), ("ttns", 4)):
             model, report = compressed(dense, single_keep, config=CompactifyConfig(
@@ -108,8 +102,6 @@ def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: i
         torch._dynamo.reset()  # each configuration compiles afresh
     for name, model in models.items():
         model = model.to(dtype)
-        if mode == "compiled" and name.endswith(" fused"):
-            continue  # fusion is an eager path: compiled, it is the unfused model
         if mode == "compiled":
             model = copy.copy(model)  # a shallow copy carries the compiled forward alone
             model.forward = torch.compile(model.forward, dynamic=True)
@@ -199,8 +191,6 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (default 512)")
     parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens (default 64)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--fuse", action="store_true",
-                        help="also time each keep with fuse_siblings (eager only)")
     parser.add_argument("--min-saving", type=float, default=0.0,
                         help="also time each keep compressed with CompactifyConfig(min_saving=...)")
     parser.add_argument("--own-rows", action="store_true",
@@ -217,8 +207,8 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
 
-    models, counts = build_models(args.keep, args.single_keep or None, args.fuse,
-                                      args.min_saving, args.exclude, args.own_rows)
+    models, counts = build_models(args.keep, args.single_keep or None, args.min_saving,
+                                  args.exclude, args.own_rows)
     _, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
     ceilings = {name: decode_bytes(models["dense"]) / decode_bytes(m) for name, m in models.items()}

@@ -18,12 +18,12 @@ API = Path(__file__).with_name("api.md")
 #: Rooms in reading order (the model-level API first, the pure functions last) and each room's
 #: modules in reading order.
 ROOMS = {
-    "compress": ["compactify", "config", "plan", "surgery", "stream", "groups", "sweeps", "mpo_sweeps", "fuse", "report", "budget", "calibrate", "fit",
+    "compress": ["compactify", "config", "plan", "surgery", "stream", "groups", "sweeps", "mpo_sweeps", "report", "budget", "calibrate", "fit",
                  "targets", "sensitivity",
                  "entanglement", "profiling", "plots"],
     "train": ["heal", "token_loss", "quantize", "lora"],
-    "saving": ["serialization"],
-    "layers": ["mpo", "ttns", "cross_layer", "siblings", "gated_mlp", "shared_rows", "base", "layout", "quantized", "autotune", "factorize",
+    "saving": ["serialization", "legacy"],
+    "layers": ["mpo", "ttns", "low_rank", "maxvol", "cross_layer", "gated_mlp", "shared_rows", "base", "layout", "quantized", "autotune", "factorize",
                "decompose", "tree", "contract"],
     "helpers": ["data", "start_token", "generated", "evaluate", "speed", "models", "files",
                 "progress"],

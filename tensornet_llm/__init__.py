@@ -2,7 +2,8 @@
 
 The package is split into rooms whose imports only run downwards (see docs/architecture.md)::
 
-    layers/    the drop-in modules: MPOLinear, TTNSLinear, quantized layers (torch + opt_einsum)
+    layers/    the drop-in modules: MPOLinear, TTNSLinear, LowRankLinear, KeptRowsLinear, quantized
+               layers (torch + opt_einsum)
     helpers/   bundled text, the bundled model, perplexity, atomic files
     saving/    save_compactified / load_compactified
     compress/  compactify: targets, calibration, fit, budget; sensitivity and entanglement
@@ -15,12 +16,12 @@ Every public name is importable from here.
 from .compress import (
     Allocation, CompactifyConfig, CompactifyReport, EntanglementRow, LayerReport,
     SensitivityProfile, SensitivityRow, allocate, compactify, entanglement_profile,
-    GroupFit, basis_sharing, compactify_pretrained, fit_group, fuse_siblings, layer_entropy,
-    profile_sensitivity, rank_correlation, unfuse_siblings,
+    GroupFit, basis_sharing, compactify_pretrained, fit_group, layer_entropy,
+    profile_sensitivity, rank_correlation,
 )
 from .layers import (
-    BondSpectrum, CrossLayerLinear, Layout, MPOLinear, SharedBases, TensorNetworkLinear,
-    TTNSLinear, TuneRow, autotune, factorize, share_mlp_rows, unshare_mlp_rows,
+    BondSpectrum, CrossLayerLinear, KeptRowsLinear, Layout, LowRankLinear, MPOLinear, SharedBases,
+    TensorNetworkLinear, TTNSLinear, TuneRow, autotune, factorize, share_mlp_rows,
 )
 from .saving import load_compactified, save_compactified
 from .train import HealConfig, HealResult, QuantizeConfig, QuantizeReport, heal, quantize
@@ -28,6 +29,8 @@ from .train import HealConfig, HealResult, QuantizeConfig, QuantizeReport, heal,
 __all__ = [
     "MPOLinear",
     "TTNSLinear",
+    "LowRankLinear",
+    "KeptRowsLinear",
     "TensorNetworkLinear",
     "CrossLayerLinear",
     "SharedBases",
@@ -37,10 +40,7 @@ __all__ = [
     "BondSpectrum",
     "compactify",
     "compactify_pretrained",
-    "fuse_siblings",
-    "unfuse_siblings",
     "share_mlp_rows",
-    "unshare_mlp_rows",
     "CompactifyConfig",
     "CompactifyReport",
     "LayerReport",

@@ -201,8 +201,7 @@ def test_low_rank_layout_is_the_truncated_svd(out_f, in_f, chi):
         layer = layout.decompose(w, None, chi)
         torch.testing.assert_close(layer.to_dense(), (u[:, :r] * s[:r]) @ vh[:r])
         assert layer.num_parameters == layout.num_parameters(in_f, out_f, chi, False) == count
-        assert layout.name == "low-rank" and layout.factor_form() == Layout.low_rank(
-            in_f, out_f, rows=False)
+        assert layout.name == "low-rank" and layout.factor_form().cls is MPOLinear
     assert Layout(MPOLinear, 3).name == "mpo"
 
 
@@ -302,7 +301,7 @@ def test_weighted_start_row_errors_are_the_row_norms_of_the_weighted_start(out_f
                  output_weights(grads.T @ grads)):
         root = metric_roots(rows)[0] if rows.dim() == 2 else torch.eye(out_f, dtype=w.dtype)
         for chi, row in zip(chis, _start_row_errors(layout, w, chis, cov, factor, rows)):
-            start = kronecker_whitened(layout.decompose(w, None, chi), w, cov, rows=rows)
+            start = kronecker_whitened(layout.factor_form().decompose(w, None, chi), w, cov, rows=rows)
             torch.testing.assert_close(row, (root @ (w - start.to_dense()) @ factor).pow(2).sum(1))
 
 
@@ -320,7 +319,7 @@ def test_full_metric_damage_is_the_kfac_estimate_for_every_layout():
     rows = output_weights(second)
     for layout in (Layout.low_rank(36, 24, rows=False), Layout(MPOLinear, 3)):
         for chi, row in zip([2, 5], _start_row_errors(layout, w, [2, 5], cov, factor, rows)):
-            start = kronecker_whitened(layout.decompose(w, None, chi), w, cov, rows=rows)
+            start = kronecker_whitened(layout.factor_form().decompose(w, None, chi), w, cov, rows=rows)
             e = (w - start.to_dense().detach()) @ factor
             expected = 0.5 * float(torch.trace(e.T @ second @ e))
             assert damage(row, 0.0, second) == pytest.approx(expected, rel=1e-6)
@@ -338,14 +337,14 @@ def test_compactify_fits_what_the_budget_ranks_by():
     cuts = {}
     for weigh in (True, False):
         model = build("llama")
-        report = compactify(model, config=CompactifyConfig(
-            ratio=0.5, method="low-rank", weigh_outputs=weigh), calibration=batches,
-            progress=False)
+        report = compactify(model, config=CompactifyConfig(  # up_proj's rows in output order
+            ratio=0.5, method="low-rank", weigh_outputs=weigh, share_mlp_rows=False),
+            calibration=batches, progress=False)
         assert any("Gauss-Newton loss estimate" in n for n in report.notes) == weigh
         layer = model.get_submodule(name)
         rows = output_weights(grads[name]) if weigh else None
         expected = kronecker_whitened(Layout.low_rank(module.in_features, module.out_features, rows=False)
-                                      .decompose(module.weight.detach(), None,
+                                      .factor_form().decompose(module.weight.detach(), None,
                                                  layer.bond_dims[0]),
                                       module.weight.detach(), cov, rows=rows)
         torch.testing.assert_close(layer.to_dense(), expected.to_dense(), rtol=1e-4, atol=1e-5)
@@ -379,7 +378,7 @@ def test_full_output_metric_fits_the_kfac_cut():
     for metric in ("full", "diagonal"):
         rows = output_weights(grads[name] if metric == "full" else diagonal[name])
         cuts[metric] = kronecker_whitened(
-            Layout.low_rank(module.in_features, module.out_features, rows=False).decompose(
+            Layout.low_rank(module.in_features, module.out_features, rows=False).factor_form().decompose(
                 module.weight.detach(), None, layer.bond_dims[0]),
             module.weight.detach(), cov, rows=rows).to_dense()
     torch.testing.assert_close(layer.to_dense(), cuts["full"], rtol=1e-4, atol=1e-5)

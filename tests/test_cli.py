@@ -251,7 +251,7 @@ def test_compress_low_rank_factors_stores_two_factors(tiny_dir, tmp_path):
         structure = json.loads((out / "tensornet.json").read_text())
         assert structure["compactify"]["low_rank_storage"] == ("factors" if flag else "kept rows")
         kinds[bool(flag)] = {m["method"] for m in structure["modules"].values()}
-    assert kinds == {False: {"interpolative"}, True: {"mpo"}}
+    assert kinds == {False: {"kept-rows"}, True: {"low-rank"}}
 
 
 def test_compress_min_saving_is_passed_and_recorded(tiny_dir, tmp_path, capsys):

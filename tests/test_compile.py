@@ -9,7 +9,6 @@ from torch._dynamo.utils import counters
 from models import build
 from tensornet_llm import MPOLinear, TTNSLinear, compactify, quantize
 from tensornet_llm.layers import Layout
-from tensornet_llm.layers.interpolative import TRACED_OP_TOKENS
 from tensornet_llm.layers.quantized import QuantizedTensorNetworkLinear
 
 
@@ -54,11 +53,11 @@ def test_every_layer_kind_compiles_fullgraph_forward_and_backward(kind):
             eager = torch.autograd.grad(layer(x).square().sum(), [x, *params])
             for a, e in zip(grads, eager):
                 torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3)
-    table = layer.dispatch_table()
+    regimes = len(layer.dispatch_table().regimes) if hasattr(layer, "dispatch_table") else 1
     assert not counters["graph_break"]
-    # dynamic shapes: one graph per regime of the dispatch table at most, plus the one for a
-    # single row, which Dynamo always specialises (decode's shape)
-    assert 1 <= graphs() <= len(table.regimes) + 1, (graphs(), table.regimes)
+    # dynamic shapes: one graph per regime of the dispatch table at most (two nn.Linear: one),
+    # plus the one for a single row, which Dynamo always specialises (decode's shape)
+    assert 1 <= graphs() <= regimes + 1, (graphs(), regimes)
 
 
 def test_the_compiled_layer_follows_its_strategy_regimes():
@@ -84,8 +83,8 @@ def test_a_compactified_model_compiles_fullgraph_for_every_prompt_length(method)
         ids = torch.randint(2, 90, (1, length))
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
     assert not counters["graph_break"]
-    regimes = max(len(m.dispatch_table().regimes) for m in model.modules()
-                  if hasattr(m, "dispatch_table"))
+    regimes = max((len(m.dispatch_table().regimes) for m in model.modules()
+                   if hasattr(m, "dispatch_table")), default=1)
     assert graphs() <= regimes + 1, graphs()  # + the single-token graph
 
 
@@ -119,34 +118,3 @@ def test_inductor_compiles_a_low_rank_and_an_mpo_layer():
         for rows in (9, 1):  # one token specialises a graph of its own
             x = torch.randn(rows, 40)
             torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_prefill_without_autograd_runs_the_eager_kernels_as_one_operator(dtype):
-    """Kept rows, traced: from TRACED_OP_TOKENS tokens up under no_grad on the CPU the layer
-    calls ``tensornet_llm::kept_rows_many_tokens`` (torch.gather, not inductor's gather loop),
-    and the differentiable form otherwise; outputs equal eager's at every length, with one
-    graph below the threshold, one from it and one for a single token."""
-    layer = layer_kinds()["low-rank"].to(dtype)
-    op = torch.ops.tensornet_llm.kept_rows_many_tokens.default
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.append(any(node.target is op for node in gm.graph.nodes))
-        return gm.forward
-
-    compiled = torch.compile(layer, fullgraph=True, backend=backend, dynamic=True)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    assert TRACED_OP_TOKENS == 32
-    for rows in (3, 17, 31, 300, 32, 2048, 1):
-        x = torch.randn(rows, 40, dtype=dtype)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(x), layer(x), rtol=tol, atol=tol)
-    assert seen == [False, True, False]  # 3..31 rows, 32..2048 rows, a single row
-    x = torch.randn(5, 40, dtype=dtype, requires_grad=True)
-    torch.testing.assert_close(compiled(x), layer(x), rtol=tol, atol=tol)
-    assert seen[-1] is False  # with autograd: the differentiable form
-    torch.library.opcheck(op, (torch.randn(6, 40, dtype=dtype), *[
-        t.detach() for t in (layer.cores[1].view(6, 40), layer.cores[0].view(42, 6))],
-        layer.row_order, layer.bias.detach()))
-    assert not counters["graph_break"]

@@ -141,7 +141,7 @@ def test_low_rank_whitened_start_is_the_optimum_the_fit_cannot_improve(in_f, out
     w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
     x = anisotropic_inputs(3 * in_f, in_f, seed=seed, dead=min(dead, in_f - 1))
     cov = x.T @ x / x.shape[0]
-    layer = Layout.low_rank(in_f, out_f, rows=False).decompose(w, None, chi)
+    layer = Layout.low_rank(in_f, out_f, rows=False).factor_form().decompose(w, None, chi)
     start = kronecker_whitened(layer, w, cov)
     assert whitened_start_is_optimal(start)
     err = weighted_error(start.to_dense().detach(), w, cov)
@@ -154,7 +154,7 @@ def test_low_rank_whitened_start_is_the_optimum_the_fit_cannot_improve(in_f, out
 
 def test_whitened_start_is_optimal_only_for_one_bond_with_the_input_on_one_site():
     w = torch.randn(12, 30, dtype=torch.float64)
-    assert whitened_start_is_optimal(Layout.low_rank(30, 12, rows=False).decompose(w, None, 4))
+    assert whitened_start_is_optimal(Layout.low_rank(30, 12, rows=False).factor_form().decompose(w, None, 4))
     assert whitened_start_is_optimal(MPOLinear.from_weight(w, None, 4, 2, in_shape=(30, 1),
                                                            out_shape=(1, 12)))
     assert not whitened_start_is_optimal(MPOLinear.from_weight(w, None, 4, 2, in_shape=(5, 6),
@@ -270,7 +270,7 @@ def test_weighted_low_rank_start_is_the_two_sided_optimum(in_f, out_f, chi, seed
     # equal up to the floor on the metric's eigenvalues (1e-6 of their mean, which is 1)
     torch.testing.assert_close(root @ root, metric if full else torch.diag(metric), atol=1e-5,
                                rtol=0)
-    start = kronecker_whitened(Layout.low_rank(in_f, out_f, rows=False).decompose(w, None, chi), w, cov,
+    start = kronecker_whitened(Layout.low_rank(in_f, out_f, rows=False).factor_form().decompose(w, None, chi), w, cov,
                                rows=metric)
     assert whitened_start_is_optimal(start, metric)
     r = start.bond_dims[0]  # the bond the layer got
@@ -281,7 +281,7 @@ def test_weighted_low_rank_start_is_the_two_sided_optimum(in_f, out_f, chi, seed
     torch.testing.assert_close(start.to_dense().detach(), best)
     others = [whitened_svd(w, cov, r)]  # the unweighted cut, and for the full metric its diagonal
     if full:
-        others.append(kronecker_whitened(Layout.low_rank(in_f, out_f, rows=False).decompose(w, None, r), w,
+        others.append(kronecker_whitened(Layout.low_rank(in_f, out_f, rows=False).factor_form().decompose(w, None, r), w,
                                          cov, rows=metric.diagonal().clone()).to_dense().detach())
     for other in others:
         assert metric_error(best, w, cov, metric) <= metric_error(other, w, cov, metric) + 1e-9

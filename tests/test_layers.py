@@ -69,12 +69,12 @@ def test_forward_equals_dense_matmul(cls, strategy, in_f, out_f, n_sites, chi, l
 
 @given(in_f=st.integers(1, 40), out_f=st.integers(1, 40), chi=st.integers(1, 12),
        rows=st.sampled_from([(), (1,), (1, 1), (3,)]), bias=st.booleans(), seed=st.integers(0, 9))
-def test_low_rank_one_token_path_equals_dense_matmul(in_f, out_f, chi, rows, bias, seed):
-    """The two-factor layout: one token runs as two matrix-vector products, more as two
-    ``F.linear``; outputs and gradients equal the dense map, and autocast still casts."""
+def test_low_rank_factors_path_equals_dense_matmul(in_f, out_f, chi, rows, bias, seed):
+    """The two-factor layout runs as two ``F.linear`` at every token count; outputs and
+    gradients equal the dense map, and autocast still casts."""
     lin = random_linear(in_f, out_f, seed=seed, bias=bias)
     layer = MPOLinear.from_linear(lin, chi, 2, in_shape=(1, in_f), out_shape=(out_f, 1))
-    assert layer.is_low_rank
+    assert layer.in_shape == (1, in_f) and layer.out_shape == (out_f, 1)
     x = torch.randn(*rows, in_f, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     u, v = (c.detach().reshape(n, -1) for c, n in zip(layer.cores, (out_f, layer.bond_dims[0])))
     w = (u @ v).requires_grad_()

@@ -1,5 +1,5 @@
 """peft LoRA adapters on tensor-network layers: targeted like any module, only the adapters train,
-peft saves and loads them, merging is exact into low-rank layers and refused elsewhere."""
+peft saves and loads them; merges are refused for whole-layer adapters and exact on nn.Linear factors."""
 
 import copy
 
@@ -13,6 +13,7 @@ from tensornet_llm import (  # noqa: E402
     MPOLinear, TTNSLinear, compactify, load_compactified, load_lora_config, lora_config, quantize,
     save_compactified,
 )
+from tensornet_llm.layers.low_rank import FactoredLinear  # noqa: E402
 from tensornet_llm.train.lora import MergeNotExactError, TensorNetworkLoraLinear  # noqa: E402
 
 
@@ -45,7 +46,8 @@ def test_adapters_go_on_every_layer_kind_and_only_they_train(kind):
                                                         init_lora_weights=False))
     wrapped = [m for m in peft_model.modules() if isinstance(m, TensorNetworkLoraLinear)]
     assert len(wrapped) == 4  # q and v of both blocks
-    assert all(isinstance(m.get_base_layer(), (MPOLinear, TTNSLinear)) for m in wrapped)
+    assert all(isinstance(m.get_base_layer(), (MPOLinear, TTNSLinear, FactoredLinear))
+               for m in wrapped)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     trained(peft_model)
@@ -70,26 +72,21 @@ def test_adapters_save_and_load_with_peft(tmp_path):
     torch.testing.assert_close(again(**batch).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_merging_into_a_low_rank_layer_is_exact_and_unmerges():
+def test_adapters_on_the_factors_of_a_low_rank_model_merge_exactly():
+    """A low-rank layer is two nn.Linear: peft's own adapters on them merge exactly, and a
+    whole-layer adapter refuses to merge, naming that way."""
     model = compressed("low-rank")
-    peft_model = peft.get_peft_model(model, lora_config(r=3, target_modules=["q_proj"],
-                                                        init_lora_weights=False))
+    peft_model = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=3, target_modules=["q_proj.kept", "q_proj.others"], init_lora_weights=False))
     batch = inputs("llama")
     with torch.no_grad():
         expected = peft_model(**batch).logits
-        layer = next(m for m in peft_model.modules() if isinstance(m, TensorNetworkLoraLinear))
-        rank = layer.get_base_layer().bond_dims[0]
-        layer.merge()
-        assert layer.get_base_layer().bond_dims[0] == rank + 3  # rank r + lora_r
-        for other in peft_model.modules():
-            if isinstance(other, TensorNetworkLoraLinear) and other is not layer:
-                other.merge()
-        torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
-        layer.unmerge()
-        assert layer.get_base_layer().bond_dims[0] == rank
         merged = peft_model.merge_and_unload()
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-5)
-    assert not any(isinstance(m, TensorNetworkLoraLinear) for m in merged.modules())
+    whole = peft.get_peft_model(model, lora_config(r=2, target_modules=["q_proj"],
+                                                   init_lora_weights=False))
+    with pytest.raises(MergeNotExactError, match="all-linear"):
+        whole.merge_and_unload()
 
 
 @pytest.mark.parametrize("kind", ["mpo", "ttns", "quantized"])
@@ -120,13 +117,8 @@ def _dense_twin(model):
     """A copy of ``model`` whose tensor-network layers are ``nn.Linear`` with the same weight."""
     twin = copy.deepcopy(model)
     for name, module in list(twin.named_modules()):
-        if isinstance(module, (MPOLinear, TTNSLinear)):
-            linear = torch.nn.Linear(module.in_features, module.out_features,
-                                     bias=module.bias is not None)
-            with torch.no_grad():
-                linear.weight.copy_(module.to_dense())
-                if module.bias is not None:
-                    linear.bias.copy_(module.bias)
+        if isinstance(module, (MPOLinear, TTNSLinear, FactoredLinear)):
+            linear = module.to_linear()
             parent, _, child = name.rpartition(".")
             setattr(twin.get_submodule(parent), child, linear)
     return twin
@@ -169,39 +161,8 @@ def test_dora_on_a_tensor_network_is_dora_on_its_weight(kind, tmp_path):
         torch.testing.assert_close(again(**batch).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_dora_adapter_merges_exactly_into_a_low_rank_layer():
-    model = compressed("low-rank")
-    peft_model = peft.get_peft_model(model, lora_config(r=3, target_modules=["q_proj"],
-                                                        use_dora=True))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name or "magnitude" in name:
-                p.mul_(1.5).add_(0.05 * torch.randn_like(p))
-    batch = inputs("llama")
-    with torch.no_grad():
-        expected = peft_model(**batch).logits
-        layer = next(m for m in peft_model.modules() if isinstance(m, TensorNetworkLoraLinear))
-        base = layer.get_base_layer()
-        rank, u = base.bond_dims[0], base.cores[0].detach().clone()
-        layer.merge()
-        assert base.bond_dims[0] == rank + 3
-        layer.unmerge()
-        assert base.bond_dims[0] == rank
-        torch.testing.assert_close(base.cores[0], u)
-        merged = peft_model.merge_and_unload()
-        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_merging_dora_where_it_cannot_be_exact_is_refused():
     peft_model = peft.get_peft_model(compressed("mpo"), lora_config(
         r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(MergeNotExactError, match="cannot be merged exactly"):
         peft_model.merge_and_unload()
-    settings = dict(r=2, target_modules=["q_proj"], use_dora=True)
-    peft_model = peft.get_peft_model(compressed("low-rank"), lora_config(**settings))
-    peft_model.add_adapter("second", lora_config(**settings))
-    layer = next(m for m in peft_model.modules() if isinstance(m, TensorNetworkLoraLinear))
-    rank = layer.get_base_layer().bond_dims[0]
-    with pytest.raises(MergeNotExactError, match="merges exactly only alone"):
-        layer.merge(adapter_names=["default", "second"])
-    assert layer.get_base_layer().bond_dims[0] == rank and not layer.merged_adapters

@@ -296,7 +296,7 @@ def test_float64_weights_are_whitened_and_fitted_in_float64():
     x = torch.randn(200, 36, generator=g, dtype=torch.float64) @ torch.randn(
         36, 36, generator=g, dtype=torch.float64)
     cov = x.T @ x / 200
-    layer = Layout.low_rank(36, 24).decompose(weight, None, 5)
+    layer = Layout.low_rank(36, 24).factor_form().decompose(weight, None, 5)
     start = kronecker_whitened(layer, weight, cov)
     assert start.cores[0].dtype == torch.float64
     best = whitened_svd(weight, cov, 5)

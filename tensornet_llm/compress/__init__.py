@@ -4,16 +4,15 @@ Which modules are replaced (``targets``), the activations they see (``calibrate`
 data-aware fit of a layer (``fit``), the bond dimension of every module under a parameter
 budget (``budget``), and ``compactify`` itself, which swaps the layers in and returns a
 ``report``; ``stream`` does the same for a checkpoint on disk, one block at a time;
-``groups`` and ``sweeps`` make and fit cross-layer networks (``compactify(cross_layer=G)``);
-``fuse`` runs low-rank layers that read one input as one matmul (``fuse_siblings``).
-Beside them, the diagnostics that guide those choices: ``sensitivity`` (loss rise per module), ``entanglement`` (bond entropies), ``profiling`` and ``plots`` (both written to a
+``groups`` and ``sweeps`` make and fit cross-layer networks (``compactify(cross_layer=G)``).
+Beside them, the diagnostics that guide those choices: ``sensitivity`` (loss rise per
+module), ``entanglement`` (bond entropies), ``profiling`` and ``plots`` (both written to a
 directory).
 """
 
 from .budget import Allocation, allocate
 from .compactify import CompactifyConfig, compactify
 from .sweeps import GroupFit, basis_sharing, fit_group
-from .fuse import fuse_siblings, unfuse_siblings
 from .entanglement import EntanglementRow, entanglement_profile, layer_entropy
 from .report import CompactifyReport, LayerReport
 from .stream import CheckpointReader, compactify_pretrained
@@ -24,5 +23,4 @@ __all__ = [
     "Allocation", "profile_sensitivity", "SensitivityProfile", "SensitivityRow",
     "rank_correlation", "entanglement_profile", "EntanglementRow", "layer_entropy",
     "compactify_pretrained", "CheckpointReader", "fit_group", "basis_sharing", "GroupFit",
-    "fuse_siblings", "unfuse_siblings",
 ]

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Mapping, Union
 import torch
 from torch import nn
 
-from ..layers.base import TensorNetworkLinear
+from ..layers.layout import CompressedLayer
 from ..layers.gated_mlp import share_mlp_rows
 from .calibrate import (
     BlockReplay, as_batches, calibrated_order, check_token_ids, collect_covariances,
@@ -90,7 +90,7 @@ def compactify(
         return compactify_groups(model, cfg, batches, progress)
     plan = make_plan(model, cfg, batches, progress=progress)
     params_before = count_parameters(model)
-    built: dict[int, tuple[TensorNetworkLinear, LayerReport]] = {}
+    built: dict[int, tuple[CompressedLayer, LayerReport]] = {}
     with replacing(model, len(plan.chosen), "compactify", "layer", progress) as (swaps, tick):
         if batches is None:
             _replace_all(plan, cfg, built, swaps, tick)
@@ -107,7 +107,7 @@ def compactify(
 
 
 def _replace_all(plan: Plan, cfg: CompactifyConfig,
-                 built: dict[int, tuple[TensorNetworkLinear, LayerReport]], swaps: Swaps,
+                 built: dict[int, tuple[CompressedLayer, LayerReport]], swaps: Swaps,
                  tick) -> None:
     """Without calibration: decompose every module, then swap them all in."""
     for name, module in plan.chosen:
@@ -120,7 +120,7 @@ def _replace_all(plan: Plan, cfg: CompactifyConfig,
 
 def _replace_block_by_block(
     model: nn.Module, plan: Plan, cfg: CompactifyConfig, batches: list,
-    built: dict[int, tuple[TensorNetworkLinear, LayerReport]], swaps: Swaps, tick,
+    built: dict[int, tuple[CompressedLayer, LayerReport]], swaps: Swaps, tick,
 ) -> None:
     """With calibration: in forward order of the blocks, collect the inputs of a block's
     targets (as the already-compressed earlier blocks produce them), fit, swap them in."""

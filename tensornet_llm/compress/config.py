@@ -93,11 +93,11 @@ class CompactifyConfig:
             output features add up or cancel; it collects an ``(out, out)`` matrix per module).
             Cross-layer groups use the diagonal either way.
         interpolative: store every low-rank layer as kept rows and their combinations
-            (:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`,
+            (:class:`~tensornet_llm.layers.low_rank.KeptRowsLinear`,
             ``W = P^T [I; Y] W[R]``): ``r (in + out - r)`` parameters at rank ``r`` instead of
             ``r (in + out)`` for the same weight, so the budget affords higher ranks at the same
             ``ratio``, and any rank below ``min(in, out)`` saves parameters. ``False``: two
-            factors ``U, V`` (a 2-site MPO), which peft adapters merge into exactly. The same
+            factors ``U, V`` (:class:`~tensornet_llm.layers.low_rank.LowRankLinear`). The same
             holds for a cross-layer group sharing its input basis alone: ``r`` rows of its
             stacked cores become the identity (``r^2`` fewer parameters per group;
             :func:`~tensornet_llm.layers.cross_layer.kept_rows_gauge`).
@@ -108,9 +108,9 @@ class CompactifyConfig:
             dense layer, so for speed at batch 1 something like ``0.4`` concentrates the
             compression on fewer modules (see docs/speed.md).
         share_mlp_rows: give the kept-rows ``gate_proj`` and ``up_proj`` of every gated MLP one
-            row order and run the MLP without gathering their outputs
-            (:func:`~tensornet_llm.layers.gated_mlp.share_mlp_rows`; the same weights, faster
-            prefill). ``False``: each layer keeps its own rows.
+            row order and ``down_proj`` the matching input order, so the MLP runs without
+            gathers (:func:`~tensornet_llm.layers.gated_mlp.share_mlp_rows`; the same function,
+            faster prefill). ``False``: each layer keeps its own rows.
     """
 
     chi: PerModule | None = None

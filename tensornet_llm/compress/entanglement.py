@@ -22,7 +22,8 @@ from torch import nn
 
 from ..errors import ArgumentError
 from ..layers.base import TensorNetworkLinear, is_linear_like
-from ..layers.layout import METHODS
+from ..layers.layout import COMPRESSED, METHODS, Layout
+from ..layers.low_rank import FactoredLinear
 from .sensitivity import module_position
 from .targets import Targets, find_targets
 
@@ -65,7 +66,7 @@ def entanglement_profile(
     if isinstance(n_sites, bool) or not isinstance(n_sites, int) or n_sites < 2:
         raise ArgumentError(f"n_sites must be an integer >= 2 (one bond at least), got {n_sites!r}")
     layers: list[tuple[str, nn.Module]] = [
-        (n, m) for n, m in model.named_modules() if isinstance(m, TensorNetworkLinear)
+        (n, m) for n, m in model.named_modules() if isinstance(m, COMPRESSED)
     ]
     chosen, _ = find_targets(model, targets, exclude)
     layers += [(n, m) for n, m in chosen if is_linear_like(m)]
@@ -80,6 +81,12 @@ def entanglement_profile(
     for name, module in layers:
         if isinstance(module, TensorNetworkLinear):
             spectra, kind = module.measure_spectra(), module.method
+        elif isinstance(module, FactoredLinear):  # one bond: the singular values of W
+            with torch.no_grad():
+                exact = Layout.low_rank(module.in_features, module.out_features, False
+                                        ).factor_form().decompose(module.to_dense(), None,
+                                                                  module.rank)
+            spectra, kind = exact.spectra, module.method
         else:
             # Full chi: every singular value across every cut is kept.
             exact = cls.from_linear(module, chi=1 << 30, n_sites=n_sites)

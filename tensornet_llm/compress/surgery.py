@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..helpers.progress import Tick, stage
-from ..layers.base import TensorNetworkLinear, linear_weight
+from ..layers.base import linear_weight
+from ..layers.layout import CompressedLayer
 from .config import CompactifyConfig
 from .fit import (
     corrected_target, fit_weighted, kronecker_whitened, weighted_error, whitened_start_is_optimal,
@@ -42,7 +43,7 @@ def count_parameters(model: nn.Module) -> int:
 def build_layer(
     name: str, module: nn.Module, setting: tuple, cfg: CompactifyConfig, cov: torch.Tensor | None,
     cross: torch.Tensor | None = None, rows: torch.Tensor | None = None,
-) -> tuple[TensorNetworkLinear, LayerReport]:
+) -> tuple[CompressedLayer, LayerReport]:
     """The replacement for one module: decomposed, then fitted when ``cov`` is given (to the
     dense outputs when ``cross``, the reference-by-own input statistics, is given too; with
     output row weights ``rows`` (:func:`~.fit.output_weights`) when given)."""
@@ -76,10 +77,7 @@ def build_layer(
     if cov is not None:
         act_end = weighted_error(dense, target, cov)
     err = relative_error(dense, weight.detach())
-    for p in new.cores:
-        p.requires_grad_(weight.requires_grad)
-    if bias is not None:
-        new.bias.requires_grad_(bias.requires_grad)
+    new.requires_grad_(weight.requires_grad)
     new.train(module.training)
     row = LayerReport(
         name=name, in_features=new.in_features, out_features=new.out_features,

@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Mapping, TypeVar, Union
 from torch import nn
 
 from ..errors import ArgumentError
-from ..layers.base import TensorNetworkLinear, is_linear_like
+from ..layers.base import is_linear_like
+from ..layers.layout import COMPRESSED
 
 __all__ = [
     "Filter", "matches", "resolve_override", "find_targets", "fused_expert_tensors", "block_stacks",
@@ -129,8 +130,12 @@ def find_targets(
     heads = _head_ids(model)
     chosen: list[tuple[str, nn.Module]] = []
     skipped: list[tuple[str, str]] = []
+    compressed: list[str] = []  # the parts of a compressed layer are not targets
     for name, module in model.named_modules(remove_duplicate=False):
-        if not name or isinstance(module, TensorNetworkLinear):
+        if not name or any(name.startswith(c + ".") for c in compressed):
+            continue
+        if isinstance(module, COMPRESSED):
+            compressed.append(name)
             continue
         if targets is None:
             if not is_linear_like(module):

@@ -6,9 +6,9 @@ dense matrix (``decompose``), the pure contraction functions and their cached pl
 (``contract``), the ``nn.Module`` classes (``base``, ``mpo``, ``ttns``; ``cross_layer`` for
 networks shared by same-role layers of several blocks), how one layer is cut
 (``layout``), the int8 / int4 layers (``quantized``) and the per-machine strategy timing
-(``autotune``); ``siblings`` runs low-rank layers that read one input as one stacked
-matmul; ``shared_rows`` and ``gated_mlp`` run a gated MLP's kept-rows layers in one row order,
-without gathers. Nothing in this room knows about whole models (``gated_mlp`` knows a gated MLP
+(``autotune``); ``low_rank`` holds the rank-``r`` layer as two ``nn.Linear`` (plain factors or
+kept rows, chosen by ``maxvol``); ``shared_rows`` and ``gated_mlp`` give a gated MLP's kept-rows
+layers one row order, so it runs without gathers. Nothing in this room knows about whole models (``gated_mlp`` knows a gated MLP
 by its ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn``): see ``tensornet_llm.compress``.
 """
 
@@ -17,20 +17,20 @@ from .base import TensorNetworkLinear, is_linear_like, linear_weight
 from .cross_layer import CrossLayerLinear, SharedBases
 from .decompose import BondSpectrum
 from .factorize import factorize
-from .gated_mlp import share_mlp_rows, unshare_mlp_rows
+from .gated_mlp import share_mlp_rows
 from .layout import METHODS, Layout
+from .low_rank import FactoredLinear, KeptRowsLinear, LowRankLinear
 from .mpo import MPOLinear
 from .quantized import (
     QuantizedEmbedding, QuantizedLinear, QuantizedModule, QuantizedTensorNetworkLinear,
     QuantizedWeight,
 )
-from .siblings import SiblingGroup
 from .ttns import TTNSLinear
 
 __all__ = [
     "MPOLinear", "TTNSLinear", "TensorNetworkLinear", "BondSpectrum", "Layout", "METHODS",
     "factorize", "is_linear_like", "linear_weight", "QuantizedWeight", "QuantizedLinear",
     "QuantizedEmbedding", "QuantizedTensorNetworkLinear", "QuantizedModule", "autotune",
-    "TuneRow", "CrossLayerLinear", "SharedBases", "SiblingGroup", "share_mlp_rows",
-    "unshare_mlp_rows",
+    "TuneRow", "CrossLayerLinear", "SharedBases", "share_mlp_rows", "FactoredLinear",
+    "KeptRowsLinear", "LowRankLinear",
 ]

@@ -57,8 +57,6 @@ __all__ = [
     "rebuild",
     "factors_linear",
     "factor_pair",
-    "is_one_token",
-    "linear_mv",
     "contract_network",
     "reconstruct",
     "clear_scratch",
@@ -664,35 +662,11 @@ def factor_pair(cores: Sequence[Tensor], plan: RebuildPlan, in_features: int,
     return a, b
 
 
-def is_one_token(x: Tensor) -> bool:
-    """Whether ``x`` ``(..., features)`` holds one token (batch-1 decode), in eager code and
-    outside autocast: where :func:`linear_mv` takes ``torch.mv``. At this size a call costs more
-    than its arithmetic, and on the CPU ``torch.mv`` has less fixed cost than a one-row
-    ``F.linear`` (in bfloat16 about half). Autocast would not cast ``mv``, and traced code
-    keeps one path for every length."""
-    return (x.numel() == x.shape[-1] and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled(x.device.type))
-
-
-def linear_mv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, W, b)``, ``x`` ``(..., in)``, ``W`` ``(out, in)`` -> ``(..., out)``, as one
-    matrix-vector product when :func:`is_one_token` (differentiable either way)."""
-    if not is_one_token(x):
-        return F.linear(x, weight, bias)
-    y = torch.mv(weight, x.reshape(weight.shape[1]))
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
 def factors_linear(x: Tensor, cores: Sequence[Tensor], plan: RebuildPlan, bias: Tensor | None,
                    in_features: int, out_features: int) -> Tensor:
     """``y = x (A B)^T + bias`` for a two-factor network as two thin matmuls, no einsum
-    (``A``, ``B`` as :func:`factor_pair` gives them); one token: two matrix-vector products."""
+    (``A``, ``B`` as :func:`factor_pair` gives them)."""
     a, b = factor_pair(cores, plan, in_features, out_features)
-    if is_one_token(x):  # four calls: reshape, two matrix-vector products, view
-        y = torch.mv(a, torch.mv(b, x.reshape(b.shape[1])))
-        return (y if bias is None else y + bias).view(*x.shape[:-1], a.shape[0])
     return F.linear(F.linear(x, b), a, bias)
 
 

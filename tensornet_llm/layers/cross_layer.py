@@ -24,7 +24,7 @@ once (as Hugging Face does for tied embeddings).
 C[R]``, ``r`` rows of the stacked cores ``C = [C_1; ...; C_G]`` (``G out x r``), turns those rows
 into rows of the identity, which need not be stored: the group keeps ``r (in + G out - r)``
 parameters instead of ``r (in + G out)``, the saving a low-rank layer gets from
-:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`, once per group.
+:class:`~tensornet_llm.layers.low_rank.KeptRowsLinear`, once per group.
 :func:`kept_rows_gauge` chooses ``R`` by maxvol, so the other rows' coefficients stay near or
 below 1. A member whose layer holds some of the rows ``R`` computes them by reading the shared
 coordinates ``z = x V^T`` directly: ``y = [z[kept], z core^T][row_order]``.
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from .interpolative import index_buffer, kept_row_order, maxvol_rows, on_device
+from .maxvol import index_buffer, kept_row_order, maxvol_rows, on_device
 
 __all__ = ["SIDES", "CrossLayerLinear", "SharedBases", "kept_rows_gauge", "plain_members"]
 

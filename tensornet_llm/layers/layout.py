@@ -9,10 +9,11 @@ site and the whole input leg on the second,
 
     W[o, i] = sum_a A[o, a] B[a, i]         (out_shape = (out, 1), in_shape = (1, in))
 
-is the rank-``chi`` factorisation. By default it is stored as kept rows and their combinations
-(:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`: ``chi (in + out - chi)``
-parameters for the same weight); it is always built and fitted as the two factors and converted
-at the end (:meth:`Layout.stored`). Under a parameter budget ``compactify`` may offer each module
+is the rank-``chi`` factorisation. It is built and fitted as that 2-site MPO, then stored as two
+ordinary ``nn.Linear`` (:mod:`~tensornet_llm.layers.low_rank`): by default as kept rows and their
+combinations (:class:`~tensornet_llm.layers.low_rank.KeptRowsLinear`, ``chi (in + out - chi)``
+parameters for the same weight), else as the two factors
+(:class:`~tensornet_llm.layers.low_rank.LowRankLinear`); see :meth:`Layout.stored`. Under a parameter budget ``compactify`` may offer each module
 several layouts and keep, per module, the one predicted to do the least damage.
 """
 
@@ -23,26 +24,30 @@ from dataclasses import dataclass, replace
 from torch import Tensor
 
 from .base import TensorNetworkLinear
-from .interpolative import InterpolativeLinear
+from .low_rank import FactoredLinear, KeptRowsLinear, LowRankLinear
 from .mpo import MPOLinear
 from .ttns import TTNSLinear
 
-__all__ = ["Layout", "METHODS", "LAYER_CLASSES"]
+__all__ = ["Layout", "METHODS", "LAYER_CLASSES", "CompressedLayer", "COMPRESSED"]
+
+#: A layer ``compactify`` builds for one linear (``COMPRESSED`` for ``isinstance``).
+CompressedLayer = TensorNetworkLinear | FactoredLinear
+COMPRESSED = (TensorNetworkLinear, FactoredLinear)
 
 #: The network classes by their ``method`` name (as ``compactify(method=...)`` and saved
 #: checkpoints spell them).
 METHODS: dict[str, type[TensorNetworkLinear]] = {"mpo": MPOLinear, "ttns": TTNSLinear}
 #: Every layer class by the ``method`` its saved layout records (what loading looks up): the
-#: methods, and the kept-rows storage of the low-rank layout.
-LAYER_CLASSES: dict[str, type[TensorNetworkLinear]] = {
-    **METHODS, InterpolativeLinear.method: InterpolativeLinear}
+#: methods, and the two storages of the low-rank layout.
+LAYER_CLASSES: dict[str, type[CompressedLayer]] = {
+    **METHODS, LowRankLinear.method: LowRankLinear, KeptRowsLinear.method: KeptRowsLinear}
 
 
 @dataclass(frozen=True)
 class Layout:
     """Network class, sites and optional leg sizes of one layer's tensor network."""
 
-    cls: type[TensorNetworkLinear]
+    cls: type[CompressedLayer]
     n_sites: int
     in_shape: tuple[int, ...] | None = None
     out_shape: tuple[int, ...] | None = None
@@ -50,19 +55,23 @@ class Layout:
     @classmethod
     def low_rank(cls, in_features: int, out_features: int, rows: bool = True) -> "Layout":
         """The rank-chi factorisation ``W = A B`` (see the module docs), stored as kept rows
-        (``rows``, :class:`InterpolativeLinear`) or as the two factors (a 2-site MPO)."""
-        return cls(InterpolativeLinear if rows else MPOLinear, 2, (1, in_features),
+        (``rows``, :class:`KeptRowsLinear`) or as the two factors (:class:`LowRankLinear`)."""
+        return cls(KeptRowsLinear if rows else LowRankLinear, 2, (1, in_features),
                    (out_features, 1))
 
     def factor_form(self) -> "Layout":
-        """The layout the fit works on: the two factors of a kept-rows layout, else itself."""
-        return replace(self, cls=MPOLinear) if self.cls is InterpolativeLinear else self
+        """The layout the fit works on: a low-rank layout as a 2-site MPO, else itself."""
+        return replace(self, cls=MPOLinear) if issubclass(self.cls, FactoredLinear) else self
 
-    def stored(self, layer: TensorNetworkLinear) -> TensorNetworkLinear:
-        """``layer``, built in :meth:`factor_form`, as this layout stores it (same weight)."""
-        if self.cls is InterpolativeLinear and not isinstance(layer, InterpolativeLinear):
-            return InterpolativeLinear.from_factors(layer)
-        return layer
+    def stored(self, layer: TensorNetworkLinear) -> CompressedLayer:
+        """``layer``, built in :meth:`factor_form`, as this layout stores it (same weight,
+        device, dtype, ``requires_grad`` and mode)."""
+        if not issubclass(self.cls, FactoredLinear):
+            return layer
+        u, v = (c.detach() for c in layer.cores)
+        r = v.shape[0]
+        new = self.cls.from_factors(u.reshape(-1, r), v.reshape(r, -1), layer.bias)
+        return new.train(layer.training).requires_grad_(layer.cores[0].requires_grad)
 
     @property
     def is_low_rank(self) -> bool:
@@ -77,12 +86,13 @@ class Layout:
 
     def decompose(
         self, weight: Tensor, bias: Tensor | None, chi: int, tol: float | None = None
-    ) -> TensorNetworkLinear:
-        """The layer of this layout cut from ``weight`` ``(out, in)`` at bond dimension ``chi``."""
-        return self.cls.from_weight(
+    ) -> CompressedLayer:
+        """The layer of this layout cut from ``weight`` ``(out, in)`` at bond dimension ``chi``
+        (a low-rank layout: truncated SVD, then stored)."""
+        return self.stored(self.factor_form().cls.from_weight(
             weight, bias, chi, self.n_sites, in_shape=self.in_shape, out_shape=self.out_shape,
             tol=tol,
-        )
+        ))
 
     def num_parameters(self, in_features: int, out_features: int, chi: int, bias: bool) -> int:
         """Parameters (cores, plus the bias) of this layout's layer at ``chi``."""

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
-from ..errors import ArgumentError
 from .base import TensorNetworkLinear
-from .contract import NetworkSpec, factor_pair, factors_linear, linear_mv
+from .contract import NetworkSpec, factors_linear
 from .decompose import BondSpectrum, mpo_bond_dims, tt_svd
 
 __all__ = ["MPOLinear", "mpo_network"]
@@ -60,10 +58,6 @@ class MPOLinear(TensorNetworkLinear):
     """
 
     method = "mpo"
-    #: The :class:`~tensornet_llm.layers.siblings.SiblingGroup` this layer's input side runs in
-    #: (set by :func:`tensornet_llm.fuse_siblings`), and its place in the group's call order.
-    _siblings = None
-    _sibling_index = 0
 
     @staticmethod
     def _network(out_shape, in_shape, bond_dims) -> NetworkSpec:
@@ -105,58 +99,6 @@ class MPOLinear(TensorNetworkLinear):
         if table.rebuild.two_factors and len(table.regimes) == 1 and (
                 table.regimes[0].strategy == "factors") and x.shape[-1] == self.in_features:
             cores = tuple(self.cores._parameters.values())  # iterating the list, minus its overhead
-            if (not torch.compiler.is_compiling() and self._siblings is not None
-                    and not torch.is_grad_enabled()):
-                z = self._siblings.input_side(self._sibling_index, x)  # x V^T, shared
-                if z is not None:
-                    a, _ = factor_pair(cores, table.rebuild, self.in_features, self.out_features)
-                    return linear_mv(z, a, self.bias)
             return factors_linear(x, cores, table.rebuild, self.bias, self.in_features,
                                   self.out_features)
         return super().forward(x)
-
-    # ----- the low-rank layout: W = U V --------------------------------------------------------
-    @property
-    def is_low_rank(self) -> bool:
-        """Whether this is the low-rank layout (two sites, the whole output leg on the first and
-        the whole input leg on the second): ``W = U V`` with ``U = cores[0] (out, r)`` and
-        ``V = cores[1] (r, in)``."""
-        return (self.n_sites == 2 and self.in_shape[0] == 1 and self.out_shape[1] == 1
-                and self.padded_in == self.in_features and self.padded_out == self.out_features)
-
-    def _require_low_rank(self, what: str) -> None:
-        if not self.is_low_rank:
-            raise ArgumentError(f"{what} needs the low-rank layout (W = U V), not "
-                                f"in_shape={self.in_shape}, out_shape={self.out_shape}")
-
-    @torch.no_grad()
-    def append_factors_(self, left: Tensor, right: Tensor) -> None:
-        """``W <- W + left @ right`` exactly, by growing the rank: ``U <- [U, left]``,
-        ``V <- [V; right]`` (``left (out, k)``, ``right (k, in)``). The cores become new
-        parameters (an optimizer holding the old ones must be rebuilt)."""
-        self._require_low_rank("append_factors_")
-        out_f, in_f = self.out_features, self.in_features
-        k = left.shape[-1]
-        if left.shape != (out_f, k) or right.shape != (k, in_f):
-            raise ArgumentError(f"factors must be (out={out_f}, k) and (k, in={in_f}), got "
-                                f"{tuple(left.shape)} and {tuple(right.shape)}")
-        u, v = self.cores
-        self._set_cores([
-            torch.cat([u, left.to(u).reshape(1, out_f, 1, k)], dim=-1),
-            torch.cat([v, right.to(v).reshape(k, 1, in_f, 1)], dim=0),
-        ])
-
-    @torch.no_grad()
-    def scale_rows_(self, gain: Tensor) -> None:
-        """``W <- diag(gain) W`` exactly (``gain (out,)``): the rows of ``U``."""
-        self._require_low_rank("scale_rows_")
-        self.cores[0].mul_(gain.to(self.cores[0]).view(1, -1, 1, 1))
-
-    @torch.no_grad()
-    def truncate_bond_(self, rank: int) -> None:
-        """Keep the first ``rank`` terms of ``W = U V`` (undoes :meth:`append_factors_`)."""
-        self._require_low_rank("truncate_bond_")
-        if not 1 <= rank <= self.bond_dims[0]:
-            raise ArgumentError(f"rank must be in [1, {self.bond_dims[0]}], got {rank}")
-        u, v = self.cores
-        self._set_cores([u[..., :rank].clone(), v[:rank].clone()])

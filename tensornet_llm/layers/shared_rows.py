@@ -1,6 +1,6 @@
 """One kept-rows order for two layers whose outputs only meet elementwise (a gated MLP's gate and up).
 
-A kept-rows layer (:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`) computes its
+A kept-rows layer (:class:`~tensornet_llm.layers.low_rank.KeptRowsLinear`) computes its
 outputs in *stacked* order, the kept rows ``R`` first and then the others, and puts them back in
 order with one gather. In a gated MLP, ``down(act(gate(x)) * up(x))``, the gate and up outputs
 meet only elementwise, so if both layers stacked their rows in one order, ``act(g) * u`` could be
@@ -20,13 +20,12 @@ blocks' volumes (below 5). :func:`unordered_outputs_of` is the layer's forward w
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ArgumentError
-from .interpolative import InterpolativeLinear, maxvol_rows, swap_update_, unordered_outputs
+from .maxvol import maxvol_rows, swap_update_
 
-__all__ = ["shared_row_order", "extend_rows", "joint_rows", "unordered_outputs_of"]
+__all__ = ["shared_row_order", "extend_rows", "joint_rows"]
 
 
 def extend_rows(u: Tensor, fixed: Tensor, tol: float) -> Tensor:
@@ -99,25 +98,3 @@ def shared_row_order(u_a: Tensor, u_b: Tensor, tol: float = 0.1) -> Tensor:
     rest[rows] = False
     return torch.cat([rows, rest.nonzero().squeeze(1)])
 
-
-def unordered_outputs_of(layer: InterpolativeLinear, x: Tensor, zx: Tensor | None = None
-                         ) -> Tensor:
-    """``layer(x)`` ``(..., out)`` with its features in stacked order (``[x Z^T, x Z^T Y^T]``,
-    plus the bias in that order): :meth:`~InterpolativeLinear.forward` without the gather.
-    Without autograd, in ``Z``'s dtype and outside autocast, both matmuls write into one buffer
-    (``zx``: ``x Z^T`` where already known, e.g. from a sibling group); otherwise the
-    differentiable (and traceable) form. ``x``'s features must be in the layer's input order
-    (``input_order`` is not applied)."""
-    y_core, z_core = layer.cores._parameters.values()
-    r = z_core.shape[0]
-    y, z = y_core.view(-1, r), z_core.view(r, layer.in_features)
-    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or x.dtype != z.dtype
-            or torch.is_autocast_enabled(x.device.type)):
-        zx = F.linear(x, z)
-        out = torch.cat([zx, F.linear(zx, y)], dim=-1)
-    else:
-        out = unordered_outputs(x, z, y, zx).view(*x.shape[:-1], layer.out_features)
-    if layer.bias is not None:
-        stacked = layer._stacked_rows().to(layer.bias.device)
-        out = out + layer.bias.index_select(0, stacked).to(out.dtype)
-    return out

@@ -30,11 +30,10 @@ from torch import nn
 
 from ..errors import ArgumentError, CheckpointError, InputFileError, first_line
 from ..helpers.files import MARKER, atomic_directory, check_output
-from ..layers.base import TensorNetworkLinear
 from ..layers.cross_layer import CrossLayerLinear, SharedBases, cross_layer_members, group_names
-from ..layers.gated_mlp import share_mlp_rows
-from ..layers.layout import LAYER_CLASSES
+from ..layers.layout import COMPRESSED, LAYER_CLASSES, CompressedLayer
 from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
+from .legacy import LEGACY_KEPT_ROWS, convert_kept_rows, kept_rows_layer
 
 __all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE",
            "WEIGHTS_INDEX", "shard_name", "structure", "model_class_of", "read_weight_map"]
@@ -62,8 +61,8 @@ def structure(architecture: str, modules: Mapping[str, dict], quantized: Mapping
             **extra}
 
 
-def tensor_network_modules(model: nn.Module) -> dict[str, TensorNetworkLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, TensorNetworkLinear)}
+def compressed_modules(model: nn.Module) -> dict[str, CompressedLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSED)}
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -125,7 +124,7 @@ def save_compactified(
     state, aliases = _dedupe(model.state_dict())
     description = structure(
         type(model).__name__,
-        {n: m.layout() for n, m in tensor_network_modules(model).items()},
+        {n: m.layout() for n, m in compressed_modules(model).items()},
         {n: m.layout() for n, m in model.named_modules() if isinstance(m, QuantizedModule)},
         aliases, **_cross_layer_section(model), **extra)
     from safetensors.torch import save_file
@@ -284,7 +283,7 @@ def load_compactified(
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
     where = directory / STRUCTURE_FILE
-    for section, build in (("modules", lambda l: LAYER_CLASSES[l["method"]].from_layout(l, device="meta")),
+    for section, build in (("modules", _compressed_layer),
                            ("quantized", lambda l: QUANTIZED_TYPES[l["kind"]].from_layout(l))):
         for name, layout in structure.get(section, {}).items():
             try:
@@ -304,6 +303,13 @@ def load_compactified(
                               f"{weights.name} does not hold")
     for alias, source in aliases.items():
         state[alias] = state[source]
+    for name, layout in structure.get("modules", {}).items():
+        if layout.get("method") == LEGACY_KEPT_ROWS:
+            try:
+                convert_kept_rows(name, layout, state)
+            except (KeyError, RuntimeError, ValueError) as exc:
+                raise CheckpointError(f"{weights}: the tensors of {name!r} do not match {where} "
+                                      f"({first_line(exc)})") from exc
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -319,5 +325,11 @@ def load_compactified(
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if dtype is not None:
         model.to(dtype)
-    share_mlp_rows(model, rearrange=False)  # where the saved MLPs share their rows
     return model.eval()
+
+
+def _compressed_layer(layout: dict[str, Any]) -> nn.Module:
+    """The (meta) module of a ``modules`` entry, a legacy kept-rows one included."""
+    if layout["method"] == LEGACY_KEPT_ROWS:
+        return kept_rows_layer(layout)
+    return LAYER_CLASSES[layout["method"]].from_layout(layout, device="meta")

@@ -39,6 +39,7 @@ from ..errors import ArgumentError, ArgumentTypeError, HealingCheckWarning
 from ..helpers.evaluate import next_token_targets, summed_nll
 from ..helpers.files import atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
+from ..layers.layout import COMPRESSED
 from ..compress.calibrate import as_batches, check_token_ids
 from .quantize import QuantizeConfig, as_quantize_config, rounded_weights, rounding_plan
 from .token_loss import token_loss
@@ -223,7 +224,8 @@ class HealResult:
 
 def trainable_parameters(model: nn.Module, train: Train = "all") -> list[nn.Parameter]:
     """The parameters :func:`heal` updates: all; all but the token embeddings and LM head
-    (``"blocks"``); or only the cores of tensor-network layers."""
+    (``"blocks"``); or only the cores of tensor-network layers (and the factor weights of
+    low-rank layers)."""
     if train == "all":
         return [p for p in model.parameters()]
     if train == "blocks":
@@ -233,8 +235,9 @@ def trainable_parameters(model: nn.Module, train: Train = "all") -> list[nn.Para
                                 "(a transformers model)")
         skip = {id(p) for m in tables for p in m.parameters()}
         return [p for p in model.parameters() if id(p) not in skip]
-    cores = {id(c): c for m in model.modules() if isinstance(m, TensorNetworkLinear)
-             for c in m.cores}
+    cores = {id(c): c for m in model.modules() if isinstance(m, COMPRESSED)
+             for c in (m.cores if isinstance(m, TensorNetworkLinear) else
+                       [p for p in m.parameters() if p.dim() == 2])}
     if not cores:
         raise ArgumentError("train='cores' but the model has no tensor-network layers (compactify it first)")
     return list(cores.values())

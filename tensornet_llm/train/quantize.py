@@ -8,6 +8,7 @@ CompactifAI's size figures come from two steps: tensorize, then quantize what re
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Iterator
@@ -19,7 +20,7 @@ from ..errors import ArgumentError
 from ..compress.targets import check_pattern, matches
 from ..layers.base import TensorNetworkLinear, is_linear_like, linear_weight
 from ..layers.cross_layer import CrossLayerLinear, plain_members
-from ..layers.interpolative import InterpolativeLinear
+from ..layers.low_rank import FactoredLinear, KeptRowsLinear, LowRankLinear, balanced_factors
 from ..layers.quantized import (
     INT4_GROUP_SIZE, QuantizedCrossLayerLinear, QuantizedEmbedding, QuantizedLinear, QuantizedModule,
     QuantizedTensorNetworkLinear, QuantizedWeight, round_tensor,
@@ -135,7 +136,10 @@ def _selected(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Modul
     for name, module in model.named_modules():
         if not name or any(matches(name, p) for p in cfg.exclude) or isinstance(module, QuantizedModule):
             continue
-        if isinstance(module, (TensorNetworkLinear, CrossLayerLinear)):
+        if isinstance(module, FactoredLinear) and any(
+                isinstance(c, QuantizedModule) for c in module.children()):
+            continue  # quantized already
+        if isinstance(module, (TensorNetworkLinear, CrossLayerLinear, FactoredLinear)):
             if cfg.cores:
                 plan.append((name, module))
         elif isinstance(module, nn.Embedding):
@@ -144,7 +148,7 @@ def _selected(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Modul
         elif is_linear_like(module) and cfg.dense:
             plan.append((name, module))
     inside_network = {n for n, m in plan
-                      if isinstance(m, (TensorNetworkLinear, CrossLayerLinear))}
+                      if isinstance(m, (TensorNetworkLinear, CrossLayerLinear, FactoredLinear))}
     return [(n, m) for n, m in plan if not any(n.startswith(p + ".") for p in inside_network)]
 
 
@@ -156,7 +160,7 @@ def rounding_plan(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
     cfg = as_quantize_config(bits, **options)
     plan: dict[int, tuple[nn.Parameter, int]] = {}
     for name, module in _selected(model, cfg):
-        if isinstance(module, InterpolativeLinear):
+        if isinstance(module, KeptRowsLinear):
             raise ArgumentError(
                 f"{name} is a low-rank layer stored as kept rows, which quantize() rounds as two "
                 "balanced factors, a form its own parameters cannot take; call "
@@ -169,6 +173,8 @@ def rounding_plan(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
         if isinstance(module, TensorNetworkLinear):
             tensors = [(c, QuantizedTensorNetworkLinear._channel_dim(tuple(c.shape)))
                        for c in module.cores]
+        elif isinstance(module, LowRankLinear):
+            tensors = [(module.first.weight, 0), (module.second.weight, 0)]
         elif isinstance(module, CrossLayerLinear):
             tensors = [(t, 0) for t in (module.shared.in_basis, module.shared.out_basis,
                                         module.core) if t is not None]
@@ -221,8 +227,8 @@ def _plain_groups(modules: Iterable[nn.Module]) -> dict[int, CrossLayerLinear]:
 
 def low_rank_as_factors(model: nn.Module) -> int:
     """Replace every low-rank layer stored as kept rows
-    (:class:`~tensornet_llm.layers.interpolative.InterpolativeLinear`) by the same weight as two
-    balanced factors (:meth:`~tensornet_llm.layers.interpolative.InterpolativeLinear.to_factors`,
+    (:class:`~tensornet_llm.layers.low_rank.KeptRowsLinear`) by the same weight as two
+    balanced factors (:func:`~tensornet_llm.layers.low_rank.balanced_factors`,
     ``r^2`` more parameters each), and every cross-layer group stored as kept rows by the same
     maps with an orthonormal shared basis
     (:func:`~tensornet_llm.layers.cross_layer.plain_members`, ``in_rank^2`` more parameters per
@@ -231,11 +237,11 @@ def low_rank_as_factors(model: nn.Module) -> int:
     modules = list(model.named_modules())
     plain = _plain_groups([m for _, m in modules])
     found = [(name, m) for name, m in modules
-             if isinstance(m, InterpolativeLinear) or id(m) in plain]
+             if isinstance(m, KeptRowsLinear) or id(m) in plain]
     for name, module in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        new = plain[id(module)] if id(module) in plain else module.to_factors()
+        new = plain[id(module)] if id(module) in plain else balanced_factors(module)
         setattr(parent, child, new)
     return len(found)
 
@@ -268,12 +274,14 @@ def quantize(
 
     # Build every replacement first (nothing in the model changes if this fails).
     by_weight: dict[int, QuantizedWeight] = {}
-    replacements: list[tuple[str, nn.Module, QuantizedModule]] = []
+    replacements: list[tuple[str, nn.Module, nn.Module]] = []
     plain = _plain_groups([m for _, m in plan])  # kept rows: rounded in the orthonormal gauge
     for name, module in plan:
-        if isinstance(module, InterpolativeLinear):  # rounded as balanced factors (see there)
-            new: QuantizedModule = QuantizedTensorNetworkLinear.from_module(
-                module.to_factors(), cfg.bits, group)
+        if isinstance(module, FactoredLinear):  # kept rows: rounded as balanced factors
+            new = (balanced_factors(module) if isinstance(module, KeptRowsLinear)
+                   else copy.deepcopy(module))
+            new.first = QuantizedLinear.from_module(new.first, cfg.bits, group)
+            new.second = QuantizedLinear.from_module(new.second, cfg.bits, group)
         elif isinstance(module, TensorNetworkLinear):
             new = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
         elif isinstance(module, CrossLayerLinear):  # a group's bases are quantized once
@@ -300,5 +308,5 @@ def quantize(
         after = sum(q.nbytes for q in weights if id(q) not in counted)
         before = _float_bytes(module, counted) if after else 0  # a tied table counts once
         counted.update(id(q) for q in weights)
-        report.rows.append((name, new.kind, before, after))
+        report.rows.append((name, getattr(new, "kind", "low-rank"), before, after))
     return report

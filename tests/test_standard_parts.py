@@ -1,0 +1,138 @@
+"""A model whose layers are two ``nn.Linear`` (kept rows, low-rank factors) works with the
+ecosystem's own tools, unchanged: ``torch.export`` with a dynamic length, both ONNX exporters
+with onnxruntime, accelerate's CPU and disk offload, torchao's int8 and peft's ``all-linear``.
+
+Every cell compares logits with the eager model's: exactly (``torch.export``, offload), to
+float32 rounding (ONNX, 1e-5), or, for int8, within the rounding error int8 makes (3%)."""
+
+import tempfile
+
+import pytest
+import torch
+
+from models import build
+from tensornet_llm import CompactifyConfig, compactify, load_compactified, save_compactified
+from tensornet_llm.layers.low_rank import KeptRowsLinear, LowRankLinear
+
+KINDS = {"kept rows": (CompactifyConfig(), KeptRowsLinear),
+         "low-rank": (CompactifyConfig(interpolative=False), LowRankLinear)}
+
+
+def compressed(kind: str):
+    config, cls = KINDS[kind]
+    model = build("llama")
+    model.config._attn_implementation = "eager"  # exportable attention
+    compactify(model, ratio=0.6, method="low-rank", progress=False, config=config)
+    layers = [m for m in model.modules() if isinstance(m, (KeptRowsLinear, LowRankLinear))]
+    assert layers and all(type(m) is cls for m in layers)
+    return model
+
+
+class Logits(torch.nn.Module):
+    """``ids -> logits`` with explicit positions and mask (what exporters trace)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, positions):
+        return self.model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids),
+                          use_cache=False).logits
+
+
+def lengths():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(2, 90, (1, n), generator=g), torch.arange(n)[None]) for n in (12, 40)]
+
+
+@pytest.fixture(params=list(KINDS))
+def model(request):
+    return compressed(request.param)
+
+
+def eager(model):
+    with torch.no_grad():
+        return [model(input_ids=ids).logits for ids, _ in lengths()]
+
+
+def test_torch_export_with_a_dynamic_length(model):
+    from torch.export import Dim, export
+
+    (ids, positions), _ = lengths()
+    length = Dim("length", min=2, max=256)
+    program = export(Logits(model), (ids, positions), strict=False,
+                     dynamic_shapes={"ids": {1: length}, "positions": {1: length}})
+    for (ids, positions), expected in zip(lengths(), eager(model)):
+        assert torch.equal(program.module()(ids, positions), expected)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_onnx_export_runs_in_onnxruntime_at_every_length(model, dynamo, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    (ids, positions), _ = lengths()
+    axes = {"ids": {1: "length"}, "positions": {1: "length"}}
+    with torch.no_grad():
+        if dynamo:
+            torch.onnx.export(Logits(model), (ids, positions), path, dynamo=True,
+                              input_names=["ids", "positions"], output_names=["logits"],
+                              dynamic_shapes=axes)
+        else:
+            torch.onnx.export(Logits(model), (ids, positions), path, dynamo=False,
+                              input_names=["ids", "positions"], output_names=["logits"],
+                              dynamic_axes={**axes, "logits": {1: "length"}})
+    session = ort.InferenceSession(str(path))
+    for (ids, positions), expected in zip(lengths(), eager(model)):
+        out = session.run(None, {"ids": ids.numpy(), "positions": positions.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(out), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_accelerate_offload_computes_the_same_logits(model, offload):
+    from accelerate import cpu_offload, disk_offload
+
+    expected = eager(model)
+    with tempfile.TemporaryDirectory() as folder:
+        if offload == "cpu":
+            cpu_offload(model, execution_device="cpu")
+        else:
+            disk_offload(model, folder, execution_device="cpu")
+        assert all(p.device.type == "meta" for p in model.model.layers[0].mlp.parameters())
+        for out, ref in zip(eager(model), expected):
+            assert torch.equal(out, ref)
+
+
+def test_torchao_int8_reaches_every_factor(model):
+    quantization = pytest.importorskip("torchao.quantization")
+    expected = eager(model)
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+    factors = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert factors and all(type(m.weight) is not torch.nn.Parameter or
+                           type(m.weight.data) is not torch.Tensor for m in factors)
+    for out, ref in zip(eager(model), expected):
+        assert float((out - ref).norm() / ref.norm()) < 0.03
+
+
+def test_peft_all_linear_trains_saves_and_loads_on_the_factors(model, tmp_path):
+    peft = pytest.importorskip("peft")
+    save_compactified(model, tmp_path / "base")
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear"))
+    names = [n for n, m in adapted.named_modules() if hasattr(m, "lora_A") and n.endswith("proj")
+             or n.endswith((".kept", ".others", ".first", ".second"))]
+    factors = [n for n, m in model.named_modules() if n.endswith((".kept", ".others", ".first",
+                                                                   ".second"))]
+    assert factors and set(factors) <= {n.removeprefix("base_model.model.") for n in names}
+    optimizer = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.5)
+    ids = lengths()[0][0]
+    adapted(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        trained = adapted(input_ids=ids).logits
+    adapted.save_pretrained(tmp_path / "adapters")
+    again = peft.PeftModel.from_pretrained(load_compactified(tmp_path / "base"), tmp_path / "adapters")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-6)
+        merged = again.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
