@@ -98,6 +98,10 @@ def compactify(
             _replace_block_by_block(model, plan, cfg, batches, built, swaps, tick)
     if cfg.share_mlp_rows:
         share_mlp_rows(model)
+    if hasattr(model, "save_pretrained"):  # model.save_pretrained writes what from_pretrained loads
+        from ..saving.transformers_plugin import attach
+
+        attach(model)
     return CompactifyReport(
         layers=[row for _, row in built.values()], skipped=plan.skipped,
         model_params_before=params_before, model_params_after=count_parameters(model),

@@ -439,6 +439,10 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
                               for _, m in dense)
     if cfg.share_mlp_rows:  # MLPs whose gate and up the budget left to per-layer kept rows
         share_mlp_rows(model)
+    if hasattr(model, "save_pretrained"):
+        from ..saving.transformers_plugin import attach
+
+        attach(model)
     return CompactifyReport(
         layers=rows, skipped=skipped, model_params_before=params_before,
         model_params_after=count_parameters(model), seconds=time.perf_counter() - start, ratio=cfg.ratio,

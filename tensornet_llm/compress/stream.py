@@ -38,9 +38,9 @@ from ..helpers.files import atomic_directory, check_output
 from ..layers.gated_mlp import share_mlp_rows
 from ..layers.layout import Layout
 from ..saving.serialization import (
-    STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, model_class_of, read_weight_map,
-    shard_name, structure,
+    STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, model_class_of, read_weight_map, shard_name,
 )
+from ..saving.structure import add_quantization_config, structure, with_markers
 from .budget import choose, ladder
 from .calibrate import BlockReplay, as_batches, check_token_ids, collect_covariances
 from .config import CompactifyConfig, merged_config
@@ -363,16 +363,17 @@ def compactify_pretrained(
     with atomic_directory(out, overwrite, known=(STRUCTURE_FILE,)) as tmp:
         weight_map = _compress_blocks(stream, plan, cfg, batches, tmp, rows, layouts, progress)
         _write_rest(stream, tmp, weight_map)
+        description = structure(type(model).__name__, layouts, {}, stream.aliases,
+                                streamed_from=str(source), **(metadata or {}))
         stream.model.config.save_pretrained(tmp)
+        add_quantization_config(tmp / "config.json", description)
         for name in COPIED:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
         size = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
         (tmp / WEIGHTS_INDEX).write_text(json.dumps(
             {"metadata": {"total_size": size}, "weight_map": weight_map}, indent=1))
-        (tmp / STRUCTURE_FILE).write_text(json.dumps(structure(
-            type(model).__name__, layouts, {}, stream.aliases, streamed_from=str(source),
-            **(metadata or {})), indent=1))
+        (tmp / STRUCTURE_FILE).write_text(json.dumps(description, indent=1))
         report = CompactifyReport(
             layers=rows, skipped=plan.skipped, model_params_before=params_before,
             model_params_after=count_parameters(model), seconds=time.perf_counter() - start,
@@ -501,6 +502,8 @@ def _compress_blocks(stream: _Stream, plan, cfg: CompactifyConfig, batches: list
             _compress_block(stream, prefix, block, names_in, plan, cfg, walk, batches, rows,
                             layouts)
             tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+            tensors = with_markers(tensors, {"modules": {
+                n: None for n in names_in.get(prefix, [])}})  # see marker_keys
             shard = shard_name(index, total)
             _save(tensors, tmp / shard)
             weight_map.update(dict.fromkeys(tensors, shard))

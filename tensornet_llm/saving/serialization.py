@@ -2,9 +2,13 @@
 
 Directory layout::
 
-    config.json               the base model's Hugging Face config
+    config.json               the base model's Hugging Face config, with a quantization_config
+                              of method "tensornet" holding the structure (below), which
+                              from_pretrained reads (saving.transformers_plugin)
     generation_config.json    (when the model has one)
-    model.safetensors         every parameter and persistent buffer; tied tensors stored once
+    model.safetensors         every parameter and persistent buffer; tied tensors stored once;
+                              a zero-size tensor at each replaced module's dense weight key
+                              (structure.marker_keys)
                               (or shards ``model-00001-of-00009.safetensors`` ... with the
                               Hugging Face index ``model.safetensors.index.json``, as streaming
                               compression writes them)
@@ -30,18 +34,17 @@ from torch import nn
 
 from ..errors import ArgumentError, CheckpointError, InputFileError, first_line
 from ..helpers.files import MARKER, atomic_directory, check_output
-from ..layers.cross_layer import CrossLayerLinear, SharedBases, cross_layer_members, group_names
-from ..layers.layout import COMPRESSED, LAYER_CLASSES, CompressedLayer
-from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
-from .legacy import LEGACY_KEPT_ROWS, convert_kept_rows, kept_rows_layer
+from .legacy import LEGACY_KEPT_ROWS, convert_kept_rows
+from .structure import (
+    FORMAT_VERSION, add_quantization_config, build_structure, describe, marker_keys, with_markers,
+)
 
 __all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE",
-           "WEIGHTS_INDEX", "shard_name", "structure", "model_class_of", "read_weight_map"]
+           "WEIGHTS_INDEX", "shard_name", "model_class_of", "read_weight_map"]
 
 STRUCTURE_FILE = "tensornet.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
-FORMAT_VERSION = 1
 #: File names a save writes itself (``files=`` may not use them).
 RESERVED = frozenset({STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, "config.json",
                       "generation_config.json", MARKER})
@@ -50,19 +53,6 @@ RESERVED = frozenset({STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, "config.json"
 def shard_name(index: int, total: int) -> str:
     """The Hugging Face name of weight shard ``index`` (from 1) of ``total``."""
     return f"model-{index:05d}-of-{total:05d}.safetensors"
-
-
-def structure(architecture: str, modules: Mapping[str, dict], quantized: Mapping[str, dict],
-              aliases: Mapping[str, str], **extra: Any) -> dict[str, Any]:
-    """The content of ``tensornet.json``: the layouts of the replaced and quantized modules by
-    name, and which state-dict keys alias another."""
-    return {"format_version": FORMAT_VERSION, "architecture": architecture,
-            "modules": dict(modules), "quantized": dict(quantized), "aliases": dict(aliases),
-            **extra}
-
-
-def compressed_modules(model: nn.Module) -> dict[str, CompressedLayer]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSED)}
 
 
 def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -122,20 +112,18 @@ def save_compactified(
                                 f"(reserved: {sorted(RESERVED)})")
     check_output(target, overwrite, known=(STRUCTURE_FILE,))
     state, aliases = _dedupe(model.state_dict())
-    description = structure(
-        type(model).__name__,
-        {n: m.layout() for n, m in compressed_modules(model).items()},
-        {n: m.layout() for n, m in model.named_modules() if isinstance(m, QuantizedModule)},
-        aliases, **_cross_layer_section(model), **extra)
+    description = describe(model, aliases, **extra)
     from safetensors.torch import save_file
 
     with atomic_directory(target, overwrite, known=(STRUCTURE_FILE,)) as tmp:
         config.save_pretrained(tmp)
+        if description["modules"] or description["quantized"] or "cross_layer" in description:
+            add_quantization_config(tmp / "config.json", description)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        save_file({k: v.cpu() for k, v in state.items()}, tmp / WEIGHTS_FILE,
-                  metadata={"format": "pt"})
+        save_file({k: v.cpu() for k, v in with_markers(state, description).items()},
+                  tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in files.items():
@@ -143,32 +131,6 @@ def save_compactified(
             path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
         (tmp / STRUCTURE_FILE).write_text(json.dumps(description, indent=1))
     return target
-
-
-def _cross_layer_section(model: nn.Module) -> dict[str, Any]:
-    members = cross_layer_members(model)
-    if not members:
-        return {}
-    groups = group_names(members)
-    return {"cross_layer": {n: m.layout(groups[n]) for n, m in members.items()}}
-
-
-def _build_cross_layer(model: nn.Module, entries: Mapping[str, dict], where: Path) -> None:
-    """Swap in the saved cross-layer members on ``meta``; the members of one group get one
-    :class:`SharedBases`, so loading the (aliased) shared tensors restores the sharing."""
-    shared: dict[str, SharedBases] = {}
-    for name, layout in entries.items():
-        try:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            getattr(parent, child)  # the module must exist in this architecture
-            member = CrossLayerLinear.from_layout(layout, shared.get(layout["group"]),
-                                                  device="meta")
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{where}: cross_layer entry {name!r} does not fit "
-                                  f"{type(model).__name__} ({first_line(exc)})") from exc
-        shared.setdefault(layout["group"], member.shared)
-        setattr(parent, child, member)
 
 
 def _read_structure(directory: Path) -> dict[str, Any]:
@@ -283,19 +245,11 @@ def load_compactified(
     with init_empty_weights(include_buffers=False):
         model = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
     where = directory / STRUCTURE_FILE
-    for section, build in (("modules", _compressed_layer),
-                           ("quantized", lambda l: QUANTIZED_TYPES[l["kind"]].from_layout(l))):
-        for name, layout in structure.get(section, {}).items():
-            try:
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                getattr(parent, child)  # the module must exist in this architecture
-                setattr(parent, child, build(layout))
-            except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{where}: {section} entry {name!r} does not fit "
-                                      f"{cls.__name__} ({first_line(exc)})") from exc
-    _build_cross_layer(model, structure.get("cross_layer", {}), where)
+    build_structure(model, structure, where)
     state, weights = _read_weights(directory, str(device) if device else "cpu")
+    for key in marker_keys(structure):
+        if key in state and state[key].numel() == 0:
+            del state[key]
     aliases = structure.get("aliases", {})
     missing_sources = sorted({s for s in aliases.values() if s not in state})
     if missing_sources:
@@ -325,11 +279,8 @@ def load_compactified(
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if dtype is not None:
         model.to(dtype)
-    return model.eval()
+    from .transformers_plugin import attach
+
+    return attach(model).eval()
 
 
-def _compressed_layer(layout: dict[str, Any]) -> nn.Module:
-    """The (meta) module of a ``modules`` entry, a legacy kept-rows one included."""
-    if layout["method"] == LEGACY_KEPT_ROWS:
-        return kept_rows_layer(layout)
-    return LAYER_CLASSES[layout["method"]].from_layout(layout, device="meta")

@@ -309,4 +309,8 @@ def quantize(
         before = _float_bytes(module, counted) if after else 0  # a tied table counts once
         counted.update(id(q) for q in weights)
         report.rows.append((name, getattr(new, "kind", "low-rank"), before, after))
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
+        from ..saving.transformers_plugin import attach
+
+        attach(model)  # model.save_pretrained records the quantized structure
     return report

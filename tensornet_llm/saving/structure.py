@@ -1,0 +1,131 @@
+"""The structure of a compressed model: which modules are replaced, by what, and how to
+rebuild them.
+
+:func:`describe` reads it off a model (the content of ``tensornet.json`` and of the
+``quantization_config`` in ``config.json``); :func:`build_structure` swaps uninitialised
+modules of that structure into a model built on ``meta``, before its weights load (by
+:func:`~.serialization.load_compactified` or by transformers' ``from_pretrained`` through
+:mod:`~.transformers_plugin`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, first_line
+from ..layers.cross_layer import CrossLayerLinear, SharedBases, cross_layer_members, group_names
+from ..layers.layout import COMPRESSED, LAYER_CLASSES, CompressedLayer
+from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
+from .legacy import LEGACY_KEPT_ROWS, kept_rows_layer
+
+__all__ = ["FORMAT_VERSION", "QUANT_METHOD", "structure", "compressed_modules", "describe",
+           "marker_keys", "with_markers", "add_quantization_config", "build_structure"]
+
+FORMAT_VERSION = 1
+#: The ``quant_method`` of the ``quantization_config`` a saved ``config.json`` holds.
+QUANT_METHOD = "tensornet"
+
+
+def structure(architecture: str, modules: Mapping[str, dict], quantized: Mapping[str, dict],
+              aliases: Mapping[str, str], **extra: Any) -> dict[str, Any]:
+    """The content of ``tensornet.json``: the layouts of the replaced and quantized modules by
+    name, and which state-dict keys alias another."""
+    return {"format_version": FORMAT_VERSION, "architecture": architecture,
+            "modules": dict(modules), "quantized": dict(quantized), "aliases": dict(aliases),
+            **extra}
+
+
+def compressed_modules(model: nn.Module) -> dict[str, CompressedLayer]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, COMPRESSED)}
+
+
+def describe(model: nn.Module, aliases: Mapping[str, str] | None = None, **extra: Any
+             ) -> dict[str, Any]:
+    """The structure of ``model``'s replaced modules (what ``tensornet.json`` and the
+    ``quantization_config`` of ``config.json`` hold)."""
+    return structure(
+        type(model).__name__,
+        {n: m.layout() for n, m in compressed_modules(model).items()},
+        {n: m.layout() for n, m in model.named_modules() if isinstance(m, QuantizedModule)},
+        aliases or {}, **_cross_layer_section(model), **extra)
+
+
+def marker_keys(structure: Mapping[str, Any]) -> list[str]:
+    """``<name>.weight`` of every replaced module: the key the dense architecture loads that
+    module's weight from. A saved folder holds a zero-size tensor there, so that loading it as
+    a dense model (transformers without this library's plugin) stops with a size mismatch
+    instead of initialising those layers at random."""
+    names = {*structure.get("modules", {}), *structure.get("quantized", {}),
+             *structure.get("cross_layer", {})}
+    return sorted(f"{n}.weight" for n in names)
+
+
+def with_markers(state: Mapping[str, torch.Tensor], structure: Mapping[str, Any]
+                 ) -> dict[str, torch.Tensor]:
+    """``state`` plus the zero-size markers of :func:`marker_keys` (float32, on the CPU)."""
+    markers = {k: torch.zeros(0) for k in marker_keys(structure) if k not in state}
+    return {**state, **markers}
+
+
+def add_quantization_config(path: Path, description: Mapping[str, Any]) -> None:
+    """Record ``description`` in the ``config.json`` at ``path`` as its ``quantization_config``
+    (method ``"tensornet"``), which transformers' ``from_pretrained`` hands to this library's
+    plugin (:mod:`~tensornet_llm.saving.transformers_plugin`)."""
+    config = json.loads(path.read_text())
+    config["quantization_config"] = {"quant_method": QUANT_METHOD, "structure": dict(description)}
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _cross_layer_section(model: nn.Module) -> dict[str, Any]:
+    members = cross_layer_members(model)
+    if not members:
+        return {}
+    groups = group_names(members)
+    return {"cross_layer": {n: m.layout(groups[n]) for n, m in members.items()}}
+
+
+def _build_cross_layer(model: nn.Module, entries: Mapping[str, dict], where: Path) -> None:
+    """Swap in the saved cross-layer members on ``meta``; the members of one group get one
+    :class:`SharedBases`, so loading the (aliased) shared tensors restores the sharing."""
+    shared: dict[str, SharedBases] = {}
+    for name, layout in entries.items():
+        try:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            getattr(parent, child)  # the module must exist in this architecture
+            member = CrossLayerLinear.from_layout(layout, shared.get(layout["group"]),
+                                                  device="meta")
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: cross_layer entry {name!r} does not fit "
+                                  f"{type(model).__name__} ({first_line(exc)})") from exc
+        shared.setdefault(layout["group"], member.shared)
+        setattr(parent, child, member)
+
+
+def build_structure(model: nn.Module, structure: Mapping[str, Any], where: Any) -> None:
+    """Swap the replaced modules ``structure`` describes into ``model`` (built on ``meta``),
+    uninitialised; errors name ``where`` the structure came from."""
+    for section, build in (("modules", _compressed_layer),
+                           ("quantized", lambda l: QUANTIZED_TYPES[l["kind"]].from_layout(l))):
+        for name, layout in structure.get(section, {}).items():
+            try:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                getattr(parent, child)  # the module must exist in this architecture
+                setattr(parent, child, build(layout))
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{where}: {section} entry {name!r} does not fit "
+                                      f"{type(model).__name__} ({first_line(exc)})") from exc
+    _build_cross_layer(model, structure.get("cross_layer", {}), where)
+
+
+def _compressed_layer(layout: dict[str, Any]) -> nn.Module:
+    """The (meta) module of a ``modules`` entry, a legacy kept-rows one included."""
+    if layout["method"] == LEGACY_KEPT_ROWS:
+        return kept_rows_layer(layout)
+    return LAYER_CLASSES[layout["method"]].from_layout(layout, device="meta")
