@@ -251,3 +251,22 @@ def test_quantization_aware_healing_asks_for_factors_first():
         torch.testing.assert_close(model(**batch).logits, before, rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, KeptRowsLinear) for m in model.modules())
     assert rounding_plan(model, 4)
+
+
+def test_folders_with_the_earlier_core_names_still_load(tmp_path):
+    """Earlier versions kept a many-site layer's cores in an ``nn.ParameterList``: the saved
+    keys were ``cores.0``, ...; today's layers name them ``core0``, ... and read either."""
+    model = build("llama")
+    compactify(model, chi=4, method="mpo", n_sites=3, progress=False)
+    batch = inputs("llama")
+    with torch.no_grad():
+        expected = model(**batch).logits
+    folder = save_compactified(model, tmp_path / "m")
+    state = load_file(folder / "model.safetensors")
+    renamed = {k.replace(".core", ".cores.") if ".core" in k and k.rsplit(".", 1)[1][4:].isdigit()
+               else k: v for k, v in state.items()}
+    assert any(".cores.0" in k for k in renamed)
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    with torch.no_grad():
+        torch.testing.assert_close(load_compactified(folder)(**batch).logits, expected, rtol=0,
+                                   atol=0)

@@ -47,6 +47,15 @@ def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     return weight, module.bias
 
 
+def _legacy_core_names(module, state_dict, prefix, *_args) -> None:
+    """Earlier versions kept the cores in an ``nn.ParameterList`` (``cores.0``, ...): rename
+    those keys of a state dict being loaded to ``core0``, ..."""
+    for key in [k for k in state_dict if k.startswith(prefix + "cores.")]:
+        index = key[len(prefix) + len("cores."):]
+        if index.isdigit():
+            state_dict[f"{prefix}core{index}"] = state_dict.pop(key)
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -152,10 +161,9 @@ class TensorNetworkLinear(DispatchCache):
          self.spec) = self._geometry(in_features, out_features, chi, n_sites, in_shape, out_shape,
                                      bond_dims)
         factory = {"device": device, "dtype": dtype}
-        self.cores = nn.ParameterList(
-            nn.Parameter(torch.empty(shape, **factory))
-            for shape in self._parameter_shapes(self.spec)
-        )
+        self._register_cores([nn.Parameter(torch.empty(shape, **factory))
+                              for shape in self._parameter_shapes(self.spec)])
+        self._register_load_state_dict_pre_hook(_legacy_core_names, with_module=True)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
@@ -212,6 +220,20 @@ class TensorNetworkLinear(DispatchCache):
                                  _check_int("chi", chi, 1), n_sites, in_shape, out_shape, None)
         cores = sum(math.prod(shape) for shape in cls._parameter_shapes(spec))
         return cores + (out_features if bias else 0)
+
+    # ----- the cores ----------------------------------------------------------------------------
+    def _register_cores(self, cores: Sequence[nn.Parameter]) -> None:
+        """The cores as the layer's own parameters ``core0``, ``core1``, ... (not a child
+        module): hooks on the layer (accelerate's offloading, ``device_map``) then move them
+        with the layer's call."""
+        self._n_cores = len(cores)
+        for k, core in enumerate(cores):
+            self.register_parameter(f"core{k}", core)
+
+    @property
+    def cores(self) -> tuple[nn.Parameter, ...]:
+        """The cores in network order (see the subclass for their legs)."""
+        return tuple(self._parameters[f"core{k}"] for k in range(self._n_cores))
 
     # ----- what a subclass defines ------------------------------------------------------------
     @staticmethod
@@ -385,7 +407,9 @@ class TensorNetworkLinear(DispatchCache):
         self.spec = self._network(self.out_shape, self.in_shape, tuple(bond_dims))
         self.chi = max(self.chi, *bond_dims) if bond_dims else self.chi
         grad = self.cores[0].requires_grad
-        self.cores = nn.ParameterList(nn.Parameter(c.detach(), requires_grad=grad) for c in cores)
+        for k in range(self._n_cores):
+            delattr(self, f"core{k}")
+        self._register_cores([nn.Parameter(c.detach(), requires_grad=grad) for c in cores])
         self.spectra = None
         self._forget_dispatch()
 

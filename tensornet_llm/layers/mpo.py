@@ -98,7 +98,6 @@ class MPOLinear(TensorNetworkLinear):
         table = self.dispatch_table()
         if table.rebuild.two_factors and len(table.regimes) == 1 and (
                 table.regimes[0].strategy == "factors") and x.shape[-1] == self.in_features:
-            cores = tuple(self.cores._parameters.values())  # iterating the list, minus its overhead
-            return factors_linear(x, cores, table.rebuild, self.bias, self.in_features,
+            return factors_linear(x, self.cores, table.rebuild, self.bias, self.in_features,
                                   self.out_features)
         return super().forward(x)
