@@ -1,6 +1,6 @@
 """A compressed model works with the ecosystem's own tools, unchanged: ``torch.export`` with a
 dynamic length, both ONNX exporters with onnxruntime and accelerate's CPU and disk offload for
-every layer kind (kept rows, low-rank factors, MPO, TTNS); torchao's int8 and peft's
+every layer kind (kept rows, low-rank factors, MPO, TTNS, the library's own int8); torchao's int8 and peft's
 ``all-linear`` reach the layers made of ``nn.Linear`` (kept rows, low-rank factors).
 
 Every cell compares logits with the eager model's: to float32 rounding (``torch.export``,
@@ -14,15 +14,18 @@ import torch
 
 from models import build
 from tensornet_llm import (
-    CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, save_compactified,
+    CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, quantize,
+    save_compactified,
 )
+from tensornet_llm.layers.quantized import QuantizedTensorNetworkLinear
 from tensornet_llm.layers.low_rank import KeptRowsLinear, LowRankLinear
 
 KINDS = {"kept rows": (dict(ratio=0.6, method="low-rank"), KeptRowsLinear),
          "low-rank": (dict(ratio=0.6, method="low-rank",
                            config=CompactifyConfig(interpolative=False)), LowRankLinear),
          "mpo": (dict(chi=4, method="mpo", n_sites=3), MPOLinear),
-         "ttns": (dict(chi=4, method="ttns", n_sites=4), TTNSLinear)}
+         "ttns": (dict(chi=4, method="ttns", n_sites=4), TTNSLinear),
+         "quantized": (dict(chi=4, method="mpo", n_sites=3), QuantizedTensorNetworkLinear)}
 LINEAR_KINDS = ["kept rows", "low-rank"]
 
 
@@ -31,7 +34,9 @@ def compressed(kind: str):
     model = build("llama")
     model.config._attn_implementation = "eager"  # exportable attention
     compactify(model, progress=False, **options)
-    kinds = (KeptRowsLinear, LowRankLinear, MPOLinear, TTNSLinear)
+    if kind == "quantized":  # the library's own int8: cores, LM head, embeddings
+        quantize(model, 8)
+    kinds = (KeptRowsLinear, LowRankLinear, MPOLinear, TTNSLinear, QuantizedTensorNetworkLinear)
     layers = [m for m in model.modules() if isinstance(m, kinds)]
     assert layers and all(type(m) is cls for m in layers)
     return model
