@@ -10,6 +10,7 @@ from torch import nn
 
 from ..layers.layout import CompressedLayer
 from ..layers.gated_mlp import share_mlp_rows
+from ..saving import attach
 from .calibrate import (
     BlockReplay, as_batches, calibrated_order, check_token_ids, collect_covariances,
     collect_paired_covariances,
@@ -98,10 +99,7 @@ def compactify(
             _replace_block_by_block(model, plan, cfg, batches, built, swaps, tick)
     if cfg.share_mlp_rows:
         share_mlp_rows(model)
-    if hasattr(model, "save_pretrained"):  # model.save_pretrained writes what from_pretrained loads
-        from ..saving.transformers_plugin import attach
-
-        attach(model)
+    attach(model)  # so that model.save_pretrained writes what from_pretrained loads
     return CompactifyReport(
         layers=[row for _, row in built.values()], skipped=plan.skipped,
         model_params_before=params_before, model_params_after=count_parameters(model),

@@ -30,6 +30,7 @@ from ..helpers.progress import stage
 from ..layers.base import linear_weight
 from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases, kept_rows_gauge
 from ..layers.gated_mlp import share_mlp_rows
+from ..saving import attach
 from .budget import KEEP_GRID, Option, choose, damage, ladder, lower_hull
 from .calibrate import BlockReplay, calibrated_order, collect_covariances, output_gradients
 from .config import CompactifyConfig
@@ -439,10 +440,7 @@ def compactify_groups(model: nn.Module, cfg: CompactifyConfig, batches: list | N
                               for _, m in dense)
     if cfg.share_mlp_rows:  # MLPs whose gate and up the budget left to per-layer kept rows
         share_mlp_rows(model)
-    if hasattr(model, "save_pretrained"):
-        from ..saving.transformers_plugin import attach
-
-        attach(model)
+    attach(model)  # so that model.save_pretrained writes what from_pretrained loads
     return CompactifyReport(
         layers=rows, skipped=skipped, model_params_before=params_before,
         model_params_after=count_parameters(model), seconds=time.perf_counter() - start, ratio=cfg.ratio,

@@ -502,8 +502,7 @@ def _compress_blocks(stream: _Stream, plan, cfg: CompactifyConfig, batches: list
             _compress_block(stream, prefix, block, names_in, plan, cfg, walk, batches, rows,
                             layouts)
             tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
-            tensors = with_markers(tensors, {"modules": {
-                n: None for n in names_in.get(prefix, [])}})  # see marker_keys
+            tensors = with_markers(tensors, names_in.get(prefix, []))  # see marker_keys
             shard = shard_name(index, total)
             _save(tensors, tmp / shard)
             weight_map.update(dict.fromkeys(tensors, shard))

@@ -130,12 +130,12 @@ def find_targets(
     heads = _head_ids(model)
     chosen: list[tuple[str, nn.Module]] = []
     skipped: list[tuple[str, str]] = []
-    compressed: list[str] = []  # the parts of a compressed layer are not targets
+    inside = None  # the compressed layer whose parts come next (depth first): not targets
     for name, module in model.named_modules(remove_duplicate=False):
-        if not name or any(name.startswith(c + ".") for c in compressed):
+        if not name or (inside is not None and name.startswith(inside)):
             continue
         if isinstance(module, COMPRESSED):
-            compressed.append(name)
+            inside = name + "."
             continue
         if targets is None:
             if not is_linear_like(module):

@@ -21,7 +21,7 @@ from .contract import (
 from .decompose import BondSpectrum
 from .factorize import factorize
 
-__all__ = ["TensorNetworkLinear", "DispatchCache", "linear_weight", "is_linear_like"]
+__all__ = ["TensorNetworkLinear", "DispatchCache", "linear_weight", "is_linear_like", "check_int"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -56,7 +56,8 @@ def _legacy_core_names(module, state_dict, prefix, *_args) -> None:
             state_dict[f"{prefix}core{index}"] = state_dict.pop(key)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value``, checked to be an integer (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
@@ -154,9 +155,9 @@ class TensorNetworkLinear(DispatchCache):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_int("in_features", in_features, 1)
-        self.out_features = _check_int("out_features", out_features, 1)
-        self.chi = _check_int("chi", chi, 1)
+        self.in_features = check_int("in_features", in_features, 1)
+        self.out_features = check_int("out_features", out_features, 1)
+        self.chi = check_int("chi", chi, 1)
         (self.n_sites, self.in_shape, self.padded_in, self.out_shape, self.padded_out,
          self.spec) = self._geometry(in_features, out_features, chi, n_sites, in_shape, out_shape,
                                      bond_dims)
@@ -184,7 +185,7 @@ class TensorNetworkLinear(DispatchCache):
         given = [len(s) for s in (in_shape, out_shape) if s is not None]
         if n_sites is None:
             n_sites = given[0] if given else 3
-        _check_int("n_sites", n_sites, 1)
+        check_int("n_sites", n_sites, 1)
         if any(g != n_sites for g in given):
             raise ArgumentError(
                 f"n_sites={n_sites} disagrees with the length of in_shape/out_shape ({given})"
@@ -215,9 +216,9 @@ class TensorNetworkLinear(DispatchCache):
     ) -> int:
         """:attr:`num_parameters` of the layer these arguments would build, without building it
         (the budget search asks this many thousands of times)."""
-        *_, spec = cls._geometry(_check_int("in_features", in_features, 1),
-                                 _check_int("out_features", out_features, 1),
-                                 _check_int("chi", chi, 1), n_sites, in_shape, out_shape, None)
+        *_, spec = cls._geometry(check_int("in_features", in_features, 1),
+                                 check_int("out_features", out_features, 1),
+                                 check_int("chi", chi, 1), n_sites, in_shape, out_shape, None)
         cores = sum(math.prod(shape) for shape in cls._parameter_shapes(spec))
         return cores + (out_features if bias else 0)
 
@@ -333,7 +334,7 @@ class TensorNetworkLinear(DispatchCache):
             raise ArgumentError(f"tol must be a float in [0, 1) or None, got {tol!r}")
         out_features, in_features = weight.shape
         n_sites, in_shape, padded_in, out_shape, padded_out, _ = cls._geometry(
-            in_features, out_features, _check_int("chi", chi, 1), n_sites, in_shape, out_shape,
+            in_features, out_features, check_int("chi", chi, 1), n_sites, in_shape, out_shape,
             None,
         )
         compute = torch.float64 if weight.dtype == torch.float64 else torch.float32

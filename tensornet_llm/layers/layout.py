@@ -13,8 +13,9 @@ is the rank-``chi`` factorisation. It is built and fitted as that 2-site MPO, th
 ordinary ``nn.Linear`` (:mod:`~tensornet_llm.layers.low_rank`): by default as kept rows and their
 combinations (:class:`~tensornet_llm.layers.low_rank.KeptRowsLinear`, ``chi (in + out - chi)``
 parameters for the same weight), else as the two factors
-(:class:`~tensornet_llm.layers.low_rank.LowRankLinear`); see :meth:`Layout.stored`. Under a parameter budget ``compactify`` may offer each module
-several layouts and keep, per module, the one predicted to do the least damage.
+(:class:`~tensornet_llm.layers.low_rank.LowRankLinear`); see :meth:`Layout.stored`. Under a
+parameter budget ``compactify`` may offer each module several layouts and keep, per module, the
+one predicted to do the least damage.
 """
 
 from __future__ import annotations

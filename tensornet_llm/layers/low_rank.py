@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentError, RankDeficientError
+from .base import check_int
 from .maxvol import inverse, kept_row_order, maxvol_rows
 
 __all__ = ["FactoredLinear", "LowRankLinear", "KeptRowsLinear", "balanced_factors"]
@@ -44,8 +45,7 @@ __all__ = ["FactoredLinear", "LowRankLinear", "KeptRowsLinear", "balanced_factor
 def _check_sizes(in_features: int, out_features: int, rank: int) -> None:
     for name, value in (("in_features", in_features), ("out_features", out_features),
                         ("rank", rank)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ArgumentError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value, 1)
     if rank > min(in_features, out_features):
         raise ArgumentError(f"rank must be at most min(in_features, out_features) = "
                             f"{min(in_features, out_features)}, got {rank}")
@@ -67,6 +67,12 @@ class FactoredLinear(nn.Module):
         ``None``, all in output order (differentiable)."""
         raise NotImplementedError
 
+    @property
+    def bias(self) -> Tensor | None:
+        """The bias ``(out,)`` in output order (differentiable; for code that reads
+        ``layer.bias`` of a linear, as peft's DoRA does), or ``None``."""
+        raise NotImplementedError
+
     def to_dense(self) -> Tensor:
         """The weight this layer computes, ``(out_features, in_features)``."""
         u, v, _ = self.factors()
@@ -77,12 +83,6 @@ class FactoredLinear(nn.Module):
         """The dense weight, materialised on each access (model code reads ``layer.weight``,
         e.g. T5 for its dtype); not a parameter."""
         return self.to_dense()
-
-    @property
-    def bias(self) -> Tensor | None:
-        """The bias ``(out,)`` in output order (differentiable; for code that reads
-        ``layer.bias`` of a linear, as peft's DoRA does), or ``None``."""
-        return self.factors()[2]
 
     @property
     def bond_dims(self) -> tuple[int, ...]:
@@ -162,6 +162,10 @@ class LowRankLinear(FactoredLinear):
     def factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
         return self.second.weight, self.first.weight, self.second.bias
 
+    @property
+    def bias(self) -> Tensor | None:
+        return self.second.bias
+
     @classmethod
     def from_factors(cls, u: Tensor, v: Tensor, bias: Tensor | None) -> "LowRankLinear":
         """The layer ``W = u v`` (``u (out, r)``, ``v (r, in)``) with ``bias``, in ``v``'s
@@ -218,15 +222,19 @@ class KeptRowsLinear(FactoredLinear):
         return inverse(self.order)
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        z, y = self.kept.weight, self.others.weight
+        y = self.others.weight
         u = torch.cat([torch.eye(self.rank, dtype=y.dtype, device=y.device), y])
-        bias = None
-        if self.kept.bias is not None:
-            bias = torch.cat([self.kept.bias, self.others.bias + y @ self.kept.bias])
-        if self.order is not None:
-            u = u.index_select(0, self.order)
-            bias = None if bias is None else bias.index_select(0, self.order)
-        return u, z, bias
+        return self._ordered(u), self.kept.weight, self.bias
+
+    @property
+    def bias(self) -> Tensor | None:
+        if self.kept.bias is None:
+            return None
+        return self._ordered(torch.cat([self.kept.bias, self.others(self.kept.bias)]))
+
+    def _ordered(self, stacked: Tensor) -> Tensor:
+        """``stacked`` ``(out, ...)``, rows in stacked order, put in output order."""
+        return stacked if self.order is None else stacked.index_select(0, self.order)
 
     @classmethod
     def from_factors(cls, u: Tensor, v: Tensor, bias: Tensor | None,

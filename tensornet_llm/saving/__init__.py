@@ -12,8 +12,12 @@ try:  # the plugin needs transformers; the layers alone do not
     import transformers  # noqa: F401
 except ImportError:
     transformers = None
-__all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE"]
+__all__ = ["save_compactified", "load_compactified", "attach", "STRUCTURE_FILE", "WEIGHTS_FILE"]
 if transformers is not None:  # importing the plugin registers the "tensornet" method
-    from .transformers_plugin import TensorNetworkConfig, TensorNetworkQuantizer
+    from .transformers_plugin import TensorNetworkConfig, TensorNetworkQuantizer, attach
 
     __all__ += ["TensorNetworkConfig", "TensorNetworkQuantizer"]
+else:
+    def attach(model):
+        """Without transformers there is no ``save_pretrained`` to prepare: ``model`` as it is."""
+        return model

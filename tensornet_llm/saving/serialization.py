@@ -36,7 +36,8 @@ from ..errors import ArgumentError, CheckpointError, InputFileError, first_line
 from ..helpers.files import MARKER, atomic_directory, check_output
 from .legacy import LEGACY_KEPT_ROWS, convert_kept_rows
 from .structure import (
-    FORMAT_VERSION, add_quantization_config, build_structure, describe, marker_keys, with_markers,
+    FORMAT_VERSION, add_quantization_config, build_structure, describe, marker_keys, replaced,
+    with_markers,
 )
 
 __all__ = ["save_compactified", "load_compactified", "STRUCTURE_FILE", "WEIGHTS_FILE",
@@ -117,12 +118,12 @@ def save_compactified(
 
     with atomic_directory(target, overwrite, known=(STRUCTURE_FILE,)) as tmp:
         config.save_pretrained(tmp)
-        if description["modules"] or description["quantized"] or "cross_layer" in description:
+        if replaced(description):
             add_quantization_config(tmp / "config.json", description)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        save_file({k: v.cpu() for k, v in with_markers(state, description).items()},
+        save_file({k: v.cpu() for k, v in with_markers(state, replaced(description)).items()},
                   tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -247,7 +248,7 @@ def load_compactified(
     where = directory / STRUCTURE_FILE
     build_structure(model, structure, where)
     state, weights = _read_weights(directory, str(device) if device else "cpu")
-    for key in marker_keys(structure):
+    for key in marker_keys(replaced(structure)):
         if key in state and state[key].numel() == 0:
             del state[key]
     aliases = structure.get("aliases", {})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
 from .legacy import LEGACY_KEPT_ROWS, kept_rows_layer
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "structure", "compressed_modules", "describe",
-           "marker_keys", "with_markers", "add_quantization_config", "build_structure"]
+           "replaced", "marker_keys", "with_markers", "add_quantization_config", "build_structure"]
 
 FORMAT_VERSION = 1
 #: The ``quant_method`` of the ``quantization_config`` a saved ``config.json`` holds.
@@ -55,20 +55,25 @@ def describe(model: nn.Module, aliases: Mapping[str, str] | None = None, **extra
         aliases or {}, **_cross_layer_section(model), **extra)
 
 
-def marker_keys(structure: Mapping[str, Any]) -> list[str]:
-    """``<name>.weight`` of every replaced module: the key the dense architecture loads that
-    module's weight from. A saved folder holds a zero-size tensor there, so that loading it as
-    a dense model (transformers without this library's plugin) stops with a size mismatch
-    instead of initialising those layers at random."""
-    names = {*structure.get("modules", {}), *structure.get("quantized", {}),
-             *structure.get("cross_layer", {})}
+def replaced(structure: Mapping[str, Any]) -> set[str]:
+    """The qualified names of the modules ``structure`` replaces (compressed, quantized or
+    cross-layer)."""
+    return {*structure.get("modules", {}), *structure.get("quantized", {}),
+            *structure.get("cross_layer", {})}
+
+
+def marker_keys(names: Iterable[str]) -> list[str]:
+    """``<name>.weight`` of every replaced module ``names``: the key the dense architecture
+    loads that module's weight from. A saved folder holds a zero-size tensor there, so that
+    loading it as a dense model (transformers without this library's plugin) stops with a size
+    mismatch instead of initialising those layers at random."""
     return sorted(f"{n}.weight" for n in names)
 
 
-def with_markers(state: Mapping[str, torch.Tensor], structure: Mapping[str, Any]
+def with_markers(state: Mapping[str, torch.Tensor], names: Iterable[str]
                  ) -> dict[str, torch.Tensor]:
     """``state`` plus the zero-size markers of :func:`marker_keys` (float32, on the CPU)."""
-    markers = {k: torch.zeros(0) for k in marker_keys(structure) if k not in state}
+    markers = {k: torch.zeros(0) for k in marker_keys(names) if k not in state}
     return {**state, **markers}
 
 

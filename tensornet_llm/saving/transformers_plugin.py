@@ -31,8 +31,10 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..errors import ArgumentError, CheckpointError
-from .structure import QUANT_METHOD, build_structure, describe, marker_keys, with_markers
+from ..errors import CheckpointError
+from .structure import (
+    QUANT_METHOD, build_structure, describe, marker_keys, replaced, with_markers,
+)
 
 __all__ = ["TensorNetworkConfig", "TensorNetworkQuantizer", "attach"]
 
@@ -68,7 +70,7 @@ class TensorNetworkQuantizer(HfQuantizer):
         structure = self.quantization_config.structure
         _refuse_cross_layer(structure, "from_pretrained")
         build_structure(model, structure, "config.json quantization_config")
-        ignored = {re.escape(k) + "$" for k in marker_keys(structure)}
+        ignored = {re.escape(k) + "$" for k in marker_keys(replaced(structure))}
         model._keys_to_ignore_on_load_unexpected = (
             set(model._keys_to_ignore_on_load_unexpected or ()) | ignored)
 
@@ -83,7 +85,7 @@ class TensorNetworkQuantizer(HfQuantizer):
         _refuse_cross_layer(structure, "save_pretrained")
         self.quantization_config.structure = structure
         model.config.quantization_config = self.quantization_config
-        return with_markers(model.state_dict(), structure), {}
+        return with_markers(model.state_dict(), replaced(structure)), {}
 
     def is_serializable(self, **_: Any) -> bool:
         return True
@@ -99,12 +101,13 @@ class TensorNetworkQuantizer(HfQuantizer):
 
 def attach(model: nn.Module) -> nn.Module:
     """Give a compressed transformers model the quantizer and config that make
-    ``model.save_pretrained`` write a folder ``from_pretrained`` rebuilds; a model with nothing
-    replaced is left as it is. Returns ``model``."""
-    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
-        raise ArgumentError("model must be a Hugging Face PreTrainedModel")
+    ``model.save_pretrained`` write a folder ``from_pretrained`` rebuilds; any other module (no
+    ``config`` and ``save_pretrained``), or a model with nothing replaced, is left as it is.
+    Returns ``model``."""
+    if not (hasattr(model, "config") and hasattr(model, "save_pretrained")):
+        return model
     structure = describe(model)
-    if not (structure["modules"] or structure["quantized"] or structure.get("cross_layer")):
+    if not replaced(structure):
         return model
     config = TensorNetworkConfig(structure)
     model.config.quantization_config = config

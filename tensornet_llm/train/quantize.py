@@ -25,6 +25,7 @@ from ..layers.quantized import (
     INT4_GROUP_SIZE, QuantizedCrossLayerLinear, QuantizedEmbedding, QuantizedLinear, QuantizedModule,
     QuantizedTensorNetworkLinear, QuantizedWeight, round_tensor,
 )
+from ..saving import attach
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "as_quantize_config", "low_rank_as_factors",
            "quantize", "rounded_weights", "rounding_plan"]
@@ -102,11 +103,12 @@ class QuantizeReport:
 
 
 def _float_bytes(module: nn.Module, counted: set[int]) -> int:
-    """Bytes of ``module``'s float weights (not the bias) not yet in ``counted``, which it
-    joins (the bases a cross-layer group shares count on its first member)."""
+    """Bytes of ``module``'s float weights (not the biases, the 1-D parameters) not yet in
+    ``counted``, which it joins (the bases a cross-layer group shares count on its first
+    member)."""
     total = 0
     for p in module.parameters(recurse=True):
-        if p is not getattr(module, "bias", None) and id(p) not in counted:
+        if p.dim() > 1 and id(p) not in counted:
             counted.add(id(p))
             total += p.numel() * p.element_size()
     return total
@@ -309,8 +311,5 @@ def quantize(
         before = _float_bytes(module, counted) if after else 0  # a tied table counts once
         counted.update(id(q) for q in weights)
         report.rows.append((name, getattr(new, "kind", "low-rank"), before, after))
-    if hasattr(model, "save_pretrained") and hasattr(model, "config"):
-        from ..saving.transformers_plugin import attach
-
-        attach(model)  # model.save_pretrained records the quantized structure
+    attach(model)  # so that model.save_pretrained writes what from_pretrained loads
     return report
