@@ -11,7 +11,9 @@ greedy ``generate`` from a ``--prompt``-token prompt:
 * **prefill**: ``generate(max_new_tokens=1)``, tokens per second of prompt;
 * **decode**: ``(generate(max_new_tokens=1 + N) - prefill) / N`` per new token.
 
-``--exclude PATTERN ...`` adds, for every keep, a model with those modules left dense and the
+``--int8`` adds the dense and every ``--keep`` model quantized by ``quantize(model, 8)``
+(torchao's int8 weight-only for every ``nn.Linear`` and the embeddings), float32 only; their
+ratios are against the dense model quantized the same way. ``--exclude PATTERN ...`` adds, for every keep, a model with those modules left dense and the
 rest compressed further (the same parameters in all). ``--own-rows`` adds, for every keep, the
 model whose MLPs' ``gate_proj`` and ``up_proj`` keep their own rows (``CompactifyConfig(
 share_mlp_rows=False)``).
@@ -40,9 +42,9 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from tensornet_llm import CompactifyConfig
+from tensornet_llm import CompactifyConfig, quantize
 from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
-from tensornet_llm.helpers.evaluate import model_size_bytes
+from tensornet_llm.helpers.evaluate import model_size_bytes, stored_tensors
 from tensornet_llm.helpers.models import load_smollm2
 from tensornet_llm.helpers.speed import RoundTimes, ratios, time_generate
 
@@ -57,8 +59,9 @@ def decode_bytes(model: nn.Module) -> int:
     also the LM head, which reads all of it)."""
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
-    return model_size_bytes(model) - (0 if tied else embed.numel() * embed.element_size())
+    tied = head is not None and head.weight is embed
+    table = sum(t.numel() * t.element_size() for t in stored_tensors(embed))
+    return model_size_bytes(model) - (0 if tied else table)
 
 
 def build_models(keeps: list[float], single_keep: float | None,
@@ -93,6 +96,23 @@ def build_models(keeps: list[float], single_keep: float | None,
     return {k: m.eval() for k, m in models.items()}, counts
 
 
+INT8 = ", int8"
+
+
+def with_int8(models: dict[str, nn.Module], counts: dict[str, int]) -> None:
+    """Add every model but the many-site ones quantized by ``quantize(model, 8)``, named
+    ``"<name>, int8"``."""
+    for name in [n for n in models if not n.startswith(("mpo ", "ttns "))]:
+        model = copy.deepcopy(models[name])
+        quantize(model, 8)
+        models[name + INT8], counts[name + INT8] = model, counts[name]
+
+
+def baseline(name: str) -> str:
+    """The model ``name``'s speed is compared with: the dense model, quantized alike."""
+    return "dense" + INT8 if name.endswith(INT8) else "dense"
+
+
 def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: int, rounds: int,
                mode: str, dtype: torch.dtype) -> dict[str, RoundTimes]:
     """Prefill and per-token decode seconds of every model in every round (models interleaved:
@@ -100,6 +120,8 @@ def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: i
     ready = {}
     if mode == "compiled":
         torch._dynamo.reset()  # each configuration compiles afresh
+    if dtype != torch.float32:  # the int8 models compute in the dtype they were quantized in
+        models = {k: m for k, m in models.items() if not k.endswith(INT8)}
     for name, model in models.items():
         model = model.to(dtype)
         if mode == "compiled":
@@ -134,7 +156,10 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              "bytes read per "
              "decoded token over the model's. Models compressed with "
              "`compactify(model, ratio=keep)` (default layouts, no calibration: speed does not "
-             "depend on the weights' values). Written by `benchmarks/bench_generate.py`.", "",
+             "depend on the weights' values). Written by `benchmarks/bench_generate.py`."
+             + (" Rows \"..., int8\" are the model after `quantize(model, 8)` (torchao's int8 "
+                "weight-only), compared with the dense model quantized alike (\"dense, int8\")."
+                if any(r.get("baseline", "dense") != "dense" for r in rows) else ""), "",
              "| model | modules compressed | batch | mode | dtype | prefill tok/s | "
              "prefill vs dense | median (rounds) | decode tok/s | decode vs dense | "
              "median (rounds) | decode ceiling | of ceiling |",
@@ -199,6 +224,9 @@ def main() -> None:
     parser.add_argument("--exclude", nargs="+", metavar="PATTERN",
                         help="also time each keep with these modules left dense and the rest "
                         "compressed further, to the same parameters in all")
+    parser.add_argument("--int8", action="store_true",
+                        help="also time every model quantized by quantize(model, 8) (float32), "
+                        "against the dense model quantized alike")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     # Every model compiles graphs of the same forward (warm-up, prefill, decode), more than
@@ -209,9 +237,12 @@ def main() -> None:
 
     models, counts = build_models(args.keep, args.single_keep or None, args.min_saving,
                                   args.exclude, args.own_rows)
+    if args.int8:
+        with_int8(models, counts)
     _, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
-    ceilings = {name: decode_bytes(models["dense"]) / decode_bytes(m) for name, m in models.items()}
+    ceilings = {name: decode_bytes(models[baseline(name)]) / decode_bytes(m)
+                for name, m in models.items()}
     meta = machine(prompt=args.prompt, new_tokens=args.new_tokens, rounds=args.rounds)
     rows = []
     for dtype in args.dtypes:
@@ -222,9 +253,9 @@ def main() -> None:
                 times = run_config(models, prompt, args.new_tokens, args.rounds, mode,
                                    DTYPES[dtype])
                 for name, t in times.items():
-                    ratios = speed_ratios(t, times["dense"])
+                    ratios = speed_ratios(t, times[baseline(name)])
                     rows.append({
-                        "model": name, "batch": batch, "mode": mode, "dtype": dtype, **ratios,
+                        "model": name, "baseline": baseline(name), "batch": batch, "mode": mode, "dtype": dtype, **ratios,
                         "prefill_tokens_per_s": batch * args.prompt / ratios["prefill_s"],
                         "decode_tokens_per_s": batch / ratios["decode_s"],
                         "ceiling": ceilings[name], "compressed_modules": counts[name],

@@ -22,7 +22,7 @@ ROOMS = {
                  "targets", "sensitivity",
                  "entanglement", "profiling", "plots"],
     "train": ["heal", "token_loss", "quantize", "lora"],
-    "saving": ["serialization", "structure", "transformers_plugin", "legacy"],
+    "saving": ["serialization", "structure", "transformers_plugin", "tensors", "legacy"],
     "layers": ["mpo", "ttns", "low_rank", "maxvol", "cross_layer", "gated_mlp", "shared_rows", "base", "layout", "quantized", "autotune", "factorize",
                "decompose", "tree", "contract"],
     "helpers": ["data", "start_token", "generated", "evaluate", "speed", "models", "files",

@@ -289,11 +289,39 @@ def test_save_and_load_keep_the_sharing_bit_for_bit(tmp_path, side):
         assert torch.equal(loaded.state_dict()[key], value), key
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         stored = set(f.keys())
-    assert "model.layers.0.mlp.up_proj.shared.in_basis" in stored
-    assert "model.layers.1.mlp.up_proj.shared.in_basis" not in stored  # stored once
+    assert "model.layers.0.mlp.up_proj.shared.input.weight" in stored
+    assert "model.layers.1.mlp.up_proj.shared.input.weight" not in stored  # stored once
     structure = json.loads((tmp_path / "out" / "tensornet.json").read_text())
     assert structure["cross_layer"]["model.layers.1.mlp.up_proj"]["group"] == (
         "model.layers.0.mlp.up_proj")
+
+
+def test_folders_with_the_earlier_parameter_names_still_load(tmp_path):
+    """Earlier versions held the bases and cores as bare parameters (``shared.in_basis``,
+    ``shared.out_basis``, ``core``), not as ``nn.Linear`` weights."""
+    from safetensors.torch import load_file, save_file
+
+    model, _ = calibrated(cross_layer_side="both")
+    x = inputs("llama")
+    save_compactified(model, tmp_path / "out")
+    old_names = {".shared.input.weight": ".shared.in_basis",
+                 ".shared.output.weight": ".shared.out_basis", ".mix.weight": ".core"}
+
+    def old(key: str) -> str:
+        for new, former in old_names.items():
+            if key.endswith(new):
+                return key[: -len(new)] + former
+        return key
+
+    path = tmp_path / "out" / "model.safetensors"
+    save_file({old(k): v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    structure_path = tmp_path / "out" / "tensornet.json"
+    structure = json.loads(structure_path.read_text())
+    structure["aliases"] = {old(k): old(v) for k, v in structure["aliases"].items()}
+    assert structure["aliases"]
+    structure_path.write_text(json.dumps(structure))
+    with torch.no_grad():
+        assert torch.equal(load_compactified(tmp_path / "out")(**x).logits, model(**x).logits)
 
 
 def test_a_compressed_model_compiles_fullgraph():
@@ -362,8 +390,10 @@ def test_quantized_groups_keep_one_basis_and_survive_save_and_load(tmp_path, bit
         ref = model(**x).logits
     report = quantize(model, bits)
     q0, q1 = (model.model.layers[b].mlp.gate_proj for b in (0, 1))
-    assert q0.in_basis is q1.in_basis and q0.out_basis is q1.out_basis
-    assert report.bytes_after < report.bytes_before / (3 if bits == 8 else 5)
+    assert q0.shared is q1.shared and q0.shared.input is not None and q0.shared.output is not None
+    # torchao's int8 keeps a float32 scale and an int8 zero point per row: on these tiny rows
+    # (a few dozen entries) that is most of the way from 4x to 3x smaller
+    assert report.bytes_after < report.bytes_before / (2.5 if bits == 8 else 5)
     with torch.no_grad():
         out = model(**x).logits
     assert (out - ref).abs().max() < (0.05 if bits == 8 else 0.5) * ref.abs().max()
@@ -372,6 +402,8 @@ def test_quantized_groups_keep_one_basis_and_survive_save_and_load(tmp_path, bit
     with torch.no_grad():
         assert torch.equal(loaded(**x).logits, out)
     assert model_size_bytes(loaded) == model_size_bytes(model)
+    a, b = (loaded.model.layers[i].mlp.gate_proj for i in (0, 1))
+    assert a.shared is b.shared  # the basis stored once is one module again
 
 
 def test_lora_adapters_train_on_cross_layer_members_and_refuse_to_merge():

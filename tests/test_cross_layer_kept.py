@@ -158,26 +158,31 @@ def test_kept_rows_train_and_compile():
     torch._dynamo.reset()
 
 
-def test_quantize_rounds_kept_rows_in_the_orthonormal_gauge():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantize_rounds_kept_rows_in_the_orthonormal_gauge(bits):
     from tensornet_llm import quantize
+    from tensornet_llm.layers.quantized import QuantizedLinear
+    from tensornet_llm.saving.tensors import is_torchao_tensor
     from tensornet_llm.train.quantize import low_rank_as_factors, rounding_plan
 
     model, _ = kept_model()
     x = inputs("llama")
     with pytest.raises(ArgumentError, match="low_rank_as_factors"):
-        rounding_plan(model, 8)
+        rounding_plan(model, bits)
     converted, _ = kept_model()
     with torch.no_grad():
         ref = model(**x).logits
     assert low_rank_as_factors(converted) > 0
     assert not any(m.kept is not None for m in converted.modules()
                    if isinstance(m, CrossLayerLinear))
-    assert rounding_plan(converted, 8)
+    assert rounding_plan(converted, bits)
     with torch.no_grad():
         torch.testing.assert_close(converted(**x).logits, ref, rtol=1e-4, atol=1e-4)
-    quantize(model, 8)
-    quantize(converted, 8)
+    quantize(model, bits)
+    quantize(converted, bits)
     q0, q1 = (model.model.layers[b].self_attn.q_proj for b in (0, 1))
-    assert q0.in_basis is q1.in_basis  # the group's basis is still quantized once
+    assert q0.shared is q1.shared  # the group's basis is still one module, quantized once
+    basis = q0.shared.input
+    assert is_torchao_tensor(basis.weight) if bits == 8 else isinstance(basis, QuantizedLinear)
     with torch.no_grad():
         assert torch.equal(model(**x).logits, converted(**x).logits)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from models import build, inputs
+from models import ARCHS, build, inputs
 from tensornet_llm import (
     CompactifyConfig, compactify, load_compactified, quantize, save_compactified,
 )
@@ -23,15 +23,16 @@ KINDS = {
     "low-rank": dict(ratio=0.6, method="low-rank", config=CompactifyConfig(interpolative=False)),
     "mpo": dict(chi=4, method="mpo", n_sites=3),
     "ttns": dict(chi=4, method="ttns", n_sites=4),
-    "quantized": dict(chi=4, method="mpo", n_sites=3),
+    "int8": dict(ratio=0.6, method="low-rank"),  # torchao's Int8Tensor in every nn.Linear
+    "int4": dict(chi=4, method="mpo", n_sites=3),  # the library's own quantized layers
 }
 
 
 def compressed(kind):
     model = build("llama")
     compactify(model, progress=False, **KINDS[kind])
-    if kind == "quantized":
-        quantize(model, 8)
+    if kind in ("int8", "int4"):
+        quantize(model, int(kind[3:]))
     return model
 
 
@@ -90,16 +91,55 @@ def test_a_streamed_folder_loads_with_from_pretrained(tmp_path):
                                logits(load_compactified(tmp_path / "out"), batch), rtol=0, atol=0)
 
 
-def test_without_the_import_loading_fails_instead_of_initialising_at_random(tmp_path):
-    save_compactified(compressed("kept rows"), tmp_path / "m")
-    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
-            "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n")
+def plain_transformers(code: str, *args) -> subprocess.CompletedProcess:
+    """Run ``code`` in a Python without this library imported."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], env=env,
-                         capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("kind", ["kept rows", "int8"])
+def test_without_the_import_loading_fails_instead_of_initialising_at_random(kind, tmp_path):
+    save_compactified(compressed(kind), tmp_path / "m")
+    run = plain_transformers("import sys\nfrom transformers import AutoModelForCausalLM\n"
+                             "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n", tmp_path / "m")
     assert run.returncode != 0
     assert "size mismatch" in run.stderr or "ignore_mismatched_sizes" in run.stderr
     assert "tensornet" in run.stderr  # transformers names the unknown quantization method
+
+
+@pytest.mark.parametrize("save", ["save_compactified", "save_pretrained"])
+def test_a_dense_model_in_int8_is_a_plain_torchao_checkpoint(save, tmp_path):
+    """Nothing compressed, every linear and the tied table int8 through torchao: the folder is
+    torchao's own, which transformers loads without this library (same logits, still tied)."""
+    pytest.importorskip("torchao")
+    config_fn, cls = ARCHS["llama"]
+    config = config_fn()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    quantize(model, 8)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    batch = inputs("llama")
+    torch.save((batch, logits(model, batch)), tmp_path / "expected.pt")
+    save_compactified(model, tmp_path / "m") if save == "save_compactified" \
+        else model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+    run = plain_transformers(
+        "import sys, torch\nfrom transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "batch, expected = torch.load(sys.argv[2])\n"
+        "assert type(m.lm_head.weight).__name__ == 'Int8Tensor'\n"
+        "assert m.lm_head.weight is m.model.embed_tokens.weight\n"
+        "torch.testing.assert_close(m(**batch).logits.detach(), expected, rtol=0, atol=0)\n",
+        tmp_path / "m", tmp_path / "expected.pt")
+    assert run.returncode == 0, run.stderr[-2000:]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")  # and with the import
+    if save == "save_compactified":
+        again = load_compactified(tmp_path / "m")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    torch.testing.assert_close(logits(again, batch), logits(model, batch), rtol=0, atol=0)
 
 
 def test_cross_layer_folders_point_to_load_compactified(tmp_path):

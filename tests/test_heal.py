@@ -336,26 +336,27 @@ def test_a_time_budget_ends_healing_with_a_final_check(compressed, monkeypatch):
         heal(model, data, steps=3, max_minutes=0, progress=False)
 
 
-def test_quantization_aware_healing_trains_the_model_quantize_will_build(compressed):
+@pytest.mark.parametrize("bits", [4, 8])  # 8: torchao's rounding of the LM head and table
+def test_quantization_aware_healing_trains_the_model_quantize_will_build(compressed, bits):
     model, teacher = compressed
     data, check = batches(), batches(2, seed=5)
     rounded_before = copy.deepcopy(model)
-    quantize(rounded_before, 4)
+    quantize(rounded_before, bits)
     # Full precision, so that the checks and the float32 perplexities below agree to 1e-5 on a
     # CPU with AMX too (where "auto" would check under bf16 autocast).
-    result = heal(model, data, steps=10, lr=3e-3, warmup_steps=0, teacher=teacher, quantize=4,
-                  check=check, check_every=5, on_rise="warn", mixed_precision="no",
-                  progress=False)
+    result = heal(model, data, steps=10, lr=3e-3, warmup_steps=0, teacher=teacher,
+                  quantize=bits, check=check, check_every=5, on_rise="warn",
+                  mixed_precision="no", progress=False)
     assert [s for s, _ in result.checks] == [0, 5, 10]
     assert result.train == "all"  # the default here: the rounded embedding table trains too
-    # The checks measured the int4 model: before healing, and of the final weights.
+    # The checks measured the quantized model: before healing, and of the final weights.
     assert result.checks[0][1] == pytest.approx(check_perplexity(rounded_before, check), rel=1e-5)
     rounded_after = copy.deepcopy(model)
-    quantize(rounded_after, 4)
+    quantize(rounded_after, bits)
     assert result.checks[-1][1] == pytest.approx(check_perplexity(rounded_after, check), rel=1e-5)
     assert mean_loss(rounded_after, data) < mean_loss(rounded_before, data) - 0.3
     # The model keeps float weights (the updates accumulate below the rounding step).
     core = next(m for m in model.modules() if isinstance(m, TensorNetworkLinear)).cores[0]
-    with rounded_weights(model, 4):
+    with rounded_weights(model, bits):
         on_grid = core.detach().clone()
     assert core.requires_grad and not torch.equal(core.detach(), on_grid)

@@ -90,10 +90,20 @@ def perplexity(model: nn.Module, ids: Tensor, window: int = 512, batch_size: int
                              tokenizer=tokenizer))
 
 
+def stored_tensors(t: Tensor) -> list[Tensor]:
+    """The plain tensors that hold ``t``: ``[t]``, or, for a wrapper tensor subclass (a weight
+    torchao has quantized: its int8 codes, scales, ...), its inner tensors, by the protocol
+    such subclasses implement for torch.compile (``__tensor_flatten__``)."""
+    if type(t) in (Tensor, nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return [t]
+    return [part for name in t.__tensor_flatten__()[0] for part in stored_tensors(getattr(t, name))]
+
+
 def model_size_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers (shared tensors counted once)."""
+    """Bytes of all parameters and buffers (shared tensors counted once; a quantized weight
+    by the tensors that hold it)."""
     seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in [p for t in [*model.parameters(), *model.buffers()] for p in stored_tensors(t)]:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
         if key not in seen:
             seen.add(key)

@@ -21,7 +21,8 @@ from .contract import (
 from .decompose import BondSpectrum
 from .factorize import factorize
 
-__all__ = ["TensorNetworkLinear", "DispatchCache", "linear_weight", "is_linear_like", "check_int"]
+__all__ = ["TensorNetworkLinear", "DispatchCache", "linear_weight", "is_linear_like", "check_int",
+           "dequantized"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -35,6 +36,12 @@ def is_linear_like(module: nn.Module) -> bool:
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         return False
     return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def dequantized(t: Tensor) -> Tensor:
+    """``t`` as a plain float tensor: a weight torchao has quantized (a tensor subclass, such
+    as its ``Int8Tensor``) dequantized, any other as it is."""
+    return t if type(t) in (Tensor, nn.Parameter) else t.dequantize()
 
 
 def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:

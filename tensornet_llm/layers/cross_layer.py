@@ -15,9 +15,11 @@ with both, a Tucker-2 decomposition of the stacked weights. At full ranks (``in_
 ``out_rank = out``, or the ranks of the stacked weights) every layer is reproduced exactly.
 
 Each block keeps its own drop-in :class:`CrossLayerLinear`; all members of a group hold *the
-same* :class:`SharedBases` submodule, so the shared tensors are one ``nn.Parameter`` each:
-training updates them once, ``.to()`` moves them once, and ``model.parameters()`` lists them
-once (as Hugging Face does for tied embeddings).
+same* :class:`SharedBases` submodule, so each shared basis is one ``nn.Linear`` (``input``,
+``output``): training updates it once, ``.to()`` moves it once, and ``model.parameters()``
+lists it once (as Hugging Face does for tied embeddings). A member's own core is an
+``nn.Linear`` too (``mix``), and every part is *called*, so the tools that act on
+``nn.Linear`` (torchao, peft) and on module calls (accelerate's offload hooks) reach them.
 
 *Kept rows* (input side only). ``W_l = C_l V`` is unchanged by ``C_l -> C_l G^-1``,
 ``V -> G V`` for any invertible ``r x r`` matrix ``G``, one for the whole group. Taking ``G =
@@ -28,6 +30,9 @@ parameters instead of ``r (in + G out)``, the saving a low-rank layer gets from
 :func:`kept_rows_gauge` chooses ``R`` by maxvol, so the other rows' coefficients stay near or
 below 1. A member whose layer holds some of the rows ``R`` computes them by reading the shared
 coordinates ``z = x V^T`` directly: ``y = [z[kept], z core^T][row_order]``.
+
+State-dict keys of earlier versions (``shared.in_basis``, ``shared.out_basis``, ``core``) load
+into the modules (``shared.input.weight``, ``shared.output.weight``, ``mix.weight``).
 """
 
 from __future__ import annotations
@@ -35,10 +40,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
+from .base import dequantized
 from .maxvol import index_buffer, kept_row_order, maxvol_rows, on_device
 
 __all__ = ["SIDES", "CrossLayerLinear", "SharedBases", "kept_rows_gauge", "plain_members"]
@@ -49,8 +54,9 @@ SIDES = ("input", "output", "both")
 
 
 class SharedBases(nn.Module):
-    """The tensors a group shares: ``in_basis`` ``(in_rank, in)`` and/or ``out_basis``
-    ``(out, out_rank)`` (``None`` where that side is not shared)."""
+    """The bases a group shares: ``input``, an ``nn.Linear(in, in_rank)`` whose weight is ``V``
+    ``(in_rank, in)``, and/or ``output``, an ``nn.Linear(out_rank, out)`` whose weight is ``U``
+    ``(out, out_rank)`` (``None`` where that side is not shared); both without bias."""
 
     def __init__(self, in_features: int, out_features: int, in_rank: int | None,
                  out_rank: int | None, group_size: int, *, device=None, dtype=None) -> None:
@@ -64,24 +70,33 @@ class SharedBases(nn.Module):
                 raise ArgumentError(f"{name} must be an integer in [1, {top}], got {value!r}")
         if not isinstance(group_size, int) or group_size < 1:
             raise ArgumentError(f"group_size must be an integer >= 1, got {group_size!r}")
-        kw = {"device": device, "dtype": dtype}
+        kw = {"bias": False, "device": device, "dtype": dtype}
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.in_basis = (nn.Parameter(torch.empty(in_rank, in_features, **kw))
-                         if in_rank is not None else None)
-        self.out_basis = (nn.Parameter(torch.empty(out_features, out_rank, **kw))
-                          if out_rank is not None else None)
+        self.input = nn.Linear(in_features, in_rank, **kw) if in_rank is not None else None
+        self.output = nn.Linear(out_rank, out_features, **kw) if out_rank is not None else None
+        self._register_load_state_dict_pre_hook(_legacy_names, with_module=True)
+
+    @property
+    def in_basis(self) -> Tensor | None:
+        """``V`` ``(in_rank, in)``, the input basis's weight (``None``: not shared)."""
+        return None if self.input is None else self.input.weight
+
+    @property
+    def out_basis(self) -> Tensor | None:
+        """``U`` ``(out, out_rank)``, the output basis's weight (``None``: not shared)."""
+        return None if self.output is None else self.output.weight
 
     @property
     def side(self) -> str:
-        if self.in_basis is not None and self.out_basis is not None:
+        if self.input is not None and self.output is not None:
             return "both"
-        return "input" if self.in_basis is not None else "output"
+        return "input" if self.input is not None else "output"
 
     @property
     def core_shape(self) -> tuple[int, int]:
         """``(rows, cols)`` of each member's core ``C_l``."""
-        rows = self.out_basis.shape[1] if self.out_basis is not None else self.out_features
-        cols = self.in_basis.shape[0] if self.in_basis is not None else self.in_features
+        rows = self.output.in_features if self.output is not None else self.out_features
+        cols = self.input.out_features if self.input is not None else self.in_features
         return rows, cols
 
     def extra_repr(self) -> str:
@@ -90,14 +105,25 @@ class SharedBases(nn.Module):
                 f"group_size={self.group_size}")
 
 
+def _legacy_names(module, state_dict, prefix, *_args) -> None:
+    """Earlier versions held the bases and a member's core as bare parameters: rename
+    ``in_basis``, ``out_basis`` and ``core`` keys of a state dict being loaded."""
+    for old, new in (("in_basis", "input.weight"), ("out_basis", "output.weight"),
+                     ("core", "mix.weight")):
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
 class CrossLayerLinear(nn.Module):
     """Drop-in for the ``nn.Linear`` of member ``index`` of a cross-layer group.
 
-    ``forward(x)``: ``x`` ``(..., in)`` -> ``(..., out)``, as ``x V^T C_l^T U^T + bias``: one
-    matmul per node, no einsum. With ``kept`` (input side only; module docs), some rows of
-    ``C_l`` are rows of the identity and are not stored: ``kept`` ``(k,)`` says which shared
-    coordinates they pick, ``core`` ``(out - k, in_rank)`` holds the other rows, and
-    ``row_order`` ``(out,)`` says where each output row sits in ``[kept rows, core rows]``.
+    ``forward(x)``: ``x`` ``(..., in)`` -> ``(..., out)``, as ``x V^T C_l^T U^T + bias``: the
+    shared ``input`` basis, the member's ``mix`` (``C_l``, an ``nn.Linear(cols, rows)``), the
+    shared ``output`` basis, then the bias, each an ``nn.Linear`` call. With ``kept`` (input
+    side only; module docs), some rows of ``C_l`` are rows of the identity and are not stored:
+    ``kept`` ``(k,)`` says which shared coordinates they pick, ``mix`` holds the other
+    ``out - k`` rows, and ``row_order`` ``(out,)`` says where each output row sits in
+    ``[kept rows, mix rows]``.
     """
 
     def __init__(self, shared: SharedBases, index: int, bias: bool = True, *,
@@ -135,9 +161,15 @@ class CrossLayerLinear(nn.Module):
             kept, order = index_buffer(kept, device), index_buffer(order, device)
         self.register_buffer("kept", kept, persistent=False)
         self.register_buffer("row_order", order, persistent=False)
-        self.core = nn.Parameter(torch.empty(rows, cols, device=device, dtype=dtype))
+        self.mix = nn.Linear(cols, rows, bias=False, device=device, dtype=dtype)
         self.bias = (nn.Parameter(torch.zeros(shared.out_features, device=device, dtype=dtype))
                      if bias else None)
+        self._register_load_state_dict_pre_hook(_legacy_names, with_module=True)
+
+    @property
+    def core(self) -> Tensor:
+        """``C_l`` without its kept rows ``(rows - k, cols)``: ``mix``'s weight."""
+        return self.mix.weight
 
     def _indices(self, device: torch.device) -> tuple[Tensor, Tensor]:
         """``kept`` and ``row_order`` on ``device`` (a model loaded from ``meta`` keeps them on
@@ -146,33 +178,32 @@ class CrossLayerLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shared = self.shared
-        if shared.in_basis is not None:
-            x = F.linear(x, shared.in_basis)
+        z = x if shared.input is None else shared.input(x)
         if self.kept is not None:  # z = x V^T: its kept coordinates are output rows as they are
-            kept, order = self._indices(x.device)
-            y = torch.cat([x.index_select(-1, kept), F.linear(x, self.core)], dim=-1)
-            y = y.index_select(-1, order)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
-        if shared.out_basis is None:
-            return F.linear(x, self.core, self.bias)
-        return F.linear(F.linear(x, self.core), shared.out_basis, self.bias)
+            kept, order = self._indices(z.device)
+            y = torch.cat([z.index_select(-1, kept), self.mix(z)], dim=-1).index_select(-1, order)
+        else:
+            y = self.mix(z)
+            if shared.output is not None:
+                y = shared.output(y)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def full_core(self) -> Tensor:
         """``C_l`` ``(rows, cols)`` of :attr:`SharedBases.core_shape`, its kept rows included
         (``core`` itself without kept rows)."""
+        core = dequantized(self.core)
         if self.kept is None:
-            return self.core
-        kept, order = self._indices(self.core.device)
-        eye = torch.eye(self.core.shape[1], dtype=self.core.dtype, device=self.core.device)
-        return torch.cat([eye.index_select(0, kept), self.core]).index_select(0, order)
+            return core
+        kept, order = self._indices(core.device)
+        eye = torch.eye(core.shape[1], dtype=core.dtype, device=core.device)
+        return torch.cat([eye.index_select(0, kept), core]).index_select(0, order)
 
     def to_dense(self) -> Tensor:
         """This member's weight ``U C_l V`` ``(out, in)``."""
         w = self.full_core()
-        if self.shared.in_basis is not None:
-            w = w @ self.shared.in_basis
-        if self.shared.out_basis is not None:
-            w = self.shared.out_basis @ w
+        for basis, left in ((self.shared.in_basis, False), (self.shared.out_basis, True)):
+            if basis is not None:
+                w = dequantized(basis) @ w if left else w @ dequantized(basis)
         return w
 
     @property

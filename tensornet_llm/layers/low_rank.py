@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ArgumentError, RankDeficientError
-from .base import check_int
+from .base import check_int, dequantized
 from .maxvol import inverse, kept_row_order, maxvol_rows
 
 __all__ = ["FactoredLinear", "LowRankLinear", "KeptRowsLinear", "balanced_factors"]
@@ -160,7 +160,7 @@ class LowRankLinear(FactoredLinear):
         return self.second(self.first(x))
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        return self.second.weight, self.first.weight, self.second.bias
+        return dequantized(self.second.weight), dequantized(self.first.weight), self.second.bias
 
     @property
     def bias(self) -> Tensor | None:
@@ -222,9 +222,9 @@ class KeptRowsLinear(FactoredLinear):
         return inverse(self.order)
 
     def factors(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        y = self.others.weight
+        y = dequantized(self.others.weight)
         u = torch.cat([torch.eye(self.rank, dtype=y.dtype, device=y.device), y])
-        return self._ordered(u), self.kept.weight, self.bias
+        return self._ordered(u), dequantized(self.kept.weight), self.bias
 
     @property
     def bias(self) -> Tensor | None:

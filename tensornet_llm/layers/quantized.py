@@ -11,7 +11,9 @@
 
 Weights are therefore stored at 8 or 4 bits (plus 16 bits of scale per row or group) and
 expanded on the fly; cores are small, so for tensor-network layers the expansion is cheap.
-:func:`tensornet_llm.train.quantize.quantize` converts a whole model to these layers.
+:func:`tensornet_llm.train.quantize.quantize` uses these layers for what torchao cannot take
+on a CPU: int4 of everything, and int8 of tensor-network cores, cross-layer bases and GPT-2's
+``Conv1D`` (every ``nn.Linear`` and ``nn.Embedding`` goes through torchao's int8).
 """
 
 from __future__ import annotations
@@ -350,7 +352,10 @@ class QuantizedTensorNetworkLinear(QuantizedModule, DispatchCache):
 class QuantizedCrossLayerLinear(QuantizedModule):
     """A :class:`~tensornet_llm.layers.cross_layer.CrossLayerLinear` with quantized bases and
     core: ``x V^T C^T U^T + bias`` (a ``None`` basis is the identity). Members of one group hold
-    the same :class:`QuantizedWeight` for each shared basis, so it is stored once."""
+    the same :class:`QuantizedWeight` for each shared basis, so it is stored once.
+
+    What earlier versions' ``quantize`` built (their folders load into it); ``quantize`` now
+    quantizes a member's ``nn.Linear`` parts as any others."""
 
     kind = "cross_layer"
 

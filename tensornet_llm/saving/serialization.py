@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import ArgumentError, CheckpointError, InputFileError, first_line
 from ..helpers.files import MARKER, atomic_directory, check_output
 from .legacy import LEGACY_KEPT_ROWS, convert_kept_rows
+from .tensors import dedupe, flatten, is_torchao_tensor, read_metadata, unflatten
 from .structure import (
     FORMAT_VERSION, add_quantization_config, build_structure, describe, marker_keys, replaced,
     with_markers,
@@ -54,25 +55,6 @@ RESERVED = frozenset({STRUCTURE_FILE, WEIGHTS_FILE, WEIGHTS_INDEX, "config.json"
 def shard_name(index: int, total: int) -> str:
     """The Hugging Face name of weight shard ``index`` (from 1) of ``total``."""
     return f"model-{index:05d}-of-{total:05d}.safetensors"
-
-
-def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Drop tensors that share storage with an earlier key; return them as ``alias -> source``."""
-    seen: dict[tuple, str] = {}
-    storages: set[tuple] = set()
-    unique, aliases = {}, {}
-    for key, tensor in state.items():
-        storage = (tensor.device, tensor.untyped_storage().data_ptr())
-        ident = (*storage, tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
-        if ident in seen:
-            aliases[key] = seen[ident]
-        else:
-            seen[ident] = key
-            # Other parts of one storage (fused siblings' factors) are written as copies.
-            unique[key] = tensor.detach().contiguous() if storage not in storages else (
-                tensor.detach().clone())
-            storages.add(storage)
-    return unique, aliases
 
 
 def save_compactified(
@@ -112,7 +94,7 @@ def save_compactified(
             raise ArgumentError(f"files: {name!r} is not a plain file name the save may use "
                                 f"(reserved: {sorted(RESERVED)})")
     check_output(target, overwrite, known=(STRUCTURE_FILE,))
-    state, aliases = _dedupe(model.state_dict())
+    state, aliases = dedupe(model.state_dict())
     description = describe(model, aliases, **extra)
     from safetensors.torch import save_file
 
@@ -123,8 +105,9 @@ def save_compactified(
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        save_file({k: v.cpu() for k, v in with_markers(state, replaced(description)).items()},
-                  tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        tensors, metadata = flatten(with_markers(state, replaced(description)))
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
+                  metadata={"format": "pt", **metadata})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in files.items():
@@ -186,15 +169,17 @@ def _read_weights(directory: Path, device: str) -> tuple[dict[str, torch.Tensor]
     else:
         index, files = directory / WEIGHTS_FILE, [WEIGHTS_FILE]
     state: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
     for name in files:
         path = directory / name
         try:
             state.update(load_file(path, device=device))
+            metadata.update(read_metadata([path]))
         except FileNotFoundError as exc:
             raise CheckpointError(f"{path}: missing") from exc
         except Exception as exc:  # safetensors raises its own SafetensorError (not importable)
             raise CheckpointError(f"{path}: cannot be read ({first_line(exc)})") from exc
-    return state, index
+    return unflatten(state, metadata, index), index
 
 
 def model_class_of(config, model_class: type | None = None,
@@ -214,6 +199,16 @@ def model_class_of(config, model_class: type | None = None,
     raise ArgumentError(
         f"cannot tell the model class from config.architectures={archs!r}; pass model_class="
     )
+
+
+def _tie(model: nn.Module, aliases: Mapping[str, str]) -> None:
+    """Make every aliased parameter the very parameter of its source, as when it was saved
+    (``load_state_dict`` gives each its own; ``tie_weights`` only knows the model's own ties)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for alias, source in aliases.items():
+        if alias in params and source in params and params[alias] is not params[source]:
+            owner, _, name = alias.rpartition(".")
+            setattr(model.get_submodule(owner), name, params[source])
 
 
 def load_compactified(
@@ -273,6 +268,10 @@ def load_compactified(
     # Quantized tables are tied through the aliases alone (their weights are not parameters).
     if aliases and hasattr(model, "tie_weights") and not structure.get("quantized"):
         model.tie_weights()
+    _tie(model, aliases)
+    for p in model.parameters():
+        if is_torchao_tensor(p):
+            p.requires_grad_(False)  # as torchao's quantize_ leaves them
     on_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if on_meta:
         raise CheckpointError(f"{weights}: parameters missing: {on_meta[:5]}")

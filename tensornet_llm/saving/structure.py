@@ -115,18 +115,24 @@ def _build_cross_layer(model: nn.Module, entries: Mapping[str, dict], where: Pat
 def build_structure(model: nn.Module, structure: Mapping[str, Any], where: Any) -> None:
     """Swap the replaced modules ``structure`` describes into ``model`` (built on ``meta``),
     uninitialised; errors name ``where`` the structure came from."""
-    for section, build in (("modules", _compressed_layer),
-                           ("quantized", lambda l: QUANTIZED_TYPES[l["kind"]].from_layout(l))):
-        for name, layout in structure.get(section, {}).items():
-            try:
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                getattr(parent, child)  # the module must exist in this architecture
-                setattr(parent, child, build(layout))
-            except (AttributeError, KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(f"{where}: {section} entry {name!r} does not fit "
-                                      f"{type(model).__name__} ({first_line(exc)})") from exc
+    _build(model, "modules", structure, _compressed_layer, where)
     _build_cross_layer(model, structure.get("cross_layer", {}), where)
+    # last: the parts of compressed layers and cross-layer members may be quantized
+    _build(model, "quantized", structure, lambda l: QUANTIZED_TYPES[l["kind"]].from_layout(l),
+           where)
+
+
+def _build(model: nn.Module, section: str, structure: Mapping[str, Any], build, where: Any
+           ) -> None:
+    for name, layout in structure.get(section, {}).items():
+        try:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            getattr(parent, child)  # the module must exist in this architecture
+            setattr(parent, child, build(layout))
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{where}: {section} entry {name!r} does not fit "
+                                  f"{type(model).__name__} ({first_line(exc)})") from exc
 
 
 def _compressed_layer(layout: dict[str, Any]) -> nn.Module:

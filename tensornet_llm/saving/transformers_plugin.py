@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -34,6 +34,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from ..errors import CheckpointError
 from .structure import (
     QUANT_METHOD, build_structure, describe, marker_keys, replaced, with_markers,
+)
+from .tensors import (
+    dedupe, flatten, is_torchao_tensor, part_names, quantized_names, read_metadata,
 )
 
 __all__ = ["TensorNetworkConfig", "TensorNetworkQuantizer", "attach"]
@@ -66,7 +69,10 @@ class TensorNetworkQuantizer(HfQuantizer):
 
     requires_calibration = True  # pre-compressed folders only
 
-    def _process_model_before_weight_loading(self, model: nn.Module, **_: Any) -> None:
+    def _process_model_before_weight_loading(self, model: nn.Module,
+                                             checkpoint_files: list[str] | None = None,
+                                             **_: Any) -> None:
+        self.metadata = read_metadata(checkpoint_files or [])  # for torchao's tensors
         structure = self.quantization_config.structure
         _refuse_cross_layer(structure, "from_pretrained")
         build_structure(model, structure, "config.json quantization_config")
@@ -76,6 +82,12 @@ class TensorNetworkQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **_: Any) -> nn.Module:
         model.is_quantized = False  # float layers: .half() and .float() stay allowed
+        # transformers keeps the converters it loaded with, to run them backwards on save;
+        # torchao's have no reverse, and get_state_dict_and_metadata writes those parts itself.
+        operations = set(self.get_load_operations().values())
+        model._weight_conversions = [
+            c for c in getattr(model, "_weight_conversions", None) or ()
+            if not any(type(op) in operations for op in getattr(c, "operations", ()))]
         return model
 
     def get_state_dict_and_metadata(self, model: nn.Module):
@@ -85,7 +97,21 @@ class TensorNetworkQuantizer(HfQuantizer):
         _refuse_cross_layer(structure, "save_pretrained")
         self.quantization_config.structure = structure
         model.config.quantization_config = self.quantization_config
-        return with_markers(model.state_dict(), replaced(structure)), {}
+        return flatten(_untied(with_markers(model.state_dict(), replaced(structure))))
+
+    @property
+    def serialized_names(self) -> dict[str, list[str]]:
+        """The parameters torchao quantized, by the names their parts are saved under."""
+        names = quantized_names(getattr(self, "metadata", None)) if self.pre_quantized else ()
+        return {name: part_names(name) for name in sorted(names)}
+
+    def get_load_operations(self) -> dict:
+        """torchao's weights are put together as transformers' own torchao quantizer does."""
+        if not self.serialized_names:
+            return {}
+        from transformers.integrations.torchao import TorchAoDeserialize
+
+        return {"deserialize": TorchAoDeserialize}
 
     def is_serializable(self, **_: Any) -> bool:
         return True
@@ -99,17 +125,57 @@ class TensorNetworkQuantizer(HfQuantizer):
         return True
 
 
+def _untied(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` without the second name of a torchao tensor saved under two (a tied table),
+    which transformers ties again on load and could not compare (torchao's tensors have no
+    ``torch.equal``)."""
+    aliases = dedupe(state)[1]
+    return {k: v for k, v in state.items() if not (k in aliases and is_torchao_tensor(v))}
+
+
+def _torchao_config(model: nn.Module):
+    """transformers' ``TorchAoConfig`` for a model whose only quantized layers are torchao's
+    int8 ones: the folder is then an ordinary torchao checkpoint."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup, PerRow
+    from transformers import TorchAoConfig
+
+    weight = next(p for p in model.parameters() if is_torchao_tensor(p))
+    group = weight.block_size[-1]
+    granularity = PerRow() if group == weight.shape[-1] else PerGroup(group)
+    return TorchAoConfig(Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False),
+                         include_input_output_embeddings=True, modules_to_not_convert=[])
+
+
+def _torchao_quantizer() -> type:
+    """transformers' torchao quantizer, saving a tied table once: its own writes it under both
+    names, and transformers' loader then fails comparing them (``torch.equal`` of torchao's
+    tensors)."""
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    class TiedTorchAoQuantizer(TorchAoHfQuantizer):
+        def get_state_dict_and_metadata(self, model: nn.Module):
+            return flatten(_untied(model.state_dict()))
+
+    return TiedTorchAoQuantizer
+
+
 def attach(model: nn.Module) -> nn.Module:
-    """Give a compressed transformers model the quantizer and config that make
-    ``model.save_pretrained`` write a folder ``from_pretrained`` rebuilds; any other module (no
-    ``config`` and ``save_pretrained``), or a model with nothing replaced, is left as it is.
-    Returns ``model``."""
+    """Give a compressed or quantized transformers model the quantizer and config that make
+    ``model.save_pretrained`` write a folder ``from_pretrained`` rebuilds: this library's, or,
+    where torchao quantized a model that is otherwise as transformers built it, transformers'
+    own torchao quantizer. Any other module (no ``config`` and ``save_pretrained``), or a
+    model with nothing replaced or quantized, is left as it is. Returns ``model``."""
     if not (hasattr(model, "config") and hasattr(model, "save_pretrained")):
         return model
     structure = describe(model)
-    if not replaced(structure):
+    if replaced(structure):
+        config = TensorNetworkConfig(structure)
+        model.hf_quantizer = TensorNetworkQuantizer(config, pre_quantized=True)
+    elif any(is_torchao_tensor(p) for p in model.parameters()):
+        config = _torchao_config(model)
+        model.hf_quantizer = _torchao_quantizer()(config, pre_quantized=True)
+    else:
         return model
-    config = TensorNetworkConfig(structure)
     model.config.quantization_config = config
-    model.hf_quantizer = TensorNetworkQuantizer(config, pre_quantized=True)
     return model

@@ -1,31 +1,47 @@
-"""Weight-only int8 / int4 quantization of a whole model: tensor-network cores, the linears
-left dense and the embeddings.
+"""Weight-only int8 / int4 quantization of a whole model: the linears (the factors of low-rank
+and kept-rows layers included), the embeddings and the cores of tensor-network layers.
 
 CompactifAI's size figures come from two steps: tensorize, then quantize what remains.
-:func:`quantize` does the second step, replacing modules by the quantized layers of
-:mod:`tensornet_llm.layers.quantized`, so the model runs (and saves) anywhere.
+:func:`quantize` does the second step:
+
+* **int8** goes through torchao (``quantize_`` with ``Int8WeightOnlyConfig``) for every
+  ``nn.Linear`` and ``nn.Embedding``: the weight becomes torchao's ``Int8Tensor`` (one scale per
+  output row, or per group), the module stays what it was, and torch.compile, saving
+  (:func:`~tensornet_llm.save_compactified`, ``save_pretrained``) and loading handle it as
+  torchao's own models. A tied table stays one tensor.
+* The cores of MPO / TTNS layers are not ``nn.Linear`` weights but operands of a contraction,
+  which torchao's tensors do not support (an ``Int8Tensor`` in ``einsum``: "Int8Tensor
+  dispatch: attempting to run unimplemented operator/function: aten.unsqueeze"), and GPT-2's
+  ``Conv1D`` computes ``addmm`` with an ``(in, out)`` weight (unimplemented too); int4 has no
+  torchao kernel on a CPU
+  (``Int4WeightOnlyConfig``: "Unsupported int4 packing format: opaque", and
+  ``IntxWeightOnlyConfig(torch.int4)`` stores one byte per weight). Those are quantized by the
+  layers of :mod:`tensornet_llm.layers.quantized`, written here for that reason.
 """
 
 from __future__ import annotations
 
-import copy
+import importlib.util
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Iterator
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import ArgumentError
+from ..helpers.evaluate import stored_tensors
 from ..compress.targets import check_pattern, matches
 from ..layers.base import TensorNetworkLinear, is_linear_like, linear_weight
-from ..layers.cross_layer import CrossLayerLinear, plain_members
-from ..layers.low_rank import FactoredLinear, KeptRowsLinear, LowRankLinear, balanced_factors
+from ..layers.cross_layer import CrossLayerLinear, SharedBases, plain_members
+from ..layers.low_rank import FactoredLinear, KeptRowsLinear, balanced_factors
 from ..layers.quantized import (
-    INT4_GROUP_SIZE, QuantizedCrossLayerLinear, QuantizedEmbedding, QuantizedLinear, QuantizedModule,
-    QuantizedTensorNetworkLinear, QuantizedWeight, round_tensor,
+    INT4_GROUP_SIZE, QuantizedEmbedding, QuantizedLinear, QuantizedTensorNetworkLinear,
+    QuantizedWeight, round_tensor,
 )
 from ..saving import attach
+from ..saving.tensors import is_torchao_tensor
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "as_quantize_config", "low_rank_as_factors",
            "quantize", "rounded_weights", "rounding_plan"]
@@ -38,8 +54,10 @@ class QuantizeConfig:
     Attributes:
         bits: 8 or 4.
         group_size: entries per scale; ``None`` means one scale per channel for int8 and
-            groups of 64 for int4. Must be even.
-        cores: quantize the cores of tensor-network layers.
+            groups of 64 for int4. Must be even (and, for int8, divide every row torchao
+            quantizes).
+        cores: quantize the compressed layers (tensor-network cores, low-rank factors,
+            cross-layer bases and cores).
         dense: quantize linear layers that are not tensor networks (the LM head, excluded or
             untargeted modules; for an uncompressed model, every linear).
         embeddings: quantize ``nn.Embedding`` tables.
@@ -104,8 +122,8 @@ class QuantizeReport:
 
 def _float_bytes(module: nn.Module, counted: set[int]) -> int:
     """Bytes of ``module``'s float weights (not the biases, the 1-D parameters) not yet in
-    ``counted``, which it joins (the bases a cross-layer group shares count on its first
-    member)."""
+    ``counted``, which it joins (a tied table, or the bases a cross-layer group shares, count on
+    their first module)."""
     total = 0
     for p in module.parameters(recurse=True):
         if p.dim() > 1 and id(p) not in counted:
@@ -132,60 +150,114 @@ def as_quantize_config(bits: "int | QuantizeConfig | None" = None, *,
     return cfg
 
 
-def _selected(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module :func:`quantize` replaces, in model order."""
-    plan: list[tuple[str, nn.Module]] = []
+def _excluded(name: str, cfg: QuantizeConfig) -> bool:
+    return any(matches(name, p) for p in cfg.exclude)
+
+
+def _forms(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module, nn.Module]]:
+    """``(name, module, form)`` for the compressed layers :func:`quantize` rounds in another
+    form of the same map: kept rows as two balanced factors, a cross-layer group with kept
+    rows with an orthonormal shared basis (rounded directly, kept-rows coefficients cost more
+    accuracy). Built, not swapped in."""
+    if not cfg.cores:
+        return []
+    modules = [(n, m) for n, m in model.named_modules() if n and not _excluded(n, cfg)]
+    plain = _plain_groups([m for _, m in modules])
+    return [(n, m, plain[id(m)] if id(m) in plain else balanced_factors(m))
+            for n, m in modules if isinstance(m, KeptRowsLinear) or id(m) in plain]
+
+
+def _leaves(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module whose weights :func:`quantize` converts, in model
+    order (a shared basis once): each ``nn.Linear`` (the parts of low-rank layers and
+    cross-layer members among them), GPT-2 ``Conv1D``, ``nn.Embedding`` and tensor-network
+    layer."""
+    leaves, containers = [], []
     for name, module in model.named_modules():
-        if not name or any(matches(name, p) for p in cfg.exclude) or isinstance(module, QuantizedModule):
+        if not name or _excluded(name, cfg):
             continue
-        if isinstance(module, FactoredLinear) and any(
-                isinstance(c, QuantizedModule) for c in module.children()):
-            continue  # quantized already
-        if isinstance(module, (TensorNetworkLinear, CrossLayerLinear, FactoredLinear)):
-            if cfg.cores:
-                plan.append((name, module))
+        if isinstance(module, (FactoredLinear, CrossLayerLinear)):
+            containers.append(name + ".")
+            continue
+        if isinstance(module, TensorNetworkLinear):
+            wanted = cfg.cores
         elif isinstance(module, nn.Embedding):
-            if cfg.embeddings:
-                plan.append((name, module))
-        elif is_linear_like(module) and cfg.dense:
-            plan.append((name, module))
-    inside_network = {n for n, m in plan
-                      if isinstance(m, (TensorNetworkLinear, CrossLayerLinear, FactoredLinear))}
-    return [(n, m) for n, m in plan if not any(n.startswith(p + ".") for p in inside_network)]
+            wanted = cfg.embeddings
+        elif is_linear_like(module):
+            wanted = cfg.cores if any(name.startswith(c) for c in containers) else cfg.dense
+        else:
+            continue
+        if wanted and not is_torchao_tensor(getattr(module, "weight", None) if isinstance(
+                module, (nn.Linear, nn.Embedding)) else None):  # not quantized already
+            leaves.append((name, module))
+    group = cfg.group_size
+    for name, module in leaves:  # torchao's groups must divide the rows
+        if _by_torchao(module, cfg) and group and module.weight.shape[1] % group:
+            raise ArgumentError(f"group_size={group} does not divide the rows of {name} "
+                                f"{tuple(module.weight.shape)}")
+    return leaves
+
+
+def _by_torchao(module: nn.Module, cfg: QuantizeConfig) -> bool:
+    """int8 of an ``nn.Linear`` or ``nn.Embedding`` goes through torchao (module docs say why
+    the rest does not)."""
+    return cfg.bits == 8 and isinstance(module, (nn.Linear, nn.Embedding))
+
+
+def _channel_dim(module: nn.Module) -> int:
+    """The leg of ``module.weight`` that is the output channels (a ``Conv1D`` stores
+    ``(in, out)``)."""
+    return 0 if isinstance(module, nn.Embedding) or linear_weight(module)[0] is module.weight else 1
+
+
+def _torchao_config(cfg: QuantizeConfig):
+    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup, PerRow
+
+    granularity = PerGroup(cfg.group_size) if cfg.group_size else PerRow()
+    # set_inductor_config=False: leave the caller's torch.compile settings as they are.
+    return Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False)
+
+
+def _require_torchao(cfg: QuantizeConfig) -> None:
+    if cfg.bits == 8 and importlib.util.find_spec("torchao") is None:
+        raise ArgumentError("bits=8 quantizes through torchao, which is not installed: "
+                            "pip install 'tensornet-llm[torchao]'")
+
+
+def _round_torchao(p: Tensor, cfg: QuantizeConfig) -> Tensor:
+    """``p`` (an ``(out, in)`` weight or an embedding table) as torchao's int8 stores it."""
+    from torchao.quantization import Int8Tensor
+
+    return Int8Tensor.from_hp(p.detach(), _torchao_config(cfg).granularity).dequantize().to(p.dtype)
 
 
 def rounding_plan(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
-                  **options: Any) -> list[tuple[nn.Parameter, int]]:
-    """``(parameter, channel_dim)`` of every float tensor :func:`quantize` (same arguments)
-    would round, each once (a tied table, a group's shared basis), with the leg it would give
-    its own scales: exactly the tensors and groupings of the quantized layers it builds."""
+                  **options: Any) -> list[tuple[nn.Parameter, Callable[[Tensor], Tensor]]]:
+    """``(parameter, rounding)`` of every float tensor :func:`quantize` (same arguments) would
+    round, each once (a tied table, a group's shared basis): ``rounding(parameter)`` is the
+    value the quantized model computes with."""
     cfg = as_quantize_config(bits, **options)
-    plan: dict[int, tuple[nn.Parameter, int]] = {}
-    for name, module in _selected(model, cfg):
-        if isinstance(module, KeptRowsLinear):
-            raise ArgumentError(
-                f"{name} is a low-rank layer stored as kept rows, which quantize() rounds as two "
-                "balanced factors, a form its own parameters cannot take; call "
-                "low_rank_as_factors(model) first (the same weights as two factors)")
-        if isinstance(module, CrossLayerLinear) and module.kept is not None:
-            raise ArgumentError(
-                f"{name} is a cross-layer member stored as kept rows, which quantize() rounds "
-                "with an orthonormal shared basis, a form its own parameters cannot take; call "
-                "low_rank_as_factors(model) first (the same maps in that form)")
-        if isinstance(module, TensorNetworkLinear):
-            tensors = [(c, QuantizedTensorNetworkLinear._channel_dim(tuple(c.shape)))
-                       for c in module.cores]
-        elif isinstance(module, LowRankLinear):
-            tensors = [(module.first.weight, 0), (module.second.weight, 0)]
-        elif isinstance(module, CrossLayerLinear):
-            tensors = [(t, 0) for t in (module.shared.in_basis, module.shared.out_basis,
-                                        module.core) if t is not None]
-        elif isinstance(module, nn.Embedding):
-            tensors = [(module.weight, 0)]
-        else:  # quantized as (out, in): a Conv1D stores (in, out), so its channels are leg 1
-            tensors = [(module.weight, 0 if linear_weight(module)[0] is module.weight else 1)]
-        for t, channel_dim in tensors:
-            plan.setdefault(id(t), (t, channel_dim))
+    _require_torchao(cfg)
+    for name, _, form in _forms(model, cfg):
+        raise ArgumentError(
+            f"{name} is stored with kept rows, which quantize() rounds as "
+            f"{'two balanced factors' if isinstance(form, FactoredLinear) else 'members with an orthonormal shared basis'}"
+            ", a form its own parameters cannot take; call low_rank_as_factors(model) first "
+            "(the same maps in that form)")
+    group = cfg.effective_group_size
+    plan: dict[int, tuple[nn.Parameter, Callable[[Tensor], Tensor]]] = {}
+    for _, module in _leaves(model, cfg):
+        if _by_torchao(module, cfg):
+            legs = [(module.weight, partial(_round_torchao, cfg=cfg))]
+        else:
+            legs = [(t, partial(round_tensor, bits=cfg.bits, group_size=group, channel_dim=d))
+                    for t, d in (
+                        [(c, QuantizedTensorNetworkLinear._channel_dim(tuple(c.shape)))
+                         for c in module.cores] if isinstance(module, TensorNetworkLinear)
+                        else [(module.weight, _channel_dim(module))])]
+        for t, rounding in legs:
+            plan.setdefault(id(t), (t, rounding))
     return list(plan.values())
 
 
@@ -197,14 +269,12 @@ def rounded_weights(model: nn.Module, bits: "int | QuantizeConfig | None" = None
     come back on exit. Gradients computed inside are taken at the rounded weights and, applied
     to the float ones after the block, make the straight-through estimate of
     quantization-aware training (``heal(..., quantize=4)``)."""
-    cfg = as_quantize_config(bits, **options)
-    group = cfg.effective_group_size
     saved = []
     try:
         with torch.no_grad():
-            for p, channel_dim in rounding_plan(model, cfg):
+            for p, rounding in rounding_plan(model, bits, **options):
                 saved.append((p, p.detach().clone()))
-                p.copy_(round_tensor(p, cfg.bits, group, channel_dim))
+                p.copy_(rounding(p))
         yield
     finally:
         with torch.no_grad():
@@ -236,16 +306,16 @@ def low_rank_as_factors(model: nn.Module) -> int:
     (:func:`~tensornet_llm.layers.cross_layer.plain_members`, ``in_rank^2`` more parameters per
     group): the forms :func:`quantize` rounds, so quantization-aware healing can train them.
     Returns how many modules were replaced."""
-    modules = list(model.named_modules())
-    plain = _plain_groups([m for _, m in modules])
-    found = [(name, m) for name, m in modules
-             if isinstance(m, KeptRowsLinear) or id(m) in plain]
-    for name, module in found:
+    forms = _forms(model, QuantizeConfig())
+    _swap(model, [(name, form) for name, _, form in forms])
+    return len(forms)
+
+
+def _swap(model: nn.Module, modules: Iterable[tuple[str, nn.Module]]) -> None:
+    """Put each ``(name, module)`` into ``model`` at ``name``."""
+    for name, module in modules:
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        new = plain[id(module)] if id(module) in plain else balanced_factors(module)
-        setattr(parent, child, new)
-    return len(found)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def quantize(
@@ -259,57 +329,94 @@ def quantize(
     exclude: Iterable[str] | None = None,
     config: QuantizeConfig | None = None,
 ) -> QuantizeReport:
-    """Quantize ``model``'s weights in place (tensor-network cores, dense linears, embeddings).
+    """Quantize ``model``'s weights in place (linears, low-rank factors, tensor-network cores,
+    embeddings; module docs say which go through torchao).
 
     Arguments default to :class:`QuantizeConfig`'s fields (``config`` supplies others; explicit
-    keywords win). Everything is validated before any module is replaced. A tied input
-    embedding and LM head stay tied: both read one quantized table. Quantize after compactify
-    and after healing; the quantized weights are buffers, not trainable parameters.
+    keywords win). Everything is validated before any module changes. A tied input embedding
+    and LM head stay tied: both hold one quantized table. Quantize after compactify and after
+    healing; the quantized weights do not train.
 
     Returns:
         A :class:`QuantizeReport` with the bytes of each converted module before and after.
     """
     cfg = as_quantize_config(bits, config=config, group_size=group_size, cores=cores,
                              dense=dense, embeddings=embeddings, exclude=exclude)
+    _require_torchao(cfg)
     group = cfg.effective_group_size
-    plan = _selected(model, cfg)
-
-    # Build every replacement first (nothing in the model changes if this fails).
-    by_weight: dict[int, QuantizedWeight] = {}
-    replacements: list[tuple[str, nn.Module, nn.Module]] = []
-    plain = _plain_groups([m for _, m in plan])  # kept rows: rounded in the orthonormal gauge
-    for name, module in plan:
-        if isinstance(module, FactoredLinear):  # kept rows: rounded as balanced factors
-            new = (balanced_factors(module) if isinstance(module, KeptRowsLinear)
-                   else copy.deepcopy(module))
-            new.first = QuantizedLinear.from_module(new.first, cfg.bits, group)
-            new.second = QuantizedLinear.from_module(new.second, cfg.bits, group)
-        elif isinstance(module, TensorNetworkLinear):
-            new = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
-        elif isinstance(module, CrossLayerLinear):  # a group's bases are quantized once
-            new = QuantizedCrossLayerLinear.from_module(plain.get(id(module), module), cfg.bits,
-                                                        group, by_weight)
-        elif isinstance(module, nn.Embedding):
-            shared = by_weight.get(id(module.weight))
-            new = QuantizedEmbedding(shared, module.padding_idx) if shared else \
-                QuantizedEmbedding.from_module(module, cfg.bits, group)
-            by_weight.setdefault(id(module.weight), new.qweight)
-        else:
+    forms = _forms(model, cfg)
+    counted: set[int] = set()
+    before_forms = {name: _float_bytes(module, counted) for name, module, _ in forms}
+    _swap(model, [(name, form) for name, _, form in forms])  # the same maps
+    try:  # build the library's own layers; nothing else changes if this fails
+        leaves = _leaves(model, cfg)
+        by_weight: dict[int, QuantizedWeight] = {}  # a tied table is quantized once
+        own: dict[str, nn.Module] = {}
+        for name, module in leaves:
             shared = by_weight.get(id(getattr(module, "weight", None)))
-            new = QuantizedLinear.from_module(module, cfg.bits, group, shared)
-            by_weight.setdefault(id(module.weight), new.qweight)
-        replacements.append((name, module, new))
+            if isinstance(module, TensorNetworkLinear):
+                own[name] = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
+            elif _by_torchao(module, cfg):
+                continue  # torchao's turn comes below
+            elif isinstance(module, nn.Embedding):
+                own[name] = QuantizedEmbedding(shared, module.padding_idx) if shared else \
+                    QuantizedEmbedding.from_module(module, cfg.bits, group)
+            else:
+                own[name] = QuantizedLinear.from_module(module, cfg.bits, group, shared)
+            if hasattr(own[name], "qweight"):
+                by_weight.setdefault(id(module.weight), own[name].qweight)
+    except BaseException:
+        _swap(model, [(name, module) for name, module, _ in forms])
+        raise
+    before = {name: 0 if any(name.startswith(f + ".") for f in before_forms) else
+              _float_bytes(module, counted) for name, module in leaves}
+    for form, nbytes in before_forms.items():  # a changed form: its original's bytes
+        first = next((n for n, _ in leaves if n.startswith(form + ".")), None)
+        if first is not None:
+            before[first] = nbytes
+    _swap(model, own.items())
+    _torchao_int8(model, [m for n, m in leaves if n not in own], cfg)
 
     report = QuantizeReport(cfg.bits, group)
-    counted: set[int] = set()
-    for name, module, new in replacements:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-        weights = [q for q in new.modules() if isinstance(q, QuantizedWeight)]
-        after = sum(q.nbytes for q in weights if id(q) not in counted)
-        before = _float_bytes(module, counted) if after else 0  # a tied table counts once
-        counted.update(id(q) for q in weights)
-        report.rows.append((name, getattr(new, "kind", "low-rank"), before, after))
+    counted.clear()
+    for name, module in leaves:
+        new = own.get(name, module)
+        stored = [q for q in new.modules() if isinstance(q, QuantizedWeight)] + [
+            t for p in new.parameters() if is_torchao_tensor(p) for t in stored_tensors(p)]
+        after = sum(q.nbytes if isinstance(q, QuantizedWeight) else q.numel() * q.element_size()
+                    for q in stored if id(q) not in counted)
+        counted.update(id(q) for q in stored)
+        owner = model.get_submodule(name.rpartition(".")[0])
+        kind = "embedding" if isinstance(module, nn.Embedding) else \
+            "tensor network" if isinstance(module, TensorNetworkLinear) else \
+            "factor" if isinstance(owner, (FactoredLinear, CrossLayerLinear, SharedBases)) else \
+            "linear"
+        report.rows.append((name, kind, before[name], after))
     attach(model)  # so that model.save_pretrained writes what from_pretrained loads
     return report
+
+
+def _torchao_int8(model: nn.Module, modules: list[nn.Module], cfg: QuantizeConfig) -> None:
+    """torchao's ``quantize_`` on ``modules`` of ``model``, each once; modules that shared one
+    float weight (a tied table) share the quantized one afterwards (torchao would quantize it
+    twice, untied)."""
+    from torchao.quantization import quantize_
+
+    first: dict[int, nn.Module] = {}
+    followers: list[tuple[nn.Module, nn.Module]] = []
+    for module in modules:
+        key = id(module.weight)
+        if key in first:
+            followers.append((module, first[key]))
+        else:
+            first[key] = module
+    pending = {id(m) for m in first.values()}
+
+    def once(module: nn.Module, _fqn: str) -> bool:  # torchao walks a shared module per parent
+        taken = id(module) in pending
+        pending.discard(id(module))
+        return taken
+
+    quantize_(model, _torchao_config(cfg), filter_fn=once)
+    for module, leader in followers:
+        module.weight = leader.weight
