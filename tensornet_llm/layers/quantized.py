@@ -28,7 +28,6 @@ from torch import Tensor, nn
 from ..errors import ArgumentError
 from .base import DispatchCache, TensorNetworkLinear, linear_weight
 from .contract import DispatchTable, tn_linear
-from .cross_layer import CrossLayerLinear
 from .layout import LAYER_CLASSES
 
 __all__ = [
@@ -366,18 +365,6 @@ class QuantizedCrossLayerLinear(QuantizedModule):
         self.in_features = in_basis.shape[1] if in_basis is not None else core.shape[1]
         self.out_features = out_basis.shape[0] if out_basis is not None else core.shape[0]
         self._set_bias(bias)
-
-    @classmethod
-    def from_module(cls, module: CrossLayerLinear, bits: Bits, group_size: int | None,
-                    shared: dict[int, QuantizedWeight]) -> "QuantizedCrossLayerLinear":
-        """``shared`` maps ``id`` of a float basis to its quantized form, filled on the first
-        member of each group, so the members keep one quantized basis."""
-        bases = []
-        for basis in (module.shared.in_basis, module.shared.out_basis):
-            if basis is not None and id(basis) not in shared:
-                shared[id(basis)] = QuantizedWeight(basis, bits, group_size, 0)
-            bases.append(None if basis is None else shared[id(basis)])
-        return cls(*bases, QuantizedWeight(module.core, bits, group_size, 0), module.bias)
 
     def to_dense(self) -> Tensor:
         """The dequantized weight ``(out_features, in_features)``."""

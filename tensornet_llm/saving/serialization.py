@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import ArgumentError, CheckpointError, InputFileError, first_line
 from ..helpers.files import MARKER, atomic_directory, check_output
 from .legacy import LEGACY_KEPT_ROWS, convert_kept_rows
-from .tensors import dedupe, flatten, is_torchao_tensor, read_metadata, unflatten
+from .tensors import dedupe, flatten, is_torchao_tensor, unflatten
 from .structure import (
     FORMAT_VERSION, add_quantization_config, build_structure, describe, marker_keys, replaced,
     with_markers,
@@ -161,7 +161,7 @@ def read_weight_map(index: Path) -> dict[str, str]:
 def _read_weights(directory: Path, device: str) -> tuple[dict[str, torch.Tensor], Path]:
     """Every saved tensor (from ``model.safetensors``, or from the shards the index names) and
     the path errors should name."""
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     index = directory / WEIGHTS_INDEX
     if index.is_file() and not (directory / WEIGHTS_FILE).is_file():
@@ -173,8 +173,9 @@ def _read_weights(directory: Path, device: str) -> tuple[dict[str, torch.Tensor]
     for name in files:
         path = directory / name
         try:
-            state.update(load_file(path, device=device))
-            metadata.update(read_metadata([path]))
+            with safe_open(path, framework="pt", device=device) as f:  # tensors and metadata
+                state.update({key: f.get_tensor(key) for key in f.keys()})
+                metadata.update(f.metadata() or {})
         except FileNotFoundError as exc:
             raise CheckpointError(f"{path}: missing") from exc
         except Exception as exc:  # safetensors raises its own SafetensorError (not importable)
@@ -265,9 +266,6 @@ def load_compactified(
     except RuntimeError as exc:
         raise CheckpointError(f"{weights} does not match {where} and config.json "
                               f"({first_line(exc)})") from exc
-    # Quantized tables are tied through the aliases alone (their weights are not parameters).
-    if aliases and hasattr(model, "tie_weights") and not structure.get("quantized"):
-        model.tie_weights()
     _tie(model, aliases)
     for p in model.parameters():
         if is_torchao_tensor(p):

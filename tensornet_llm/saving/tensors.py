@@ -20,7 +20,7 @@ from ..errors import CheckpointError, first_line
 from ..helpers.evaluate import stored_tensors
 
 __all__ = ["is_torchao_tensor", "storage_key", "dedupe", "flatten", "unflatten", "quantized_names",
-           "part_names", "read_metadata"]
+           "part_names", "read_metadata", "int8_config"]
 
 #: The parts torchao's quantized tensors are written as (``_<param>_<part>``).
 PARTS = ("qdata", "scale", "zero_point", "scale_and_zero", "per_tensor_scale", "act_pre_scale")
@@ -63,6 +63,18 @@ def dedupe(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, st
                 tensor.detach().clone())
             storages.add(storage)
     return unique, aliases
+
+
+def int8_config(group_size: int | None = None):
+    """torchao's int8 weight-only config: one scale per output row, or per group of
+    ``group_size`` entries of a row. What ``quantize(model, 8)`` applies and what a saved int8
+    checkpoint declares. ``set_inductor_config=False``: the caller's ``torch.compile`` settings
+    stay as they are."""
+    from torchao.quantization import Int8WeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup, PerRow
+
+    return Int8WeightOnlyConfig(granularity=PerGroup(group_size) if group_size else PerRow(),
+                                set_inductor_config=False)
 
 
 def flatten(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:

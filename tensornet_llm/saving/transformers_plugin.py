@@ -36,7 +36,8 @@ from .structure import (
     QUANT_METHOD, build_structure, describe, marker_keys, replaced, with_markers,
 )
 from .tensors import (
-    dedupe, flatten, is_torchao_tensor, part_names, quantized_names, read_metadata,
+    flatten, int8_config, is_torchao_tensor, part_names, quantized_names, read_metadata,
+    storage_key,
 )
 
 __all__ = ["TensorNetworkConfig", "TensorNetworkQuantizer", "attach"]
@@ -129,21 +130,25 @@ def _untied(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """``state`` without the second name of a torchao tensor saved under two (a tied table),
     which transformers ties again on load and could not compare (torchao's tensors have no
     ``torch.equal``)."""
-    aliases = dedupe(state)[1]
-    return {k: v for k, v in state.items() if not (k in aliases and is_torchao_tensor(v))}
+    seen: set[tuple] = set()
+    out = {}
+    for key, tensor in state.items():
+        if is_torchao_tensor(tensor):
+            if storage_key(tensor) in seen:
+                continue
+            seen.add(storage_key(tensor))
+        out[key] = tensor
+    return out
 
 
 def _torchao_config(model: nn.Module):
     """transformers' ``TorchAoConfig`` for a model whose only quantized layers are torchao's
     int8 ones: the folder is then an ordinary torchao checkpoint."""
-    from torchao.quantization import Int8WeightOnlyConfig
-    from torchao.quantization.granularity import PerGroup, PerRow
     from transformers import TorchAoConfig
 
     weight = next(p for p in model.parameters() if is_torchao_tensor(p))
     group = weight.block_size[-1]
-    granularity = PerRow() if group == weight.shape[-1] else PerGroup(group)
-    return TorchAoConfig(Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False),
+    return TorchAoConfig(int8_config(None if group == weight.shape[-1] else group),
                          include_input_output_embeddings=True, modules_to_not_convert=[])
 
 

@@ -41,7 +41,7 @@ from ..layers.quantized import (
     QuantizedWeight, round_tensor,
 )
 from ..saving import attach
-from ..saving.tensors import is_torchao_tensor
+from ..saving.tensors import int8_config, is_torchao_tensor
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "as_quantize_config", "low_rank_as_factors",
            "quantize", "rounded_weights", "rounding_plan"]
@@ -154,17 +154,26 @@ def _excluded(name: str, cfg: QuantizeConfig) -> bool:
     return any(matches(name, p) for p in cfg.exclude)
 
 
-def _forms(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module, nn.Module]]:
-    """``(name, module, form)`` for the compressed layers :func:`quantize` rounds in another
-    form of the same map: kept rows as two balanced factors, a cross-layer group with kept
-    rows with an orthonormal shared basis (rounded directly, kept-rows coefficients cost more
-    accuracy). Built, not swapped in."""
+def _kept_rows(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the selected layers stored with kept rows, and of every selected
+    member of a cross-layer group some of whose members are (they share the gauged basis):
+    what :func:`quantize` rounds in another form of the same map (:func:`_forms`)."""
     if not cfg.cores:
         return []
-    modules = [(n, m) for n, m in model.named_modules() if n and not _excluded(n, cfg)]
-    plain = _plain_groups([m for _, m in modules])
-    return [(n, m, plain[id(m)] if id(m) in plain else balanced_factors(m))
-            for n, m in modules if isinstance(m, KeptRowsLinear) or id(m) in plain]
+    selected = [(n, m) for n, m in model.named_modules() if n and not _excluded(n, cfg)]
+    gauged = {id(m.shared) for _, m in selected
+              if isinstance(m, CrossLayerLinear) and m.kept is not None}
+    return [(n, m) for n, m in selected if isinstance(m, KeptRowsLinear) or (
+        isinstance(m, CrossLayerLinear) and id(m.shared) in gauged)]
+
+
+def _forms(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module, nn.Module]]:
+    """``(name, module, form)`` for :func:`_kept_rows`: kept rows as two balanced factors, a
+    cross-layer group with kept rows with an orthonormal shared basis (rounded directly,
+    kept-rows coefficients cost more accuracy). Built, not swapped in."""
+    found = _kept_rows(model, cfg)
+    plain = _plain_groups([m for _, m in found])
+    return [(n, m, plain[id(m)] if id(m) in plain else balanced_factors(m)) for n, m in found]
 
 
 def _leaves(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module]]:
@@ -187,8 +196,8 @@ def _leaves(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module]
             wanted = cfg.cores if any(name.startswith(c) for c in containers) else cfg.dense
         else:
             continue
-        if wanted and not is_torchao_tensor(getattr(module, "weight", None) if isinstance(
-                module, (nn.Linear, nn.Embedding)) else None):  # not quantized already
+        done = isinstance(module, (nn.Linear, nn.Embedding)) and is_torchao_tensor(module.weight)
+        if wanted and not done:
             leaves.append((name, module))
     group = cfg.group_size
     for name, module in leaves:  # torchao's groups must divide the rows
@@ -210,15 +219,6 @@ def _channel_dim(module: nn.Module) -> int:
     return 0 if isinstance(module, nn.Embedding) or linear_weight(module)[0] is module.weight else 1
 
 
-def _torchao_config(cfg: QuantizeConfig):
-    from torchao.quantization import Int8WeightOnlyConfig
-    from torchao.quantization.granularity import PerGroup, PerRow
-
-    granularity = PerGroup(cfg.group_size) if cfg.group_size else PerRow()
-    # set_inductor_config=False: leave the caller's torch.compile settings as they are.
-    return Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False)
-
-
 def _require_torchao(cfg: QuantizeConfig) -> None:
     if cfg.bits == 8 and importlib.util.find_spec("torchao") is None:
         raise ArgumentError("bits=8 quantizes through torchao, which is not installed: "
@@ -229,7 +229,7 @@ def _round_torchao(p: Tensor, cfg: QuantizeConfig) -> Tensor:
     """``p`` (an ``(out, in)`` weight or an embedding table) as torchao's int8 stores it."""
     from torchao.quantization import Int8Tensor
 
-    return Int8Tensor.from_hp(p.detach(), _torchao_config(cfg).granularity).dequantize().to(p.dtype)
+    return Int8Tensor.from_hp(p.detach(), int8_config(cfg.group_size).granularity).dequantize().to(p.dtype)
 
 
 def rounding_plan(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
@@ -239,12 +239,14 @@ def rounding_plan(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
     value the quantized model computes with."""
     cfg = as_quantize_config(bits, **options)
     _require_torchao(cfg)
-    for name, _, form in _forms(model, cfg):
-        raise ArgumentError(
-            f"{name} is stored with kept rows, which quantize() rounds as "
-            f"{'two balanced factors' if isinstance(form, FactoredLinear) else 'members with an orthonormal shared basis'}"
-            ", a form its own parameters cannot take; call low_rank_as_factors(model) first "
-            "(the same maps in that form)")
+    for name, module in _kept_rows(model, cfg):
+        if isinstance(module, CrossLayerLinear) and module.kept is None:
+            continue  # named by its group's member with kept rows
+        form = "two balanced factors" if isinstance(module, KeptRowsLinear) else \
+            "members with an orthonormal shared basis"
+        raise ArgumentError(f"{name} is stored with kept rows, which quantize() rounds as {form}, "
+                            "a form its own parameters cannot take; call "
+                            "low_rank_as_factors(model) first (the same maps in that form)")
     group = cfg.effective_group_size
     plan: dict[int, tuple[nn.Parameter, Callable[[Tensor], Tensor]]] = {}
     for _, module in _leaves(model, cfg):
@@ -417,6 +419,6 @@ def _torchao_int8(model: nn.Module, modules: list[nn.Module], cfg: QuantizeConfi
         pending.discard(id(module))
         return taken
 
-    quantize_(model, _torchao_config(cfg), filter_fn=once)
+    quantize_(model, int8_config(cfg.group_size), filter_fn=once)
     for module, leader in followers:
         module.weight = leader.weight
