@@ -73,6 +73,8 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         # rows measured before kept-rows storage existed stored two factors
         "low-rank storage": lambda r: "kept rows" if r.get("interpolative") else "factors",
         "min saving": lambda r: f"{r['min_saving']:.0%}" if r.get("min_saving") else "",
+        # rows measured before the slim layout existed had none
+        "slim MLP": lambda r: "offered" if r.get("slim_mlp") else "",
         "left dense": lambda r: " ".join(r.get("exclude", [])),
         "keep": lambda r: f"{r['keep']:.0%}"})
     write_results(out, "bench_domains", meta, rows, lines)
@@ -98,6 +100,8 @@ def main() -> None:
     parser.add_argument("--min-saving", type=float, default=0.0,
                         help="every compressed module saves at least this fraction "
                         "(CompactifyConfig.min_saving)")
+    parser.add_argument("--no-slim-mlp", action="store_true",
+                        help="offer gated MLPs no slim layout (CompactifyConfig.slim_mlp=False)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
                         help="leave these modules dense and compress the rest further, to the "
                         "same parameters in all (CompactifyConfig.exclude)")
@@ -120,14 +124,15 @@ def main() -> None:
             weigh = not args.no_weigh_outputs
             metric = args.output_metric if weigh else None
             rows_kept = not args.low_rank_factors
+            slim = not args.no_slim_mlp
             key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge,
-                   args.match_dense, weigh, metric, rows_kept, args.min_saving, args.exclude)
+                   args.match_dense, weigh, metric, rows_kept, args.min_saving, args.exclude, slim)
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"],
                     r.get("ridge", 0.0), r.get("match_dense", False),
                     r.get("weigh_outputs", False),
                     r.get("output_metric", "diagonal" if r.get("weigh_outputs") else None),
                     r.get("interpolative", False), r.get("min_saving", 0.0),
-                    r.get("exclude", [])) == key
+                    r.get("exclude", []), r.get("slim_mlp", False)) == key
                    for r in rows):
                 continue
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
@@ -135,7 +140,7 @@ def main() -> None:
                                       match_dense=args.match_dense, weigh_outputs=weigh,
                                       output_metric=args.output_metric,
                                       interpolative=rows_kept, min_saving=args.min_saving,
-                                      exclude=list(args.exclude))
+                                      exclude=list(args.exclude), slim_mlp=slim)
             ratio = ratio_leaving_dense(model, keep, args.exclude) if args.exclude else keep
             row = held_out_row(
                 lambda student: compactify(student, ratio=ratio, calibration=data,
@@ -146,7 +151,7 @@ def main() -> None:
                          "shrinkage": args.shrinkage, "ridge": args.ridge,
                          "match_dense": args.match_dense, "weigh_outputs": weigh,
                          "output_metric": metric, "interpolative": rows_kept,
-                         "min_saving": args.min_saving,
+                         "min_saving": args.min_saving, "slim_mlp": slim,
                          **({"exclude": args.exclude} if args.exclude else {}), **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
             write(args.out, meta, rows)

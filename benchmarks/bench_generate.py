@@ -13,10 +13,12 @@ greedy ``generate`` from a ``--prompt``-token prompt:
 
 ``--int8`` adds the dense and every ``--keep`` model quantized by ``quantize(model, 8)``
 (torchao's int8 weight-only for every ``nn.Linear`` and the embeddings), float32 only; their
-ratios are against the dense model quantized the same way. ``--exclude PATTERN ...`` adds, for every keep, a model with those modules left dense and the
-rest compressed further (the same parameters in all). ``--own-rows`` adds, for every keep, the
-model whose MLPs' ``gate_proj`` and ``up_proj`` keep their own rows (``CompactifyConfig(
-share_mlp_rows=False)``).
+ratios are against the dense model quantized the same way. ``--exclude PATTERN ...`` adds, for
+every keep, a model with those modules left dense and the rest compressed further (the same
+parameters in all). ``--own-rows`` adds, for every keep, the model whose MLPs' ``gate_proj`` and
+``up_proj`` keep their own rows (``CompactifyConfig(share_mlp_rows=False)``). ``--no-slim`` adds,
+for every keep, the model whose MLPs are offered no slim layout (``CompactifyConfig(
+slim_mlp=False)``: per-projection kept rows, as before slim MLPs existed).
 
 Models are interleaved round by round (every model runs once per round, in the same process), so
 drift and interference hit all alike. Ratios are against the dense model in the same
@@ -26,7 +28,9 @@ cancels drift slower than a round; on a noisy machine the steadier). Beside each
 its ceiling, dense bytes read per decoded token over the model's (every weight that a token's
 forward pass reads: the linear layers and cores, the LM head; an embedding lookup reads one
 row), which is what a memory-bound decode can gain at most. Speed does not depend on the values
-of the weights, so the models are compressed without calibration. Writes
+of the weights, but the layouts the budget picks depend on the data: the models are compressed
+with ``--calibration-tokens`` of the calibration mixture (0: none, and no slim MLPs) and no fit
+steps (the fitted values do not change the speed). Writes
 ``docs/results/bench_generate.{json,md,png}``.
 """
 
@@ -43,7 +47,7 @@ import torch._dynamo
 from torch import nn
 
 from tensornet_llm import CompactifyConfig, quantize
-from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
+from tensornet_llm.helpers.data import HELD_OUT_TEXT, calibration_mix, tokenize_text
 from tensornet_llm.helpers.evaluate import model_size_bytes, stored_tensors
 from tensornet_llm.helpers.models import load_smollm2
 from tensornet_llm.helpers.speed import RoundTimes, ratios, time_generate
@@ -66,23 +70,28 @@ def decode_bytes(model: nn.Module) -> int:
 
 def build_models(keeps: list[float], single_keep: float | None,
                  min_saving: float = 0.0, exclude: list[str] | None = None,
-                 own_rows: bool = False) -> tuple[dict[str, nn.Module], dict[str, int]]:
+                 own_rows: bool = False, no_slim: bool = False, calibration_tokens: int = 0
+                 ) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The models by name, and how many modules each compressed."""
-    dense, _ = load_smollm2()
+    dense, tokenizer = load_smollm2()
+    data = calibration_mix(tokenizer, calibration_tokens) if calibration_tokens else None
     models, counts = {"dense": dense}, {"dense": 0}
     for keep in keeps:
-        variants = [("", keep, CompactifyConfig())]
+        variants = [("", keep, CompactifyConfig(fit_steps=0))]
         if own_rows:
-            variants.append((", own rows", keep, CompactifyConfig(share_mlp_rows=False)))
+            variants.append((", own rows", keep, CompactifyConfig(share_mlp_rows=False,
+                                                                  fit_steps=0)))
+        if no_slim:
+            variants.append((", no slim", keep, CompactifyConfig(slim_mlp=False, fit_steps=0)))
         if min_saving:
             variants.append((f", min saving {min_saving:.0%}", keep,
-                             CompactifyConfig(min_saving=min_saving)))
+                             CompactifyConfig(min_saving=min_saving, fit_steps=0)))
         if exclude:  # the same parameters in all: the rest compressed further
             variants.append((f", without {'/'.join(exclude)}",
                              ratio_leaving_dense(dense, keep, exclude),
-                             CompactifyConfig(exclude=list(exclude))))
+                             CompactifyConfig(exclude=list(exclude), fit_steps=0)))
         for suffix, ratio, config in variants:
-            model, report = compressed(dense, ratio, config=config)
+            model, report = compressed(dense, ratio, config=config, calibration=data)
             name = f"keep {keep:.0%}{suffix}"
             models[name] = model
             counts[name] = len(report.layers)
@@ -155,8 +164,11 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              "lowest and highest (the spread a difference must clear); the ceiling is dense "
              "bytes read per "
              "decoded token over the model's. Models compressed with "
-             "`compactify(model, ratio=keep)` (default layouts, no calibration: speed does not "
-             "depend on the weights' values). Written by `benchmarks/bench_generate.py`."
+             "`compactify(model, ratio=keep, calibration=...)` (default layouts"
+             + (f", chosen by the budget on {meta['calibration_tokens']} calibration tokens; no "
+                "fit steps: speed does not depend on the fitted values"
+                if meta.get("calibration_tokens") else ", no calibration: no slim MLPs")
+             + "). Written by `benchmarks/bench_generate.py`."
              + (" Rows \"..., int8\" are the model after `quantize(model, 8)` (torchao's int8 "
                 "weight-only), compared with the dense model quantized alike (\"dense, int8\")."
                 if any(r.get("baseline", "dense") != "dense" for r in rows) else ""), "",
@@ -221,6 +233,11 @@ def main() -> None:
     parser.add_argument("--own-rows", action="store_true",
                         help="also time each keep compressed with CompactifyConfig("
                         "share_mlp_rows=False): gate_proj and up_proj keep their own rows")
+    parser.add_argument("--no-slim", action="store_true",
+                        help="also time each keep compressed with CompactifyConfig("
+                        "slim_mlp=False): no slim MLPs")
+    parser.add_argument("--calibration-tokens", type=int, default=4096,
+                        help="calibration tokens the budget chooses layouts by (0: none)")
     parser.add_argument("--exclude", nargs="+", metavar="PATTERN",
                         help="also time each keep with these modules left dense and the rest "
                         "compressed further, to the same parameters in all")
@@ -236,14 +253,16 @@ def main() -> None:
     torch._dynamo.config.fail_on_recompile_limit_hit = True
 
     models, counts = build_models(args.keep, args.single_keep or None, args.min_saving,
-                                  args.exclude, args.own_rows)
+                                  args.exclude, args.own_rows, args.no_slim,
+                                  args.calibration_tokens)
     if args.int8:
         with_int8(models, counts)
     _, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
     ceilings = {name: decode_bytes(models[baseline(name)]) / decode_bytes(m)
                 for name, m in models.items()}
-    meta = machine(prompt=args.prompt, new_tokens=args.new_tokens, rounds=args.rounds)
+    meta = machine(prompt=args.prompt, new_tokens=args.new_tokens, rounds=args.rounds,
+                   calibration_tokens=args.calibration_tokens)
     rows = []
     for dtype in args.dtypes:
         for mode in args.modes:

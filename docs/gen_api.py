@@ -18,7 +18,7 @@ API = Path(__file__).with_name("api.md")
 #: Rooms in reading order (the model-level API first, the pure functions last) and each room's
 #: modules in reading order.
 ROOMS = {
-    "compress": ["compactify", "config", "plan", "surgery", "stream", "groups", "sweeps", "mpo_sweeps", "report", "budget", "calibrate", "fit",
+    "compress": ["compactify", "config", "plan", "surgery", "stream", "groups", "sweeps", "mpo_sweeps", "report", "budget", "slim", "calibrate", "fit",
                  "targets", "sensitivity",
                  "entanglement", "profiling", "plots"],
     "train": ["heal", "token_loss", "quantize", "lora"],

@@ -190,7 +190,9 @@ def _settings(args: argparse.Namespace) -> dict:
                               and args.weigh_outputs else None),
             "cross_layer": args.cross_layer, "low_rank_storage":
                 "kept rows" if args.interpolative else "factors",
-            "min_saving": args.min_saving if args.ratio is not None else None}
+            "min_saving": args.min_saving if args.ratio is not None else None,
+            "slim_mlp": (args.slim_mlp if args.ratio is not None and calibrated
+                         and not args.stream else None)}
 
 
 def _saved_dtype(config) -> torch.dtype:
@@ -423,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
               "by concatenation) instead of kept rows and their combinations, which hold the "
               "same rank in r^2 fewer parameters")
     add_field(p, CompactifyConfig, "min_saving", type=_saving)
+    add_field(p, CompactifyConfig, "slim_mlp")
     add_field(p, CompactifyConfig, "weigh_outputs")
     add_field(p, CompactifyConfig, "output_metric", choices=OUTPUT_METRICS)
     add_field(p, CompactifyConfig, "cross_layer", type=_positive, metavar="G")

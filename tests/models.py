@@ -52,6 +52,12 @@ def inputs(name: str, seed: int = 0) -> dict:
     return {"input_ids": ids}
 
 
+def calibration(seed: int = 5, batches: int = 2) -> list:
+    """Token-id batches ``(4, 32)`` for calibrated compression of the tiny models."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, V, (4, 32), generator=g) for _ in range(batches)]
+
+
 def with_labels(name: str, batch: dict) -> dict:
     labels = batch.get("decoder_input_ids", batch["input_ids"])
     return {**batch, "labels": labels}

@@ -270,7 +270,8 @@ def test_compactify_offers_low_rank_only_when_asked(tmp_path, monkeypatch):
         model = build("llama")
         fits.clear()
         report = compactify(model, config=CompactifyConfig(ratio=0.5, low_rank=low_rank,
-                                                           fit_steps=3), calibration=batches,
+                                                           fit_steps=3, slim_mlp=False),
+                            calibration=batches,
                             progress=False)
         methods[low_rank] = {r.method for r in report.layers}
         assert 0.4 <= report.kept_fraction <= 0.5
@@ -338,7 +339,8 @@ def test_compactify_fits_what_the_budget_ranks_by():
     for weigh in (True, False):
         model = build("llama")
         report = compactify(model, config=CompactifyConfig(  # up_proj's rows in output order
-            ratio=0.5, method="low-rank", weigh_outputs=weigh, share_mlp_rows=False),
+            ratio=0.5, method="low-rank", weigh_outputs=weigh, share_mlp_rows=False,
+            slim_mlp=False),
             calibration=batches, progress=False)
         assert any("Gauss-Newton loss estimate" in n for n in report.notes) == weigh
         layer = model.get_submodule(name)

@@ -56,8 +56,8 @@ def test_compress_by_ratio_with_calibration(tiny_dir, text_file, tmp_path, capsy
 
 def test_compress_no_low_rank_keeps_the_method_layout(tiny_dir, tmp_path):
     out = tmp_path / "out"
-    assert main(["compress", str(tiny_dir), "--ratio", "0.5", "--no-low-rank", "--out", str(out),
-                 "--quiet"]) == 0
+    assert main(["compress", str(tiny_dir), "--ratio", "0.5", "--no-low-rank", "--no-slim-mlp",
+                 "--out", str(out), "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert {row["method"] for row in report["layers"]} == {"mpo"}
 

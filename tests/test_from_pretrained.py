@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from models import ARCHS, build, inputs
+from models import ARCHS, build, calibration, inputs
 from tensornet_llm import (
     CompactifyConfig, compactify, load_compactified, quantize, save_compactified,
 )
@@ -25,6 +25,7 @@ KINDS = {
     "ttns": dict(chi=4, method="ttns", n_sites=4),
     "int8": dict(ratio=0.6, method="low-rank"),  # torchao's Int8Tensor in every nn.Linear
     "int4": dict(chi=4, method="mpo", n_sites=3),  # the library's own quantized layers
+    "slim": dict(ratio=0.5, targets=["mlp"], calibration=calibration()),  # smaller nn.Linear
 }
 
 
@@ -98,7 +99,7 @@ def plain_transformers(code: str, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("kind", ["kept rows", "int8"])
+@pytest.mark.parametrize("kind", ["kept rows", "int8", "slim"])
 def test_without_the_import_loading_fails_instead_of_initialising_at_random(kind, tmp_path):
     save_compactified(compressed(kind), tmp_path / "m")
     run = plain_transformers("import sys\nfrom transformers import AutoModelForCausalLM\n"

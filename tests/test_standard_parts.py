@@ -1,8 +1,9 @@
 """A compressed model works with the ecosystem's own tools, unchanged: ``torch.export`` with a
 dynamic length, both ONNX exporters with onnxruntime and accelerate's CPU and disk offload for
-every layer kind (kept rows, low-rank factors, MPO, TTNS, cross-layer groups, int8 through
-torchao, the library's own int4); torchao's int8 and peft's ``all-linear`` reach the layers
-made of ``nn.Linear`` (kept rows, low-rank factors, cross-layer bases and cores).
+every layer kind (kept rows, low-rank factors, MPO, TTNS, cross-layer groups, slim MLPs, int8
+through torchao, the library's own int4); torchao's int8 and peft's ``all-linear`` reach the
+layers made of ``nn.Linear`` (kept rows, low-rank factors, cross-layer bases and cores, slim
+MLPs' smaller projections).
 
 Every cell compares logits with the eager model's: to float32 rounding (``torch.export``,
 ONNX, offload: 1e-5; a many-site layer exported rebuilds its weight, where eager may contract
@@ -14,7 +15,7 @@ import tempfile
 import pytest
 import torch
 
-from models import build
+from models import build, calibration
 from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, quantize,
     save_compactified,
@@ -29,9 +30,11 @@ KINDS = {"kept rows": (dict(ratio=0.6, method="low-rank"), KeptRowsLinear),
          "mpo": (dict(chi=4, method="mpo", n_sites=3), MPOLinear),
          "ttns": (dict(chi=4, method="ttns", n_sites=4), TTNSLinear),
          "cross-layer": (dict(ratio=0.7, cross_layer=2), CrossLayerLinear),
+         # gated MLPs of fewer neurons: plain nn.Linear of smaller shape
+         "slim": (dict(ratio=0.5, targets=["mlp"], calibration=calibration()), torch.nn.Linear),
          "int8": (dict(ratio=0.6, method="low-rank"), LowRankLinear),  # kept rows, quantized
          "int4": (dict(chi=4, method="mpo", n_sites=3), QuantizedTensorNetworkLinear)}
-LINEAR_KINDS = ["kept rows", "low-rank", "cross-layer"]
+LINEAR_KINDS = ["kept rows", "low-rank", "cross-layer", "slim"]
 #: The cells where a tool refuses torchao's tensors (loudly, with these errors).
 REFUSED = {("int8", "torchscript"): (NotImplementedError, "Int8Tensor dispatch.*aten.view"),
            ("int8", "disk"): (RuntimeError, "not supported for tensor subclasses"),
@@ -51,9 +54,19 @@ def compressed(kind: str):
     layers = [m for m in model.modules() if isinstance(m, kinds)]
     if cls is CrossLayerLinear:  # groups of two blocks; the budget may leave a module alone
         assert any(isinstance(m, CrossLayerLinear) for m in model.modules())
+    elif kind == "slim":
+        assert slim_layers(model) and not layers
     else:
         assert layers and all(type(m) is cls for m in layers)
     return model
+
+
+def slim_layers(model) -> set[str]:
+    """The names of the projections of slim MLPs (narrower than the config's MLP width)."""
+    width = model.config.intermediate_size
+    return {f"{n}.{p}" for n, m in model.named_modules() if n.endswith("mlp")
+            for p in ("gate_proj", "up_proj", "down_proj")
+            if type(getattr(m, p)) is torch.nn.Linear and getattr(m, "gate_proj").out_features < width}
 
 
 def refused(kind: str, tool: str):
@@ -180,11 +193,13 @@ def test_peft_all_linear_trains_saves_and_loads_on_the_factors(kind, tmp_path):
     peft = pytest.importorskip("peft")
     model = compressed(kind)
     save_compactified(model, tmp_path / "base")
+    slim = slim_layers(model)
     adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules="all-linear"))
     adapted_names = {n.removeprefix("base_model.model.") for n, m in adapted.named_modules()
                      if hasattr(m, "lora_A")}
     factors = {n for n, m in model.named_modules()
                if n.endswith((".kept", ".others", ".first", ".second", ".mix", ".input", ".output"))}
+    factors |= slim
     assert factors and factors <= adapted_names
     optimizer = torch.optim.SGD([p for p in adapted.parameters() if p.requires_grad], lr=0.5)
     ids = lengths()[0][0]

@@ -38,7 +38,8 @@ def in_memory(source: Path, options: dict):
 
     cls = getattr(transformers, AutoConfig.from_pretrained(source).architectures[0])
     model = cls.from_pretrained(source, dtype=torch.float32).eval()
-    config = CompactifyConfig(gradients=False) if "ratio" in options else None
+    # what streaming does: no loss gradients, no slim MLPs (the budget prices modules alone)
+    config = CompactifyConfig(gradients=False, slim_mlp=False) if "ratio" in options else None
     report = compactify(model, config=config, progress=False, **options)
     return model, report
 

@@ -20,6 +20,10 @@ module's lower convex hull of (parameters, damage), steps are taken globally in 
 damage added per parameter saved until the budget is met (the classic greedy solution of this
 separable problem, exact up to one step), then any budget left is spent stepping back up where
 a step still fits. Modules where every step costs too much stay dense.
+
+A gated MLP whose three projections are all targets is one ladder (:func:`unit_ladder`): the
+combinations of its projections' own rungs on their joint hull, and the slim MLP at each width
+(:func:`slim_ladder`, :mod:`.slim`), priced by the same estimate at ``down_proj``'s output.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ from ..layers.base import TensorNetworkLinear, linear_weight
 from .fit import (SiteWhitening, kronecker_whitened, metric_roots, output_weights,
                   stable_cholesky, weigh_rows)
 from ..layers.layout import Layout
+from .slim import damage_scale, greedy_neurons
 
 __all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate", "choose", "ladder",
-           "damage", "lower_hull"]
+           "damage", "lower_hull", "unit_ladder", "slim_ladder", "aligned"]
 
 #: Keep fractions (of a module's dense parameters) tried for every module.
 KEEP_GRID = (0.04, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -53,19 +58,28 @@ RANK_MULTIPLE = 8
 def aligned_rank(layout: Layout, chi: int) -> int:
     """``chi`` rounded down to a multiple of :data:`RANK_MULTIPLE` for the low-rank layout (left
     as is below it, and for every other layout)."""
-    if not layout.is_low_rank or chi < RANK_MULTIPLE:
-        return chi
-    return chi - chi % RANK_MULTIPLE
+    return aligned(chi) if layout.is_low_rank else chi
+
+
+def aligned(size: int) -> int:
+    """``size`` rounded down to a multiple of :data:`RANK_MULTIPLE` (left as is below it)."""
+    return size if size < RANK_MULTIPLE else size - size % RANK_MULTIPLE
 
 
 @dataclass(frozen=True)
 class Option:
-    """One rung of a module's ladder: ``chi=None`` (and ``layout=None``) means left dense."""
+    """One rung of a module's ladder: ``chi=None`` (and ``layout=None``) means left dense.
+
+    A gated MLP's ladder (:func:`unit_ladder`) also has rungs of two other kinds: ``width``, the
+    MLP slimmed to that many neurons (:mod:`.slim`), and ``parts``, one rung of each of its
+    three projections' own ladders (``((name, option), ...)``)."""
 
     chi: int | None
     params: int
     damage: float
     layout: Layout | None = None
+    width: int | None = None
+    parts: tuple[tuple[str, "Option"], ...] = ()
 
 
 @dataclass
@@ -81,6 +95,8 @@ class Allocation:
     damage: float
     estimate: str  # "fisher", "output" or "weight": how damage was estimated
     options: dict[str, list[Option]] = field(default_factory=dict)
+    #: The rung chosen per ladder name.
+    chosen: dict[str, Option] = field(default_factory=dict)
 
     @property
     def kept_fraction(self) -> float:
@@ -356,5 +372,54 @@ def choose(ladders: Mapping[str, list[Option]], ratio: float, estimate: str) -> 
         layout={n: o.layout for n, o in chosen.items()},
         params_before=before, params_after=sum(o.params for o in chosen.values()),
         budget=budget, damage=sum(o.damage for o in chosen.values()), estimate=estimate,
-        options=ladders,
+        options=ladders, chosen=chosen,
     )
+
+
+def unit_ladder(members: Mapping[str, list[Option]], slim: list[Option] = ()) -> list[Option]:
+    """The ladder of a unit of modules compressed together (a gated MLP's three projections):
+    every combination of the members' own rungs on the lower convex hull of (parameters, damage),
+    which is their hulls' steps taken in order of damage added per parameter saved (the
+    Minkowski sum of the hulls), each as an :class:`Option` with ``parts``; plus the ``slim``
+    rungs, which change the unit as a whole. The first rung keeps every member dense."""
+    hulls = {name: lower_hull(options) for name, options in members.items()}
+    steps = sorted(
+        ((hull[k].damage - hull[k - 1].damage) / (hull[k - 1].params - hull[k].params), name, k)
+        for name, hull in hulls.items() for k in range(1, len(hull)))
+    position = {name: 0 for name in hulls}
+
+    def combined() -> Option:
+        parts = tuple((name, hulls[name][k]) for name, k in position.items())
+        return Option(None, sum(o.params for _, o in parts), sum(o.damage for _, o in parts),
+                      parts=parts)
+
+    rungs = [combined()]
+    for _, name, k in steps:
+        position[name] = k
+        rungs.append(combined())
+    return rungs + list(slim)
+
+
+@torch.no_grad()
+def slim_ladder(gate: nn.Module, up: nn.Module, down: nn.Module, gram: Tensor,
+                grad_sq: Tensor | None, keep_grid: tuple[float, ...] = KEEP_GRID,
+                max_keep: float = 1.0) -> tuple[list[Option], Tensor]:
+    """The slim rungs of a gated MLP (:mod:`.slim`): its width at each keep fraction of the grid
+    (a multiple of :data:`RANK_MULTIPLE`), priced like every other layout from down's input
+    second moment ``gram`` ``(m, m)`` and loss gradients ``grad_sq`` (or the relative output
+    error without them); and the neurons in the order chosen (a rung of width ``k`` keeps the
+    first ``k``)."""
+    m = down.in_features
+    per_neuron = sum(layer.weight.shape[1] if layer is not down else layer.weight.shape[0]
+                     for layer in (gate, up, down))
+    per_neuron += sum(1 for layer in (gate, up) if layer.bias is not None)
+    fixed = down.bias.numel() if down.bias is not None else 0
+    dense = per_neuron * m + fixed
+    widths = sorted({aligned(max(1, int(k * m))) for k in keep_grid})
+    widths = [k for k in widths if k < m and per_neuron * k + fixed <= max_keep * dense]
+    if not widths:
+        return [], torch.empty(0, dtype=torch.long)
+    weighted, scale = damage_scale(down.weight, grad_sq, gram)
+    order, left = greedy_neurons(gram, weighted, max(widths))
+    return ([Option(k, per_neuron * k + fixed, scale * float(left[k]), width=k) for k in widths],
+            order)

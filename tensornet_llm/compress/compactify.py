@@ -19,6 +19,7 @@ from .config import CompactifyConfig, Method, PerModule, merged_config
 from .groups import compactify_groups
 from .plan import Plan, make_plan
 from .report import CompactifyReport, LayerReport
+from .slim import build_slim
 from .surgery import Swaps, build_layer, count_parameters, originals_in_place, replacing
 from .targets import Targets
 
@@ -91,8 +92,9 @@ def compactify(
         return compactify_groups(model, cfg, batches, progress)
     plan = make_plan(model, cfg, batches, progress=progress)
     params_before = count_parameters(model)
-    built: dict[int, tuple[CompressedLayer, LayerReport]] = {}
-    with replacing(model, len(plan.chosen), "compactify", "layer", progress) as (swaps, tick):
+    built: dict[int, tuple[nn.Module, LayerReport]] = {}
+    total = len(plan.chosen) + 3 * len(plan.slim)
+    with replacing(model, total, "compactify", "layer", progress) as (swaps, tick):
         if batches is None:
             _replace_all(plan, cfg, built, swaps, tick)
         else:
@@ -122,17 +124,21 @@ def _replace_all(plan: Plan, cfg: CompactifyConfig,
 
 def _replace_block_by_block(
     model: nn.Module, plan: Plan, cfg: CompactifyConfig, batches: list,
-    built: dict[int, tuple[CompressedLayer, LayerReport]], swaps: Swaps, tick,
+    built: dict[int, tuple[nn.Module, LayerReport]], swaps: Swaps, tick,
 ) -> None:
     """With calibration: in forward order of the blocks, collect the inputs of a block's
-    targets (as the already-compressed earlier blocks produce them), fit, swap them in."""
+    targets (as the already-compressed earlier blocks produce them), fit, swap them in; a slim
+    MLP's layers are built from the inputs of its ``down_proj``."""
     modules = dict(plan.chosen)
+    slim_by_down = {choice.unit.down: choice for choice in plan.slim.values()}
     # Finished blocks replay their outputs (the paired pass needs the originals rerun).
     replay = None if cfg.match_dense else BlockReplay()
     # Blocks left wholly dense still take part in the order (so they are replayed).
     for block, names in calibrated_order(model, list(plan.settings)):
+        slims = [slim_by_down[n] for n in names if n in slim_by_down]
         names = [n for n in names if n in modules]
         fresh = {n: modules[n] for n in names if id(modules[n]) not in built}
+        fresh.update({c.unit.down: model.get_submodule(c.unit.down) for c in slims})
         covs: dict[str, torch.Tensor] = {}
         cross: dict[str, torch.Tensor] = {}
         if cfg.match_dense and swaps.done and fresh:
@@ -150,5 +156,13 @@ def _replace_block_by_block(
                     plan.rows.get(name))
             swaps.swap(name, built[id(module)][0])
             tick()
+        for choice in slims:
+            originals = tuple(model.get_submodule(n) for n in choice.unit.members)
+            layers, rows = build_slim(choice, originals, covs[choice.unit.down],
+                                      cross.get(choice.unit.down))
+            for name, original, layer, row in zip(choice.unit.members, originals, layers, rows):
+                built[id(original)] = (layer, row)
+                swaps.swap(name, layer)
+                tick()
         if replay is not None and block is not None:
             replay.finish(block)

@@ -111,6 +111,12 @@ class CompactifyConfig:
             row order and ``down_proj`` the matching input order, so the MLP runs without
             gathers (:func:`~tensornet_llm.layers.gated_mlp.share_mlp_rows`; the same function,
             faster prefill). ``False``: each layer keeps its own rows.
+        slim_mlp: with ``ratio`` and calibration data, also offer every gated MLP whose three
+            projections are targets the slim layout (:mod:`~tensornet_llm.compress.slim`): a
+            dense MLP of fewer neurons, plain ``nn.Linear`` of smaller shape, with ``down_proj``
+            refitted by least squares; the budget prices it against the projections' own
+            layouts by the same damage per parameter. ``False``: per-projection layouts only.
+            Cross-layer groups and streaming compression price modules alone and offer none.
     """
 
     chi: PerModule | None = None
@@ -135,6 +141,7 @@ class CompactifyConfig:
     interpolative: bool = True
     min_saving: float = 0.0
     share_mlp_rows: bool = True
+    slim_mlp: bool = True
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -162,7 +169,7 @@ class CompactifyConfig:
         if not (_is_number(self.ridge) and 0 <= self.ridge < math.inf):
             raise ArgumentError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
         for flag in ("low_rank", "match_dense", "gradients", "weigh_outputs", "interpolative",
-                     "share_mlp_rows"):
+                     "share_mlp_rows", "slim_mlp"):
             if not isinstance(getattr(self, flag), bool):
                 raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):

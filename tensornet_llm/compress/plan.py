@@ -15,10 +15,11 @@ from ..errors import ArgumentError, EstimateFallbackWarning
 from ..helpers.progress import stage
 from ..layers.base import linear_weight
 from ..layers.layout import METHODS, Layout
-from .budget import allocate
+from .budget import Option, check_ratio, choose, ladder, slim_ladder, unit_ladder
 from .calibrate import collect_covariances, output_gradients
 from .config import CompactifyConfig
 from .fit import output_weights
+from .slim import SlimChoice, gated_mlps
 from .targets import find_targets, fused_expert_tensors, resolve_override
 
 __all__ = ["Plan", "make_plan", "chosen_targets", "offered_layouts", "layout_for"]
@@ -43,8 +44,9 @@ def chosen_targets(model: nn.Module, cfg: CompactifyConfig
 class Plan:
     """What ``compactify`` replaces and how, decided before any module is touched.
 
-    ``settings`` holds ``(layout, chi)`` per target name (``None``: left dense by the budget) in
-    model order; ``chosen`` the targets that are replaced."""
+    ``settings`` holds ``(layout, chi)`` per target name (``None``: left dense by the budget, or
+    part of a slim MLP) in model order; ``chosen`` the targets replaced one by one, and ``slim``
+    the gated MLPs the budget slims, by MLP name."""
 
     chosen: list[tuple[str, nn.Module]]
     skipped: list[tuple[str, str]]
@@ -54,6 +56,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     #: Output row weights per target name (:func:`~.fit.output_weights`), for the fit.
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    slim: dict[str, SlimChoice] = field(default_factory=dict)
 
 
 def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
@@ -74,18 +77,19 @@ def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     offered = {name: offered_layouts(name, module, cfg) for name, module in chosen}
     notes: list[str] = []
     if budget is None:
-        settings, estimate, rows = _budget_settings(model, chosen, offered, batches, notes, cfg,
-                                                    progress)
+        settings, estimate, rows, slim = _budget_settings(model, chosen, offered, batches, notes,
+                                                          cfg, progress)
     else:
-        (settings, estimate), rows = budget(chosen, offered), {}
-    left = {id(m): m for n, m in chosen if settings[n] is None}
+        (settings, estimate), rows, slim = budget(chosen, offered), {}, {}
+    slimmed = {n for choice in slim.values() for n in choice.unit.members}
+    left = {id(m): m for n, m in chosen if settings[n] is None and n not in slimmed}
     dense_target_params = sum(
         sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
     )
     skipped += [(n, f"left dense by the ratio={cfg.ratio} budget")
-                for n, _ in chosen if settings[n] is None]
+                for n, _ in chosen if settings[n] is None and n not in slimmed]
     chosen = [(n, m) for n, m in chosen if settings[n] is not None]
-    return Plan(chosen, skipped, settings, dense_target_params, estimate, notes, rows)
+    return Plan(chosen, skipped, settings, dense_target_params, estimate, notes, rows, slim)
 
 
 def offered_layouts(name: str, module: nn.Module, cfg: CompactifyConfig) -> list[Layout]:
@@ -108,11 +112,14 @@ def layout_for(module: nn.Module, method: str, n_sites: int, rows: bool = True) 
 def _budget_settings(
     model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
     batches: list | None, notes: list[str], cfg: CompactifyConfig, progress: bool = False,
-) -> tuple[dict[str, tuple[Layout, int] | None], str, dict[str, torch.Tensor]]:
-    """``(layout, chi)`` per target name (``None``: stays dense) under the parameter budget, how
-    damage was estimated, and the output row weights per target name the fit then uses (empty
-    unless ``cfg.weigh_outputs`` and loss gradients). A weaker estimate than the data allows is
-    warned and noted."""
+) -> tuple[dict[str, tuple[Layout, int] | None], str, dict[str, torch.Tensor],
+           dict[str, SlimChoice]]:
+    """``(layout, chi)`` per target name (``None``: stays dense, or slimmed) under the parameter
+    budget, how damage was estimated, the output row weights per target name the fit then uses
+    (empty unless ``cfg.weigh_outputs`` and loss gradients), and the gated MLPs to slim. With
+    calibration data and ``cfg.slim_mlp``, each gated MLP whose three projections are targets
+    is priced as one unit: its projections' own rungs combined, and its slim widths. A weaker
+    estimate than the data allows is warned and noted."""
     unique: dict[int, str] = {}
     for name, module in chosen:
         unique.setdefault(id(module), name)
@@ -132,18 +139,42 @@ def _budget_settings(
             warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
             notes.append(note)
     weigh = cfg.weigh_outputs and grads is not None
-    with stage("budget: pricing layouts", len(modules), "module", progress) as tick:
-        allocation = allocate(modules, cfg.ratio, {n: offered[n] for n in modules}, covs, grads,
-                              weigh_outputs=weigh, max_keep=cfg.max_keep, tick=tick)
+    check_ratio(cfg.ratio)
+    units = gated_mlps(model, modules) if cfg.slim_mlp and covs is not None else []
+    ladders, orders = {}, {}
+    with stage("budget: pricing layouts", len(modules) + len(units), "module", progress) as tick:
+        for name, module in modules.items():
+            ladders[name] = ladder(module, offered[name], None if covs is None else covs[name],
+                                   None if grads is None else grads[name],
+                                   weigh_outputs=weigh, max_keep=cfg.max_keep)
+            tick()
+        for unit in units:
+            gate, up, down = (modules[n] for n in unit.members)
+            slim, orders[unit.name] = slim_ladder(
+                gate, up, down, covs[unit.down], None if grads is None else grads[unit.down],
+                max_keep=cfg.max_keep)
+            ladders[unit.name] = unit_ladder({n: ladders.pop(n) for n in unit.members}, slim)
+            tick()
+    estimate = "weight" if covs is None else ("fisher" if grads is not None else "output")
+    allocation = choose(ladders, cfg.ratio, estimate)
+    picks: dict[str, Option | None] = dict(allocation.chosen)
+    slim_choices = {}
+    for unit in units:  # a unit's rung: its projections' own rungs, or the MLP slimmed
+        option = picks.pop(unit.name)
+        if option.width is None:
+            picks.update(option.parts)
+        else:
+            slim_choices[unit.name] = SlimChoice(unit, orders[unit.name][:option.width])
+            picks.update(dict.fromkeys(unit.members))
     if weigh:
         notes.append("each network fitted to the Gauss-Newton loss estimate (output features "
                      "weighted by the loss gradient's second moment"
                      + (", the whole matrix: K-FAC)" if cfg.output_metric == "full" else ")"))
     settings = {
-        name: None if allocation.chi[key] is None else (allocation.layout[key], allocation.chi[key])
+        name: None if option is None or option.chi is None else (option.layout, option.chi)
         for name, module in chosen
-        for key in [unique[id(module)]]
+        for option in [picks[unique[id(module)]]]
     }
     rows = {name: output_weights(grads[unique[id(module)]]) for name, module in chosen
             if weigh and settings[name] is not None}  # only what the fit will use
-    return settings, allocation.estimate, rows
+    return settings, allocation.estimate, rows, slim_choices

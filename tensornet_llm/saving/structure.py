@@ -52,14 +52,33 @@ def describe(model: nn.Module, aliases: Mapping[str, str] | None = None, **extra
         type(model).__name__,
         {n: m.layout() for n, m in compressed_modules(model).items()},
         {n: m.layout() for n, m in model.named_modules() if isinstance(m, QuantizedModule)},
-        aliases or {}, **_cross_layer_section(model), **extra)
+        aliases or {}, **_resized_section(model), **_cross_layer_section(model), **extra)
 
 
 def replaced(structure: Mapping[str, Any]) -> set[str]:
-    """The qualified names of the modules ``structure`` replaces (compressed, quantized or
-    cross-layer)."""
+    """The qualified names of the modules ``structure`` replaces (compressed, quantized,
+    cross-layer, or plain ``nn.Linear`` of another shape than the architecture's)."""
     return {*structure.get("modules", {}), *structure.get("quantized", {}),
-            *structure.get("cross_layer", {})}
+            *structure.get("cross_layer", {}), *structure.get("resized", {})}
+
+
+def _resized_section(model: nn.Module) -> dict[str, Any]:
+    """``{"resized": {name: {"in_features", "out_features", "bias"}}}`` for every plain
+    ``nn.Linear`` of ``model`` whose shape differs from the one its architecture builds from
+    ``model.config`` (a slim MLP's projections, :mod:`tensornet_llm.compress.slim`); empty
+    where there is none, or no config to build the architecture from."""
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    config = getattr(model, "config", None)
+    if not linears or config is None or not hasattr(type(model), "_from_config"):
+        return {}
+    with torch.device("meta"):
+        skeleton = type(model)._from_config(config)
+    built = dict(skeleton.named_modules())
+    resized = {n: {"in_features": m.in_features, "out_features": m.out_features,
+                   "bias": m.bias is not None}
+               for n, m in linears.items()
+               if isinstance(built.get(n), nn.Linear) and built[n].weight.shape != m.weight.shape}
+    return {"resized": resized} if resized else {}
 
 
 def marker_keys(names: Iterable[str]) -> list[str]:
@@ -115,6 +134,8 @@ def _build_cross_layer(model: nn.Module, entries: Mapping[str, dict], where: Pat
 def build_structure(model: nn.Module, structure: Mapping[str, Any], where: Any) -> None:
     """Swap the replaced modules ``structure`` describes into ``model`` (built on ``meta``),
     uninitialised; errors name ``where`` the structure came from."""
+    _build(model, "resized", structure, lambda l: nn.Linear(
+        l["in_features"], l["out_features"], bias=l["bias"], device="meta"), where)
     _build(model, "modules", structure, _compressed_layer, where)
     _build_cross_layer(model, structure.get("cross_layer", {}), where)
     # last: the parts of compressed layers and cross-layer members may be quantized
