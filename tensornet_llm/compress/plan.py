@@ -15,7 +15,7 @@ from ..errors import ArgumentError, EstimateFallbackWarning
 from ..helpers.progress import stage
 from ..layers.base import linear_weight
 from ..layers.layout import METHODS, Layout
-from .budget import Option, check_ratio, choose, ladder, slim_ladder, unit_ladder
+from .budget import Option, choose, ladder, slim_ladder, unit_ladder
 from .calibrate import collect_covariances, output_gradients
 from .config import CompactifyConfig
 from .fit import output_weights
@@ -139,7 +139,6 @@ def _budget_settings(
             warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
             notes.append(note)
     weigh = cfg.weigh_outputs and grads is not None
-    check_ratio(cfg.ratio)
     units = gated_mlps(model, modules) if cfg.slim_mlp and covs is not None else []
     ladders, orders = {}, {}
     with stage("budget: pricing layouts", len(modules) + len(units), "module", progress) as tick:

@@ -9,8 +9,10 @@ A gated MLP computes ``down(act(gate(x)) * up(x))`` with ``m`` intermediate neur
 where ``h`` ``(m,)`` is down's input (the neurons' outputs) on calibration data: the least-squares
 refit of ``down`` from the kept neurons alone, which predicts each dropped neuron from the kept
 ones (MoDeGPT, arXiv 2408.09632, does the same with a Nystrom selection; :func:`refit_down`
-adds a small ridge to that prediction). The MLP is then a dense
-MLP of width ``k``: one plain matmul per projection, no new forward code.
+adds a small ridge to that prediction). The MLP is then a dense MLP of width ``k``: one plain
+matmul per projection, no new forward code. A report row's ``act_error`` is the MLP's relative
+output error on the calibration data (the same for its three layers), ``act_error_start`` that
+of the kept neurons without the refit.
 
 The only error is down's, ``E = W (h - G[:, S] G[S, S]^-1 h_S)``, with
 ``E[E E^T] = W Sc W^T`` for the Schur complement ``Sc = G - G[:, S] G[S, S]^-1 G[S, :]``. The
@@ -277,20 +279,15 @@ def build_slim(choice: SlimChoice, layers: tuple[nn.Linear, nn.Linear, nn.Linear
     start, end = output_error(w[:, keep]), output_error(new_weight)
     seconds = (time.perf_counter() - t0) / 3
     reports = []
-    for name, old, layer in zip(choice.unit.members, layers, new):
-        before = sum(p.numel() for p in old.parameters())
-        after = sum(p.numel() for p in layer.parameters())
-        full = old.weight.detach().to(torch.float64)
-        kept = full[keep] if old is not down else full[:, keep]
-        weight_error = ((full.pow(2).sum() - kept.pow(2).sum()).clamp_min(0).sqrt()
-                        / full.norm().clamp_min(1e-30)) if old is not down else None
-        if weight_error is None:  # down: its weight on the kept neurons changed too
-            error = full.clone()
-            error[:, keep] -= new_weight.to(full)
-            weight_error = error.norm() / full.norm().clamp_min(1e-30)
+    for name, old_layer, layer, axis in zip(choice.unit.members, layers, new, (0, 0, 1)):
+        # The weight error of the layer as a full-size weight, zero on the dropped neurons.
+        full = old_layer.weight.detach().to(torch.float64)
+        placed = torch.zeros_like(full).index_copy_(axis, keep, layer.weight.detach().to(full))
         reports.append(LayerReport(
             name=name, in_features=layer.in_features, out_features=layer.out_features,
-            method=SLIM, chi=choice.width, bond_dims=[choice.width], params_before=before,
-            params_after=after, rel_error=float(weight_error), seconds=seconds,
-            act_error_start=start, act_error=end))
+            method=SLIM, chi=choice.width, bond_dims=[choice.width],
+            params_before=sum(p.numel() for p in old_layer.parameters()),
+            params_after=sum(p.numel() for p in layer.parameters()),
+            rel_error=float((placed - full).norm() / full.norm().clamp_min(1e-30)),
+            seconds=seconds, act_error_start=start, act_error=end))
     return new, reports
