@@ -76,20 +76,23 @@ def build_models(keeps: list[float], single_keep: float | None,
     dense, tokenizer = load_smollm2()
     data = calibration_mix(tokenizer, calibration_tokens) if calibration_tokens else None
     models, counts = {"dense": dense}, {"dense": 0}
+
+    def config(**options) -> CompactifyConfig:  # no fit steps: they change values, not speed
+        return CompactifyConfig(fit_steps=0, **options)
+
     for keep in keeps:
-        variants = [("", keep, CompactifyConfig(fit_steps=0))]
+        variants = [("", keep, config())]
         if own_rows:
-            variants.append((", own rows", keep, CompactifyConfig(share_mlp_rows=False,
-                                                                  fit_steps=0)))
+            variants.append((", own rows", keep, config(share_mlp_rows=False)))
         if no_slim:
-            variants.append((", no slim", keep, CompactifyConfig(slim_mlp=False, fit_steps=0)))
+            variants.append((", no slim", keep, config(slim_mlp=False)))
         if min_saving:
             variants.append((f", min saving {min_saving:.0%}", keep,
-                             CompactifyConfig(min_saving=min_saving, fit_steps=0)))
+                             config(min_saving=min_saving)))
         if exclude:  # the same parameters in all: the rest compressed further
             variants.append((f", without {'/'.join(exclude)}",
                              ratio_leaving_dense(dense, keep, exclude),
-                             CompactifyConfig(exclude=list(exclude), fit_steps=0)))
+                             config(exclude=list(exclude))))
         for suffix, ratio, config in variants:
             model, report = compressed(dense, ratio, config=config, calibration=data)
             name = f"keep {keep:.0%}{suffix}"

@@ -43,8 +43,9 @@ from .fit import (SiteWhitening, kronecker_whitened, metric_roots, output_weight
 from ..layers.layout import Layout
 from .slim import damage_scale, greedy_neurons
 
-__all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate", "choose", "ladder",
-           "damage", "lower_hull", "unit_ladder", "slim_ladder", "aligned"]
+__all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate", "price", "choose",
+           "ladder", "estimate_kind", "damage", "lower_hull", "unit_ladder", "slim_ladder",
+           "aligned"]
 
 #: Keep fractions (of a module's dense parameters) tried for every module.
 KEEP_GRID = (0.04, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -84,19 +85,25 @@ class Option:
 
 @dataclass
 class Allocation:
-    """The chosen chi and layout per module (``None``: left dense), with the ladders it chose
-    from."""
+    """The rung chosen per ladder name, with the ladders it chose from."""
 
-    chi: dict[str, int | None]
-    layout: dict[str, Layout | None]
+    chosen: dict[str, Option]
     params_before: int
     params_after: int
     budget: int
     damage: float
     estimate: str  # "fisher", "output" or "weight": how damage was estimated
     options: dict[str, list[Option]] = field(default_factory=dict)
-    #: The rung chosen per ladder name.
-    chosen: dict[str, Option] = field(default_factory=dict)
+
+    @property
+    def chi(self) -> dict[str, int | None]:
+        """The chosen chi per module (``None``: left dense)."""
+        return {n: o.chi for n, o in self.chosen.items()}
+
+    @property
+    def layout(self) -> dict[str, Layout | None]:
+        """The chosen layout per module (``None``: left dense)."""
+        return {n: o.layout for n, o in self.chosen.items()}
 
     @property
     def kept_fraction(self) -> float:
@@ -261,7 +268,21 @@ def allocate(
         ValueError: ``ratio`` outside (0, 1] or below what the smallest grid rung keeps.
     """
     check_ratio(ratio)
-    estimate = "weight" if covariances is None else ("fisher" if grad_sq is not None else "output")
+    return choose(price(modules, settings, covariances, grad_sq, keep_grid, weigh_outputs,
+                        max_keep, tick), ratio, estimate_kind(covariances, grad_sq))
+
+
+def price(
+    modules: Mapping[str, nn.Module],
+    settings: Mapping[str, tuple[type[TensorNetworkLinear], int] | list[Layout]],
+    covariances: Mapping[str, Tensor] | None = None,
+    grad_sq: Mapping[str, Tensor] | None = None,
+    keep_grid: tuple[float, ...] = KEEP_GRID,
+    weigh_outputs: bool = False,
+    max_keep: float = 1.0,
+    tick: Tick | None = None,
+) -> dict[str, list[Option]]:
+    """Every module's :func:`ladder` (arguments as for :func:`allocate`), by name."""
     ladders = {}
     for name, module in modules.items():
         ladders[name] = ladder(module, settings[name],
@@ -270,7 +291,13 @@ def allocate(
                                weigh_outputs, max_keep)
         if tick is not None:
             tick()
-    return choose(ladders, ratio, estimate)
+    return ladders
+
+
+def estimate_kind(covariances: object | None, grad_sq: object | None) -> str:
+    """How damage is estimated: ``"fisher"`` with loss gradients, ``"output"`` with input
+    statistics alone, ``"weight"`` without data."""
+    return "weight" if covariances is None else ("fisher" if grad_sq is not None else "output")
 
 
 def check_ratio(ratio: object) -> None:
@@ -368,11 +395,9 @@ def choose(ladders: Mapping[str, list[Option]], ratio: float, estimate: str) -> 
         position[name] -= 1
     chosen = {n: hulls[n][position[n]] for n in hulls}
     return Allocation(
-        chi={n: o.chi for n, o in chosen.items()},
-        layout={n: o.layout for n, o in chosen.items()},
-        params_before=before, params_after=sum(o.params for o in chosen.values()),
+        chosen=chosen, params_before=before, params_after=sum(o.params for o in chosen.values()),
         budget=budget, damage=sum(o.damage for o in chosen.values()), estimate=estimate,
-        options=ladders, chosen=chosen,
+        options=ladders,
     )
 
 

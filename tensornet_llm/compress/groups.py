@@ -31,7 +31,7 @@ from ..layers.base import linear_weight
 from ..layers.cross_layer import SIDES, CrossLayerLinear, SharedBases, kept_rows_gauge
 from ..layers.gated_mlp import share_mlp_rows
 from ..saving import attach
-from .budget import KEEP_GRID, Option, choose, damage, ladder, lower_hull
+from .budget import KEEP_GRID, Option, choose, damage, estimate_kind, ladder, lower_hull
 from .calibrate import BlockReplay, calibrated_order, collect_covariances, output_gradients
 from .config import CompactifyConfig
 from .plan import chosen_targets, offered_layouts
@@ -280,7 +280,7 @@ def _budget(model: nn.Module, groups: list[Group], cfg: CompactifyConfig, batche
             note = f"budget damage estimated from the output error, not the loss: {reason}"
             warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
             notes.append(note)
-    estimate = "weight" if covs is None else ("fisher" if grads is not None else "output")
+    estimate = estimate_kind(covs, grads)
     ladders, table = {}, {}
     with stage("budget: pricing layouts", len(groups), "group", progress) as tick:
         for group in groups:

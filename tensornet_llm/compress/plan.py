@@ -15,7 +15,7 @@ from ..errors import ArgumentError, EstimateFallbackWarning
 from ..helpers.progress import stage
 from ..layers.base import linear_weight
 from ..layers.layout import METHODS, Layout
-from .budget import Option, choose, ladder, slim_ladder, unit_ladder
+from .budget import Option, choose, estimate_kind, price, slim_ladder, unit_ladder
 from .calibrate import collect_covariances, output_gradients
 from .config import CompactifyConfig
 from .fit import output_weights
@@ -140,13 +140,10 @@ def _budget_settings(
             notes.append(note)
     weigh = cfg.weigh_outputs and grads is not None
     units = gated_mlps(model, modules) if cfg.slim_mlp and covs is not None else []
-    ladders, orders = {}, {}
+    orders = {}
     with stage("budget: pricing layouts", len(modules) + len(units), "module", progress) as tick:
-        for name, module in modules.items():
-            ladders[name] = ladder(module, offered[name], None if covs is None else covs[name],
-                                   None if grads is None else grads[name],
-                                   weigh_outputs=weigh, max_keep=cfg.max_keep)
-            tick()
+        ladders = price(modules, {n: offered[n] for n in modules}, covs, grads,
+                        weigh_outputs=weigh, max_keep=cfg.max_keep, tick=tick)
         for unit in units:
             gate, up, down = (modules[n] for n in unit.members)
             slim, orders[unit.name] = slim_ladder(
@@ -154,8 +151,7 @@ def _budget_settings(
                 max_keep=cfg.max_keep)
             ladders[unit.name] = unit_ladder({n: ladders.pop(n) for n in unit.members}, slim)
             tick()
-    estimate = "weight" if covs is None else ("fisher" if grads is not None else "output")
-    allocation = choose(ladders, cfg.ratio, estimate)
+    allocation = choose(ladders, cfg.ratio, estimate_kind(covs, grads))
     picks: dict[str, Option | None] = dict(allocation.chosen)
     slim_choices = {}
     for unit in units:  # a unit's rung: its projections' own rungs, or the MLP slimmed
