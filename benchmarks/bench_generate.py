@@ -93,8 +93,8 @@ def build_models(keeps: list[float], single_keep: float | None,
             variants.append((f", without {'/'.join(exclude)}",
                              ratio_leaving_dense(dense, keep, exclude),
                              config(exclude=list(exclude))))
-        for suffix, ratio, config in variants:
-            model, report = compressed(dense, ratio, config=config, calibration=data)
+        for suffix, ratio, cfg in variants:
+            model, report = compressed(dense, ratio, config=cfg, calibration=data)
             name = f"keep {keep:.0%}{suffix}"
             models[name] = model
             counts[name] = len(report.layers)

@@ -81,6 +81,24 @@ def test_dtype_device_map_and_shards(tmp_path):
     half.float()  # an ordinary float model, not a "quantized" one transformers would refuse
 
 
+@pytest.mark.parametrize("kind", ["kept rows", "int8"])
+def test_both_loaders_give_the_dtype_asked_for_alike(kind, tmp_path):
+    if kind == "int8":
+        pytest.importorskip("torchao")
+    model = compressed(kind)
+    save_compactified(model, tmp_path / "m")  # which both loaders read
+    batch = inputs("llama")
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    same = load_compactified(tmp_path / "m", dtype=torch.bfloat16)
+    for loaded in (half, same):  # torchao's tensors too; buffers as transformers keeps them
+        assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+        assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+    out = logits(half, batch)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(logits(same, batch), out, rtol=0, atol=0)
+    torch.testing.assert_close(out.float(), logits(model, batch), rtol=0, atol=0.1)
+
+
 def test_a_streamed_folder_loads_with_from_pretrained(tmp_path):
     from tensornet_llm import compactify_pretrained
 

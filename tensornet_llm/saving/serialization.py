@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import ArgumentError, CheckpointError, InputFileError, first_line
 from ..helpers.files import MARKER, atomic_directory, check_output
 from .legacy import LEGACY_KEPT_ROWS, convert_kept_rows
-from .tensors import dedupe, flatten, is_torchao_tensor, unflatten
+from .tensors import dedupe, flatten, is_torchao_tensor, torchao_to_dtype, unflatten
 from .structure import (
     FORMAT_VERSION, add_quantization_config, build_structure, describe, marker_keys, replaced,
     with_markers,
@@ -254,6 +254,10 @@ def load_compactified(
                               f"{weights.name} does not hold")
     for alias, source in aliases.items():
         state[alias] = state[source]
+    if dtype is not None:  # the parameters, as from_pretrained(dtype=) casts them (not buffers)
+        params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        state = {k: t.to(dtype) if k in params and not is_torchao_tensor(t) else t
+                 for k, t in state.items()}
     for name, layout in structure.get("modules", {}).items():
         if layout.get("method") == LEGACY_KEPT_ROWS:
             try:
@@ -276,7 +280,7 @@ def load_compactified(
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     if dtype is not None:
-        model.to(dtype)
+        torchao_to_dtype(model, dtype)
     from .transformers_plugin import attach
 
     return attach(model).eval()

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import CheckpointError, first_line
 from ..helpers.evaluate import stored_tensors
+from . import torchao_lookup
 
 __all__ = ["is_torchao_tensor", "storage_key", "dedupe", "flatten", "unflatten", "quantized_names",
-           "part_names", "read_metadata", "int8_config"]
+           "part_names", "read_metadata", "int8_config", "torchao_to_dtype"]
 
 #: The parts torchao's quantized tensors are written as (``_<param>_<part>``).
 PARTS = ("qdata", "scale", "zero_point", "scale_and_zero", "per_tensor_scale", "act_pre_scale")
@@ -69,12 +70,35 @@ def int8_config(group_size: int | None = None):
     """torchao's int8 weight-only config: one scale per output row, or per group of
     ``group_size`` entries of a row. What ``quantize(model, 8)`` applies and what a saved int8
     checkpoint declares. ``set_inductor_config=False``: the caller's ``torch.compile`` settings
-    stay as they are."""
+    stay as they are. Int8 tables look up only their rows from then on
+    (:mod:`~tensornet_llm.saving.torchao_lookup`)."""
     from torchao.quantization import Int8WeightOnlyConfig
+
+    torchao_lookup.register()
     from torchao.quantization.granularity import PerGroup, PerRow
 
     return Int8WeightOnlyConfig(granularity=PerGroup(group_size) if group_size else PerRow(),
                                 set_inductor_config=False)
+
+
+def torchao_to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give torchao's tensors in ``model`` the dtype they dequantize to and compute in, which
+    ``model.to(dtype)`` leaves as it was (their integers and scales stay as they are; a tied
+    table stays one tensor). Returns ``model``."""
+    new: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if is_torchao_tensor(p) and p.dtype != dtype:
+                if id(p) not in new:
+                    cls = type(p)  # torchao's tensors name their parts and attributes
+                    parts = [dtype if n == "dtype" else getattr(p, n)
+                             for n in (*cls.tensor_data_names, *cls.tensor_attribute_names)]
+                    optional = {n: getattr(p, n) for n in (
+                        *getattr(cls, "optional_tensor_data_names", ()),
+                        *getattr(cls, "optional_tensor_attribute_names", ()))}
+                    new[id(p)] = nn.Parameter(cls(*parts, **optional), requires_grad=False)
+                setattr(module, name, new[id(p)])
+    return model
 
 
 def flatten(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -96,6 +120,7 @@ def unflatten(state: Mapping[str, Tensor], metadata: Mapping[str, str] | None, w
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
         tensors, leftover = unflatten_tensor_state_dict(dict(state), dict(metadata))
+        torchao_lookup.register()
     except ImportError as exc:
         raise CheckpointError(f"{where} holds weights quantized by torchao, which is not "
                               "installed: pip install 'tensornet-llm[torchao]'") from exc

@@ -26,18 +26,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import CheckpointError
+from . import torchao_lookup
 from .structure import (
     QUANT_METHOD, build_structure, describe, marker_keys, replaced, with_markers,
 )
 from .tensors import (
     flatten, int8_config, is_torchao_tensor, part_names, quantized_names, read_metadata,
-    storage_key,
+    storage_key, torchao_to_dtype,
 )
 
 __all__ = ["TensorNetworkConfig", "TensorNetworkQuantizer", "attach"]
@@ -81,8 +83,13 @@ class TensorNetworkQuantizer(HfQuantizer):
         model._keys_to_ignore_on_load_unexpected = (
             set(model._keys_to_ignore_on_load_unexpected or ()) | ignored)
 
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        self.dtype = dtype  # what from_pretrained was asked for (dtype=), or its default
+        return dtype
+
     def _process_model_after_weight_loading(self, model: nn.Module, **_: Any) -> nn.Module:
         model.is_quantized = False  # float layers: .half() and .float() stay allowed
+        torchao_to_dtype(model, self.dtype)  # as the rest of the model
         # transformers keeps the converters it loaded with, to run them backwards on save;
         # torchao's have no reverse, and get_state_dict_and_metadata writes those parts itself.
         operations = set(self.get_load_operations().values())
@@ -112,6 +119,7 @@ class TensorNetworkQuantizer(HfQuantizer):
             return {}
         from transformers.integrations.torchao import TorchAoDeserialize
 
+        torchao_lookup.register()
         return {"deserialize": TorchAoDeserialize}
 
     def is_serializable(self, **_: Any) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator
 
@@ -34,7 +34,7 @@ from ..errors import ArgumentError
 from ..helpers.evaluate import stored_tensors
 from ..compress.targets import check_pattern, matches
 from ..layers.base import TensorNetworkLinear, is_linear_like, linear_weight
-from ..layers.cross_layer import CrossLayerLinear, SharedBases, plain_members
+from ..layers.cross_layer import CrossLayerLinear, plain_members
 from ..layers.low_rank import FactoredLinear, KeptRowsLinear, balanced_factors
 from ..layers.quantized import (
     INT4_GROUP_SIZE, QuantizedEmbedding, QuantizedLinear, QuantizedTensorNetworkLinear,
@@ -120,16 +120,15 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-def _float_bytes(module: nn.Module, counted: set[int]) -> int:
-    """Bytes of ``module``'s float weights (not the biases, the 1-D parameters) not yet in
-    ``counted``, which it joins (a tied table, or the bases a cross-layer group shares, count on
-    their first module)."""
-    total = 0
-    for p in module.parameters(recurse=True):
-        if p.dim() > 1 and id(p) not in counted:
-            counted.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
+def _weight_bytes(module: nn.Module, counted: set[int]) -> int:
+    """Bytes of ``module``'s weights not yet in ``counted``, which they join (a tied table, or
+    the bases a cross-layer group shares, count on their first module): its float matrices
+    (not the biases), torchao's parts of a quantized one, the library's codes and scales."""
+    tensors = [t for p in module.parameters() if p.dim() > 1 for t in stored_tensors(p)] + [
+        t for q in module.modules() if isinstance(q, QuantizedWeight) for t in (q.codes, q.scale)]
+    fresh = {id(t): t for t in tensors if id(t) not in counted}
+    counted.update(fresh)
+    return sum(t.numel() * t.element_size() for t in fresh.values())
 
 
 def as_quantize_config(bits: "int | QuantizeConfig | None" = None, *,
@@ -138,14 +137,8 @@ def as_quantize_config(bits: "int | QuantizeConfig | None" = None, *,
     non-``None`` keyword of ``given`` set; ``bits`` may itself be a :class:`QuantizeConfig`."""
     if isinstance(bits, QuantizeConfig):
         config, bits = bits, None
-    cfg = QuantizeConfig(**{f.name: getattr(config, f.name) for f in fields(QuantizeConfig)}
-                         ) if config is not None else QuantizeConfig()
-    exclude = given.get("exclude")
-    if exclude is not None and not isinstance(exclude, str):
-        given["exclude"] = tuple(exclude)
-    for key, value in {"bits": bits, **given}.items():
-        if value is not None:
-            setattr(cfg, key, value)
+    given = {k: v for k, v in {"bits": bits, **given}.items() if v is not None}
+    cfg = replace(config or QuantizeConfig(), **given)  # validate() makes exclude a tuple
     cfg.validate()
     return cfg
 
@@ -168,12 +161,24 @@ def _kept_rows(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Modu
 
 
 def _forms(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module, nn.Module]]:
-    """``(name, module, form)`` for :func:`_kept_rows`: kept rows as two balanced factors, a
-    cross-layer group with kept rows with an orthonormal shared basis (rounded directly,
-    kept-rows coefficients cost more accuracy). Built, not swapped in."""
+    """``(name, module, form)`` for :func:`_kept_rows`: a kept-rows layer as
+    :func:`_rounded_form`, a cross-layer group with kept rows with an orthonormal shared basis
+    (rounded directly, kept-rows coefficients cost more accuracy). Built, not swapped in."""
     found = _kept_rows(model, cfg)
     plain = _plain_groups([m for _, m in found])
-    return [(n, m, plain[id(m)] if id(m) in plain else balanced_factors(m)) for n, m in found]
+    return [(n, m, plain[id(m)] if id(m) in plain else _rounded_form(m)) for n, m in found]
+
+
+def _rounded_form(layer: KeptRowsLinear) -> nn.Module:
+    """The smaller of the two forms of ``layer``'s map that round like a dense weight: two
+    balanced factors (``r (in + out)`` entries), or the product as one ``nn.Linear``
+    (``in out`` entries, and one matmul instead of two), the smaller where ``r`` is above
+    ``in out / (in + out)``, as in about a third of the kept-rows layers at keep 80%."""
+    if layer.rank * (layer.in_features + layer.out_features) < (
+            layer.in_features * layer.out_features):
+        return balanced_factors(layer)
+    ref = layer.kept.weight
+    return layer.to_linear().train(layer.training).requires_grad_(ref.requires_grad)
 
 
 def _leaves(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module]]:
@@ -242,8 +247,8 @@ def rounding_plan(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
     for name, module in _kept_rows(model, cfg):
         if isinstance(module, CrossLayerLinear) and module.kept is None:
             continue  # named by its group's member with kept rows
-        form = "two balanced factors" if isinstance(module, KeptRowsLinear) else \
-            "members with an orthonormal shared basis"
+        form = "two balanced factors or one linear" if isinstance(module, KeptRowsLinear) \
+            else "members with an orthonormal shared basis"
         raise ArgumentError(f"{name} is stored with kept rows, which quantize() rounds as {form}, "
                             "a form its own parameters cannot take; call "
                             "low_rank_as_factors(model) first (the same maps in that form)")
@@ -303,7 +308,8 @@ def low_rank_as_factors(model: nn.Module) -> int:
     """Replace every low-rank layer stored as kept rows
     (:class:`~tensornet_llm.layers.low_rank.KeptRowsLinear`) by the same weight as two
     balanced factors (:func:`~tensornet_llm.layers.low_rank.balanced_factors`,
-    ``r^2`` more parameters each), and every cross-layer group stored as kept rows by the same
+    ``r^2`` more parameters each) or, where that is smaller, as one ``nn.Linear``, and every
+    cross-layer group stored as kept rows by the same
     maps with an orthonormal shared basis
     (:func:`~tensornet_llm.layers.cross_layer.plain_members`, ``in_rank^2`` more parameters per
     group): the forms :func:`quantize` rounds, so quantization-aware healing can train them.
@@ -340,62 +346,66 @@ def quantize(
     healing; the quantized weights do not train.
 
     Returns:
-        A :class:`QuantizeReport` with the bytes of each converted module before and after.
+        A :class:`QuantizeReport`: the bytes of each converted layer's weights before and after
+        (a compressed layer is one row, whatever form it is rounded in).
     """
     cfg = as_quantize_config(bits, config=config, group_size=group_size, cores=cores,
                              dense=dense, embeddings=embeddings, exclude=exclude)
     _require_torchao(cfg)
-    group = cfg.effective_group_size
+    modules = dict(model.named_modules())  # as they are before any change
+    compressed = [n for n, m in modules.items() if isinstance(m, (FactoredLinear, CrossLayerLinear))]
     forms = _forms(model, cfg)
-    counted: set[int] = set()
-    before_forms = {name: _float_bytes(module, counted) for name, module, _ in forms}
     _swap(model, [(name, form) for name, _, form in forms])  # the same maps
     try:  # build the library's own layers; nothing else changes if this fails
         leaves = _leaves(model, cfg)
-        by_weight: dict[int, QuantizedWeight] = {}  # a tied table is quantized once
-        own: dict[str, nn.Module] = {}
-        for name, module in leaves:
-            shared = by_weight.get(id(getattr(module, "weight", None)))
-            if isinstance(module, TensorNetworkLinear):
-                own[name] = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
-            elif _by_torchao(module, cfg):
-                continue  # torchao's turn comes below
-            elif isinstance(module, nn.Embedding):
-                own[name] = QuantizedEmbedding(shared, module.padding_idx) if shared else \
-                    QuantizedEmbedding.from_module(module, cfg.bits, group)
-            else:
-                own[name] = QuantizedLinear.from_module(module, cfg.bits, group, shared)
-            if hasattr(own[name], "qweight"):
-                by_weight.setdefault(id(module.weight), own[name].qweight)
+        own = _own_layers(leaves, cfg)
     except BaseException:
         _swap(model, [(name, module) for name, module, _ in forms])
         raise
-    before = {name: 0 if any(name.startswith(f + ".") for f in before_forms) else
-              _float_bytes(module, counted) for name, module in leaves}
-    for form, nbytes in before_forms.items():  # a changed form: its original's bytes
-        first = next((n for n, _ in leaves if n.startswith(form + ".")), None)
-        if first is not None:
-            before[first] = nbytes
+    counted: set[int] = set()
+    before: dict[str, int] = {}
+    for name, _ in leaves:
+        unit = next((c for c in compressed if name == c or name.startswith(c + ".")), name)
+        if unit not in before:
+            before[unit] = _weight_bytes(modules[unit], counted)
     _swap(model, own.items())
     _torchao_int8(model, [m for n, m in leaves if n not in own], cfg)
 
-    report = QuantizeReport(cfg.bits, group)
+    report = QuantizeReport(cfg.bits, cfg.effective_group_size)
     counted.clear()
-    for name, module in leaves:
-        new = own.get(name, module)
-        stored = [q for q in new.modules() if isinstance(q, QuantizedWeight)] + [
-            t for p in new.parameters() if is_torchao_tensor(p) for t in stored_tensors(p)]
-        after = sum(q.nbytes if isinstance(q, QuantizedWeight) else q.numel() * q.element_size()
-                    for q in stored if id(q) not in counted)
-        counted.update(id(q) for q in stored)
-        owner = model.get_submodule(name.rpartition(".")[0])
-        kind = "embedding" if isinstance(module, nn.Embedding) else \
-            "tensor network" if isinstance(module, TensorNetworkLinear) else \
-            "factor" if isinstance(owner, (FactoredLinear, CrossLayerLinear, SharedBases)) else \
-            "linear"
-        report.rows.append((name, kind, before[name], after))
+    for unit, nbytes in before.items():
+        after = _weight_bytes(model.get_submodule(unit), counted)
+        original = modules[unit]
+        kind = "embedding" if isinstance(original, nn.Embedding) else \
+            "tensor network" if isinstance(original, TensorNetworkLinear) else \
+            "low-rank" if isinstance(original, FactoredLinear) else \
+            "cross-layer" if isinstance(original, CrossLayerLinear) else "linear"
+        report.rows.append((unit, kind, nbytes, after))
     attach(model)  # so that model.save_pretrained writes what from_pretrained loads
     return report
+
+
+def _own_layers(leaves: list[tuple[str, nn.Module]], cfg: QuantizeConfig
+                ) -> dict[str, nn.Module]:
+    """``{name: the library's quantized layer}`` for each leaf torchao does not take (module
+    docs); leaves that share a weight (a tied table) share its quantized one."""
+    group = cfg.effective_group_size
+    own: dict[str, nn.Module] = {}
+    by_weight: dict[int, QuantizedWeight] = {}
+    for name, module in leaves:
+        if _by_torchao(module, cfg):
+            continue
+        if isinstance(module, TensorNetworkLinear):
+            own[name] = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
+            continue
+        shared = by_weight.get(id(module.weight))
+        if isinstance(module, nn.Embedding):
+            own[name] = QuantizedEmbedding(shared, module.padding_idx) if shared else \
+                QuantizedEmbedding.from_module(module, cfg.bits, group)
+        else:
+            own[name] = QuantizedLinear.from_module(module, cfg.bits, group, shared)
+        by_weight.setdefault(id(module.weight), own[name].qweight)
+    return own
 
 
 def _torchao_int8(model: nn.Module, modules: list[nn.Module], cfg: QuantizeConfig) -> None:
