@@ -39,6 +39,7 @@ from tensornet_llm.helpers.models import load_smollm2
 
 from harness import (RESULTS, domain_table, held_out_row, ratio_leaving_dense, resume,
                      write_results)
+from modegpt import modegpt_mlps
 
 
 
@@ -62,7 +63,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              f"tokens of each domain (512-token "
              f"windows), text no calibration draws from. {meta['threads']} CPU threads. Written "
              "by `benchmarks/bench_domains.py`.", ""]
-    lines += domain_table(meta["dense"], rows, {
+    columns = {
         "calibration": lambda r: r["calibration"],
         "tokens": lambda r: str(r["calibration_tokens"]),
         "shrinkage": lambda r: str(r["shrinkage"]), "ridge": lambda r: str(r.get("ridge", 0.0)),
@@ -76,7 +77,13 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         # rows measured before the slim layout existed had none
         "slim MLP": lambda r: "offered" if r.get("slim_mlp") else "",
         "left dense": lambda r: " ".join(r.get("exclude", [])),
-        "keep": lambda r: f"{r['keep']:.0%}"})
+        "instead": lambda r: "MoDeGPT's MLP rule" if r.get("anchor") == "modegpt" else "",
+        "keep": lambda r: f"{r['keep']:.0%}"}
+    # an anchor row uses none of compactify's settings
+    lines += domain_table(meta["dense"], rows, {
+        name: cell if name in ("calibration", "tokens", "instead", "keep") else
+        (lambda r, cell=cell: "" if r.get("anchor") else cell(r))
+        for name, cell in columns.items()})
     write_results(out, "bench_domains", meta, rows, lines)
 
 
@@ -105,6 +112,10 @@ def main() -> None:
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
                         help="leave these modules dense and compress the rest further, to the "
                         "same parameters in all (CompactifyConfig.exclude)")
+    parser.add_argument("--modegpt", action="store_true",
+                        help="instead of compactify, MoDeGPT's rule for MLPs at the same "
+                        "parameters (benchmarks/modegpt.py: every gated MLP at one width, "
+                        "attention dense)")
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -125,14 +136,16 @@ def main() -> None:
             metric = args.output_metric if weigh else None
             rows_kept = not args.low_rank_factors
             slim = not args.no_slim_mlp
+            anchor = "modegpt" if args.modegpt else None
             key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge,
-                   args.match_dense, weigh, metric, rows_kept, args.min_saving, args.exclude, slim)
+                   args.match_dense, weigh, metric, rows_kept, args.min_saving, args.exclude, slim,
+                   anchor)
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"],
                     r.get("ridge", 0.0), r.get("match_dense", False),
                     r.get("weigh_outputs", False),
                     r.get("output_metric", "diagonal" if r.get("weigh_outputs") else None),
                     r.get("interpolative", False), r.get("min_saving", 0.0),
-                    r.get("exclude", []), r.get("slim_mlp", False)) == key
+                    r.get("exclude", []), r.get("slim_mlp", False), r.get("anchor")) == key
                    for r in rows):
                 continue
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
@@ -142,17 +155,22 @@ def main() -> None:
                                       interpolative=rows_kept, min_saving=args.min_saving,
                                       exclude=list(args.exclude), slim_mlp=slim)
             ratio = ratio_leaving_dense(model, keep, args.exclude) if args.exclude else keep
-            row = held_out_row(
-                lambda student: compactify(student, ratio=ratio, calibration=data,
-                                           fit_steps=args.fit_steps, progress=False,
-                                           config=config), tokenizer, args.tokens, meta["dense"])
+            if anchor:
+                def compress(student):
+                    return modegpt_mlps(student, data, keep)
+            else:
+                def compress(student):
+                    return compactify(student, ratio=ratio, calibration=data,
+                                      fit_steps=args.fit_steps, progress=False, config=config)
+            row = held_out_row(compress, tokenizer, args.tokens, meta["dense"])
             rows.append({"calibration": name, "keep": keep,
                          "calibration_tokens": args.calibration_tokens,
                          "shrinkage": args.shrinkage, "ridge": args.ridge,
                          "match_dense": args.match_dense, "weigh_outputs": weigh,
                          "output_metric": metric, "interpolative": rows_kept,
                          "min_saving": args.min_saving, "slim_mlp": slim,
-                         **({"exclude": args.exclude} if args.exclude else {}), **row})
+                         **({"exclude": args.exclude} if args.exclude else {}),
+                         **({"anchor": anchor} if anchor else {}), **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
             write(args.out, meta, rows)
     write(args.out, meta, rows)
