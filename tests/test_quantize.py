@@ -171,21 +171,23 @@ def test_rounded_weights_restore_the_floats_when_the_block_raises():
     assert all(torch.equal(v, floats[k]) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("group", [None, 16])
+@pytest.mark.parametrize("group", [None, 16, "tensor"])
 def test_int8_table_lookup_converts_only_its_rows_and_equals_torchao(group, monkeypatch):
     quantization = pytest.importorskip("torchao.quantization")
-    from torchao.quantization.granularity import PerGroup, PerRow
+    from torchao.quantization.granularity import PerGroup, PerRow, PerTensor
 
     from tensornet_llm.saving import torchao_lookup
 
     torch.manual_seed(0)
     table = torch.nn.Embedding(300, 64)
-    quantization.quantize_(table, quantization.Int8WeightOnlyConfig(
-        granularity=PerGroup(group) if group else PerRow()), filter_fn=lambda m, _: True)
+    granularity = {None: PerRow(), 16: PerGroup(16), "tensor": PerTensor()}[group]
+    quantization.quantize_(table, quantization.Int8WeightOnlyConfig(granularity=granularity),
+                           filter_fn=lambda m, _: True)
     indices = torch.randint(0, 300, (3, 7))
     expected = table.weight.dequantize()[indices]  # torchao's arithmetic on the whole table
     torchao_lookup.register()
-    monkeypatch.setattr(type(table.weight), "dequantize", None)  # the whole table: not used
+    if group != "tensor":  # one scale for every row: torchao's own whole-table lookup
+        monkeypatch.setattr(type(table.weight), "dequantize", None)  # the whole table: unused
     with torch.no_grad():
         assert torch.equal(table(indices), expected)
         torch._dynamo.reset()

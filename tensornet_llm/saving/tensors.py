@@ -73,10 +73,9 @@ def int8_config(group_size: int | None = None):
     stay as they are. Int8 tables look up only their rows from then on
     (:mod:`~tensornet_llm.saving.torchao_lookup`)."""
     from torchao.quantization import Int8WeightOnlyConfig
-
-    torchao_lookup.register()
     from torchao.quantization.granularity import PerGroup, PerRow
 
+    torchao_lookup.register()
     return Int8WeightOnlyConfig(granularity=PerGroup(group_size) if group_size else PerRow(),
                                 set_inductor_config=False)
 

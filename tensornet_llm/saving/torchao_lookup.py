@@ -30,6 +30,8 @@ def _lookup(func, types, args, kwargs) -> Tensor:
     from torchao.quantization.quant_primitives import dequantize_affine
 
     weight, indices = args[0], args[1]
+    if weight.block_size[0] != 1:  # scales shared across rows (per tensor): torchao's own way
+        return func(weight.dequantize(), indices, *args[2:], **kwargs)
     rows = indices.reshape(-1)
     zero_point = None if weight.zero_point is None else weight.zero_point[rows]
     out = dequantize_affine(weight.qdata[rows], weight.block_size, weight.scale[rows],
