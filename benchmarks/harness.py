@@ -116,14 +116,17 @@ def held_out_row(compress: Callable, tokenizer, tokens: int, dense: dict[str, fl
             "ratios": compare_to_dense(table, dense), "choices": report.choices()}
 
 
+def target_parameters(model: nn.Module, exclude: list[str] | None = None) -> int:
+    """Parameters of the default targets (the attention and MLP linears), less ``exclude``."""
+    return sum(p.numel() for _, m in find_targets(model, exclude=exclude)[0]
+               for p in m.parameters(recurse=False))
+
+
 def ratio_leaving_dense(model: nn.Module, keep: float, exclude: list[str]) -> float:
     """The ``ratio`` for ``compactify(model, ratio=..., exclude=exclude)`` that keeps ``keep`` of
     the default targets' parameters in all, the excluded modules counted whole (left dense)."""
-    def count(modules: list[tuple[str, nn.Module]]) -> int:
-        return sum(p.numel() for _, m in modules for p in m.parameters(recurse=False))
-
-    total = count(find_targets(model)[0])
-    rest = count(find_targets(model, exclude=exclude)[0])
+    total = target_parameters(model)
+    rest = target_parameters(model, exclude)
     share = (keep * total - (total - rest)) / rest
     if not 0 < share <= 1:
         raise SystemExit(f"--exclude {' '.join(exclude)}: those modules hold more than keep "

@@ -29,8 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tensornet_llm.compress.fit import CovarianceCollector
 from tensornet_llm.compress.slim import gated_mlps, refit_down, slim_layers
 from tensornet_llm.compress.targets import find_targets
+
+from harness import target_parameters
 
 
 @dataclass
@@ -49,37 +52,6 @@ def ridge_leverage(gram: Tensor, ridge: float) -> Tensor:
     values, vectors = torch.linalg.eigh(gram.to(torch.float64))
     values = values.clamp_min(0)
     return (vectors.square() * (values / (values + ridge))).sum(dim=1)
-
-
-@torch.no_grad()
-def down_inputs_gram(model: nn.Module, names: list[str], calibration: list[Tensor]
-                     ) -> dict[str, Tensor]:
-    """``{mlp name: C}``, the second moment ``(m, m)`` (float64) of the input of each MLP's
-    ``down_proj`` over every calibration token."""
-    grams: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name: str):
-        def record(_module, args) -> None:
-            h = args[0].reshape(-1, args[0].shape[-1]).to(torch.float64)
-            grams[name] = grams.get(name, 0) + h.T @ h
-            counts[name] = counts.get(name, 0) + h.shape[0]
-        return record
-
-    handles = [model.get_submodule(n).down_proj.register_forward_pre_hook(hook(n))
-               for n in names]
-    try:
-        for ids in calibration:
-            model(input_ids=ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {n: grams[n] / counts[n] for n in names}
-
-
-def target_parameters(model: nn.Module) -> int:
-    """Parameters of the default targets (the attention and MLP linears)."""
-    return sum(p.numel() for _, m in find_targets(model)[0] for p in m.parameters(recurse=False))
 
 
 def uniform_width(model: nn.Module, keep: float) -> tuple[list[str], int]:
@@ -107,10 +79,13 @@ def modegpt_mlps(model: nn.Module, calibration: list[Tensor], keep: float) -> An
     that keeps ``keep`` of the targets' parameters."""
     total = target_parameters(model)
     names, width = uniform_width(model, keep)
-    grams = down_inputs_gram(model, names, calibration)
+    # C: the second moment of each down_proj's input over every calibration token (float64)
+    with CovarianceCollector({n: model.get_submodule(n).down_proj for n in names}) as grams:
+        for ids in calibration:
+            model(input_ids=ids)
     for name in names:
         mlp = model.get_submodule(name)
-        gram = grams.pop(name)
+        gram = grams.take(name)
         scores = ridge_leverage(gram, float(gram.diagonal().mean()))
         kept = scores.topk(width).indices.sort().values
         down_weight = refit_down(mlp.down_proj.weight, gram, kept, ridge=0.0)
