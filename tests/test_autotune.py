@@ -74,6 +74,7 @@ def test_model_layers_sharing_a_shape_are_timed_once_and_outputs_do_not_change()
 
 
 def test_quantized_layers_are_tuned():
+    pytest.importorskip("torchao")  # int8 goes through the torchao extra
     model = build("gpt2")
     compactify(model, chi=4, progress=False)
     quantize(model, bits=8)

@@ -100,6 +100,7 @@ def test_generate_with_a_static_cache_and_a_compiled_forward():
 
 
 def test_quantized_model_compiles():
+    pytest.importorskip("torchao")  # int8 goes through the torchao extra
     model = build("llama", layers=1)
     compactify(model, chi=4, progress=False)
     quantize(model, bits=8)

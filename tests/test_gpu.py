@@ -48,6 +48,7 @@ def test_heal_trains_on_the_gpu():
 
 
 def test_save_load_quantize_and_generate_on_the_gpu(tmp_path):
+    pytest.importorskip("torchao")  # int8 goes through the torchao extra
     model = build("llama").cuda()
     compactify(model, chi=4, progress=False)
     save_compactified(model, tmp_path / "m")

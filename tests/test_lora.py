@@ -93,6 +93,7 @@ def test_adapters_on_the_factors_of_a_low_rank_model_merge_exactly():
 def test_merging_that_cannot_be_exact_is_refused(kind):
     model = compressed("mpo" if kind == "quantized" else kind)
     if kind == "quantized":
+        pytest.importorskip("torchao")  # int8 goes through the torchao extra
         quantize(model, bits=8)
     peft_model = peft.get_peft_model(model, lora_config(r=2, target_modules=["q_proj"],
                                                         init_lora_weights=False))
@@ -106,6 +107,7 @@ def test_merging_that_cannot_be_exact_is_refused(kind):
 
 
 def test_a_quantized_compressed_model_trains_adapters():
+    pytest.importorskip("torchao")  # int8 goes through the torchao extra
     model = compressed("mpo")
     quantize(model, bits=8)
     peft_model = peft.get_peft_model(model, lora_config(r=4, target_modules=["q_proj", "v_proj"]))

@@ -14,7 +14,8 @@ from models import build, calibration
 from tensornet_llm import CompactifyConfig, compactify
 from tensornet_llm.compress.budget import Option, lower_hull, slim_ladder, unit_ladder
 from tensornet_llm.compress.slim import (
-    SlimChoice, build_slim, damage_scale, gated_mlps, greedy_neurons, refit_down, slim_layers,
+    REFIT_RIDGE, SlimChoice, build_slim, damage_scale, gated_mlps, greedy_neurons, refit_down,
+    slim_layers,
 )
 
 
@@ -163,18 +164,34 @@ def mlp_gram(model, name):
     return h.T @ h / len(h)
 
 
-def test_the_ladder_prices_what_build_slim_builds():
-    """The ladder prices the least-squares refit; the built one's ridge costs a little more on
-    the calibration data (and generalises better)."""
+@pytest.mark.parametrize("ridge", [0.0, REFIT_RIDGE])
+def test_the_ladder_prices_what_build_slim_builds(ridge):
+    """A slim rung's damage is the minimum of the objective the ridge refit minimises on the
+    calibration data: the built MLP's error (``act_error``) plus the ridge penalty of down's new
+    coefficients on the kept neurons; without a ridge, the error alone."""
     model = build("llama")
     unit = gated_mlps(model, {n for n, _ in model.named_modules()})[0]
     mlp = model.get_submodule(unit.name)
     gram = mlp_gram(model, unit.name)
     layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-    options, order = slim_ladder(*layers, gram, None)
+    options, order = slim_ladder(*layers, gram, None, ridge=ridge)
+    assert len(options) > 3
+    w = mlp.down_proj.weight.detach().double()
+    scale = 1.0 / float((w @ gram * w).sum())  # relative, as without loss gradients
     for option in options:
-        _, rows = build_slim(SlimChoice(unit, order[:option.width]), layers, gram)
-        assert option.damage <= rows[-1].act_error ** 2 <= 1.1 * option.damage + 1e-12
+        keep = order[:option.width].sort().values
+        refit = refit_down(w, gram, keep, ridge=ridge)
+        (_, _, down), rows = build_slim(SlimChoice(unit, order[:option.width]), layers, gram)
+        if ridge == REFIT_RIDGE:  # what build_slim builds
+            torch.testing.assert_close(down.weight.double(), refit, rtol=1e-6, atol=1e-7)
+        error = w.clone()
+        error[:, keep] -= refit
+        error_sq = float((error @ gram * error).sum())
+        moments = gram.diagonal()
+        penalty = float(((refit - w[:, keep]).pow(2) * moments[keep]).sum())
+        assert option.damage == pytest.approx(scale * (error_sq + ridge * penalty), rel=1e-6)
+        if ridge == REFIT_RIDGE:
+            assert rows[-1].act_error ** 2 == pytest.approx(scale * error_sq, rel=1e-6)
         assert option.params == sum(r.params_after for r in rows)
 
 

@@ -48,6 +48,8 @@ def compressed(kind: str):
     model = build("llama")
     model.config._attn_implementation = "eager"  # exportable attention
     compactify(model, progress=False, **options)
+    if kind == "int8":
+        pytest.importorskip("torchao")  # int8 goes through the torchao extra
     if kind in ("int8", "int4"):  # every weight: factors or cores, LM head, embeddings
         quantize(model, int(kind[3:]))
     kinds = (KeptRowsLinear, LowRankLinear, MPOLinear, TTNSLinear, QuantizedTensorNetworkLinear)

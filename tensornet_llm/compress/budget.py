@@ -41,7 +41,7 @@ from ..layers.base import TensorNetworkLinear, linear_weight
 from .fit import (SiteWhitening, kronecker_whitened, metric_roots, output_weights,
                   stable_cholesky, weigh_rows)
 from ..layers.layout import Layout
-from .slim import damage_scale, greedy_neurons
+from .slim import REFIT_RIDGE, damage_scale, greedy_neurons
 
 __all__ = ["KEEP_GRID", "Option", "Allocation", "chi_for_params", "allocate", "price", "choose",
            "ladder", "estimate_kind", "damage", "lower_hull", "unit_ladder", "slim_ladder",
@@ -428,12 +428,13 @@ def unit_ladder(members: Mapping[str, list[Option]], slim: list[Option] = ()) ->
 @torch.no_grad()
 def slim_ladder(gate: nn.Module, up: nn.Module, down: nn.Module, gram: Tensor,
                 grad_sq: Tensor | None, keep_grid: tuple[float, ...] = KEEP_GRID,
-                max_keep: float = 1.0) -> tuple[list[Option], Tensor]:
+                max_keep: float = 1.0, ridge: float = REFIT_RIDGE) -> tuple[list[Option], Tensor]:
     """The slim rungs of a gated MLP (:mod:`.slim`): its width at each keep fraction of the grid
     (a multiple of :data:`RANK_MULTIPLE`), priced like every other layout from down's input
     second moment ``gram`` ``(m, m)`` and loss gradients ``grad_sq`` (or the relative output
-    error without them); and the neurons in the order chosen (a rung of width ``k`` keeps the
-    first ``k``)."""
+    error without them), with the refit's ``ridge`` on the Gram (:mod:`.slim`: the refit's
+    error plus its penalty); and the neurons in the order chosen (a rung of width ``k`` keeps
+    the first ``k``)."""
     m = down.in_features
     per_neuron = sum(layer.weight.shape[1] if layer is not down else layer.weight.shape[0]
                      for layer in (gate, up, down))
@@ -445,6 +446,12 @@ def slim_ladder(gate: nn.Module, up: nn.Module, down: nn.Module, gram: Tensor,
     if not widths:
         return [], torch.empty(0, dtype=torch.long)
     weighted, scale = damage_scale(down.weight, grad_sq, gram)
-    order, left = greedy_neurons(gram, weighted, max(widths))
+    moments = gram.diagonal().to(torch.float64)
+    order, left = greedy_neurons(gram + ridge * torch.diag_embed(gram.diagonal()), weighted,
+                                 max(widths))
+    # The ridge's share of the dropped neurons' own moments, ridge ||B[:, d]||^2 G[d, d], is no
+    # risk of the refit: the price keeps only its error and its coefficients' penalty.
+    own = ridge * weighted.to(moments).pow(2).sum(0) * moments
+    left = left - (own.sum() - torch.cat([own.new_zeros(1), own[order].cumsum(0)]))
     return ([Option(k, per_neuron * k + fixed, scale * float(left[k]), width=k) for k in widths],
             order)
