@@ -69,8 +69,9 @@ DEFAULT_HEAL_SHAPE = (4, 256)  # sequences x tokens per healing step, the CLI's 
 HEAL_TEXTS = ("mix", "mix+generated", "generated")
 QAT = " healed for int4"  # quantization-aware healing: its rows are the float and the int4 model
 #: In the compressed models' cache names: changed whenever compactify's defaults build something
-#: else at the same keep (now: slim MLPs offered, kept rows, ranks that are multiples of 8).
-MODEL_VERSION = "slim1"
+#: else at the same keep (now: slim MLPs offered and priced by their ridge objective, kept rows,
+#: ranks that are multiples of 8).
+MODEL_VERSION = "slim2"
 
 
 def compressed_path(keep: float, calibration_tokens: int) -> Path:

@@ -147,6 +147,7 @@ def test_the_budget_affords_higher_ranks_with_kept_rows():
 
 
 def test_kept_rows_survive_save_load_quantize_and_compile(tmp_path):
+    pytest.importorskip("torchao")  # int8 goes through the torchao extra
     model = compressed()
     batch = inputs("llama")
     with torch.no_grad():
@@ -241,6 +242,7 @@ def test_int4_rounds_kept_rows_as_balanced_factors():
 
 @pytest.mark.parametrize("rank", [40, 100])
 def test_kept_rows_round_in_their_smaller_dense_like_form(rank):
+    pytest.importorskip("torchao")  # int8 goes through the torchao extra
     torch.manual_seed(0)
     weight = torch.randn(96, 160) @ torch.randn(160, 128)
     layer = Layout.low_rank(128, 96).decompose(weight, None, rank)

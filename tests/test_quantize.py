@@ -1,6 +1,7 @@
 """Weight-only int8 / int4 quantization: bounded rounding error, tying, save/load, validation."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -109,6 +110,7 @@ def test_quantizing_only_cores_leaves_dense_layers_in_float():
 
 
 def test_generate_runs_after_quantization():
+    pytest.importorskip("torchao")  # int8 goes through the torchao extra
     model = build("llama")
     compactify(model, chi=6, progress=False)
     quantize(model, 8)
@@ -131,7 +133,30 @@ def test_bad_arguments_leave_the_model_untouched(kwargs, message):
     assert_unchanged(model, snap)
 
 
+def test_without_torchao_int4_works_and_int8_names_the_extra(monkeypatch):
+    """torchao is an optional extra: int4 (the library's own layers) never imports it, and
+    int8 says which extra to install before any module changes."""
+    for name in [n for n in sys.modules if n == "torchao" or n.startswith("torchao.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao: ImportError
+    model = build("llama")
+    compactify(model, chi=6, progress=False)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"torchao.*tensornet-llm\[torchao\]"):
+        quantize(model, 8)
+    assert_unchanged(model, snap)
+    batch = inputs("llama")
+    with torch.no_grad():
+        ref = model(**batch).logits
+    quantize(model, 4)
+    assert isinstance(model.lm_head, QuantizedLinear)
+    with torch.no_grad():
+        out = model(**batch).logits
+    assert float((out - ref).norm() / ref.norm()) < 0.5
+
+
 def test_exclude_keeps_named_modules_in_float():
+    pytest.importorskip("torchao")  # int8 goes through the torchao extra
     model = build("gpt2")
     twin = copy.deepcopy(model)
     quantize(model, 8, exclude=["h.0"])
@@ -143,6 +168,8 @@ def test_exclude_keeps_named_modules_in_float():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_rounded_weights_compute_exactly_what_quantize_builds(arch, bits):
+    if bits == 8:
+        pytest.importorskip("torchao")  # int8 goes through the torchao extra
     # gpt2: a tied table and Conv1D weights stored (in, out); llama: low-rank and MPO cores.
     model = build(arch)
     compactify(model, chi=6, progress=False, exclude=["mlp"] if arch == "llama" else [])

@@ -411,7 +411,9 @@ def _own_layers(leaves: list[tuple[str, nn.Module]], cfg: QuantizeConfig
 def _torchao_int8(model: nn.Module, modules: list[nn.Module], cfg: QuantizeConfig) -> None:
     """torchao's ``quantize_`` on ``modules`` of ``model``, each once; modules that shared one
     float weight (a tied table) share the quantized one afterwards (torchao would quantize it
-    twice, untied)."""
+    twice, untied). Nothing to do (int4, or nothing selected) needs no torchao."""
+    if not modules:
+        return
     from torchao.quantization import quantize_
 
     first: dict[int, nn.Module] = {}
