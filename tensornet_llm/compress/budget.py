@@ -446,12 +446,11 @@ def slim_ladder(gate: nn.Module, up: nn.Module, down: nn.Module, gram: Tensor,
     if not widths:
         return [], torch.empty(0, dtype=torch.long)
     weighted, scale = damage_scale(down.weight, grad_sq, gram)
-    moments = gram.diagonal().to(torch.float64)
-    order, left = greedy_neurons(gram + ridge * torch.diag_embed(gram.diagonal()), weighted,
-                                 max(widths))
+    moments = gram.diagonal()
+    order, left = greedy_neurons(gram + ridge * torch.diag_embed(moments), weighted, max(widths))
     # The ridge's share of the dropped neurons' own moments, ridge ||B[:, d]||^2 G[d, d], is no
     # risk of the refit: the price keeps only its error and its coefficients' penalty.
-    own = ridge * weighted.to(moments).pow(2).sum(0) * moments
+    own = ridge * weighted.to(left).pow(2).sum(0) * moments.to(left)
     left = left - (own.sum() - torch.cat([own.new_zeros(1), own[order].cumsum(0)]))
     return ([Option(k, per_neuron * k + fixed, scale * float(left[k]), width=k) for k in widths],
             order)
