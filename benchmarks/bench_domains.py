@@ -76,6 +76,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         "min saving": lambda r: f"{r['min_saving']:.0%}" if r.get("min_saving") else "",
         # rows measured before the slim layout existed had none
         "slim MLP": lambda r: "offered" if r.get("slim_mlp") else "",
+        "fewer heads": lambda r: "offered" if r.get("slim_attention") else "",
         "left dense": lambda r: " ".join(r.get("exclude", [])),
         "instead": lambda r: "MoDeGPT's MLP rule" if r.get("anchor") == "modegpt" else "",
         "keep": lambda r: f"{r['keep']:.0%}"}
@@ -109,6 +110,9 @@ def main() -> None:
                         "(CompactifyConfig.min_saving)")
     parser.add_argument("--no-slim-mlp", action="store_true",
                         help="offer gated MLPs no slim layout (CompactifyConfig.slim_mlp=False)")
+    parser.add_argument("--no-slim-attention", action="store_true",
+                        help="offer attention no fewer query heads "
+                        "(CompactifyConfig.slim_attention=False)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
                         help="leave these modules dense and compress the rest further, to the "
                         "same parameters in all (CompactifyConfig.exclude)")
@@ -136,16 +140,18 @@ def main() -> None:
             metric = args.output_metric if weigh else None
             rows_kept = not args.low_rank_factors
             slim = not args.no_slim_mlp
+            heads = not args.no_slim_attention
             anchor = "modegpt" if args.modegpt else None
             key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge,
                    args.match_dense, weigh, metric, rows_kept, args.min_saving, args.exclude, slim,
-                   anchor)
+                   heads, anchor)
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"],
                     r.get("ridge", 0.0), r.get("match_dense", False),
                     r.get("weigh_outputs", False),
                     r.get("output_metric", "diagonal" if r.get("weigh_outputs") else None),
                     r.get("interpolative", False), r.get("min_saving", 0.0),
-                    r.get("exclude", []), r.get("slim_mlp", False), r.get("anchor")) == key
+                    r.get("exclude", []), r.get("slim_mlp", False),
+                    r.get("slim_attention", False), r.get("anchor")) == key
                    for r in rows):
                 continue
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
@@ -153,7 +159,8 @@ def main() -> None:
                                       match_dense=args.match_dense, weigh_outputs=weigh,
                                       output_metric=args.output_metric,
                                       interpolative=rows_kept, min_saving=args.min_saving,
-                                      exclude=list(args.exclude), slim_mlp=slim)
+                                      exclude=list(args.exclude), slim_mlp=slim,
+                                      slim_attention=heads)
             ratio = ratio_leaving_dense(model, keep, args.exclude) if args.exclude else keep
             if anchor:
                 def compress(student):
@@ -169,6 +176,7 @@ def main() -> None:
                          "match_dense": args.match_dense, "weigh_outputs": weigh,
                          "output_metric": metric, "interpolative": rows_kept,
                          "min_saving": args.min_saving, "slim_mlp": slim,
+                         "slim_attention": heads,
                          **({"exclude": args.exclude} if args.exclude else {}),
                          **({"anchor": anchor} if anchor else {}), **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)

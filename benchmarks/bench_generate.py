@@ -18,7 +18,9 @@ every keep, a model with those modules left dense and the rest compressed furthe
 parameters in all). ``--own-rows`` adds, for every keep, the model whose MLPs' ``gate_proj`` and
 ``up_proj`` keep their own rows (``CompactifyConfig(share_mlp_rows=False)``). ``--no-slim`` adds,
 for every keep, the model whose MLPs are offered no slim layout (``CompactifyConfig(
-slim_mlp=False)``: per-projection kept rows, as before slim MLPs existed).
+slim_mlp=False)``: per-projection kept rows, as before slim MLPs existed); ``--no-slim-attention``
+the model whose attention is offered no fewer query heads (``CompactifyConfig(
+slim_attention=False)``).
 
 Models are interleaved round by round (every model runs once per round, in the same process), so
 drift and interference hit all alike. Ratios are against the dense model in the same
@@ -31,7 +33,9 @@ row), which is what a memory-bound decode can gain at most. Speed does not depen
 of the weights, but the layouts the budget picks depend on the data: the models are compressed
 with ``--calibration-tokens`` of the calibration mixture (0: none, and no slim MLPs) and no fit
 steps (the fitted values do not change the speed). Writes
-``docs/results/bench_generate.{json,md,png}``.
+``docs/results/bench_generate.{json,md,png}``; with ``--merge``, beside the rows an earlier run with
+the same settings wrote for the configurations (batch, mode, dtype) this one does not time, so
+a long grid can run in parts (each ratio still compares models timed in one run).
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from tensornet_llm.helpers.evaluate import model_size_bytes, stored_tensors
 from tensornet_llm.helpers.models import load_smollm2
 from tensornet_llm.helpers.speed import RoundTimes, ratios, time_generate
 
-from harness import (DTYPES, RESULTS, compressed, machine, pyplot, ratio_leaving_dense,
+from harness import (DTYPES, RESULTS, compressed, machine, pyplot, ratio_leaving_dense, resume,
                      write_results)
 
 
@@ -70,8 +74,8 @@ def decode_bytes(model: nn.Module) -> int:
 
 def build_models(keeps: list[float], single_keep: float | None,
                  min_saving: float = 0.0, exclude: list[str] | None = None,
-                 own_rows: bool = False, no_slim: bool = False, calibration_tokens: int = 0
-                 ) -> tuple[dict[str, nn.Module], dict[str, int]]:
+                 own_rows: bool = False, no_slim: bool = False, calibration_tokens: int = 0,
+                 no_heads: bool = False) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The models by name, and how many modules each compressed."""
     dense, tokenizer = load_smollm2()
     data = calibration_mix(tokenizer, calibration_tokens) if calibration_tokens else None
@@ -86,6 +90,8 @@ def build_models(keeps: list[float], single_keep: float | None,
             variants.append((", own rows", keep, config(share_mlp_rows=False)))
         if no_slim:
             variants.append((", no slim", keep, config(slim_mlp=False)))
+        if no_heads:
+            variants.append((", no fewer heads", keep, config(slim_attention=False)))
         if min_saving:
             variants.append((f", min saving {min_saving:.0%}", keep,
                              config(min_saving=min_saving)))
@@ -239,6 +245,9 @@ def main() -> None:
     parser.add_argument("--no-slim", action="store_true",
                         help="also time each keep compressed with CompactifyConfig("
                         "slim_mlp=False): no slim MLPs")
+    parser.add_argument("--no-slim-attention", action="store_true",
+                        help="also time each keep compressed with CompactifyConfig("
+                        "slim_attention=False): every query head kept")
     parser.add_argument("--calibration-tokens", type=int, default=4096,
                         help="calibration tokens the budget chooses layouts by (0: none)")
     parser.add_argument("--exclude", nargs="+", metavar="PATTERN",
@@ -248,6 +257,10 @@ def main() -> None:
                         help="also time every model quantized by quantize(model, 8) (float32), "
                         "against the dense model quantized alike")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows an earlier run with the same settings wrote to --out "
+                        "for the configurations (batch, mode, dtype) this run does not time "
+                        "(every ratio still compares models timed in one run)")
     args = parser.parse_args()
     # Every model compiles graphs of the same forward (warm-up, prefill, decode), more than
     # Dynamo's default limit of 8 per function: past it Dynamo would run the rest eagerly
@@ -255,18 +268,23 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
 
+    meta = machine(prompt=args.prompt, new_tokens=args.new_tokens, rounds=args.rounds,
+                   calibration_tokens=args.calibration_tokens)
+    rows = []
+    if args.merge:  # an earlier run's configurations that this one does not time
+        meta, earlier = resume(args.out / "bench_generate.json", meta, False, parser)
+        timed = {(b, m, d) for b in args.batch for m in args.modes for d in args.dtypes}
+        rows = [r for r in earlier if (r["batch"], r["mode"], r["dtype"]) not in timed]
+
     models, counts = build_models(args.keep, args.single_keep or None, args.min_saving,
                                   args.exclude, args.own_rows, args.no_slim,
-                                  args.calibration_tokens)
+                                  args.calibration_tokens, args.no_slim_attention)
     if args.int8:
         with_int8(models, counts)
     _, tokenizer = load_smollm2()
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
     ceilings = {name: decode_bytes(models[baseline(name)]) / decode_bytes(m)
                 for name, m in models.items()}
-    meta = machine(prompt=args.prompt, new_tokens=args.new_tokens, rounds=args.rounds,
-                   calibration_tokens=args.calibration_tokens)
-    rows = []
     for dtype in args.dtypes:
         for mode in args.modes:
             for batch in args.batch:

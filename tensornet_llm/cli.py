@@ -192,7 +192,9 @@ def _settings(args: argparse.Namespace) -> dict:
                 "kept rows" if args.interpolative else "factors",
             "min_saving": args.min_saving if args.ratio is not None else None,
             "slim_mlp": (args.slim_mlp if args.ratio is not None and calibrated
-                         and not args.stream else None)}
+                         and not args.stream else None),
+            "slim_attention": (args.slim_attention if args.ratio is not None and calibrated
+                               and not args.stream else None)}
 
 
 def _saved_dtype(config) -> torch.dtype:
@@ -426,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
               "same rank in r^2 fewer parameters")
     add_field(p, CompactifyConfig, "min_saving", type=_saving)
     add_field(p, CompactifyConfig, "slim_mlp")
+    add_field(p, CompactifyConfig, "slim_attention")
     add_field(p, CompactifyConfig, "weigh_outputs")
     add_field(p, CompactifyConfig, "output_metric", choices=OUTPUT_METRICS)
     add_field(p, CompactifyConfig, "cross_layer", type=_positive, metavar="G")

@@ -120,3 +120,15 @@ def convention_model(name: str):
                                "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})
     torch.manual_seed(0)
     return tf.LlamaForCausalLM(config).eval()
+
+
+def silence_heads(model, heads=(1, 3)):
+    """Zero the ``o_proj`` columns of query ``heads`` in every block of a tiny LLaMA-like model
+    (4 query heads in 2 key/value groups): those heads then contribute nothing, and the budget
+    drops them first (``tensornet_llm.compress.heads``). Returns ``model``."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            for head in heads:
+                attn.o_proj.weight[:, head * attn.head_dim:(head + 1) * attn.head_dim] = 0
+    return model

@@ -1,9 +1,9 @@
 """A compressed model works with the ecosystem's own tools, unchanged: ``torch.export`` with a
 dynamic length, both ONNX exporters with onnxruntime and accelerate's CPU and disk offload for
-every layer kind (kept rows, low-rank factors, MPO, TTNS, cross-layer groups, slim MLPs, int8
-through torchao, the library's own int4); torchao's int8 and peft's ``all-linear`` reach the
-layers made of ``nn.Linear`` (kept rows, low-rank factors, cross-layer bases and cores, slim
-MLPs' smaller projections).
+every layer kind (kept rows, low-rank factors, MPO, TTNS, cross-layer groups, slim MLPs,
+attention with fewer query heads, int8 through torchao, the library's own int4); torchao's int8
+and peft's ``all-linear`` reach the layers made of ``nn.Linear`` (kept rows, low-rank factors,
+cross-layer bases and cores, the smaller projections of slim MLPs and attention).
 
 Every cell compares logits with the eager model's: to float32 rounding (``torch.export``,
 ONNX, offload: 1e-5; a many-site layer exported rebuilds its weight, where eager may contract
@@ -15,7 +15,7 @@ import tempfile
 import pytest
 import torch
 
-from models import build, calibration
+from models import build, calibration, silence_heads
 from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, quantize,
     save_compactified,
@@ -32,9 +32,12 @@ KINDS = {"kept rows": (dict(ratio=0.6, method="low-rank"), KeptRowsLinear),
          "cross-layer": (dict(ratio=0.7, cross_layer=2), CrossLayerLinear),
          # gated MLPs of fewer neurons: plain nn.Linear of smaller shape
          "slim": (dict(ratio=0.5, targets=["mlp"], calibration=calibration()), torch.nn.Linear),
+         # fewer query heads per group (the silenced ones): smaller q_proj and o_proj
+         "fewer heads": (dict(ratio=0.75, targets=["self_attn"], calibration=calibration()),
+                         torch.nn.Linear),
          "int8": (dict(ratio=0.6, method="low-rank"), LowRankLinear),  # kept rows, quantized
          "int4": (dict(chi=4, method="mpo", n_sites=3), QuantizedTensorNetworkLinear)}
-LINEAR_KINDS = ["kept rows", "low-rank", "cross-layer", "slim"]
+LINEAR_KINDS = ["kept rows", "low-rank", "cross-layer", "slim", "fewer heads"]
 #: The cells where a tool refuses torchao's tensors (loudly, with these errors).
 REFUSED = {("int8", "torchscript"): (NotImplementedError, "Int8Tensor dispatch.*aten.view"),
            ("int8", "disk"): (RuntimeError, "not supported for tensor subclasses"),
@@ -46,6 +49,8 @@ REFUSED = {("int8", "torchscript"): (NotImplementedError, "Int8Tensor dispatch.*
 def compressed(kind: str):
     options, cls = KINDS[kind]
     model = build("llama")
+    if kind == "fewer heads":
+        silence_heads(model)
     model.config._attn_implementation = "eager"  # exportable attention
     compactify(model, progress=False, **options)
     if kind == "int8":
@@ -56,7 +61,7 @@ def compressed(kind: str):
     layers = [m for m in model.modules() if isinstance(m, kinds)]
     if cls is CrossLayerLinear:  # groups of two blocks; the budget may leave a module alone
         assert any(isinstance(m, CrossLayerLinear) for m in model.modules())
-    elif kind == "slim":
+    elif kind in ("slim", "fewer heads"):
         assert slim_layers(model) and not layers
     else:
         assert layers and all(type(m) is cls for m in layers)
@@ -64,11 +69,16 @@ def compressed(kind: str):
 
 
 def slim_layers(model) -> set[str]:
-    """The names of the projections of slim MLPs (narrower than the config's MLP width)."""
-    width = model.config.intermediate_size
-    return {f"{n}.{p}" for n, m in model.named_modules() if n.endswith("mlp")
+    """The names of the projections of slim MLPs (narrower than the config's MLP width) and of
+    attention with fewer query heads than the config's."""
+    width, heads = model.config.intermediate_size, model.config.num_attention_heads
+    mlps = {f"{n}.{p}" for n, m in model.named_modules() if n.endswith("mlp")
             for p in ("gate_proj", "up_proj", "down_proj")
             if type(getattr(m, p)) is torch.nn.Linear and getattr(m, "gate_proj").out_features < width}
+    attention = {f"{n}.{p}" for n, m in model.named_modules() if n.endswith("self_attn")
+                 for p in ("q_proj", "o_proj")
+                 if m.q_proj.out_features < heads * m.head_dim}
+    return mlps | attention
 
 
 def refused(kind: str, tool: str):

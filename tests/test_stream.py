@@ -38,8 +38,10 @@ def in_memory(source: Path, options: dict):
 
     cls = getattr(transformers, AutoConfig.from_pretrained(source).architectures[0])
     model = cls.from_pretrained(source, dtype=torch.float32).eval()
-    # what streaming does: no loss gradients, no slim MLPs (the budget prices modules alone)
-    config = CompactifyConfig(gradients=False, slim_mlp=False) if "ratio" in options else None
+    # what streaming does: no loss gradients, no slim MLPs or attention (the budget prices
+    # modules alone)
+    config = CompactifyConfig(gradients=False, slim_mlp=False, slim_attention=False) \
+        if "ratio" in options else None
     report = compactify(model, config=config, progress=False, **options)
     return model, report
 

@@ -370,7 +370,9 @@ def choose(ladders: Mapping[str, list[Option]], ratio: float, estimate: str) -> 
             steps.append(((hull[k].damage - hull[k - 1].damage) / saved, name, k))
     steps.sort()
     position = {n: 0 for n in hulls}
-    total = before
+    # a ladder whose dense rung is dominated (a rung of no damage with fewer parameters)
+    # starts at that rung
+    total = sum(h[0].params for h in hulls.values())
     for _, name, k in steps:
         if total <= budget:
             break

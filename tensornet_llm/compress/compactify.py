@@ -19,6 +19,7 @@ from .config import CompactifyConfig, Method, PerModule, merged_config
 from .groups import compactify_groups
 from .plan import Plan, make_plan
 from .report import CompactifyReport, LayerReport
+from .heads import build_heads
 from .slim import build_slim
 from .surgery import Swaps, build_layer, count_parameters, originals_in_place, replacing
 from .targets import Targets
@@ -93,7 +94,7 @@ def compactify(
     plan = make_plan(model, cfg, batches, progress=progress)
     params_before = count_parameters(model)
     built: dict[int, tuple[nn.Module, LayerReport]] = {}
-    total = len(plan.chosen) + 3 * len(plan.slim)
+    total = len(plan.chosen) + 3 * len(plan.slim) + 2 * len(plan.heads)
     with replacing(model, total, "compactify", "layer", progress) as (swaps, tick):
         if batches is None:
             _replace_all(plan, cfg, built, swaps, tick)
@@ -128,17 +129,21 @@ def _replace_block_by_block(
 ) -> None:
     """With calibration: in forward order of the blocks, collect the inputs of a block's
     targets (as the already-compressed earlier blocks produce them), fit, swap them in; a slim
-    MLP's layers are built from the inputs of its ``down_proj``."""
+    MLP's layers are built from the inputs of its ``down_proj``, a slim attention's from those
+    of its ``o_proj``."""
     modules = dict(plan.chosen)
     slim_by_down = {choice.unit.down: choice for choice in plan.slim.values()}
+    heads_by_o = {choice.unit.o: choice for choice in plan.heads.values()}
     # Finished blocks replay their outputs (the paired pass needs the originals rerun).
     replay = None if cfg.match_dense else BlockReplay()
     # Blocks left wholly dense still take part in the order (so they are replayed).
     for block, names in calibrated_order(model, list(plan.settings)):
         slims = [slim_by_down[n] for n in names if n in slim_by_down]
+        heads = [heads_by_o[n] for n in names if n in heads_by_o]
         names = [n for n in names if n in modules]
         fresh = {n: modules[n] for n in names if id(modules[n]) not in built}
         fresh.update({c.unit.down: model.get_submodule(c.unit.down) for c in slims})
+        fresh.update({c.unit.o: model.get_submodule(c.unit.o) for c in heads})
         covs: dict[str, torch.Tensor] = {}
         cross: dict[str, torch.Tensor] = {}
         if cfg.match_dense and swaps.done and fresh:
@@ -164,5 +169,14 @@ def _replace_block_by_block(
                 built[id(original)] = (layer, row)
                 swaps.swap(name, layer)
                 tick()
+        for choice in heads:
+            attn = model.get_submodule(choice.unit.name)
+            originals = (attn.q_proj, attn.o_proj)
+            layers, rows = build_heads(choice, attn, covs[choice.unit.o], cross.get(choice.unit.o))
+            for name, original, layer, row in zip(choice.unit.members, originals, layers, rows):
+                built[id(original)] = (layer, row)
+                swaps.swap(name, layer)
+                tick()
+            swaps.set(attn, "num_key_value_groups", choice.width)
         if replay is not None and block is not None:
             replay.finish(block)

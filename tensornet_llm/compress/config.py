@@ -117,6 +117,10 @@ class CompactifyConfig:
             refitted by least squares; the budget prices it against the projections' own
             layouts by the same damage per parameter. ``False``: per-projection layouts only.
             Cross-layer groups and streaming compression price modules alone and offer none.
+        slim_attention: likewise offer every grouped-query attention whose ``q_proj`` and
+            ``o_proj`` are targets fewer query heads (an equal number per key/value group:
+            rows of ``q_proj``, ``o_proj`` refitted; :mod:`~tensornet_llm.compress.heads`).
+            The key/value projections and the KV cache keep their shapes. ``False``: none.
     """
 
     chi: PerModule | None = None
@@ -142,6 +146,7 @@ class CompactifyConfig:
     min_saving: float = 0.0
     share_mlp_rows: bool = True
     slim_mlp: bool = True
+    slim_attention: bool = True
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -169,7 +174,7 @@ class CompactifyConfig:
         if not (_is_number(self.ridge) and 0 <= self.ridge < math.inf):
             raise ArgumentError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
         for flag in ("low_rank", "match_dense", "gradients", "weigh_outputs", "interpolative",
-                     "share_mlp_rows", "slim_mlp"):
+                     "share_mlp_rows", "slim_mlp", "slim_attention"):
             if not isinstance(getattr(self, flag), bool):
                 raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):

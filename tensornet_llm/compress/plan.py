@@ -19,6 +19,7 @@ from .budget import Option, choose, estimate_kind, price, slim_ladder, unit_ladd
 from .calibrate import collect_covariances, output_gradients
 from .config import CompactifyConfig
 from .fit import output_weights
+from .heads import HeadChoice, grouped_attentions, head_rungs
 from .slim import SlimChoice, gated_mlps
 from .targets import find_targets, fused_expert_tensors, resolve_override
 
@@ -45,8 +46,9 @@ class Plan:
     """What ``compactify`` replaces and how, decided before any module is touched.
 
     ``settings`` holds ``(layout, chi)`` per target name (``None``: left dense by the budget, or
-    part of a slim MLP) in model order; ``chosen`` the targets replaced one by one, and ``slim``
-    the gated MLPs the budget slims, by MLP name."""
+    part of a slim MLP or attention) in model order; ``chosen`` the targets replaced one by
+    one, ``slim`` the gated MLPs the budget slims, by MLP name, and ``heads`` the attention
+    modules it gives fewer query heads, by module name."""
 
     chosen: list[tuple[str, nn.Module]]
     skipped: list[tuple[str, str]]
@@ -57,6 +59,12 @@ class Plan:
     #: Output row weights per target name (:func:`~.fit.output_weights`), for the fit.
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     slim: dict[str, SlimChoice] = field(default_factory=dict)
+    heads: dict[str, HeadChoice] = field(default_factory=dict)
+
+    @property
+    def slimmed(self) -> set[str]:
+        """The targets that are part of a slim MLP or a slim attention."""
+        return {n for c in [*self.slim.values(), *self.heads.values()] for n in c.unit.members}
 
 
 def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
@@ -77,11 +85,11 @@ def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     offered = {name: offered_layouts(name, module, cfg) for name, module in chosen}
     notes: list[str] = []
     if budget is None:
-        settings, estimate, rows, slim = _budget_settings(model, chosen, offered, batches, notes,
-                                                          cfg, progress)
+        settings, estimate, rows, slim, heads = _budget_settings(
+            model, chosen, offered, batches, notes, cfg, progress)
     else:
-        (settings, estimate), rows, slim = budget(chosen, offered), {}, {}
-    slimmed = {n for choice in slim.values() for n in choice.unit.members}
+        (settings, estimate), rows, slim, heads = budget(chosen, offered), {}, {}, {}
+    slimmed = Plan([], [], {}, slim=slim, heads=heads).slimmed
     left = {id(m): m for n, m in chosen if settings[n] is None and n not in slimmed}
     dense_target_params = sum(
         sum(p.numel() for p in linear_weight(m) if p is not None) for m in left.values()
@@ -89,7 +97,8 @@ def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     skipped += [(n, f"left dense by the ratio={cfg.ratio} budget")
                 for n, _ in chosen if settings[n] is None and n not in slimmed]
     chosen = [(n, m) for n, m in chosen if settings[n] is not None]
-    return Plan(chosen, skipped, settings, dense_target_params, estimate, notes, rows, slim)
+    return Plan(chosen, skipped, settings, dense_target_params, estimate, notes, rows, slim,
+                heads)
 
 
 def offered_layouts(name: str, module: nn.Module, cfg: CompactifyConfig) -> list[Layout]:
@@ -113,13 +122,15 @@ def _budget_settings(
     model: nn.Module, chosen: list[tuple[str, nn.Module]], offered: dict[str, list[Layout]],
     batches: list | None, notes: list[str], cfg: CompactifyConfig, progress: bool = False,
 ) -> tuple[dict[str, tuple[Layout, int] | None], str, dict[str, torch.Tensor],
-           dict[str, SlimChoice]]:
+           dict[str, SlimChoice], dict[str, HeadChoice]]:
     """``(layout, chi)`` per target name (``None``: stays dense, or slimmed) under the parameter
     budget, how damage was estimated, the output row weights per target name the fit then uses
-    (empty unless ``cfg.weigh_outputs`` and loss gradients), and the gated MLPs to slim. With
-    calibration data and ``cfg.slim_mlp``, each gated MLP whose three projections are targets
-    is priced as one unit: its projections' own rungs combined, and its slim widths. A weaker
-    estimate than the data allows is warned and noted."""
+    (empty unless ``cfg.weigh_outputs`` and loss gradients), the gated MLPs to slim and the
+    attention modules to give fewer query heads. With calibration data and ``cfg.slim_mlp``,
+    each gated MLP whose three projections are targets is priced as one unit: its projections'
+    own rungs combined, and its slim widths; with ``cfg.slim_attention`` likewise each
+    grouped-query attention whose query and output projections are targets (:mod:`.heads`).
+    A weaker estimate than the data allows is warned and noted."""
     unique: dict[int, str] = {}
     for name, module in chosen:
         unique.setdefault(id(module), name)
@@ -140,8 +151,12 @@ def _budget_settings(
             notes.append(note)
     weigh = cfg.weigh_outputs and grads is not None
     units = gated_mlps(model, modules) if cfg.slim_mlp and covs is not None else []
+    attentions = grouped_attentions(model, modules) if cfg.slim_attention and covs is not None \
+        else []
     orders = {}
-    with stage("budget: pricing layouts", len(modules) + len(units), "module", progress) as tick:
+    kept_heads: dict[str, dict[int, torch.Tensor]] = {}
+    with stage("budget: pricing layouts", len(modules) + len(units) + len(attentions), "module",
+               progress) as tick:
         ladders = price(modules, {n: offered[n] for n in modules}, covs, grads,
                         weigh_outputs=weigh, max_keep=cfg.max_keep, tick=tick)
         for unit in units:
@@ -150,6 +165,14 @@ def _budget_settings(
                 gate, up, down, covs[unit.down], None if grads is None else grads[unit.down],
                 max_keep=cfg.max_keep)
             ladders[unit.name] = unit_ladder({n: ladders.pop(n) for n in unit.members}, slim)
+            tick()
+        for attn in attentions:
+            rungs = head_rungs(attn, modules[attn.q], modules[attn.o], covs[attn.o],
+                               None if grads is None else grads[attn.o], cfg.max_keep)
+            kept_heads[attn.name] = {width: keep for width, _, _, keep in rungs}
+            ladders[attn.name] = unit_ladder(
+                {n: ladders.pop(n) for n in attn.members},
+                [Option(width, params, damage, width=width) for width, params, damage, _ in rungs])
             tick()
     allocation = choose(ladders, cfg.ratio, estimate_kind(covs, grads))
     picks: dict[str, Option | None] = dict(allocation.chosen)
@@ -161,6 +184,14 @@ def _budget_settings(
         else:
             slim_choices[unit.name] = SlimChoice(unit, orders[unit.name][:option.width])
             picks.update(dict.fromkeys(unit.members))
+    head_choices = {}
+    for attn in attentions:  # likewise: the projections' own rungs, or fewer query heads
+        option = picks.pop(attn.name)
+        if option.width is None:
+            picks.update(option.parts)
+        else:
+            head_choices[attn.name] = HeadChoice(attn, kept_heads[attn.name][option.width])
+            picks.update(dict.fromkeys(attn.members))
     if weigh:
         notes.append("each network fitted to the Gauss-Newton loss estimate (output features "
                      "weighted by the loss gradient's second moment"
@@ -172,4 +203,4 @@ def _budget_settings(
     }
     rows = {name: output_weights(grads[unique[id(module)]]) for name, module in chosen
             if weigh and settings[name] is not None}  # only what the fit will use
-    return settings, allocation.estimate, rows, slim_choices
+    return settings, allocation.estimate, rows, slim_choices, head_choices

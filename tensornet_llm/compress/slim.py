@@ -43,7 +43,8 @@ from .fit import corrected_target, metric_roots, output_weights, stable_cholesky
 from .report import LayerReport
 
 __all__ = ["GatedMLP", "SlimChoice", "gated_mlps", "greedy_neurons", "damage_scale", "refit_down",
-           "slim_layers", "build_slim", "SLIM", "REFIT_RIDGE"]
+           "slim_layers", "build_slim", "linear_like", "output_errors", "slim_reports", "SLIM",
+           "REFIT_RIDGE"]
 
 #: The method name a slim MLP's layers carry in reports.
 SLIM = "slim"
@@ -232,7 +233,7 @@ def refit_down(target: Tensor, gram: Tensor, keep: Tensor, ridge: float = REFIT_
     return kept.to(device=target.device, dtype=target.dtype)
 
 
-def _linear_like(reference: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Linear:
+def linear_like(reference: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight`` ``(out, in)`` and ``bias``, with ``reference``'s device,
     dtype, ``requires_grad`` and mode."""
     out_f, in_f = weight.shape
@@ -254,9 +255,46 @@ def slim_layers(gate: nn.Linear, up: nn.Linear, down: nn.Linear, keep: Tensor, d
 
     def rows(layer: nn.Linear) -> nn.Linear:
         bias = None if layer.bias is None else layer.bias[keep]
-        return _linear_like(layer, layer.weight[keep], bias)
+        return linear_like(layer, layer.weight[keep], bias)
 
-    return rows(gate), rows(up), _linear_like(down, down_weight.to(down.weight), down.bias)
+    return rows(gate), rows(up), linear_like(down, down_weight.to(down.weight), down.bias)
+
+
+def output_errors(target: Tensor, gram: Tensor, keep: Tensor, refit: Tensor
+                  ) -> tuple[float, float]:
+    """The relative output error, on inputs of second moment ``gram`` ``(m, m)``, of the layer
+    ``target`` ``(out, m)`` reading only its inputs ``keep`` ``(k,)``: with their columns as
+    they are, and with ``refit`` ``(out, k)`` in their place."""
+    w = target.to(torch.float64)
+    reference = max(float((w @ gram * w).sum()), 1e-300)
+
+    def error(on_kept: Tensor) -> float:
+        e = w.clone()
+        e[:, keep] -= on_kept.to(w)
+        return (float((e @ gram * e).sum()) / reference) ** 0.5
+
+    return error(w[:, keep]), error(refit)
+
+
+def slim_reports(names: tuple[str, ...], old: tuple[nn.Linear, ...], new: tuple[nn.Linear, ...],
+                 axes: tuple[int, ...], keep: Tensor, width: int, seconds: float,
+                 errors: tuple[float, float]) -> list[LayerReport]:
+    """A report row for each layer ``old`` -> ``new`` of a slim unit that keeps the entries
+    ``keep`` along ``axes`` (rows 0, columns 1), at ``width``; ``errors`` from
+    :func:`output_errors`."""
+    reports = []
+    for name, old_layer, layer, axis in zip(names, old, new, axes):
+        # The weight error of the layer as a full-size weight, zero on what was dropped.
+        full = old_layer.weight.detach().to(torch.float64)
+        placed = torch.zeros_like(full).index_copy_(axis, keep, layer.weight.detach().to(full))
+        reports.append(LayerReport(
+            name=name, in_features=layer.in_features, out_features=layer.out_features,
+            method=SLIM, chi=width, bond_dims=[width],
+            params_before=sum(p.numel() for p in old_layer.parameters()),
+            params_after=sum(p.numel() for p in layer.parameters()),
+            rel_error=float((placed - full).norm() / full.norm().clamp_min(1e-30)),
+            seconds=seconds, act_error_start=errors[0], act_error=errors[1]))
+    return reports
 
 
 @torch.no_grad()
@@ -276,27 +314,7 @@ def build_slim(choice: SlimChoice, layers: tuple[nn.Linear, nn.Linear, nn.Linear
         target = corrected_target(target, gram, cross.to(gram)).to(target.dtype)
     new_weight = refit_down(target, gram, keep)
     new = slim_layers(gate, up, down, keep, new_weight)
-    # The MLP's output error on the calibration data, relative (without and with the refit).
-    w = target.to(torch.float64)
-    reference = float((w @ gram * w).sum())
-
-    def output_error(weight_on_kept: Tensor) -> float:
-        error = w.clone()
-        error[:, keep] -= weight_on_kept.to(w)
-        return (float((error @ gram * error).sum()) / max(reference, 1e-300)) ** 0.5
-
-    start, end = output_error(w[:, keep]), output_error(new_weight)
-    seconds = (time.perf_counter() - t0) / 3
-    reports = []
-    for name, old_layer, layer, axis in zip(choice.unit.members, layers, new, (0, 0, 1)):
-        # The weight error of the layer as a full-size weight, zero on the dropped neurons.
-        full = old_layer.weight.detach().to(torch.float64)
-        placed = torch.zeros_like(full).index_copy_(axis, keep, layer.weight.detach().to(full))
-        reports.append(LayerReport(
-            name=name, in_features=layer.in_features, out_features=layer.out_features,
-            method=SLIM, chi=choice.width, bond_dims=[choice.width],
-            params_before=sum(p.numel() for p in old_layer.parameters()),
-            params_after=sum(p.numel() for p in layer.parameters()),
-            rel_error=float((placed - full).norm() / full.norm().clamp_min(1e-30)),
-            seconds=seconds, act_error_start=start, act_error=end))
+    errors = output_errors(target, gram, keep, new_weight)
+    reports = slim_reports(choice.unit.members, layers, new, (0, 0, 1), keep, choice.width,
+                           (time.perf_counter() - t0) / 3, errors)
     return new, reports

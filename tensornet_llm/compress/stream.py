@@ -307,7 +307,8 @@ def compactify_pretrained(
         chi, ratio, calibration: as for :func:`~.compactify.compactify`. With ``ratio`` and
             calibration, damage is the relative output error (``gradients=False``): loss
             gradients need the whole model. The budget prices each module alone here: gated
-            MLPs are offered no slim layout (``slim_mlp`` does not apply).
+            MLPs and attention are offered no slim layout (``slim_mlp`` and
+            ``slim_attention`` do not apply).
         dtype: the dtype the blocks are compressed and written in (default float32).
         device: where each block is compressed (``"cuda"``: on the GPU, one block at a time);
             the output is written from there.
@@ -337,7 +338,7 @@ def compactify_pretrained(
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ArgumentError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     cfg = merged_config(None, chi=chi, ratio=ratio, **compactify_options)
-    cfg.gradients = cfg.slim_mlp = False
+    cfg.gradients = cfg.slim_mlp = cfg.slim_attention = False
     check_output(out, overwrite, known=(STRUCTURE_FILE,))
     batches = as_batches(calibration) if calibration is not None else None
     try:

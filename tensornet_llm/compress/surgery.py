@@ -91,8 +91,8 @@ def build_layer(
 
 @contextmanager
 def swaps_undone_on_error(done: list[tuple[nn.Module, str, nn.Module]]):
-    """On any error inside, put back every original module ``done`` swapped out (newest
-    first) and re-raise."""
+    """On any error inside, put back every original module (or attribute) ``done`` swapped
+    out (newest first) and re-raise."""
     try:
         yield
     except BaseException:
@@ -133,6 +133,12 @@ class Swaps:
 
     def swap(self, name: str, new: nn.Module) -> None:
         self.done.append(swap(self.model, name, new))
+
+    def set(self, module: nn.Module, attribute: str, value: object) -> None:
+        """Set a plain attribute of ``module`` (a slim attention's query-head count), undone
+        with the swaps."""
+        self.done.append((module, attribute, getattr(module, attribute)))
+        setattr(module, attribute, value)
 
 
 @contextmanager

@@ -65,8 +65,11 @@ def replaced(structure: Mapping[str, Any]) -> set[str]:
 def _resized_section(model: nn.Module) -> dict[str, Any]:
     """``{"resized": {name: {"in_features", "out_features", "bias"}}}`` for every plain
     ``nn.Linear`` of ``model`` whose shape differs from the one its architecture builds from
-    ``model.config`` (a slim MLP's projections, :mod:`tensornet_llm.compress.slim`); empty
-    where there is none, or no config to build the architecture from."""
+    ``model.config`` (a slim MLP's or attention's projections, :mod:`tensornet_llm.compress.slim`,
+    :mod:`tensornet_llm.compress.heads`), and ``{"query_groups": {name: k}}`` for every attention
+    module that runs ``k`` query heads per key/value group where the architecture runs another
+    number; each section only where it is not empty, none without a config to build the
+    architecture from."""
     linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
     config = getattr(model, "config", None)
     if not linears or config is None or not hasattr(type(model), "_from_config"):
@@ -78,7 +81,10 @@ def _resized_section(model: nn.Module) -> dict[str, Any]:
                    "bias": m.bias is not None}
                for n, m in linears.items()
                if isinstance(built.get(n), nn.Linear) and built[n].weight.shape != m.weight.shape}
-    return {"resized": resized} if resized else {}
+    groups = {n: m.num_key_value_groups for n, m in model.named_modules()
+              if n in built and getattr(m, "num_key_value_groups", None) != getattr(
+                  built[n], "num_key_value_groups", None)}
+    return {k: v for k, v in (("resized", resized), ("query_groups", groups)) if v}
 
 
 def marker_keys(names: Iterable[str]) -> list[str]:
@@ -136,6 +142,13 @@ def build_structure(model: nn.Module, structure: Mapping[str, Any], where: Any) 
     uninitialised; errors name ``where`` the structure came from."""
     _build(model, "resized", structure, lambda l: nn.Linear(
         l["in_features"], l["out_features"], bias=l["bias"], device="meta"), where)
+    for name, groups in structure.get("query_groups", {}).items():
+        attention = model.get_submodule(name) if _has(model, name) else None
+        if not (isinstance(groups, int) and groups >= 1
+                and isinstance(getattr(attention, "num_key_value_groups", None), int)):
+            raise CheckpointError(f"{where}: query_groups entry {name!r} does not fit "
+                                  f"{type(model).__name__}")
+        attention.num_key_value_groups = groups
     _build(model, "modules", structure, _compressed_layer, where)
     _build_cross_layer(model, structure.get("cross_layer", {}), where)
     # last: the parts of compressed layers and cross-layer members may be quantized
@@ -154,6 +167,14 @@ def _build(model: nn.Module, section: str, structure: Mapping[str, Any], build, 
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: {section} entry {name!r} does not fit "
                                   f"{type(model).__name__} ({first_line(exc)})") from exc
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _compressed_layer(layout: dict[str, Any]) -> nn.Module:
