@@ -13,7 +13,7 @@ from tensornet_llm import (
 )
 from tensornet_llm.compress.budget import (
     RANK_MULTIPLE, Option, damage, lower_hull, _start_row_errors, allocate, chi_for_params,
-    ladder,
+    choose, ladder,
 )
 from tensornet_llm.compress.calibrate import (
     as_batches, collect_covariances, collect_output_gradients, output_gradients,
@@ -400,3 +400,13 @@ def test_the_planning_stages_show_progress_before_the_layers(cross_layer, capsys
     assert -1 not in where and where == sorted(where), err[:500]
     compactify(build("llama"), ratio=0.5, calibration=calibration_batches(), progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_ladder_whose_dense_rung_is_dominated_starts_below_it():
+    # "a" loses nothing at half its parameters (a rung of no damage), so the budget has them
+    # without cutting "b"; counting "a" as dense would cut "b" for nothing
+    ladders = {"a": [Option(None, 100, 0.0), Option(8, 50, 0.0)],
+               "b": [Option(None, 100, 0.0), Option(8, 60, 1.0), Option(4, 20, 5.0)]}
+    allocation = choose(ladders, 0.8, "fisher")
+    assert allocation.chi == {"a": 8, "b": None}
+    assert allocation.params_after == 150 and allocation.damage == 0.0
