@@ -179,12 +179,23 @@ def head_order(unit: GroupedAttention, gram: Tensor, weighted: Tensor,
     kept = list(range(unit.heads))
     dropped: list[int] = []
     damage = [0.0]
+
+    def inverse_and_m() -> tuple[Tensor, Tensor]:
+        """``P = G_S^-1`` and ``M = B G[:, S] P`` for the kept heads' features ``S``."""
+        feats = unit.features(torch.tensor(kept, device=g.device))
+        p = torch.cholesky_inverse(stable_cholesky(g[feats][:, feats]))
+        return p, bg[:, feats] @ p
+
+    def record() -> None:  # the damage left with the heads kept now
+        feats = unit.features(torch.tensor(kept, device=g.device))
+        gone = unit.features(torch.tensor(dropped, device=g.device))
+        left = total - float((m * bg[:, feats]).sum())
+        damage.append(max(left - float(own[gone].sum()), 0.0))
+
+    p, m = inverse_and_m()
     for _ in range(unit.per_group - 1):
         reduced: set[int] = set()
         for _ in range(unit.groups):
-            feats = unit.features(torch.tensor(kept, device=g.device))
-            p = torch.cholesky_inverse(stable_cholesky(g[feats][:, feats]))
-            m = bg[:, feats] @ p
             best = None
             for i, h in enumerate(kept):
                 if h // unit.per_group in reduced:
@@ -198,11 +209,8 @@ def head_order(unit: GroupedAttention, gram: Tensor, weighted: Tensor,
             kept.remove(h)
             dropped.append(h)
             reduced.add(h // unit.per_group)
-            feats = unit.features(torch.tensor(kept, device=g.device))
-            left = total - float((bg[:, feats] @ torch.cholesky_solve(
-                bg[:, feats].T, stable_cholesky(g[feats][:, feats]))).trace())
-            gone = unit.features(torch.tensor(dropped, device=g.device))
-            damage.append(max(left - float(own[gone].sum()), 0.0))
+            p, m = inverse_and_m()  # one factorisation per drop: the damage and the next choice
+            record()
     return torch.tensor(dropped, dtype=torch.long), torch.tensor(damage, dtype=torch.float64)
 
 
