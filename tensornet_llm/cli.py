@@ -194,7 +194,8 @@ def _settings(args: argparse.Namespace) -> dict:
             "slim_mlp": (args.slim_mlp if args.ratio is not None and calibrated
                          and not args.stream else None),
             "slim_attention": (args.slim_attention if args.ratio is not None and calibrated
-                               and not args.stream else None)}
+                               and not args.stream else None),
+            "lm_head": args.lm_head}
 
 
 def _saved_dtype(config) -> torch.dtype:
@@ -429,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_field(p, CompactifyConfig, "min_saving", type=_saving)
     add_field(p, CompactifyConfig, "slim_mlp")
     add_field(p, CompactifyConfig, "slim_attention")
+    add_field(p, CompactifyConfig, "lm_head")
     add_field(p, CompactifyConfig, "weigh_outputs")
     add_field(p, CompactifyConfig, "output_metric", choices=OUTPUT_METRICS)
     add_field(p, CompactifyConfig, "cross_layer", type=_positive, metavar="G")

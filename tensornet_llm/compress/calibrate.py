@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import ArgumentError, EstimateFallbackWarning
 from ..helpers.progress import Tick
 from .fit import CovarianceCollector, SharedInputConflict
-from .targets import block_prefix, block_stacks
+from .targets import block_prefix, block_stacks, output_embedding
 
 __all__ = [
     "BlockReplay", "as_batches", "calibrated_order", "check_token_ids", "collect_covariances", "collect_output_gradients",
@@ -369,6 +369,13 @@ def output_gradients(
     accumulated from float32 products per batch) instead of its diagonal ``(out,)``. ``tick``
     is called after every batch.
 
+    The output embedding (the LM head, whose outputs are the logits ``z``) gets the softmax's
+    Fisher instead, ``E_y~p[(p - y)^2] = p (1 - p)`` per vocabulary entry (``full``:
+    ``diag(p) - p p^T``), computed from the logits: the empirical ``(p - y)^2`` it equals in
+    expectation is ``p^2`` for every token the calibration text never shows next, about
+    ``p`` times too small, which would price a factored head's errors on rare tokens (they
+    take probability from the right one) as nearly free.
+
     That is the case when ``model.forward`` takes no ``labels``, returns no ``loss``, or rejects
     the ids as labels (``TypeError`` / ``ValueError`` from the forward pass, as a classification
     head does); the reason names which, with the error's message. Any other exception is a real
@@ -387,23 +394,33 @@ def output_gradients(
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
 
+    def add(name: str, sq: Tensor, tokens: int) -> None:
+        sums[name] = sums[name] + sq if name in sums else sq
+        counts[name] = counts.get(name, 0) + tokens
+
+    head = output_embedding(model)
+
     def hook(name: str):
         def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not isinstance(output, Tensor) or not output.requires_grad:
+            if not isinstance(output, Tensor):
+                return
+            if module is head:  # the logits: the softmax's Fisher, from p alone
+                with torch.no_grad():
+                    p = output.detach().reshape(-1, output.shape[-1]).float().softmax(-1)
+                    sq = (torch.diag_embed(p.sum(0)) - p.T @ p).double() if full else (
+                        p * (1 - p)).double().sum(0)
+                add(name, sq, p.shape[0])
+                return
+            if not output.requires_grad:
                 return
 
             def grad_hook(grad: Tensor) -> None:
                 g = grad.detach().reshape(-1, grad.shape[-1])
                 if full:
                     g = g.float()
-                    sq = (g.T @ g).double()
+                    add(name, (g.T @ g).double(), g.shape[0])
                 else:
-                    sq = g.double().pow(2).sum(0)
-                if name in sums:
-                    sums[name] += sq
-                else:
-                    sums[name] = sq
-                counts[name] = counts.get(name, 0) + g.shape[0]
+                    add(name, g.double().pow(2).sum(0), g.shape[0])
 
             output.register_hook(grad_hook)
 

@@ -41,6 +41,7 @@ def compactify(
     fit_steps: int | None = None,
     low_rank: bool | None = None,
     cross_layer: PerModule | None = None,
+    lm_head: bool | None = None,
     config: CompactifyConfig | None = None,
     progress: bool = True,
 ) -> CompactifyReport:
@@ -72,6 +73,8 @@ def compactify(
         cross_layer: make the same-role modules of every ``cross_layer`` consecutive blocks one
             network with shared bases (:mod:`tensornet_llm.compress.groups`); with ``ratio``
             every group keeps that fraction of its parameters. Off (``None``) by default.
+        lm_head: also compress the output embedding (default False); see
+            :class:`CompactifyConfig`.
         config: a :class:`CompactifyConfig`; explicit keyword arguments override its fields.
         progress: show a progress bar while decomposing.
 
@@ -84,7 +87,7 @@ def compactify(
     """
     cfg = merged_config(config, chi=chi, ratio=ratio, method=method, n_sites=n_sites,
                         targets=targets, exclude=exclude, tol=tol, fit_steps=fit_steps,
-                        low_rank=low_rank, cross_layer=cross_layer)
+                        low_rank=low_rank, cross_layer=cross_layer, lm_head=lm_head)
     start = time.perf_counter()
     batches = as_batches(calibration) if calibration is not None else None
     if batches is not None:
@@ -100,6 +103,7 @@ def compactify(
             _replace_all(plan, cfg, built, swaps, tick)
         else:
             _replace_block_by_block(model, plan, cfg, batches, built, swaps, tick)
+        _untie(model, plan, swaps)
     if cfg.share_mlp_rows:
         share_mlp_rows(model)
     attach(model)  # so that model.save_pretrained writes what from_pretrained loads
@@ -109,6 +113,15 @@ def compactify(
         seconds=time.perf_counter() - start, ratio=cfg.ratio,
         dense_target_params=plan.dense_target_params, estimate=plan.estimate, notes=plan.notes,
     )
+
+
+def _untie(model: nn.Module, plan: Plan, swaps: Swaps) -> None:
+    """A replaced LM head that was tied to the input embedding is tied no more: say so in the
+    model's config, so that ``save_pretrained`` / ``from_pretrained`` and ``tie_weights`` do not
+    tie the embedding's table to it again."""
+    config = getattr(model, "config", None)
+    if plan.untied and getattr(config, "tie_word_embeddings", False):
+        swaps.set(config, "tie_word_embeddings", False)
 
 
 def _replace_all(plan: Plan, cfg: CompactifyConfig,

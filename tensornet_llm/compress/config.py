@@ -121,6 +121,14 @@ class CompactifyConfig:
             ``o_proj`` are targets fewer query heads (an equal number per key/value group:
             rows of ``q_proj``, ``o_proj`` refitted; :mod:`~tensornet_llm.compress.heads`).
             The key/value projections and the KV cache keep their shapes. ``False``: none.
+        lm_head: also target the model's output embedding (``get_output_embeddings()``, the
+            LM head), which the default targets leave dense. With ``ratio`` its damage is the
+            loss increase under the model's own next-token distribution (the softmax's Fisher
+            at the logits, see :func:`~tensornet_llm.compress.calibrate.output_gradients`). A
+            head tied to the input embedding is not priced by the budget: the embedding keeps
+            the table, so any factored head adds parameters; with ``chi`` it is factored as
+            asked and untied (``config.tie_word_embeddings`` set to ``False``), which reads
+            fewer bytes per decoded token and grows the model.
     """
 
     chi: PerModule | None = None
@@ -147,6 +155,7 @@ class CompactifyConfig:
     share_mlp_rows: bool = True
     slim_mlp: bool = True
     slim_attention: bool = True
+    lm_head: bool = False
 
     def validate(self) -> None:
         if self.ratio is not None:
@@ -174,7 +183,7 @@ class CompactifyConfig:
         if not (_is_number(self.ridge) and 0 <= self.ridge < math.inf):
             raise ArgumentError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
         for flag in ("low_rank", "match_dense", "gradients", "weigh_outputs", "interpolative",
-                     "share_mlp_rows", "slim_mlp", "slim_attention"):
+                     "share_mlp_rows", "slim_mlp", "slim_attention", "lm_head"):
             if not isinstance(getattr(self, flag), bool):
                 raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if isinstance(self.exclude, str):
@@ -182,6 +191,9 @@ class CompactifyConfig:
         if self.cross_layer is not None:
             _check_setting(self.cross_layer, "cross_layer", lambda v: _is_int(v) and v >= 1,
                            "an integer >= 1 (blocks per group)")
+            if self.lm_head:
+                raise ArgumentError("lm_head does not apply with cross_layer (groups are made "
+                                    "of the blocks' modules); compress the head without it")
             if self.match_dense:
                 raise ArgumentError("match_dense does not apply with cross_layer (a group spans "
                                     "several blocks and is fitted on the dense model's inputs)")

@@ -21,7 +21,8 @@ from .config import CompactifyConfig
 from .fit import output_weights
 from .heads import HeadChoice, grouped_attentions, head_rungs
 from .slim import SlimChoice, gated_mlps
-from .targets import find_targets, fused_expert_tensors, resolve_override
+from .targets import (find_targets, fused_expert_tensors, output_embedding, resolve_override,
+                      shared_weights)
 
 __all__ = ["Plan", "make_plan", "chosen_targets", "offered_layouts", "layout_for"]
 
@@ -30,7 +31,8 @@ def chosen_targets(model: nn.Module, cfg: CompactifyConfig
                    ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
     """The modules ``cfg`` targets, ``[(name, module)]``, and the ones passed over with the
     reason (fused MoE expert tensors among them); an error when nothing matches."""
-    chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features)
+    chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features,
+                                   cfg.lm_head)
     if not chosen:
         raise ArgumentError(
             f"targets={cfg.targets!r} (exclude={cfg.exclude!r}) matched no nn.Linear or Conv1D "
@@ -47,8 +49,9 @@ class Plan:
 
     ``settings`` holds ``(layout, chi)`` per target name (``None``: left dense by the budget, or
     part of a slim MLP or attention) in model order; ``chosen`` the targets replaced one by
-    one, ``slim`` the gated MLPs the budget slims, by MLP name, and ``heads`` the attention
-    modules it gives fewer query heads, by module name."""
+    one, ``slim`` the gated MLPs the budget slims, by MLP name, ``heads`` the attention
+    modules it gives fewer query heads, by module name, and ``untied`` the targets whose
+    weight another module keeps (a tied LM head), with that parameter's name."""
 
     chosen: list[tuple[str, nn.Module]]
     skipped: list[tuple[str, str]]
@@ -60,6 +63,7 @@ class Plan:
     rows: dict[str, torch.Tensor] = field(default_factory=dict)
     slim: dict[str, SlimChoice] = field(default_factory=dict)
     heads: dict[str, HeadChoice] = field(default_factory=dict)
+    untied: dict[str, str] = field(default_factory=dict)
 
     @property
     def slimmed(self) -> set[str]:
@@ -75,13 +79,17 @@ def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     (streaming compression builds the ladders block by block). ``progress``: a bar for each
     stage of the budget pass (statistics, loss gradients, pricing)."""
     chosen, skipped = chosen_targets(model, cfg)
+    shared = shared_weights(model, chosen)
     if cfg.ratio is None:
         settings = {name: (layout_for(module, resolve_override(cfg.method, name, "method"),
                                       resolve_override(cfg.n_sites, name, "n_sites"),
                                       cfg.interpolative),
                            resolve_override(cfg.effective_chi, name, "chi"))
                     for name, module in chosen}
-        return Plan(chosen, skipped, settings)
+        notes = [f"{name} no longer shares its weight with {param}, which keeps the dense table"
+                 for name, param in shared.items()]
+        return Plan(chosen, skipped, settings, notes=notes, untied=shared)
+    chosen = _priced_targets(model, chosen, skipped, shared, cfg)
     offered = {name: offered_layouts(name, module, cfg) for name, module in chosen}
     notes: list[str] = []
     if budget is None:
@@ -99,6 +107,28 @@ def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
     chosen = [(n, m) for n, m in chosen if settings[n] is not None]
     return Plan(chosen, skipped, settings, dense_target_params, estimate, notes, rows, slim,
                 heads)
+
+
+def _priced_targets(model: nn.Module, chosen: list[tuple[str, nn.Module]],
+                    skipped: list[tuple[str, str]], shared: dict[str, str],
+                    cfg: CompactifyConfig) -> list[tuple[str, nn.Module]]:
+    """The targets the budget prices: not those whose weight another module keeps (any layout
+    would add parameters; they join ``skipped``). Refuses, before any work, the full output
+    metric on the LM head (an ``(out, out)`` matrix of the vocabulary's size)."""
+    skipped += [(name, f"shares its weight with {param}, which stays: a compressed copy would "
+                       f"add parameters, so the ratio={cfg.ratio} budget leaves it dense")
+                for name, param in shared.items()]
+    priced = [(n, m) for n, m in chosen if n not in shared]
+    if not priced:
+        raise ArgumentError(f"targets={cfg.targets!r} leave the ratio budget only modules that "
+                            f"share their weight with another: {sorted(shared)}")
+    head = output_embedding(model)
+    if cfg.weigh_outputs and cfg.output_metric == "full" and any(m is head for _, m in priced):
+        out = linear_weight(head)[0].shape[0]
+        raise ArgumentError(f"output_metric='full' weighs the LM head's {out:,} outputs with an "
+                            f"({out:,}, {out:,}) matrix ({out * out * 8 / 2**30:.1f} GiB); use "
+                            "'diagonal' with lm_head")
+    return priced
 
 
 def offered_layouts(name: str, module: nn.Module, cfg: CompactifyConfig) -> list[Layout]:

@@ -332,6 +332,9 @@ def compactify_pretrained(
     if compactify_options.get("match_dense"):
         raise ArgumentError("match_dense needs the dense and the compressed model at once; "
                             "streaming compression cannot offer it")
+    if compactify_options.get("lm_head"):
+        raise ArgumentError("streaming compresses modules inside the transformer blocks only; "
+                            "lm_head does not apply")
     if compactify_options.get("cross_layer") is not None:
         raise ArgumentError("cross_layer groups span several blocks; streaming compression "
                             "holds one block at a time and cannot offer them")

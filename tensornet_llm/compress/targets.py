@@ -3,7 +3,8 @@
 Default targets are the linear projections inside the model's stack of repeated blocks
 (attention and MLP of every transformer layer): ``nn.Linear`` (or a subclass) or GPT-2's
 ``Conv1D``, found inside an ``nn.ModuleList`` of blocks. Token embeddings, the LM head,
-classification heads and poolers live outside the block stack and are never default targets.
+classification heads and poolers live outside the block stack and are never default targets;
+``lm_head=True`` adds the output embedding (the LM head) to any selection.
 
 Patterns, used for ``targets``, ``exclude`` and per-module overrides:
 
@@ -26,7 +27,7 @@ from ..layers.layout import COMPRESSED
 
 __all__ = [
     "Filter", "matches", "resolve_override", "find_targets", "fused_expert_tensors", "block_stacks",
-    "block_prefix",
+    "block_prefix", "output_embedding", "shared_weights",
 ]
 
 #: ``filter(module, qualified_name) -> bool``, as torchao's ``filter_fn``.
@@ -91,17 +92,41 @@ def block_prefix(name: str, stacks: list[str]) -> str | None:
     return None
 
 
+def output_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's output embedding (``get_output_embeddings()``, the LM head), or ``None``."""
+    fn = getattr(model, "get_output_embeddings", None)
+    try:
+        return fn() if callable(fn) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def shared_weights(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """``{target name: parameter name}`` for the targets whose weight is also a parameter of a
+    module that is not a target (an LM head tied to the input embedding): replacing such a
+    target leaves that table in place."""
+    target_ids = {id(m) for _, m in chosen}
+    owners: dict[int, str] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        if id(module) in target_ids:
+            continue
+        for param_name, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), f"{module_name}.{param_name}" if module_name else param_name)
+    shared = {}
+    for name, module in chosen:
+        weight = getattr(module, "weight", None)
+        if weight is not None and id(weight) in owners:
+            shared[name] = owners[id(weight)]
+    return shared
+
+
 def _head_ids(model: nn.Module) -> set[int]:
-    ids = set()
-    for getter in ("get_output_embeddings", "get_input_embeddings"):
-        fn = getattr(model, getter, None)
-        try:
-            module = fn() if callable(fn) else None
-        except (NotImplementedError, AttributeError):
-            module = None
-        if module is not None:
-            ids.add(id(module))
-    return ids
+    fn = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = fn() if callable(fn) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    return {id(m) for m in (output_embedding(model), embedding) if m is not None}
 
 
 def find_targets(
@@ -109,6 +134,7 @@ def find_targets(
     targets: Targets = None,
     exclude: Iterable[str] | None = None,
     min_features: int = 16,
+    lm_head: bool = False,
 ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
     """Modules to tensorize, and ``(name, reason)`` for linear-like modules left alone.
 
@@ -118,6 +144,8 @@ def find_targets(
         exclude: patterns removed from the targets.
         min_features: the default rule skips layers with fewer input or output features
             (routers, gates with one output), where a network cannot save anything.
+        lm_head: also the output embedding (unless excluded); an error if the model has no
+            linear one.
     """
     exclude = [check_pattern(p, "exclude") for p in (exclude or [])]
     if isinstance(targets, str):
@@ -165,6 +193,17 @@ def find_targets(
             skipped.append((name, "excluded"))
             continue
         chosen.append((name, module))
+    if lm_head:
+        head = output_embedding(model)
+        if head is None or not is_linear_like(head):
+            raise ArgumentError(
+                f"lm_head=True, but {type(model).__name__}.get_output_embeddings() returns "
+                f"{type(head).__name__ if head is not None else None}, not an nn.Linear")
+        name = next(n for n, m in model.named_modules() if m is head)
+        if any(matches(name, p) for p in exclude):
+            skipped.append((name, "excluded"))
+        elif not any(m is head for _, m in chosen):
+            chosen.append((name, head))
     return chosen, skipped
 
 
