@@ -103,44 +103,37 @@ def main() -> None:
     data = calibration_mix(tokenizer, args.calibration_tokens, seq_len=512)
     rows: list[dict] = []
 
-    def rank_of(report) -> int | None:
-        return next((row.chi for row in report.layers if row.name == "lm_head"), None)
-
-    for keep in args.head_keep:
+    def measured(**options) -> tuple[dict, torch.nn.Module, int | None]:
+        """A fresh SmolLM2, its head untied, ``compactify(**options)`` on the calibration text,
+        scored on held-out text; with its head and the head's rank (``None``: left dense)."""
         found = {}
 
-        def compress(student, keep=keep, found=found):
-            report = compactify(untied(student), ratio=keep, targets=["lm_head"],
-                                calibration=data, progress=False)
-            found["head"], found["rank"] = student.lm_head, rank_of(report)
+        def compress(student):
+            report = compactify(untied(student), calibration=data, progress=False, **options)
+            found["head"] = student.lm_head
+            found["rank"] = next((r.chi for r in report.layers if r.name == "lm_head"), None)
             return report
 
         row = held_out_row(compress, tokenizer, args.tokens, meta["dense"])
-        dense_head = model.lm_head
-        rows.append({"kind": "head alone", "keep": keep, "rank": found["rank"],
-                     "layout": type(found["head"]).__name__,
-                     "speed": head_speed(found["head"], dense_head, args.rounds), **row})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
+        return row, found["head"], found["rank"]
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "choices"}), flush=True)
         write(args.out, meta, rows)
+
+    for keep in args.head_keep:
+        row, head, rank = measured(ratio=keep, targets=["lm_head"])
+        record({"kind": "head alone", "keep": keep, "rank": rank, "layout": type(head).__name__,
+                "speed": head_speed(head, model.lm_head, args.rounds), **row})
     blocks = target_parameters(model)
-    head = model.lm_head.weight.numel()
+    head_params = model.lm_head.weight.numel()
     for keep in args.keep:
         for offered in (False, True):
-            ratio = (keep * blocks + head) / (blocks + head) if offered else keep
-            ranks = {}
-
-            def compress(student, ratio=ratio, offered=offered, ranks=ranks):
-                report = compactify(untied(student), ratio=ratio, lm_head=offered,
-                                    calibration=data, progress=False)
-                ranks["head"] = rank_of(report)
-                return report
-
-            row = held_out_row(compress, tokenizer, args.tokens, meta["dense"])
-            rows.append({"kind": "head offered" if offered else "head dense", "keep": keep,
-                         "ratio": ratio, "rank": ranks["head"], **row})
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)
-            write(args.out, meta, rows)
-
+            ratio = (keep * blocks + head_params) / (blocks + head_params) if offered else keep
+            row, _, rank = measured(ratio=ratio, lm_head=offered)
+            record({"kind": "head offered" if offered else "head dense", "keep": keep,
+                    "ratio": ratio, "rank": rank, **row})
 
 if __name__ == "__main__":
     main()
