@@ -12,8 +12,8 @@ greedy ``generate`` from a ``--prompt``-token prompt:
 * **decode**: ``(generate(max_new_tokens=1 + N) - prefill) / N`` per new token.
 
 ``--int8`` adds the dense and every ``--keep`` model quantized by ``quantize(model, 8)``
-(torchao's int8 weight-only for every ``nn.Linear`` and the embeddings), float32 only; their
-ratios are against the dense model quantized the same way. ``--exclude PATTERN ...`` adds, for
+(torchao's int8 weight-only for every ``nn.Linear`` and the embeddings), each quantized in the
+dtype it runs in; their ratios are against the dense model quantized the same way. ``--exclude PATTERN ...`` adds, for
 every keep, a model with those modules left dense and the rest compressed further (the same
 parameters in all). ``--own-rows`` adds, for every keep, the model whose MLPs' ``gate_proj`` and
 ``up_proj`` keep their own rows (``CompactifyConfig(share_mlp_rows=False)``). ``--no-slim`` adds,
@@ -138,17 +138,19 @@ def run_config(models: dict[str, nn.Module], prompt: torch.Tensor, new_tokens: i
     ready = {}
     if mode == "compiled":
         torch._dynamo.reset()  # each configuration compiles afresh
-    if dtype != torch.float32:  # the int8 models compute in the dtype they were quantized in
-        models = {k: m for k, m in models.items() if not k.endswith(INT8)}
     for name, model in models.items():
+        if name.endswith(INT8) and dtype != torch.float32:  # quantized in the dtype it runs in
+            model = copy.deepcopy(models[name.removesuffix(INT8)]).to(dtype)
+            quantize(model, 8)
         model = model.to(dtype)
         if mode == "compiled":
             model = copy.copy(model)  # a shallow copy carries the compiled forward alone
             model.forward = torch.compile(model.forward, dynamic=True)
         ready[name] = model
     times = time_generate(ready, prompt, new_tokens, rounds, static=mode == "compiled")
-    for model in models.values():
-        model.to(torch.float32)
+    for name, model in models.items():
+        if not name.endswith(INT8):
+            model.to(torch.float32)
     return times
 
 

@@ -165,7 +165,8 @@ def test_quantize_rounds_kept_rows_in_the_orthonormal_gauge(bits):
     from tensornet_llm import quantize
     from tensornet_llm.layers.quantized import QuantizedLinear
     from tensornet_llm.saving.tensors import is_torchao_tensor
-    from tensornet_llm.train.quantize import low_rank_as_factors, rounding_plan
+    from tensornet_llm.train.qat import rounding_plan
+    from tensornet_llm.train.quantize import low_rank_as_factors
 
     model, _ = kept_model()
     x = inputs("llama")

@@ -14,7 +14,8 @@ from tensornet_llm import compactify
 from tensornet_llm.layers.base import TensorNetworkLinear
 from tensornet_llm.errors import HealingCheckWarning
 from tensornet_llm.train.heal import HealConfig, _loss_terms, auto_precision, heal, trainable_parameters
-from tensornet_llm.train.quantize import QuantizeConfig, quantize, rounded_weights
+from tensornet_llm.train.qat import rounded_weights
+from tensornet_llm.train.quantize import QuantizeConfig, quantize
 from tensornet_llm.train import token_loss as token_loss_module
 from test_compactify import assert_unchanged, snapshot
 

@@ -257,7 +257,8 @@ def test_kept_rows_round_in_their_smaller_dense_like_form(rank):
 
 def test_quantization_aware_healing_asks_for_factors_first():
     from tensornet_llm.train.heal import heal
-    from tensornet_llm.train.quantize import low_rank_as_factors, rounding_plan
+    from tensornet_llm.train.qat import rounding_plan
+    from tensornet_llm.train.quantize import low_rank_as_factors
 
     model = compressed()
     snap = [p.detach().clone() for p in model.parameters()]

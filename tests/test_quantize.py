@@ -14,7 +14,8 @@ from tensornet_llm.layers.quantized import (
     quantize_tensor,
 )
 from tensornet_llm.saving.tensors import is_torchao_tensor
-from tensornet_llm.train.quantize import quantize, rounded_weights, rounding_plan
+from tensornet_llm.train.qat import rounded_weights, rounding_plan
+from tensornet_llm.train.quantize import quantize
 from test_compactify import assert_unchanged, snapshot
 
 
@@ -207,7 +208,7 @@ def test_int8_table_lookup_converts_only_its_rows_and_equals_torchao(group, monk
     quantization = pytest.importorskip("torchao.quantization")
     from torchao.quantization.granularity import PerGroup, PerRow, PerTensor
 
-    from tensornet_llm.saving import torchao_lookup
+    from tensornet_llm.saving import torchao_cpu
 
     torch.manual_seed(0)
     table = torch.nn.Embedding(300, 64)
@@ -216,10 +217,125 @@ def test_int8_table_lookup_converts_only_its_rows_and_equals_torchao(group, monk
                            filter_fn=lambda m, _: True)
     indices = torch.randint(0, 300, (3, 7))
     expected = table.weight.dequantize()[indices]  # torchao's arithmetic on the whole table
-    torchao_lookup.register()
+    torchao_cpu.register()
     if group != "tensor":  # one scale for every row: torchao's own whole-table lookup
         monkeypatch.setattr(type(table.weight), "dequantize", None)  # the whole table: unused
     with torch.no_grad():
         assert torch.equal(table(indices), expected)
         torch._dynamo.reset()
         assert torch.equal(torch.compile(table, fullgraph=True)(indices), expected)
+
+
+def _kernels_called(call) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape, features", [((1, 1), (96, 40)), ((2, 5), (48, 7))])
+def test_int8_linear_in_half_precision_uses_the_fused_kernel_and_rounds_once(dtype, shape,
+                                                                              features):
+    quantization = pytest.importorskip("torchao.quantization")
+    from tensornet_llm.saving import torchao_cpu
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(*features).to(dtype)
+    quantization.quantize_(linear, quantization.Int8WeightOnlyConfig())
+    torchao_cpu.register()
+    x = torch.randn(*shape, features[0], dtype=dtype)
+    weight = linear.weight.dequantize().double()  # torchao's own rounded weight, exactly
+    exact = x.double() @ weight.T + linear.bias.double()
+    with torch.no_grad():
+        assert "aten::_weight_int8pack_mm" in _kernels_called(lambda: linear(x))
+        out = linear(x)
+    assert out.shape == (*shape, features[1]) and out.dtype == dtype
+    # one product rounded to the dtype, then the bias added: two roundings of the output
+    step = torch.finfo(dtype).eps * exact.abs().max().item()
+    assert (out.double() - exact).abs().max().item() <= 2 * step
+
+
+@pytest.mark.parametrize("case", ["float32", "grad", "per group", "13 features",
+                                  "unaligned input", "unaligned weight", "compiled"])
+def test_int8_linear_keeps_torchaos_code_where_the_fused_kernel_does_not_apply(case):
+    quantization = pytest.importorskip("torchao.quantization")
+    from torchao.quantization.granularity import PerGroup
+
+    from tensornet_llm.saving import torchao_cpu
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    linear = torch.nn.Linear(13 if case == "13 features" else 64, 24).to(dtype)
+    config = quantization.Int8WeightOnlyConfig(
+        **({"granularity": PerGroup(16)} if case == "per group" else {}))
+    quantization.quantize_(linear, config)
+    x = torch.randn(3, linear.in_features, dtype=dtype, requires_grad=case == "grad")
+    if case == "unaligned input":  # 8 values (16 bytes) into a fresh, aligned buffer
+        x = torch.cat([torch.zeros(8, dtype=dtype), x.flatten()])[8:].view(x.shape)
+    if case == "unaligned weight":  # as a loaded checkpoint's view may sit
+        values = linear.weight.qdata
+        linear.weight.qdata = torch.cat([values.new_zeros(8), values.flatten()])[8:].view(
+            values.shape)
+    torchao_cpu.register()
+    expected = torchao_cpu._torchao_linear(torch.nn.functional.linear, (), (x, linear.weight,
+                                                                           linear.bias), {})
+    if case == "compiled":
+        torch._dynamo.reset()
+        with torch.no_grad():
+            out = torch.compile(linear, fullgraph=True)(x)
+        step = torch.finfo(dtype).eps * expected.abs().max().item()
+        assert (out - expected).abs().max().item() <= 2 * step
+        return
+    assert "aten::_weight_int8pack_mm" not in _kernels_called(lambda: linear(x))
+    out = linear(x)
+    assert torch.equal(out, expected)
+    if case == "grad":
+        out.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_int8_pads_ranks_and_mlp_widths_to_the_fused_kernels_blocks_and_computes_the_same():
+    """A rank-5 low-rank layer and a gated MLP slimmed to width 40 become rank 16 and width 48
+    with zeros: the model computes what the unpadded weights rounded alike compute."""
+    pytest.importorskip("torchao")
+    from tensornet_llm.compress.slim import slim_layers
+    from tensornet_llm.layers.low_rank import LowRankLinear
+
+    torch.manual_seed(0)
+    model = build("llama")
+    mlp = model.model.layers[0].mlp
+    keep = torch.randperm(48)[:40].sort().values
+    layers = slim_layers(mlp.gate_proj, mlp.up_proj, mlp.down_proj, keep,
+                         mlp.down_proj.weight[:, keep])
+    mlp.gate_proj, mlp.up_proj, mlp.down_proj = layers
+    attention = model.model.layers[1].self_attn
+    w = attention.q_proj.weight
+    u, s, vh = torch.linalg.svd(w.detach())
+    attention.q_proj = LowRankLinear.from_factors(u[:, :5] * s[:5], vh[:5], attention.q_proj.bias)
+    batch = inputs("llama")
+    with torch.no_grad(), rounded_weights(model, 8):
+        expected = model(**batch).logits
+    report = quantize(model, 8)
+    assert model.model.layers[1].self_attn.q_proj.rank == 16
+    assert mlp.down_proj.in_features == mlp.gate_proj.out_features == 48
+    assert all(m.in_features % 16 == 0 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+    assert {"low-rank", "linear"} <= {kind for _, kind, _, _ in report.rows}
+
+
+def test_an_int8_model_in_bfloat16_decodes_every_linear_through_the_fused_kernel():
+    pytest.importorskip("torchao")
+    model = build("llama")
+    compactify(model, ratio=0.5, progress=False)
+    model = model.to(torch.bfloat16)
+    quantize(model, 8)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(is_torchao_tensor(m.weight) for m in linears)
+    ids = inputs("llama")["input_ids"][:1]
+    with torch.no_grad():
+        past = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
+    fused = sum(e.name == "aten::_weight_int8pack_mm" for e in prof.events())
+    assert fused == len(linears)

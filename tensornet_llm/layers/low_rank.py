@@ -39,7 +39,7 @@ from ..errors import ArgumentError, RankDeficientError
 from .base import check_int, dequantized
 from .maxvol import inverse, kept_row_order, maxvol_rows
 
-__all__ = ["FactoredLinear", "LowRankLinear", "KeptRowsLinear", "balanced_factors"]
+__all__ = ["FactoredLinear", "LowRankLinear", "KeptRowsLinear", "balanced_factors", "zero_padded"]
 
 
 def _check_sizes(in_features: int, out_features: int, rank: int) -> None:
@@ -185,6 +185,17 @@ class LowRankLinear(FactoredLinear):
         r = min(chi, in_features, out_features)
         return r * (in_features + out_features) + (out_features if bias else 0)
 
+    def padded(self, multiple: int) -> "LowRankLinear":
+        """The same map with the rank rounded up to a multiple of ``multiple`` (at most
+        ``min(in, out)``): zero rows in ``first``, zero columns in ``second``, which reads
+        nothing from them. What int8 kernels that take whole blocks of features need."""
+        rank = min(-(-self.rank // multiple) * multiple, self.in_features, self.out_features)
+        layer = LowRankLinear(self.in_features, self.out_features, rank, self.bias is not None,
+                              device=self.first.weight.device, dtype=self.first.weight.dtype)
+        layer.first = zero_padded(self.first, rank, self.in_features)
+        layer.second = zero_padded(self.second, self.out_features, rank)
+        return layer.train(self.training)
+
 
 class KeptRowsLinear(FactoredLinear):
     """``W = P^T [I; Y] W[R]`` as ``[h, others(h)][order]``, ``h = kept(x)`` (module docs).
@@ -282,6 +293,19 @@ class KeptRowsLinear(FactoredLinear):
         r = min(chi, in_features, out_features)
         return r * (in_features + out_features - r) + (out_features if bias else 0)
 
+    def rounding_form(self) -> nn.Module:
+        """The same map in the smaller of the two forms that round like a dense weight (what
+        int8 / int4 quantization rounds): two balanced factors (:func:`balanced_factors`,
+        ``r (in + out)`` entries), or the product as one ``nn.Linear`` (``in out`` entries, one
+        matmul instead of two), the smaller where ``r`` is above ``in out / (in + out)``.
+        Rounding ``Y`` itself moves each combined row by the rounding of up to ``r``
+        coefficients of order 1, which the combination does not average out."""
+        if self.rank * (self.in_features + self.out_features) < (
+                self.in_features * self.out_features):
+            return balanced_factors(self)
+        ref = self.kept.weight
+        return self.to_linear().train(self.training).requires_grad_(ref.requires_grad)
+
     def layout(self) -> dict[str, Any]:
         return {**super().layout(), "ordered": self.order is not None}
 
@@ -307,3 +331,17 @@ def balanced_factors(layer: FactoredLinear) -> LowRankLinear:
     new = LowRankLinear.from_factors(left, right, None if bias is None else bias.to(ref))
     return new.train(layer.training).requires_grad_(ref.requires_grad)
 
+
+
+@torch.no_grad()
+def zero_padded(layer: nn.Linear, out_features: int, in_features: int) -> nn.Linear:
+    """``layer`` ``(out, in)`` grown to ``(out_features, in_features)`` with zeros (weight and
+    bias): the new outputs are zero, the new inputs are read by nothing. Same device, dtype,
+    mode and ``requires_grad``."""
+    ref = layer.weight
+    new = nn.Linear(in_features, out_features, bias=layer.bias is not None, device=ref.device,
+                    dtype=ref.dtype)
+    new.weight.zero_()[: layer.out_features, : layer.in_features] = ref
+    if layer.bias is not None:
+        new.bias.zero_()[: layer.out_features] = layer.bias
+    return new.train(layer.training).requires_grad_(ref.requires_grad)

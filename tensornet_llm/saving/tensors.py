@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, first_line
 from ..helpers.evaluate import stored_tensors
-from . import torchao_lookup
+from . import torchao_cpu
 
 __all__ = ["is_torchao_tensor", "storage_key", "dedupe", "flatten", "unflatten", "quantized_names",
            "part_names", "read_metadata", "int8_config", "torchao_to_dtype"]
@@ -70,12 +70,12 @@ def int8_config(group_size: int | None = None):
     """torchao's int8 weight-only config: one scale per output row, or per group of
     ``group_size`` entries of a row. What ``quantize(model, 8)`` applies and what a saved int8
     checkpoint declares. ``set_inductor_config=False``: the caller's ``torch.compile`` settings
-    stay as they are. Int8 tables look up only their rows from then on
-    (:mod:`~tensornet_llm.saving.torchao_lookup`)."""
+    stay as they are. Int8 tables look up only their rows, and half-precision int8 linears
+    run torch's fused kernel, from then on (:mod:`~tensornet_llm.saving.torchao_cpu`)."""
     from torchao.quantization import Int8WeightOnlyConfig
     from torchao.quantization.granularity import PerGroup, PerRow
 
-    torchao_lookup.register()
+    torchao_cpu.register()
     return Int8WeightOnlyConfig(granularity=PerGroup(group_size) if group_size else PerRow(),
                                 set_inductor_config=False)
 
@@ -119,7 +119,7 @@ def unflatten(state: Mapping[str, Tensor], metadata: Mapping[str, str] | None, w
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
         tensors, leftover = unflatten_tensor_state_dict(dict(state), dict(metadata))
-        torchao_lookup.register()
+        torchao_cpu.register()
     except ImportError as exc:
         raise CheckpointError(f"{where} holds weights quantized by torchao, which is not "
                               "installed: pip install 'tensornet-llm[torchao]'") from exc

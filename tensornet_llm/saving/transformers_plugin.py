@@ -33,7 +33,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import CheckpointError
-from . import torchao_lookup
+from . import torchao_cpu
 from .structure import (
     QUANT_METHOD, build_structure, describe, marker_keys, replaced, with_markers,
 )
@@ -119,7 +119,7 @@ class TensorNetworkQuantizer(HfQuantizer):
             return {}
         from transformers.integrations.torchao import TorchAoDeserialize
 
-        torchao_lookup.register()
+        torchao_cpu.register()
         return {"deserialize": TorchAoDeserialize}
 
     def is_serializable(self, **_: Any) -> bool:

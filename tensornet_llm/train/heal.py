@@ -41,7 +41,8 @@ from ..helpers.files import atomic_directory, check_output
 from ..layers.base import TensorNetworkLinear
 from ..layers.layout import COMPRESSED
 from ..compress.calibrate import as_batches, check_token_ids
-from .quantize import QuantizeConfig, as_quantize_config, rounded_weights, rounding_plan
+from .qat import rounded_weights, rounding_plan
+from .quantize import QuantizeConfig, as_quantize_config
 from .token_loss import token_loss
 
 __all__ = ["HealConfig", "HealResult", "auto_precision", "heal", "trainable_parameters"]
