@@ -279,8 +279,7 @@ def load_compactified(
         raise CheckpointError(f"{weights}: parameters missing: {on_meta[:5]}")
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
-    if dtype is not None:
-        torchao_to_dtype(model, dtype)
+    torchao_to_dtype(model, dtype)
     from .transformers_plugin import attach
 
     return attach(model).eval()

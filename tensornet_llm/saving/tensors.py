@@ -80,23 +80,31 @@ def int8_config(group_size: int | None = None):
                                 set_inductor_config=False)
 
 
-def torchao_to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+def torchao_to_dtype(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Give torchao's tensors in ``model`` the dtype they dequantize to and compute in, which
     ``model.to(dtype)`` leaves as it was (their integers and scales stay as they are; a tied
-    table stays one tensor). Returns ``model``."""
+    table stays one tensor; ``None``: each keeps its own), and copy parts a checkpoint left at
+    an unaligned address into fresh memory (the fused int8 kernel reads aligned blocks:
+    :mod:`~tensornet_llm.saving.torchao_cpu`). Returns ``model``."""
     new: dict[int, nn.Parameter] = {}
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
-            if is_torchao_tensor(p) and p.dtype != dtype:
-                if id(p) not in new:
-                    cls = type(p)  # torchao's tensors name their parts and attributes
-                    parts = [dtype if n == "dtype" else getattr(p, n)
-                             for n in (*cls.tensor_data_names, *cls.tensor_attribute_names)]
-                    optional = {n: getattr(p, n) for n in (
-                        *getattr(cls, "optional_tensor_data_names", ()),
-                        *getattr(cls, "optional_tensor_attribute_names", ()))}
-                    new[id(p)] = nn.Parameter(cls(*parts, **optional), requires_grad=False)
-                setattr(module, name, new[id(p)])
+            if not is_torchao_tensor(p):
+                continue
+            cls = type(p)  # torchao's tensors name their parts and attributes
+            names = (*cls.tensor_data_names, *cls.tensor_attribute_names)
+            unaligned = any(getattr(p, n).data_ptr() % 64 for n in cls.tensor_data_names)
+            if (dtype is None or p.dtype == dtype) and not unaligned:
+                continue
+            if id(p) not in new:
+                parts = [(dtype or p.dtype) if n == "dtype" else getattr(p, n) for n in names]
+                parts = [t.clone() if isinstance(t, Tensor) and t.data_ptr() % 64 else t
+                         for t in parts]
+                optional = {n: getattr(p, n) for n in (
+                    *getattr(cls, "optional_tensor_data_names", ()),
+                    *getattr(cls, "optional_tensor_attribute_names", ()))}
+                new[id(p)] = nn.Parameter(cls(*parts, **optional), requires_grad=False)
+            setattr(module, name, new[id(p)])
     return model
 
 
