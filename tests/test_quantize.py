@@ -236,8 +236,9 @@ def _kernels_called(call, count: str | None = None):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape, features", [((1, 1), (96, 40)), ((2, 5), (48, 7))])
+@pytest.mark.parametrize("layout", ["contiguous", "unaligned", "transposed"])
 def test_int8_linear_in_half_precision_uses_the_fused_kernel_and_rounds_once(dtype, shape,
-                                                                              features):
+                                                                              features, layout):
     quantization = pytest.importorskip("torchao.quantization")
     from tensornet_llm.saving import torchao_cpu
 
@@ -246,34 +247,37 @@ def test_int8_linear_in_half_precision_uses_the_fused_kernel_and_rounds_once(dty
     quantization.quantize_(linear, quantization.Int8WeightOnlyConfig())
     torchao_cpu.register()
     x = torch.randn(*shape, features[0], dtype=dtype)
+    if layout == "unaligned":  # 8 values (16 bytes) into a fresh, aligned buffer
+        x = torch.cat([torch.zeros(8, dtype=dtype), x.flatten()])[8:].view(x.shape)
+    elif layout == "transposed":  # rows x features, features not the fastest index
+        x = x.reshape(-1, features[0]).T.contiguous().T
     weight = linear.weight.dequantize().double()  # torchao's own rounded weight, exactly
     exact = x.double() @ weight.T + linear.bias.double()
     with torch.no_grad():
         assert "aten::_weight_int8pack_mm" in _kernels_called(lambda: linear(x))
         out = linear(x)
-    assert out.shape == (*shape, features[1]) and out.dtype == dtype
+    assert out.shape == (*x.shape[:-1], features[1]) and out.dtype == dtype
     # one product rounded to the dtype, then the bias added: two roundings of the output
     step = torch.finfo(dtype).eps * exact.abs().max().item()
     assert (out.double() - exact).abs().max().item() <= 2 * step
 
 
-@pytest.mark.parametrize("case", ["float32", "grad", "per group", "13 features",
-                                  "unaligned input", "unaligned weight", "compiled"])
+@pytest.mark.parametrize("case", ["float32", "grad", "per group", "per tensor", "13 features",
+                                  "unaligned weight", "compiled"])
 def test_int8_linear_keeps_torchaos_code_where_the_fused_kernel_does_not_apply(case):
     quantization = pytest.importorskip("torchao.quantization")
-    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.granularity import PerGroup, PerTensor
 
     from tensornet_llm.saving import torchao_cpu
 
     torch.manual_seed(0)
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     linear = torch.nn.Linear(13 if case == "13 features" else 64, 24).to(dtype)
+    granularity = {"per group": PerGroup(16), "per tensor": PerTensor()}.get(case)
     config = quantization.Int8WeightOnlyConfig(
-        **({"granularity": PerGroup(16)} if case == "per group" else {}))
+        **({"granularity": granularity} if granularity else {}))
     quantization.quantize_(linear, config)
     x = torch.randn(3, linear.in_features, dtype=dtype, requires_grad=case == "grad")
-    if case == "unaligned input":  # 8 values (16 bytes) into a fresh, aligned buffer
-        x = torch.cat([torch.zeros(8, dtype=dtype), x.flatten()])[8:].view(x.shape)
     if case == "unaligned weight":  # as a loaded checkpoint's view may sit
         values = linear.weight.qdata
         linear.weight.qdata = torch.cat([values.new_zeros(8), values.flatten()])[8:].view(

@@ -16,11 +16,12 @@ point on every call, which on a CPU costs more than the float model's own step:
   rounded once instead of twice, so within one bfloat16 rounding of torchao's result. It stays
   with torchao's own code where that kernel does not apply or is slower: more than
   :data:`FUSED_ROWS` rows (a prompt); a float32 input (its float32 kernel is slower than
-  torchao's conversion at SmolLM2's shapes); input features not a multiple of 16, an input not
-  32-byte aligned or int8 values not 16-byte aligned (the kernel reads 16 features at a time
-  with aligned loads: in torch 2.13 anything else crashes or returns wrong numbers); a
-  compiled graph (Inductor makes the same call); an input that needs a gradient (the kernel
-  has no derivative); per-group scales; activation quantization; a tensor off the CPU.
+  torchao's conversion at SmolLM2's shapes); input features not a multiple of 16, or int8
+  values not contiguous and 16-byte aligned (the kernel reads 16 features at a time with
+  aligned loads: in torch 2.13 anything else crashes or returns wrong numbers; an input not
+  contiguous and 32-byte aligned is copied first); scales per group or per tensor; activation
+  quantization; a compiled graph (Inductor makes the same call); an input that needs a
+  gradient (the kernel has no derivative); a tensor off the CPU.
 
 Both are torchao's own extension point for its tensor subclasses. The library calls
 :func:`register` wherever it makes or loads int8 weights (``quantize``, its saved folders); a
@@ -67,11 +68,14 @@ def _linear(func, types, args, kwargs) -> Tensor:
     if (torch.compiler.is_compiling() or is_fake(x) or x.dtype not in _LOW_PRECISION
             or x.shape[-1] % 16 or x.numel() > FUSED_ROWS * x.shape[-1] or x.device.type != "cpu"
             or (x.requires_grad and torch.is_grad_enabled())
-            or weight.block_size[-1] != weight.shape[-1] or weight.act_quant_kwargs is not None
-            or weight.act_pre_scale is not None
-            or x.data_ptr() % 32 or weight.qdata.data_ptr() % 16):
+            or list(weight.block_size) != [1, weight.shape[-1]]  # one scale per row only
+            or weight.act_quant_kwargs is not None or weight.act_pre_scale is not None
+            or not weight.qdata.is_contiguous() or weight.qdata.data_ptr() % 16):
         return _torchao_linear(func, types, args, kwargs)
-    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), weight.qdata,
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous() or rows.data_ptr() % 32:
+        rows = rows.clone(memory_format=torch.contiguous_format)  # fresh, aligned
+    out = torch.ops.aten._weight_int8pack_mm(rows, weight.qdata,
                                              weight.scale.reshape(-1).to(x.dtype))
     out = out.reshape(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias
