@@ -50,7 +50,7 @@ def per_layer(rows: list[int], rounds: int) -> list[dict]:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     torchao_cpu.register()
-    theirs, ours = torchao_cpu._torchao_linear, table()[F.linear]
+    theirs = torchao_cpu._torchao_linear
     out = []
     for name, (n_out, n_in) in SHAPES.items():
         dense = torch.nn.Linear(n_in, n_out, bias=False, dtype=torch.bfloat16)
@@ -74,7 +74,6 @@ def per_layer(rows: list[int], rounds: int) -> list[dict]:
                 row.update({f"{k}_ratio": r.best, f"{k}_low": r.low, f"{k}_high": r.high})
             print(row, flush=True)
             out.append(row)
-    assert ours is table()[F.linear]
     return out
 
 

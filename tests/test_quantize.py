@@ -330,6 +330,21 @@ def test_int8_pads_ranks_and_mlp_widths_to_the_fused_kernels_blocks_and_computes
     assert {"low-rank", "linear"} <= {kind for _, kind, _, _ in report.rows}
 
 
+def test_int8_leaves_an_mlp_of_the_architectures_own_width_as_it_is():
+    """Padding is for the widths compression chose: a dense model whose MLP width is not a
+    multiple of 16 keeps it, and so stays an ordinary checkpoint (nothing resized)."""
+    pytest.importorskip("torchao")
+    import transformers as tf
+
+    from models import LLAMA_LIKE
+    from tensornet_llm.saving.structure import describe
+
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**LLAMA_LIKE, "intermediate_size": 40})).eval()
+    quantize(model, 8)
+    assert model.model.layers[0].mlp.down_proj.in_features == 40
+    assert "resized" not in describe(model)
+
+
 @pytest.mark.parametrize("source", ["quantized", "load_compactified", "from_pretrained"])
 def test_an_int8_model_in_bfloat16_decodes_every_linear_through_the_fused_kernel(source,
                                                                                  tmp_path):

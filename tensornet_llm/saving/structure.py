@@ -24,7 +24,7 @@ from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
 from .legacy import LEGACY_KEPT_ROWS, kept_rows_layer
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "structure", "compressed_modules", "describe",
-           "replaced", "marker_keys", "with_markers", "add_quantization_config", "build_structure"]
+           "replaced", "resized_linears", "marker_keys", "with_markers", "add_quantization_config", "build_structure"]
 
 FORMAT_VERSION = 1
 #: The ``quant_method`` of the ``quantization_config`` a saved ``config.json`` holds.
@@ -62,25 +62,40 @@ def replaced(structure: Mapping[str, Any]) -> set[str]:
             *structure.get("cross_layer", {}), *structure.get("resized", {})}
 
 
-def _resized_section(model: nn.Module) -> dict[str, Any]:
-    """``{"resized": {name: {"in_features", "out_features", "bias"}}}`` for every plain
-    ``nn.Linear`` of ``model`` whose shape differs from the one its architecture builds from
-    ``model.config`` (a slim MLP's or attention's projections, :mod:`tensornet_llm.compress.slim`,
-    :mod:`tensornet_llm.compress.heads`), and ``{"query_groups": {name: k}}`` for every attention
-    module that runs ``k`` query heads per key/value group where the architecture runs another
-    number; each section only where it is not empty, none without a config to build the
-    architecture from."""
-    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+def _architecture(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules, by name, that ``model``'s architecture builds from ``model.config`` (on
+    the meta device); empty without a config to build from."""
     config = getattr(model, "config", None)
-    if not linears or config is None or not hasattr(type(model), "_from_config"):
+    if config is None or not hasattr(type(model), "_from_config"):
         return {}
     with torch.device("meta"):
-        skeleton = type(model)._from_config(config)
-    built = dict(skeleton.named_modules())
-    resized = {n: {"in_features": m.in_features, "out_features": m.out_features,
-                   "bias": m.bias is not None}
-               for n, m in linears.items()
-               if isinstance(built.get(n), nn.Linear) and built[n].weight.shape != m.weight.shape}
+        return dict(type(model)._from_config(config).named_modules())
+
+
+def resized_linears(model: nn.Module, built: Mapping[str, nn.Module] | None = None
+                    ) -> dict[str, dict[str, Any]]:
+    """``{name: {"in_features", "out_features", "bias"}}`` of every plain ``nn.Linear`` of
+    ``model`` whose shape differs from the one its architecture builds (``built``, else built
+    here): a slim MLP's or attention's projections (:mod:`tensornet_llm.compress.slim`,
+    :mod:`tensornet_llm.compress.heads`)."""
+    built = _architecture(model) if built is None else built
+    return {n: {"in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None}
+            for n, m in model.named_modules() if type(m) is nn.Linear
+            and isinstance(built.get(n), nn.Linear) and built[n].weight.shape != m.weight.shape}
+
+
+def _resized_section(model: nn.Module) -> dict[str, Any]:
+    """``{"resized": ...}`` (:func:`resized_linears`), and ``{"query_groups": {name: k}}`` for
+    every attention module that runs ``k`` query heads per key/value group where the
+    architecture runs another number; each section only where it is not empty, none without a
+    config to build the architecture from."""
+    if not any(type(m) is nn.Linear for m in model.modules()):
+        return {}
+    built = _architecture(model)
+    if not built:
+        return {}
+    resized = resized_linears(model, built)
     groups = {n: m.num_key_value_groups for n, m in model.named_modules()
               if n in built and getattr(m, "num_key_value_groups", None) != getattr(
                   built[n], "num_key_value_groups", None)}

@@ -43,6 +43,7 @@ from ..layers.quantized import (
     QuantizedWeight,
 )
 from ..saving import attach
+from ..saving.structure import resized_linears
 from ..saving.tensors import int8_config, is_torchao_tensor
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "as_quantize_config", "low_rank_as_factors",
@@ -194,15 +195,18 @@ def _other_forms(model: nn.Module, cfg: QuantizeConfig) -> dict[str, nn.Module]:
 
 
 def _int8_padding(model: nn.Module, cfg: QuantizeConfig) -> dict[str, nn.Module]:
-    """int8: ``{name: module}`` giving every selected low-rank layer a rank, and every gated
-    MLP a width, that is a multiple of :data:`INT8_BLOCK` (zeros: the same map)."""
+    """int8: ``{name: module}`` giving every selected low-rank layer a rank, and every slim
+    gated MLP a width, that is a multiple of :data:`INT8_BLOCK` (zeros: the same map). An MLP
+    of the architecture's own width stays as it is, so a dense model stays an ordinary
+    checkpoint."""
     if cfg.bits != 8:
         return {}
     found = dict(leaves(model, cfg))
     new: dict[str, nn.Module] = {
         n: m.padded(INT8_BLOCK) for n, m in model.named_modules() if isinstance(m, LowRankLinear)
         and m.rank % INT8_BLOCK and f"{n}.first" in found and f"{n}.second" in found}
-    for unit in gated_mlps(model, found):
+    slim = resized_linears(model)
+    for unit in gated_mlps(model, [n for n in found if n in slim]):
         gate, up, down = (found[n] for n in unit.members)
         width = -(-down.in_features // INT8_BLOCK) * INT8_BLOCK
         if width != down.in_features:
