@@ -74,6 +74,7 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         # rows measured before kept-rows storage existed stored two factors
         "low-rank storage": lambda r: "kept rows" if r.get("interpolative") else "factors",
         "min saving": lambda r: f"{r['min_saving']:.0%}" if r.get("min_saving") else "",
+        "call cost": lambda r: f"{r['call_cost']:,.0f}" if r.get("call_cost") else "",
         # rows measured before the slim layout existed had none
         "slim MLP": lambda r: "offered" if r.get("slim_mlp") else "",
         "fewer heads": lambda r: "offered" if r.get("slim_attention") else "",
@@ -108,6 +109,8 @@ def main() -> None:
     parser.add_argument("--min-saving", type=float, default=0.0,
                         help="every compressed module saves at least this fraction "
                         "(CompactifyConfig.min_saving)")
+    parser.add_argument("--call-cost", type=float, default=0.0, metavar="PARAMS",
+                        help="price each layout's calls too (CompactifyConfig.call_cost)")
     parser.add_argument("--no-slim-mlp", action="store_true",
                         help="offer gated MLPs no slim layout (CompactifyConfig.slim_mlp=False)")
     parser.add_argument("--no-slim-attention", action="store_true",
@@ -144,14 +147,14 @@ def main() -> None:
             anchor = "modegpt" if args.modegpt else None
             key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge,
                    args.match_dense, weigh, metric, rows_kept, args.min_saving, args.exclude, slim,
-                   heads, anchor)
+                   heads, anchor, args.call_cost)
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"],
                     r.get("ridge", 0.0), r.get("match_dense", False),
                     r.get("weigh_outputs", False),
                     r.get("output_metric", "diagonal" if r.get("weigh_outputs") else None),
                     r.get("interpolative", False), r.get("min_saving", 0.0),
                     r.get("exclude", []), r.get("slim_mlp", False),
-                    r.get("slim_attention", False), r.get("anchor")) == key
+                    r.get("slim_attention", False), r.get("anchor"), r.get("call_cost", 0.0)) == key
                    for r in rows):
                 continue
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
@@ -160,7 +163,7 @@ def main() -> None:
                                       output_metric=args.output_metric,
                                       interpolative=rows_kept, min_saving=args.min_saving,
                                       exclude=list(args.exclude), slim_mlp=slim,
-                                      slim_attention=heads)
+                                      slim_attention=heads, call_cost=args.call_cost)
             ratio = ratio_leaving_dense(model, keep, args.exclude) if args.exclude else keep
             if anchor:
                 def compress(student):
@@ -177,6 +180,7 @@ def main() -> None:
                          "output_metric": metric, "interpolative": rows_kept,
                          "min_saving": args.min_saving, "slim_mlp": slim,
                          "slim_attention": heads,
+                         **({"call_cost": args.call_cost} if args.call_cost else {}),
                          **({"exclude": args.exclude} if args.exclude else {}),
                          **({"anchor": anchor} if anchor else {}), **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)

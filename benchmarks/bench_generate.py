@@ -20,7 +20,9 @@ parameters in all). ``--own-rows`` adds, for every keep, the model whose MLPs' `
 for every keep, the model whose MLPs are offered no slim layout (``CompactifyConfig(
 slim_mlp=False)``: per-projection kept rows, as before slim MLPs existed); ``--no-slim-attention``
 the model whose attention is offered no fewer query heads (``CompactifyConfig(
-slim_attention=False)``).
+slim_attention=False)``); ``--call-cost PARAMS ...`` the model the budget builds with that
+``CompactifyConfig(call_cost=...)``, per value (and records what ``helpers.speed.call_cost``
+measures on the machine per dtype).
 
 Models are interleaved round by round (every model runs once per round, in the same process), so
 drift and interference hit all alike. Ratios are against the dense model in the same
@@ -54,7 +56,7 @@ from tensornet_llm import CompactifyConfig, quantize
 from tensornet_llm.helpers.data import HELD_OUT_TEXT, calibration_mix, tokenize_text
 from tensornet_llm.helpers.evaluate import model_size_bytes, stored_tensors
 from tensornet_llm.helpers.models import load_smollm2
-from tensornet_llm.helpers.speed import RoundTimes, ratios, time_generate
+from tensornet_llm.helpers.speed import RoundTimes, call_cost, ratios, time_generate
 
 from harness import (DTYPES, RESULTS, compressed, machine, pyplot, ratio_leaving_dense, resume,
                      write_results)
@@ -75,7 +77,8 @@ def decode_bytes(model: nn.Module) -> int:
 def build_models(keeps: list[float], single_keep: float | None,
                  min_saving: float = 0.0, exclude: list[str] | None = None,
                  own_rows: bool = False, no_slim: bool = False, calibration_tokens: int = 0,
-                 no_heads: bool = False) -> tuple[dict[str, nn.Module], dict[str, int]]:
+                 no_heads: bool = False, call_costs: list[float] | None = None
+                 ) -> tuple[dict[str, nn.Module], dict[str, int]]:
     """The models by name, and how many modules each compressed."""
     dense, tokenizer = load_smollm2()
     data = calibration_mix(tokenizer, calibration_tokens) if calibration_tokens else None
@@ -95,6 +98,8 @@ def build_models(keeps: list[float], single_keep: float | None,
         if min_saving:
             variants.append((f", min saving {min_saving:.0%}", keep,
                              config(min_saving=min_saving)))
+        variants += [(f", call cost {cost / 1000:g}k", keep, config(call_cost=cost))
+                     for cost in call_costs or []]
         if exclude:  # the same parameters in all: the rest compressed further
             variants.append((f", without {'/'.join(exclude)}",
                              ratio_leaving_dense(dense, keep, exclude),
@@ -182,7 +187,11 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              + "). Written by `benchmarks/bench_generate.py`."
              + (" Rows \"..., int8\" are the model after `quantize(model, 8)` (torchao's int8 "
                 "weight-only), compared with the dense model quantized alike (\"dense, int8\")."
-                if any(r.get("baseline", "dense") != "dense" for r in rows) else ""), "",
+                if any(r.get("baseline", "dense") != "dense" for r in rows) else "")
+             + (" Rows \"..., call cost Nk\" were compressed with `CompactifyConfig(call_cost="
+                "N)`; `helpers.speed.call_cost()` measured " + ", ".join(
+                    f"{v:,} parameters in {d}" for d, v in meta["call_cost_measured"].items())
+                + " on this machine." if meta.get("call_cost_measured") else ""), "",
              "| model | modules compressed | batch | mode | dtype | prefill tok/s | "
              "prefill vs dense | median (rounds) | decode tok/s | decode vs dense | "
              "median (rounds) | decode ceiling | of ceiling |",
@@ -241,6 +250,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-saving", type=float, default=0.0,
                         help="also time each keep compressed with CompactifyConfig(min_saving=...)")
+    parser.add_argument("--call-cost", type=float, nargs="+", metavar="PARAMS",
+                        help="also time each keep compressed with CompactifyConfig(call_cost=...), "
+                        "once per value given (the run's results record what "
+                        "helpers.speed.call_cost measures on this machine per dtype)")
     parser.add_argument("--own-rows", action="store_true",
                         help="also time each keep compressed with CompactifyConfig("
                         "share_mlp_rows=False): gate_proj and up_proj keep their own rows")
@@ -277,10 +290,14 @@ def main() -> None:
         meta, earlier = resume(args.out / "bench_generate.json", meta, False, parser)
         timed = {(b, m, d) for b in args.batch for m in args.modes for d in args.dtypes}
         rows = [r for r in earlier if (r["batch"], r["mode"], r["dtype"]) not in timed]
+    if args.call_cost:
+        measured = {d: round(call_cost(dtype=DTYPES[d])) for d in args.dtypes}
+        meta["call_cost_measured"] = {**meta.get("call_cost_measured", {}), **measured}
+        print(f"call cost measured here (parameters): {meta['call_cost_measured']}", flush=True)
 
     models, counts = build_models(args.keep, args.single_keep or None, args.min_saving,
                                   args.exclude, args.own_rows, args.no_slim,
-                                  args.calibration_tokens, args.no_slim_attention)
+                                  args.calibration_tokens, args.no_slim_attention, args.call_cost)
     if args.int8:
         with_int8(models, counts)
     _, tokenizer = load_smollm2()

@@ -121,6 +121,7 @@ def _number(ok: Callable[[float], bool], allowed: str) -> Callable[[str], float]
 _fraction = _number(lambda v: 0 < v <= 1, "a number in (0, 1]")
 _saving = _number(lambda v: 0 <= v < 1, "a number in [0, 1)")
 _positive_float = _number(lambda v: v > 0 and math.isfinite(v), "a positive number")
+_non_negative_float = _number(lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
 
 
 def _text_batches(model_name: str, tokenizer, text: str | list[str] | None, n_tokens: int | None,
@@ -191,6 +192,7 @@ def _settings(args: argparse.Namespace) -> dict:
             "cross_layer": args.cross_layer, "low_rank_storage":
                 "kept rows" if args.interpolative else "factors",
             "min_saving": args.min_saving if args.ratio is not None else None,
+            "call_cost": args.call_cost if args.ratio is not None else None,
             "slim_mlp": (args.slim_mlp if args.ratio is not None and calibrated
                          and not args.stream else None),
             "slim_attention": (args.slim_attention if args.ratio is not None and calibrated
@@ -428,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
               "by concatenation) instead of kept rows and their combinations, which hold the "
               "same rank in r^2 fewer parameters")
     add_field(p, CompactifyConfig, "min_saving", type=_saving)
+    add_field(p, CompactifyConfig, "call_cost", type=_non_negative_float, metavar="PARAMS")
     add_field(p, CompactifyConfig, "slim_mlp")
     add_field(p, CompactifyConfig, "slim_attention")
     add_field(p, CompactifyConfig, "lm_head")

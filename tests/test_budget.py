@@ -410,3 +410,84 @@ def test_a_ladder_whose_dense_rung_is_dominated_starts_below_it():
     allocation = choose(ladders, 0.8, "fisher")
     assert allocation.chi == {"a": 8, "b": None}
     assert allocation.params_after == 150 and allocation.damage == 0.0
+
+
+# ----- call_cost: the budget weighs each choice by its parameters and its calls -----------------
+
+def _two_ladders():
+    """Two modules of 1,000 parameters: ``a`` cut low rank (two calls) to 800 for damage 1,
+    ``b`` slimmed (one call) to 800 for damage 1.5."""
+    return {"a": [Option(None, 1000, 0.0), Option(10, 800, 1.0, calls=2)],
+            "b": [Option(None, 1000, 0.0), Option(None, 800, 1.5, width=8)]}
+
+
+@pytest.mark.parametrize("call_cost, cut", [(0, "a"), (100, "b"), (300, "b")])
+def test_call_cost_prefers_the_choices_with_fewer_calls(call_cost, cut):
+    """At call_cost 0 the least damage wins; at 100, ``a``'s cut saves 100 of cost for damage 1
+    and ``b``'s 200 for 1.5, so ``b`` is cut; at 300 ``a``'s cut costs more than dense and
+    leaves its hull. The parameters kept never exceed the budget."""
+    allocation = choose(_two_ladders(), 0.9, "fisher", call_cost)
+    assert allocation.params_after <= allocation.budget == 1800
+    assert {n for n, o in allocation.chosen.items() if o.params < 1000} == {cut}
+    assert len(lower_hull(_two_ladders()["a"], call_cost)) == (1 if call_cost >= 200 else 2)
+
+
+_rungs = st.lists(st.tuples(st.integers(1, 999), st.floats(0.0, 10.0), st.integers(1, 3)),
+                  min_size=1, max_size=6)
+
+
+@given(ladders=st.lists(_rungs, min_size=1, max_size=5), call_cost=st.floats(0, 2000),
+       ratio=st.floats(0.05, 1.0))
+@settings(max_examples=60, deadline=None)
+def test_call_cost_allocation_keeps_the_ratio_on_each_cost_hull(ladders, call_cost, ratio):
+    """Whatever the call cost, the parameters kept fit the ratio, and every module's choice
+    lies on its (cost, damage) hull: nothing cheaper does less damage."""
+    options = {f"m{i}": [Option(None, 1000, 0.0)] + [Option(1, p, d, calls=c) for p, d, c in rungs]
+               for i, rungs in enumerate(ladders)}
+    hulls = {n: lower_hull(o, call_cost) for n, o in options.items()}
+    if sum(h[-1].params for h in hulls.values()) > ratio * 1000 * len(options):
+        with pytest.raises(ValueError, match="call_cost below" if call_cost else "use ratio"):
+            choose(options, ratio, "fisher", call_cost)
+        return
+    allocation = choose(options, ratio, "fisher", call_cost)
+    assert allocation.params_after <= allocation.budget
+    for name, option in allocation.chosen.items():
+        assert option in hulls[name]
+        assert not any(o.cost(call_cost) <= option.cost(call_cost) and o.damage < option.damage
+                       for o in options[name])
+
+
+def test_compactify_call_cost_cuts_low_rank_only_where_it_saves_a_call():
+    """Tiny LLaMA, ratio 0.8 with calibration: at call_cost 0 the budget cuts some modules low
+    rank by fewer parameters than a call costs; with that call cost every low-rank layer saves
+    more than it, the rest coming from slim MLPs and fewer heads, and the ratio still holds."""
+    from tensornet_llm.layers.low_rank import FactoredLinear
+
+    calibration, cost = calibration_batches(2), 400
+    savings = {}
+    for call_cost in (0, cost):
+        model = build("llama")
+        report = compactify(model, ratio=0.8, progress=False, fit_steps=0,
+                            calibration=calibration, config=CompactifyConfig(call_cost=call_cost))
+        assert report.kept_fraction <= 0.8
+        assert any("call_cost" in note for note in report.notes) == bool(call_cost)
+        savings[call_cost] = [r.params_before - r.params_after for r in report.layers
+                              if isinstance(model.get_submodule(r.name), FactoredLinear)]
+    assert any(s <= cost for s in savings[0])
+    assert savings[cost] and all(s > cost for s in savings[cost])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"ratio": 0.8, "call_cost": -1}, "call_cost must be"),
+    ({"ratio": 0.8, "call_cost": float("inf")}, "call_cost must be"),
+    ({"ratio": 0.8, "call_cost": True}, "call_cost must be"),
+    ({"ratio": 0.8, "call_cost": "1e5"}, "call_cost must be"),
+    ({"chi": 4, "call_cost": 100}, "give ratio"),
+    ({"ratio": 0.8, "call_cost": 100, "cross_layer": 2}, "cross_layer"),
+])
+def test_bad_call_cost_leaves_model_untouched(kwargs, match):
+    model = build("llama")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        compactify(model, progress=False, config=CompactifyConfig(**kwargs))
+    assert_unchanged(model, snap)

@@ -269,6 +269,25 @@ def test_compress_min_saving_is_passed_and_recorded(tiny_dir, tmp_path, capsys):
     assert "min_saving" in capsys.readouterr().err and not (tmp_path / "refused").exists()
 
 
+def test_compress_call_cost_is_passed_and_recorded(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "calls"
+    assert main(["compress", str(tiny_dir), "--ratio", "0.8", "--call-cost", "400",
+                 "--calibration-tokens", "256", "--fit-steps", "0", "--out", str(out),
+                 "--quiet"]) == 0
+    structure = json.loads((out / "tensornet.json").read_text())
+    assert structure["compactify"]["call_cost"] == 400
+    report = json.loads((out / "report.json").read_text())
+    low_rank = [layer for layer in report["layers"]
+                if structure["modules"].get(layer["name"], {}).get("method") == "kept-rows"]
+    assert all(layer["params_before"] - layer["params_after"] > 400 for layer in low_rank)
+    refused = ["--out", str(tmp_path / "refused"), "--quiet"]
+    with pytest.raises(SystemExit):
+        main(["compress", str(tiny_dir), "--ratio", "0.8", "--call-cost", "-5", *refused])
+    assert "--call-cost: must be a number >= 0" in capsys.readouterr().err
+    assert main(["compress", str(tiny_dir), "--chi", "4", "--call-cost", "5", *refused]) != 0
+    assert "call_cost" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
 def test_options_of_settings_take_default_and_help_from_the_dataclasses():
     """Every option named after a field of CompactifyConfig / HealConfig / QuantizeConfig has
     that field's default and a help text from its docstring: one source for both."""

@@ -50,3 +50,30 @@ def test_the_benchmark_harness_interleaves_rounds(monkeypatch):
     assert order == ["a", "b"] + ["a", "a", "b", "b"] * 3
     assert [len(t) for t in times.values()] == [3, 3]
     assert harness.ratio([2.0, 1.0], [1.0, 2.0]).median == pytest.approx(1.25)
+
+
+def test_call_cost_is_the_fixed_time_of_a_call_in_parameters(monkeypatch):
+    """With a clock on which a linear call of p parameters takes a * p + b, call_cost returns
+    b / a, whatever the shapes and however many layers it streams through per shape."""
+    from torch import nn
+
+    from tensornet_llm.helpers import speed
+
+    a, b, clock = 2e-9, 3e-5, [0.0]
+
+    def forward(layer, x):
+        clock[0] += a * layer.weight.numel() + b
+        return x.new_zeros(*x.shape[:-1], layer.out_features)
+
+    monkeypatch.setattr(nn.Linear, "forward", forward)
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+    for shapes, streamed in ((((8, 8), (16, 32), (40, 24)), 4096), (((64, 64), (8, 16)), 1)):
+        assert speed.call_cost(shapes, rounds=2, streamed_bytes=streamed) == pytest.approx(b / a)
+
+
+@pytest.mark.parametrize("kwargs", [{"rounds": 0}, {"shapes": ((8, 8),)}])
+def test_call_cost_refuses_what_it_cannot_fit(kwargs):
+    from tensornet_llm.helpers.speed import call_cost
+
+    with pytest.raises(ValueError, match="call_cost needs"):
+        call_cost(**kwargs)

@@ -218,3 +218,17 @@ def test_a_truncated_output_shard_is_named_on_loading(tmp_path):
     (tmp_path / "out" / "model.safetensors.index.json").write_text("[]")
     with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
         load_compactified(tmp_path / "out")
+
+
+def test_streamed_budget_prices_calls(tmp_path):
+    """call_cost reaches the streamed budget: at the same ratio every low-rank layer then saves
+    more parameters than a call costs (without it, some save fewer)."""
+    source, _ = checkpoint(tmp_path)
+    saved = {}
+    for cost in (0, 300):
+        report = compactify_pretrained(source, tmp_path / f"out{cost}", ratio=0.6, fit_steps=0,
+                                       calibration=CALIBRATION, call_cost=cost, progress=False)
+        assert report.kept_fraction <= 0.6
+        saved[cost] = [r.params_before - r.params_after for r in report.layers]
+    assert any(s <= 300 for s in saved[0])
+    assert saved[300] and all(s > 300 for s in saved[300])

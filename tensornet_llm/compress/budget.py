@@ -24,6 +24,14 @@ a step still fits. Modules where every step costs too much stay dense.
 A gated MLP whose three projections are all targets is one ladder (:func:`unit_ladder`): the
 combinations of its projections' own rungs on their joint hull, and the slim MLP at each width
 (:func:`slim_ladder`, :mod:`.slim`), priced by the same estimate at ``down_proj``'s output.
+
+With a ``call_cost`` the hulls and the order of the steps weigh each rung by its *cost*, its
+parameters plus ``call_cost`` per fixed-time operation of its forward (:attr:`Option.calls`),
+while the budget still counts parameters: the allocation walks the (cost, damage) frontier, the
+least damage per unit of decode time saved first, until the parameters fit. A low-rank layer
+makes two such operations where the dense layer makes one, so a rung that saves fewer than
+``call_cost`` parameters costs more than dense and leaves the hull; slim MLPs and fewer heads
+keep the dense call count.
 """
 
 from __future__ import annotations
@@ -73,7 +81,8 @@ class Option:
 
     A gated MLP's ladder (:func:`unit_ladder`) also has rungs of two other kinds: ``width``, the
     MLP slimmed to that many neurons (:mod:`.slim`), and ``parts``, one rung of each of its
-    three projections' own ladders (``((name, option), ...)``)."""
+    three projections' own ladders (``((name, option), ...)``). ``calls``: the operations of
+    its forward that take a fixed time each (:attr:`~.layout.Layout.calls`; a dense linear 1)."""
 
     chi: int | None
     params: int
@@ -81,6 +90,11 @@ class Option:
     layout: Layout | None = None
     width: int | None = None
     parts: tuple[tuple[str, "Option"], ...] = ()
+    calls: int = 1
+
+    def cost(self, call_cost: float = 0.0) -> float:
+        """What the budget trades damage against: parameters, plus ``call_cost`` per call."""
+        return self.params + call_cost * self.calls
 
 
 @dataclass
@@ -211,24 +225,24 @@ def _start_row_errors(
     return errors
 
 
-def lower_hull(options: list[Option]) -> list[Option]:
-    """Options on the lower convex hull of (params, damage), most parameters first.
+def lower_hull(options: list[Option], call_cost: float = 0.0) -> list[Option]:
+    """Options on the lower convex hull of (cost, damage), most costly first (the cost:
+    :meth:`Option.cost`, the parameters when ``call_cost`` is 0).
 
-    Dominated options (another has no more parameters and no more damage) are dropped first;
-    on what remains, damage falls as parameters grow, and the hull keeps the convex part, so
-    along it each step saves parameters at a rising price in damage.
+    Dominated options (another costs no more and does no more damage) are dropped first;
+    on what remains, damage falls as the cost grows, and the hull keeps the convex part, so
+    along it each step saves cost at a rising price in damage.
     """
     front: list[Option] = []
-    for o in sorted(options, key=lambda o: (o.params, o.damage)):
+    for o in sorted(options, key=lambda o: (o.cost(call_cost), o.damage)):
         if not front or o.damage < front[-1].damage:
             front.append(o)
     hull: list[Option] = []
-    for o in front:  # params ascending, damage descending: monotone-chain lower hull
+    for o in front:  # cost ascending, damage descending: monotone-chain lower hull
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
-            cross = (b.params - a.params) * (o.damage - a.damage) - (b.damage - a.damage) * (
-                o.params - a.params
-            )
+            cross = (b.cost(call_cost) - a.cost(call_cost)) * (o.damage - a.damage) - (
+                b.damage - a.damage) * (o.cost(call_cost) - a.cost(call_cost))
             if cross <= 0:
                 hull.pop()
             else:
@@ -344,31 +358,36 @@ def ladder(
         counts = {chi: layout.num_parameters(in_f, out_f, chi, bias is not None) for chi in chis}
         chis = [chi for chi in chis if counts[chi] < dense and counts[chi] <= max_keep * dense]
         for chi, row_sq in zip(chis, _start_row_errors(layout, w, chis, cov, factor, rows)):
-            options.append(Option(chi, counts[chi], damage(row_sq, reference_sq, grad_sq), layout))
+            options.append(Option(chi, counts[chi], damage(row_sq, reference_sq, grad_sq), layout,
+                                  calls=layout.calls))
     return options
 
 
-def choose(ladders: Mapping[str, list[Option]], ratio: float, estimate: str) -> Allocation:
+def _price(hull: list[Option], k: int, call_cost: float) -> float:
+    """Damage added per cost saved by step ``k`` (> 0) down a :func:`lower_hull`."""
+    return (hull[k].damage - hull[k - 1].damage) / (
+        hull[k - 1].cost(call_cost) - hull[k].cost(call_cost))
+
+
+def choose(ladders: Mapping[str, list[Option]], ratio: float, estimate: str,
+           call_cost: float = 0.0) -> Allocation:
     """The allocation over ready ladders (``{name: ladder(...)}``) that keeps at most ``ratio``
-    of their dense parameters with the least summed damage."""
+    of their dense parameters with the least summed damage; with ``call_cost``, the least
+    damage per unit of cost saved (module docs)."""
     check_ratio(ratio)
     ladders = dict(ladders)
     before = sum(o[0].params for o in ladders.values())
     budget = int(math.floor(ratio * before))
-    hulls = {n: lower_hull(o) for n, o in ladders.items()}
+    hulls = {n: lower_hull(o, call_cost) for n, o in ladders.items()}
     smallest = sum(h[-1].params for h in hulls.values())
     if smallest > budget:
         raise ArgumentError(
             f"ratio={ratio} asks for {budget:,} parameters, but the smallest networks on the grid "
             f"need {smallest:,} ({smallest / before:.1%}); use ratio >= {smallest / before:.3f}"
-        )
-    # Global greedy over hull steps by damage added per parameter saved.
-    steps = []
-    for name, hull in hulls.items():
-        for k in range(1, len(hull)):
-            saved = hull[k - 1].params - hull[k].params
-            steps.append(((hull[k].damage - hull[k - 1].damage) / saved, name, k))
-    steps.sort()
+            + (f" or a call_cost below {call_cost:g}" if call_cost else ""))
+    # Global greedy over hull steps by damage added per cost saved.
+    steps = sorted((_price(hull, k, call_cost), name, k)
+                   for name, hull in hulls.items() for k in range(1, len(hull)))
     position = {n: 0 for n in hulls}
     # a ladder whose dense rung is dominated (a rung of no damage with fewer parameters)
     # starts at that rung
@@ -383,8 +402,7 @@ def choose(ladders: Mapping[str, list[Option]], ratio: float, estimate: str) -> 
     # Spend what is left: step back up (toward dense) where it fits, best damage saved first.
     while True:
         moves = [
-            ((hull[position[n]].damage - hull[position[n] - 1].damage)
-             / (hull[position[n] - 1].params - hull[position[n]].params), n)
+            (_price(hull, position[n], call_cost), n)
             for n, hull in hulls.items()
             if position[n] > 0
             and total + hull[position[n] - 1].params - hull[position[n]].params <= budget
@@ -403,22 +421,22 @@ def choose(ladders: Mapping[str, list[Option]], ratio: float, estimate: str) -> 
     )
 
 
-def unit_ladder(members: Mapping[str, list[Option]], slim: list[Option] = ()) -> list[Option]:
+def unit_ladder(members: Mapping[str, list[Option]], slim: list[Option] = (),
+                call_cost: float = 0.0) -> list[Option]:
     """The ladder of a unit of modules compressed together (a gated MLP's three projections):
-    every combination of the members' own rungs on the lower convex hull of (parameters, damage),
-    which is their hulls' steps taken in order of damage added per parameter saved (the
-    Minkowski sum of the hulls), each as an :class:`Option` with ``parts``; plus the ``slim``
-    rungs, which change the unit as a whole. The first rung keeps every member dense."""
-    hulls = {name: lower_hull(options) for name, options in members.items()}
-    steps = sorted(
-        ((hull[k].damage - hull[k - 1].damage) / (hull[k - 1].params - hull[k].params), name, k)
-        for name, hull in hulls.items() for k in range(1, len(hull)))
+    every combination of the members' own rungs on the lower convex hull of (cost, damage)
+    (:meth:`Option.cost`), which is their hulls' steps taken in order of damage added per cost
+    saved (the Minkowski sum of the hulls), each as an :class:`Option` with ``parts``; plus the
+    ``slim`` rungs, which change the unit as a whole. The first rung keeps every member dense."""
+    hulls = {name: lower_hull(options, call_cost) for name, options in members.items()}
+    steps = sorted((_price(hull, k, call_cost), name, k)
+                   for name, hull in hulls.items() for k in range(1, len(hull)))
     position = {name: 0 for name in hulls}
 
     def combined() -> Option:
         parts = tuple((name, hulls[name][k]) for name, k in position.items())
         return Option(None, sum(o.params for _, o in parts), sum(o.damage for _, o in parts),
-                      parts=parts)
+                      parts=parts, calls=sum(o.calls for _, o in parts))
 
     rungs = [combined()]
     for _, name, k in steps:
@@ -454,5 +472,5 @@ def slim_ladder(gate: nn.Module, up: nn.Module, down: nn.Module, gram: Tensor,
     # risk of the refit: the price keeps only its error and its coefficients' penalty.
     own = ridge * weighted.to(left).pow(2).sum(0) * moments.to(left)
     left = left - (own.sum() - torch.cat([own.new_zeros(1), own[order].cumsum(0)]))
-    return ([Option(k, per_neuron * k + fixed, scale * float(left[k]), width=k) for k in widths],
-            order)
+    return ([Option(k, per_neuron * k + fixed, scale * float(left[k]), width=k, calls=3)
+             for k in widths], order)

@@ -107,6 +107,15 @@ class CompactifyConfig:
             90% of its parameters runs as two thinner matmuls and decodes no faster than the
             dense layer, so for speed at batch 1 something like ``0.4`` concentrates the
             compression on fewer modules (see docs/speed.md).
+        call_cost: with ``ratio``, price each choice the budget weighs by its parameters plus
+            this many per operation its forward makes that takes a fixed time whatever its size
+            (:attr:`~tensornet_llm.layers.layout.Layout.calls`: a dense linear 1, a low-rank
+            layer 2, a slim MLP or attention the dense count): that time in parameters' worth
+            of weight reading. Decoding at batch 1 is largely such time on a CPU, so a positive
+            value makes the budget prefer the layouts that decode faster (low rank only where
+            it saves more than ``call_cost`` parameters) at the same ``ratio``, at some
+            quality. :func:`~tensornet_llm.helpers.speed.call_cost` measures it for a machine
+            and dtype. ``0``: parameters alone (the least damage).
         share_mlp_rows: give the kept-rows ``gate_proj`` and ``up_proj`` of every gated MLP one
             row order and ``down_proj`` the matching input order, so the MLP runs without
             gathers (:func:`~tensornet_llm.layers.gated_mlp.share_mlp_rows`; the same function,
@@ -152,6 +161,7 @@ class CompactifyConfig:
     output_metric: str = "diagonal"
     interpolative: bool = True
     min_saving: float = 0.0
+    call_cost: float = 0.0
     share_mlp_rows: bool = True
     slim_mlp: bool = True
     slim_attention: bool = True
@@ -208,6 +218,13 @@ class CompactifyConfig:
             raise ArgumentError(f"min_saving must be a number in [0, 1), got {self.min_saving!r}")
         if self.min_saving and self.ratio is None:
             raise ArgumentError("min_saving applies to the budget: give ratio as well")
+        if not (_is_number(self.call_cost) and 0 <= self.call_cost < math.inf):
+            raise ArgumentError(f"call_cost must be a finite number >= 0, got {self.call_cost!r}")
+        if self.call_cost and self.ratio is None:
+            raise ArgumentError("call_cost applies to the budget: give ratio as well")
+        if self.call_cost and self.cross_layer is not None:
+            raise ArgumentError("call_cost does not apply with cross_layer (a group's members "
+                                "are priced together); give one of them")
 
     def regularize(self, cov: torch.Tensor) -> torch.Tensor:
         """The input covariance the budget and the fit use: ``cov`` with :attr:`shrinkage` and

@@ -97,6 +97,9 @@ def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
             model, chosen, offered, batches, notes, cfg, progress)
     else:
         (settings, estimate), rows, slim, heads = budget(chosen, offered), {}, {}, {}
+    if cfg.call_cost:
+        notes.append(f"the budget priced each call of a layer's forward as {cfg.call_cost:,.0f} "
+                     "parameters (call_cost)")
     slimmed = Plan([], [], {}, slim=slim, heads=heads).slimmed
     left = {id(m): m for n, m in chosen if settings[n] is None and n not in slimmed}
     dense_target_params = sum(
@@ -194,7 +197,8 @@ def _budget_settings(
             slim, orders[unit.name] = slim_ladder(
                 gate, up, down, covs[unit.down], None if grads is None else grads[unit.down],
                 max_keep=cfg.max_keep)
-            ladders[unit.name] = unit_ladder({n: ladders.pop(n) for n in unit.members}, slim)
+            ladders[unit.name] = unit_ladder({n: ladders.pop(n) for n in unit.members}, slim,
+                                             cfg.call_cost)
             tick()
         for attn in attentions:
             rungs = head_rungs(attn, modules[attn.q], modules[attn.o], covs[attn.o],
@@ -202,9 +206,10 @@ def _budget_settings(
             kept_heads[attn.name] = {width: keep for width, _, _, keep in rungs}
             ladders[attn.name] = unit_ladder(
                 {n: ladders.pop(n) for n in attn.members},
-                [Option(width, params, damage, width=width) for width, params, damage, _ in rungs])
+                [Option(width, params, damage, width=width, calls=2)
+                 for width, params, damage, _ in rungs], cfg.call_cost)
             tick()
-    allocation = choose(ladders, cfg.ratio, estimate_kind(covs, grads))
+    allocation = choose(ladders, cfg.ratio, estimate_kind(covs, grads), cfg.call_cost)
     picks: dict[str, Option | None] = dict(allocation.chosen)
     slim_choices = {}
     for unit in units:  # a unit's rung: its projections' own rungs, or the MLP slimmed

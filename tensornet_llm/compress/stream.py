@@ -318,7 +318,7 @@ def compactify_pretrained(
         metadata: JSON-serialisable entries added to ``tensornet.json`` (the settings, say).
         compactify_options: any other field of :class:`~.compactify.CompactifyConfig`
             (``method``, ``n_sites``, ``targets``, ``exclude``, ``tol``, ``fit_steps``,
-            ``low_rank``, ``shrinkage``, ``ridge``).
+            ``low_rank``, ``shrinkage``, ``ridge``, ``call_cost``).
 
     Returns:
         The :class:`~.report.CompactifyReport`, as ``compactify`` returns it; it is also
@@ -487,7 +487,8 @@ def _streamed_budget(stream: _Stream, cfg: CompactifyConfig, batches: list | Non
                 ladders[name] = ladder(module, offered[name], covs.pop(name, None),
                                        max_keep=cfg.max_keep)
         del walk
-    allocation = choose(ladders, cfg.ratio, "weight" if batches is None else "output")
+    allocation = choose(ladders, cfg.ratio, "weight" if batches is None else "output",
+                        cfg.call_cost)
     settings = {name: None if allocation.chi[name] is None
                 else (allocation.layout[name], allocation.chi[name]) for name, _ in chosen}
     return settings, allocation.estimate

@@ -14,6 +14,7 @@ Ratios are reference time over model time: above 1, the model is faster.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -23,10 +24,12 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["PHASES", "Ratio", "RoundTimes", "generate_seconds", "time_generate", "ratio",
-           "ratios"]
+           "ratios", "call_cost", "CALL_COST_SHAPES"]
 
 #: ``prefill``: seconds of ``generate(max_new_tokens=1)``; ``decode``: seconds per new token.
 PHASES = ("prefill", "decode")
+#: ``(out, in)`` of the linears :func:`call_cost` times by default: a small transformer's.
+CALL_COST_SHAPES = ((256, 256), (192, 576), (576, 576), (1536, 576), (576, 1536), (2048, 2048))
 
 
 @dataclass
@@ -96,3 +99,45 @@ def ratio(times: Sequence[float], reference: Sequence[float]) -> Ratio:
 def ratios(times: RoundTimes, reference: RoundTimes) -> dict[str, Ratio]:
     """Per phase, the :class:`Ratio` of ``reference`` over ``times``."""
     return {phase: ratio(getattr(times, phase), getattr(reference, phase)) for phase in PHASES}
+
+
+@torch.no_grad()
+def call_cost(shapes: Sequence[tuple[int, int]] = CALL_COST_SHAPES,
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              rounds: int = 5, streamed_bytes: int = 64 * 2**20) -> float:
+    """The fixed time of one eager ``nn.Linear`` call on one row (a decoding step at batch 1),
+    in parameters' worth of weight reading: what ``CompactifyConfig.call_cost`` asks for.
+
+    Each ``(out, in)`` of ``shapes`` is timed over enough distinct layers that their weights
+    (``streamed_bytes`` in all) come from memory, not a cache, as a model's do when it decodes;
+    the fastest of ``rounds`` per layer call is fitted by least squares as
+    ``seconds = a * parameters + b``, and ``b / a`` (at least 0) is returned."""
+    if rounds < 1 or len(shapes) < 2:
+        raise ValueError(f"call_cost needs rounds >= 1 and two shapes, got {rounds}, {shapes}")
+    size = torch.empty(0, dtype=dtype).element_size()
+    points = []
+    for out_f, in_f in shapes:
+        layers = [nn.utils.skip_init(nn.Linear, in_f, out_f, bias=False, device=device,
+                                     dtype=dtype) for _ in range(max(1, streamed_bytes
+                                                                    // (out_f * in_f * size)))]
+        for layer in layers:
+            layer.weight.normal_()  # uninitialised memory may hold slow subnormal numbers
+        x = torch.randn(1, in_f, device=device, dtype=dtype)
+        best = math.inf
+        for _ in range(rounds + 1):  # the first round warms up
+            _synchronize(device)
+            start = time.perf_counter()
+            for layer in layers:
+                layer(x)
+            _synchronize(device)
+            best = min(best, (time.perf_counter() - start) / len(layers))
+        points.append((out_f * in_f, best))
+    a, b = torch.linalg.lstsq(torch.tensor([[p, 1.0] for p, _ in points], dtype=torch.float64),
+                              torch.tensor([[t] for _, t in points], dtype=torch.float64)
+                              ).solution.reshape(-1).tolist()
+    return max(b, 0.0) / a if a > 0 else math.inf
+
+
+def _synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)

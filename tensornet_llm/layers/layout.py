@@ -81,6 +81,14 @@ class Layout:
         )
 
     @property
+    def calls(self) -> int:
+        """Operations of this layout's forward that each take a fixed time whatever their size
+        (decoding at batch 1 is mostly such time on a CPU; the budget's ``call_cost`` prices
+        them): a low-rank layer 2, its two linears (kept rows also concatenate and gather one
+        row of outputs, a fraction of a call), a many-site network one contraction per site."""
+        return 2 if issubclass(self.cls, FactoredLinear) else self.n_sites
+
+    @property
     def name(self) -> str:
         """Short label for reports: ``"mpo"``, ``"ttns"`` or ``"low-rank"``."""
         return "low-rank" if self.is_low_rank else self.cls.method
