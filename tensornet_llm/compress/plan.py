@@ -206,7 +206,7 @@ def _budget_settings(
             kept_heads[attn.name] = {width: keep for width, _, _, keep in rungs}
             ladders[attn.name] = unit_ladder(
                 {n: ladders.pop(n) for n in attn.members},
-                [Option(width, params, damage, width=width, calls=2)
+                [Option(width, params, damage, width=width, calls=len(attn.members))
                  for width, params, damage, _ in rungs], cfg.call_cost)
             tick()
     allocation = choose(ladders, cfg.ratio, estimate_kind(covs, grads), cfg.call_cost)
