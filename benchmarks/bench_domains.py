@@ -20,6 +20,12 @@ to dense, the geometric mean and the worst ratio. Calibrations:
 * ``generated``: ``generated_text``, windows sampled from the dense model itself (no data);
 * ``mixture+generated``: half of the tokens from each of the two above.
 
+``--heal-steps N`` heals every compressed model before it is scored: ``heal``'s default recipe
+(next-token loss plus distillation from the dense model, batches of 4 x 256 tokens of
+``healing_mix``, checked every 50 steps on ``check_mix``), for ``N`` steps (not minutes, so
+that rows compare at equal training whatever else the machine runs; the checks may stop it
+earlier, keeping the best weights: the row records the steps run).
+
 Rows are appended to ``docs/results/bench_domains.json`` as they finish (a rerun skips rows it
 has; ``--fresh`` starts over) and rendered to ``bench_domains.md``.
 """
@@ -32,8 +38,9 @@ from pathlib import Path
 
 import torch
 
-from tensornet_llm import CompactifyConfig, compactify
-from tensornet_llm.helpers.data import DOMAINS, calibration_mix, generated_text, text_batches
+from tensornet_llm import CompactifyConfig, compactify, heal
+from tensornet_llm.helpers.data import (DOMAINS, calibration_mix, check_mix, generated_text,
+                                        healing_mix, text_batches)
 from tensornet_llm.helpers.evaluate import perplexity_table
 from tensornet_llm.helpers.models import load_smollm2
 
@@ -57,7 +64,7 @@ def calibration(model, tokenizer, name: str, n_tokens: int) -> list:
 
 
 def write(out: Path, meta: dict, rows: list[dict]) -> None:
-    lines = ["# Held-out perplexity on every domain (SmolLM2-135M, no fine-tuning)", "",
+    lines = ["# Held-out perplexity on every domain (SmolLM2-135M)", "",
              f"`compactify(model, ratio=keep, calibration=...)` with the default layouts, "
              f"{meta['fit_steps']} fit steps per layer; perplexity on {meta['tokens']} held-out "
              f"tokens of each domain (512-token "
@@ -80,10 +87,11 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
         "fewer heads": lambda r: "offered" if r.get("slim_attention") else "",
         "left dense": lambda r: " ".join(r.get("exclude", [])),
         "instead": lambda r: "MoDeGPT's MLP rule" if r.get("anchor") == "modegpt" else "",
+        "healed": lambda r: f"{r['heal_steps']} steps" if r.get("heal_steps") else "",
         "keep": lambda r: f"{r['keep']:.0%}"}
     # an anchor row uses none of compactify's settings
     lines += domain_table(meta["dense"], rows, {
-        name: cell if name in ("calibration", "tokens", "instead", "keep") else
+        name: cell if name in ("calibration", "tokens", "instead", "healed", "keep") else
         (lambda r, cell=cell: "" if r.get("anchor") else cell(r))
         for name, cell in columns.items()})
     write_results(out, "bench_domains", meta, rows, lines)
@@ -123,6 +131,9 @@ def main() -> None:
                         help="instead of compactify, MoDeGPT's rule for MLPs at the same "
                         "parameters (benchmarks/modegpt.py: every gated MLP at one width, "
                         "attention dense)")
+    parser.add_argument("--heal-steps", type=int, default=0,
+                        help="heal every compressed model this many steps before scoring it "
+                        "(heal's default recipe, distilled from the dense model)")
     parser.add_argument("--fit-steps", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -147,14 +158,15 @@ def main() -> None:
             anchor = "modegpt" if args.modegpt else None
             key = (name, keep, args.calibration_tokens, args.shrinkage, args.ridge,
                    args.match_dense, weigh, metric, rows_kept, args.min_saving, args.exclude, slim,
-                   heads, anchor, args.call_cost)
+                   heads, anchor, args.call_cost, args.heal_steps)
             if any((r["calibration"], r["keep"], r["calibration_tokens"], r["shrinkage"],
                     r.get("ridge", 0.0), r.get("match_dense", False),
                     r.get("weigh_outputs", False),
                     r.get("output_metric", "diagonal" if r.get("weigh_outputs") else None),
                     r.get("interpolative", False), r.get("min_saving", 0.0),
                     r.get("exclude", []), r.get("slim_mlp", False),
-                    r.get("slim_attention", False), r.get("anchor"), r.get("call_cost", 0.0)) == key
+                    r.get("slim_attention", False), r.get("anchor"), r.get("call_cost", 0.0),
+                    r.get("heal_steps", 0)) == key
                    for r in rows):
                 continue
             data = calibration(model, tokenizer, name, args.calibration_tokens)  # not timed
@@ -165,14 +177,23 @@ def main() -> None:
                                       exclude=list(args.exclude), slim_mlp=slim,
                                       slim_attention=heads, call_cost=args.call_cost)
             ratio = ratio_leaving_dense(model, keep, args.exclude) if args.exclude else keep
-            if anchor:
-                def compress(student):
-                    return modegpt_mlps(student, data, keep)
-            else:
-                def compress(student):
-                    return compactify(student, ratio=ratio, calibration=data,
-                                      fit_steps=args.fit_steps, progress=False, config=config)
+            healed = {}
+
+            def compress(student):
+                if anchor:
+                    report = modegpt_mlps(student, data, keep)
+                else:
+                    report = compactify(student, ratio=ratio, calibration=data,
+                                        fit_steps=args.fit_steps, progress=False, config=config)
+                if args.heal_steps:
+                    result = heal(student, healing_mix(tokenizer, args.heal_steps * 4 * 256),
+                                  steps=args.heal_steps, teacher=model,
+                                  check=check_mix(tokenizer), progress=False)
+                    healed.update(heal_steps_run=result.steps, heal_seconds=result.seconds)
+                    student.eval()
+                return report
             row = held_out_row(compress, tokenizer, args.tokens, meta["dense"])
+            row["seconds"] -= healed.get("heal_seconds", 0.0)  # compression alone
             rows.append({"calibration": name, "keep": keep,
                          "calibration_tokens": args.calibration_tokens,
                          "shrinkage": args.shrinkage, "ridge": args.ridge,
@@ -181,6 +202,7 @@ def main() -> None:
                          "min_saving": args.min_saving, "slim_mlp": slim,
                          "slim_attention": heads,
                          **({"call_cost": args.call_cost} if args.call_cost else {}),
+                         **({"heal_steps": args.heal_steps, **healed} if args.heal_steps else {}),
                          **({"exclude": args.exclude} if args.exclude else {}),
                          **({"anchor": anchor} if anchor else {}), **row})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "choices"}), flush=True)

@@ -3,7 +3,9 @@ dynamic length, both ONNX exporters with onnxruntime and accelerate's CPU and di
 every layer kind (kept rows, low-rank factors, MPO, TTNS, cross-layer groups, slim MLPs,
 attention with fewer query heads, int8 through torchao, the library's own int4); torchao's int8
 and peft's ``all-linear`` reach the layers made of ``nn.Linear`` (kept rows, low-rank factors,
-cross-layer bases and cores, the smaller projections of slim MLPs and attention).
+cross-layer bases and cores, the smaller projections of slim MLPs and attention), and so does
+transformers' bitsandbytes conversion; where bitsandbytes cannot follow (a compressed folder
+loaded with a bitsandbytes config, compactify of a model it has quantized) the error is loud.
 
 Every cell compares logits with the eager model's: to float32 rounding (``torch.export``,
 ONNX, offload: 1e-5; a many-site layer exported rebuilds its weight, where eager may contract
@@ -20,6 +22,7 @@ from tensornet_llm import (
     CompactifyConfig, MPOLinear, TTNSLinear, compactify, load_compactified, quantize,
     save_compactified,
 )
+from tensornet_llm.errors import ArgumentError
 from tensornet_llm.layers.cross_layer import CrossLayerLinear
 from tensornet_llm.layers.quantized import QuantizedTensorNetworkLinear
 from tensornet_llm.layers.low_rank import KeptRowsLinear, LowRankLinear
@@ -225,3 +228,50 @@ def test_peft_all_linear_trains_saves_and_loads_on_the_factors(kind, tmp_path):
         torch.testing.assert_close(again(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-6)
         merged = again.merge_and_unload()
         torch.testing.assert_close(merged(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["kept rows", "slim"])
+def test_bitsandbytes_reaches_the_factors_and_fails_loudly_where_it_cannot_follow(kind, tmp_path):
+    """transformers' ``replace_with_bnb_linear`` (what ``from_pretrained`` runs for a
+    ``BitsAndBytesConfig``) converts every ``nn.Linear`` of a compressed model, factors and
+    slim projections included. Loading a compressed folder with a bitsandbytes config stops with
+    transformers' error (a checkpoint has one quantization method), and compactify refuses a
+    model bitsandbytes loaded, naming the first quantized module, before touching it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    model = compressed(kind)
+    model.save_pretrained(tmp_path / "compressed")
+    linears = {n for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    replace_with_bnb_linear(model, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    assert linears == {n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    with pytest.raises(ValueError, match="quantized with TensorNetworkConfig"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "compressed",
+                                             quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    build("llama").save_pretrained(tmp_path / "dense")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "dense", quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    types = [type(m) for m in loaded.modules()]
+    with pytest.raises(ArgumentError, match=r"^model\.layers\.0\.self_attn\.q_proj holds "
+                       r"quantized weights \(Int8Params, torch\.int8\)"):
+        compactify(loaded, ratio=0.6, progress=False)
+    assert [type(m) for m in loaded.modules()] == types
+
+
+@pytest.mark.parametrize("bits, match", [
+    (8, r"^model\.layers\.0\.self_attn\.q_proj holds quantized weights \(Int8Tensor"),
+    (4, r"matched no nn\.Linear.*model\.layers\.0\.self_attn\.q_proj is quantized")])
+def test_compactify_refuses_a_quantized_model_before_touching_it(bits, match):
+    """int8 (torchao's tensors: the SVD would fail deep inside them, with no ``pow``) or int4
+    (the library's own layers): one line naming a quantized module; the model is as it was."""
+    if bits == 8:
+        pytest.importorskip("torchao")
+    model = build("llama")
+    quantize(model, bits)
+    expected, types = eager(model), [type(m) for m in model.modules()]
+    with pytest.raises(ArgumentError, match=match):
+        compactify(model, ratio=0.6, progress=False)
+    assert [type(m) for m in model.modules()] == types
+    for out, ref in zip(eager(model), expected):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -15,6 +15,7 @@ from ..errors import ArgumentError, EstimateFallbackWarning
 from ..helpers.progress import stage
 from ..layers.base import linear_weight
 from ..layers.layout import METHODS, Layout
+from ..layers.quantized import QuantizedLinear, QuantizedTensorNetworkLinear
 from .budget import Option, choose, estimate_kind, price, slim_ladder, unit_ladder
 from .calibrate import collect_covariances, output_gradients
 from .config import CompactifyConfig
@@ -26,6 +27,8 @@ from .targets import (find_targets, fused_expert_tensors, output_embedding, reso
 
 __all__ = ["Plan", "make_plan", "chosen_targets", "offered_layouts", "layout_for"]
 
+QUANTIZED = (QuantizedLinear, QuantizedTensorNetworkLinear)  # the library's own int4 / int8
+
 
 def chosen_targets(model: nn.Module, cfg: CompactifyConfig
                    ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str]]]:
@@ -34,10 +37,11 @@ def chosen_targets(model: nn.Module, cfg: CompactifyConfig
     chosen, skipped = find_targets(model, cfg.targets, cfg.exclude, cfg.min_features,
                                    cfg.lm_head)
     if not chosen:
+        quantized = next((n for n, m in model.named_modules() if isinstance(m, QUANTIZED)), None)
         raise ArgumentError(
             f"targets={cfg.targets!r} (exclude={cfg.exclude!r}) matched no nn.Linear or Conv1D "
-            "module of the model"
-        )
+            "module of the model" + (f" ({quantized} is quantized: compress the float model, "
+                                     "then quantize)" if quantized else ""))
     skipped += [(name, f"fused MoE expert tensor {shape}, not tensorized")
                 for name, shape in fused_expert_tensors(model)]
     return chosen, skipped

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterable, Mapping, TypeVar, Union
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import ArgumentError
 from ..layers.base import is_linear_like
@@ -204,7 +204,19 @@ def find_targets(
             skipped.append((name, "excluded"))
         elif not any(m is head for _, m in chosen):
             chosen.append((name, head))
+    for name, module in chosen:
+        _check_float(name, module.weight)
     return chosen, skipped
+
+
+def _check_float(name: str, weight: Tensor) -> None:
+    """Refuse a quantized weight (torchao's tensor subclasses, bitsandbytes' ``Int8Params`` /
+    ``Params4bit``, integers): its SVD would fail deep inside, or fit the rounding."""
+    if type(weight) not in (Tensor, nn.Parameter) or not weight.is_floating_point():
+        raise ArgumentError(
+            f"{name} holds quantized weights ({type(weight).__name__}, {weight.dtype}); "
+            "compactify compresses floating-point weights: load the model unquantized, "
+            "compress it, then quantize (tensornet_llm.quantize)")
 
 
 def fused_expert_tensors(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
