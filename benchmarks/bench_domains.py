@@ -68,8 +68,10 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
              f"`compactify(model, ratio=keep, calibration=...)` with the default layouts, "
              f"{meta['fit_steps']} fit steps per layer; perplexity on {meta['tokens']} held-out "
              f"tokens of each domain (512-token "
-             f"windows), text no calibration draws from. {meta['threads']} CPU threads. Written "
-             "by `benchmarks/bench_domains.py`.", ""]
+             f"windows), text neither calibration nor healing draws from. A healed row was then "
+             "healed that many steps by `heal`'s default recipe (distilled from the dense model "
+             "on `healing_mix`, batches of 4 x 256 tokens; the compress time leaves healing out). "
+             f"{meta['threads']} CPU threads. Written by `benchmarks/bench_domains.py`.", ""]
     columns = {
         "calibration": lambda r: r["calibration"],
         "tokens": lambda r: str(r["calibration_tokens"]),
