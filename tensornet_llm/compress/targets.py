@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Mapping, TypeVar, Union
 from torch import Tensor, nn
 
 from ..errors import ArgumentError
-from ..layers.base import is_linear_like
+from ..layers.base import is_linear_like, is_plain
 from ..layers.layout import COMPRESSED
 
 __all__ = [
@@ -212,7 +212,7 @@ def find_targets(
 def _check_float(name: str, weight: Tensor) -> None:
     """Refuse a quantized weight (torchao's tensor subclasses, bitsandbytes' ``Int8Params`` /
     ``Params4bit``, integers): its SVD would fail deep inside, or fit the rounding."""
-    if type(weight) not in (Tensor, nn.Parameter) or not weight.is_floating_point():
+    if not is_plain(weight) or not weight.is_floating_point():
         raise ArgumentError(
             f"{name} holds quantized weights ({type(weight).__name__}, {weight.dtype}); "
             "compactify compresses floating-point weights: load the model unquantized, "

@@ -22,7 +22,7 @@ from .decompose import BondSpectrum
 from .factorize import factorize
 
 __all__ = ["TensorNetworkLinear", "DispatchCache", "linear_weight", "is_linear_like", "check_int",
-           "dequantized"]
+           "is_plain", "dequantized"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -38,10 +38,16 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def is_plain(t: Tensor) -> bool:
+    """``t`` is a ``Tensor`` or ``nn.Parameter`` itself, not a subclass (such as a weight torchao
+    or bitsandbytes has quantized)."""
+    return type(t) in (Tensor, nn.Parameter)
+
+
 def dequantized(t: Tensor) -> Tensor:
     """``t`` as a plain float tensor: a weight torchao has quantized (a tensor subclass, such
     as its ``Int8Tensor``) dequantized, any other as it is."""
-    return t if type(t) in (Tensor, nn.Parameter) else t.dequantize()
+    return t if is_plain(t) else t.dequantize()
 
 
 def linear_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
