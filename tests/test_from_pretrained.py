@@ -26,16 +26,20 @@ KINDS = {
     "int8": dict(ratio=0.6, method="low-rank"),  # torchao's Int8Tensor in every nn.Linear
     "int4": dict(chi=4, method="mpo", n_sites=3),  # the library's own quantized layers
     "slim": dict(ratio=0.5, targets=["mlp"], calibration=calibration()),  # smaller nn.Linear
+    # smaller nn.Linear with torchao's weights, written as their parts: the markers sit at
+    # the keys those weights leave free
+    "slim int8": dict(ratio=0.5, targets=["mlp"], calibration=calibration()),
 }
+BITS = {"int8": 8, "int4": 4, "slim int8": 8}
 
 
 def compressed(kind):
     model = build("llama")
     compactify(model, progress=False, **KINDS[kind])
-    if kind == "int8":
+    if BITS.get(kind) == 8:
         pytest.importorskip("torchao")  # int8 goes through the torchao extra
-    if kind in ("int8", "int4"):
-        quantize(model, int(kind[3:]))
+    if kind in BITS:
+        quantize(model, BITS[kind])
     return model
 
 
@@ -119,9 +123,11 @@ def plain_transformers(code: str, *args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("kind", ["kept rows", "int8", "slim"])
+@pytest.mark.parametrize("kind", ["kept rows", "int8", "slim", "slim int8"])
 def test_without_the_import_loading_fails_instead_of_initialising_at_random(kind, tmp_path):
-    save_compactified(compressed(kind), tmp_path / "m")
+    model = compressed(kind)
+    save_compactified(model, tmp_path / "m") if kind != "slim int8" else \
+        model.save_pretrained(tmp_path / "m")
     run = plain_transformers("import sys\nfrom transformers import AutoModelForCausalLM\n"
                              "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n", tmp_path / "m")
     assert run.returncode != 0
@@ -171,3 +177,50 @@ def test_cross_layer_folders_point_to_load_compactified(tmp_path):
     save_compactified(model, tmp_path / "c")
     with pytest.raises(CheckpointError, match="load_compactified"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+
+
+@pytest.mark.parametrize("arch, keep", [("gpt2", 0.8), ("falcon", 0.8), ("gemma2", 0.8),
+                                        ("gemma2", None)])
+def test_int8_models_of_other_architectures_load_with_the_same_logits(arch, keep, tmp_path):
+    """GPT-2: kept-rows layers rounded as a plain ``nn.Linear`` where the architecture has a
+    ``Conv1D`` (weight ``(in, out)``); Falcon: its ``FalconLinear`` (``x @ weight.T``, which
+    torchao's tensor cannot run) in the library's int8 layer; Gemma: the scaled embedding's
+    ``embed_scale``, a buffer no checkpoint holds, which transformers' torchao loader leaves
+    uninitialised (dense or compressed alike). Loading without the import fails."""
+    pytest.importorskip("torchao")
+    model = build(arch, layers=3)
+    if keep is not None:
+        compactify(model, ratio=keep, calibration=calibration(), progress=False)
+    quantize(model, 8)
+    batch = inputs(arch)
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
+    if arch == "gemma2" and keep is None:  # the one folder with nothing compressed
+        run = plain_transformers("import sys\nfrom transformers import AutoModelForCausalLM\n"
+                                 "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n",
+                                 tmp_path / "m")
+        assert run.returncode != 0 and "ignore_mismatched_sizes" in run.stderr
+
+
+@pytest.mark.parametrize("save", ["save_compactified", "save_pretrained"])
+def test_a_tied_table_in_int4_is_saved_once_and_loads_shared(save, tmp_path):
+    """The library's int4 table that GPT-2's embedding and LM head share: written once (under
+    the embedding's name), shared again by ``from_pretrained``, not tied by transformers (the
+    head's ``weight`` is the dequantized one, not a parameter)."""
+    model = build("gpt2", layers=2)
+    compactify(model, chi=4, progress=False)
+    quantize(model, 4)
+    assert model.lm_head.qweight is model.transformer.wte.qweight
+    batch = inputs("gpt2")
+    expected = logits(model, batch)
+    save_compactified(model, tmp_path / "m") if save == "save_compactified" \
+        else model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert loaded.lm_head.qweight is loaded.transformer.wte.qweight
+    torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(logits(again, batch), expected, rtol=0, atol=0)

@@ -15,6 +15,7 @@ from tensornet_llm.layers.quantized import (
 )
 from tensornet_llm.saving.tensors import is_torchao_tensor
 from tensornet_llm.train.qat import rounded_weights, rounding_plan
+from tensornet_llm.errors import ArgumentError
 from tensornet_llm.train.quantize import quantize
 from test_compactify import assert_unchanged, snapshot
 
@@ -371,3 +372,35 @@ def test_an_int8_model_in_bfloat16_decodes_every_linear_through_the_fused_kernel
         fused = _kernels_called(lambda: model(input_ids=ids[:, -1:], past_key_values=past,
                                                use_cache=True), count="aten::_weight_int8pack_mm")
     assert fused == len(linears)
+
+
+@pytest.mark.parametrize("arch, bits, refused", [
+    ("falcon", 8, None),  # FalconLinear (x @ weight.T): torchao cannot run it, the library's layer can
+    ("falcon", 4, None),
+    ("gemma2", 8, None),  # the scaled embedding keeps its scale under torchao's int8
+    ("gemma2", 4, "model.embed_tokens"),  # a plain int4 lookup would drop it
+    ("opt", 4, "model.decoder.embed_positions"),  # reads an attention mask, not token ids
+])
+def test_a_module_with_a_forward_of_its_own_is_kept_or_refused(arch, bits, refused):
+    if bits == 8:
+        pytest.importorskip("torchao")
+    model = build(arch)
+    batch = inputs(arch)
+    with torch.no_grad():
+        ref = model(**batch).logits
+    if refused:
+        snap = snapshot(model)
+        with pytest.raises(ArgumentError, match=rf"{refused} .*exclude=\['{refused}'\]"):
+            quantize(model, bits)
+        assert_unchanged(model, snap)
+        quantize(model, bits, exclude=[refused])  # the way out the error names
+    else:
+        quantize(model, bits)
+    with torch.no_grad():
+        out = model(**batch).logits
+    assert float((out - ref).norm() / ref.norm()) < (0.03 if bits == 8 else 0.5)
+    if arch == "falcon":  # quantized one way or the other, not left in float
+        block = model.transformer.h[0].self_attention.dense
+        assert isinstance(block, QuantizedLinear) or is_torchao_tensor(block.weight)
+    if arch == "gemma2" and bits == 8:
+        assert type(model.model.embed_tokens).__name__ == "Gemma2TextScaledWordEmbedding"

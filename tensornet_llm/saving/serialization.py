@@ -105,7 +105,8 @@ def save_compactified(
         gen = getattr(model, "generation_config", None)
         if gen is not None:
             gen.save_pretrained(tmp)
-        tensors, metadata = flatten(with_markers(state, replaced(description)))
+        tensors, metadata = flatten(state)  # torchao's weights as their parts, then the
+        tensors = with_markers(tensors, replaced(description))  # markers (at free keys)
         save_file({k: v.cpu() for k, v in tensors.items()}, tmp / WEIGHTS_FILE,
                   metadata={"format": "pt", **metadata})
         if tokenizer is not None:

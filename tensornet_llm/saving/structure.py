@@ -22,6 +22,7 @@ from ..layers.cross_layer import CrossLayerLinear, SharedBases, cross_layer_memb
 from ..layers.layout import COMPRESSED, LAYER_CLASSES, CompressedLayer
 from ..layers.quantized import QUANTIZED_TYPES, QuantizedModule
 from .legacy import LEGACY_KEPT_ROWS, kept_rows_layer
+from .tensors import is_torchao_tensor
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "structure", "compressed_modules", "describe",
            "replaced", "resized_linears", "marker_keys", "with_markers", "add_quantization_config", "build_structure"]
@@ -52,14 +53,27 @@ def describe(model: nn.Module, aliases: Mapping[str, str] | None = None, **extra
         type(model).__name__,
         {n: m.layout() for n, m in compressed_modules(model).items()},
         {n: m.layout() for n, m in model.named_modules() if isinstance(m, QuantizedModule)},
-        aliases or {}, **_resized_section(model), **_cross_layer_section(model), **extra)
+        aliases or {}, **_resized_section(model), **_cross_layer_section(model),
+        **_buffered_section(model), **extra)
 
 
 def replaced(structure: Mapping[str, Any]) -> set[str]:
     """The qualified names of the modules ``structure`` replaces (compressed, quantized,
-    cross-layer, or plain ``nn.Linear`` of another shape than the architecture's)."""
+    cross-layer, or plain ``nn.Linear`` of another shape than the architecture's), or whose
+    buffers the loader sets (``buffered``)."""
     return {*structure.get("modules", {}), *structure.get("quantized", {}),
-            *structure.get("cross_layer", {}), *structure.get("resized", {})}
+            *structure.get("cross_layer", {}), *structure.get("resized", {}),
+            *structure.get("buffered", {})}
+
+
+def _buffered_section(model: nn.Module) -> dict[str, Any]:
+    """``{"buffered": {name: [buffer, ...]}}`` for every module whose weight torchao quantized
+    and that holds buffers a checkpoint does not (non-persistent, such as Gemma's
+    ``embed_scale``): transformers' torchao loader marks such a module loaded and leaves those
+    buffers uninitialised, so this library's loader sets them (and the folder needs it)."""
+    found = {n: sorted(m._non_persistent_buffers_set) for n, m in model.named_modules()
+             if m._non_persistent_buffers_set and is_torchao_tensor(getattr(m, "weight", None))}
+    return {"buffered": found} if found else {}
 
 
 def _architecture(model: nn.Module) -> dict[str, nn.Module]:
@@ -75,14 +89,16 @@ def _architecture(model: nn.Module) -> dict[str, nn.Module]:
 def resized_linears(model: nn.Module, built: Mapping[str, nn.Module] | None = None
                     ) -> dict[str, dict[str, Any]]:
     """``{name: {"in_features", "out_features", "bias"}}`` of every plain ``nn.Linear`` of
-    ``model`` whose shape differs from the one its architecture builds (``built``, else built
-    here): a slim MLP's or attention's projections (:mod:`tensornet_llm.compress.slim`,
-    :mod:`tensornet_llm.compress.heads`)."""
+    ``model`` where its architecture (``built``, else built here) builds another shape or
+    another module: a slim MLP's or attention's projections (:mod:`tensornet_llm.compress.slim`,
+    :mod:`tensornet_llm.compress.heads`), or the form ``quantize`` rounds a kept-rows layer in
+    where the architecture has GPT-2's ``Conv1D`` (weight ``(in, out)``) or an ``nn.Linear``
+    subclass."""
     built = _architecture(model) if built is None else built
     return {n: {"in_features": m.in_features, "out_features": m.out_features,
                 "bias": m.bias is not None}
-            for n, m in model.named_modules() if type(m) is nn.Linear
-            and isinstance(built.get(n), nn.Linear) and built[n].weight.shape != m.weight.shape}
+            for n, m in model.named_modules() if type(m) is nn.Linear and n in built
+            and (type(built[n]) is not nn.Linear or built[n].weight.shape != m.weight.shape)}
 
 
 def _resized_section(model: nn.Module) -> dict[str, Any]:
@@ -112,7 +128,9 @@ def marker_keys(names: Iterable[str]) -> list[str]:
 
 def with_markers(state: Mapping[str, torch.Tensor], names: Iterable[str]
                  ) -> dict[str, torch.Tensor]:
-    """``state`` plus the zero-size markers of :func:`marker_keys` (float32, on the CPU)."""
+    """``state`` plus the zero-size markers of :func:`marker_keys` (float32, on the CPU) at
+    the keys ``state`` leaves free: a compressed layer has no ``weight``, and a weight torchao
+    quantized is written as its parts (:func:`~.tensors.flatten`, which runs first)."""
     markers = {k: torch.zeros(0) for k in marker_keys(names) if k not in state}
     return {**state, **markers}
 

@@ -23,6 +23,7 @@ with :func:`~tensornet_llm.load_compactified` only.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -33,6 +34,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..errors import CheckpointError
+from ..layers.quantized import QuantizedWeight
 from . import torchao_cpu
 from .structure import (
     QUANT_METHOD, build_structure, describe, marker_keys, replaced, with_markers,
@@ -82,6 +84,16 @@ class TensorNetworkQuantizer(HfQuantizer):
         ignored = {re.escape(k) + "$" for k in marker_keys(replaced(structure))}
         model._keys_to_ignore_on_load_unexpected = (
             set(model._keys_to_ignore_on_load_unexpected or ()) | ignored)
+        # int4 tables shared by two modules: saved once, shared again after loading; not
+        # tied by transformers (those modules' weight is the dequantized one, not a parameter)
+        shared = _shared_quantized_weights(model, structure.get("aliases", {}))
+        missing = {re.escape(f"{n}.{part}") + "$" for n in shared for part in ("codes", "scale")}
+        model._keys_to_ignore_on_load_missing = (
+            set(model._keys_to_ignore_on_load_missing or ()) | missing)
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        for key, value in list(tied.items()):
+            if not (_is_parameter(model, key) and _is_parameter(model, value)):
+                del tied[key]
 
     def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
         self.dtype = dtype  # what from_pretrained was asked for (dtype=), or its default
@@ -89,6 +101,11 @@ class TensorNetworkQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **_: Any) -> nn.Module:
         model.is_quantized = False  # float layers: .half() and .float() stay allowed
+        structure = self.quantization_config.structure
+        _initialise_buffers(model, structure.get("buffered", {}))
+        for alias, source in _shared_quantized_weights(model, structure.get("aliases", {})).items():
+            parent, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent), child, model.get_submodule(source))
         torchao_to_dtype(model, self.dtype)  # as the rest of the model
         # transformers keeps the converters it loaded with, to run them backwards on save;
         # torchao's have no reverse, and get_state_dict_and_metadata writes those parts itself.
@@ -101,11 +118,15 @@ class TensorNetworkQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: nn.Module):
         """The structure as the model holds it now, into ``config.json``; the weights with
         the markers."""
-        structure = describe(model)
+        state, aliases = _quantized_weights_once(model)
+        structure = describe(model, aliases)
         _refuse_cross_layer(structure, "save_pretrained")
         self.quantization_config.structure = structure
         model.config.quantization_config = self.quantization_config
-        return flatten(_untied(with_markers(model.state_dict(), replaced(structure))))
+        # after flattening: a weight torchao quantized is written as its parts, and its own
+        # key then holds the marker as well
+        tensors, metadata = flatten(_untied(state))
+        return with_markers(tensors, replaced(structure)), metadata
 
     @property
     def serialized_names(self) -> dict[str, list[str]]:
@@ -117,10 +138,8 @@ class TensorNetworkQuantizer(HfQuantizer):
         """torchao's weights are put together as transformers' own torchao quantizer does."""
         if not self.serialized_names:
             return {}
-        from transformers.integrations.torchao import TorchAoDeserialize
-
         torchao_cpu.register()
-        return {"deserialize": TorchAoDeserialize}
+        return {"deserialize": _deserialize()}
 
     def is_serializable(self, **_: Any) -> bool:
         return True
@@ -132,6 +151,82 @@ class TensorNetworkQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
+
+
+def _quantized_weights_once(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """``model``'s state without the second name of a quantized weight of this library's that
+    several modules share (a tied table in int4), and those names as ``{alias: source}``:
+    transformers refuses to write shared tensors it does not tie itself."""
+    first: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantizedWeight):
+            first.setdefault(id(module), name)
+    state, aliases = model.state_dict(), {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantizedWeight) and first[id(module)] != name:
+            for part in ("codes", "scale"):
+                aliases[f"{name}.{part}"] = f"{first[id(module)]}.{part}"
+                state.pop(f"{name}.{part}", None)
+    return state, aliases
+
+
+def _shared_quantized_weights(model: nn.Module, aliases: dict[str, str]) -> dict[str, str]:
+    """``{alias module: source module}`` for the quantized weights
+    (:class:`~tensornet_llm.layers.quantized.QuantizedWeight`) that ``aliases`` (a
+    structure's, by state-dict key) saves under another module's name."""
+    shared = {}
+    for alias, source in aliases.items():
+        alias_owner, _, part = alias.rpartition(".")
+        source_owner = source.rpartition(".")[0]
+        if part in ("codes", "scale") and all(isinstance(_submodule(model, n), QuantizedWeight)
+                                              for n in (alias_owner, source_owner)):
+            shared[alias_owner] = source_owner
+    return shared
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _is_parameter(model: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    module = _submodule(model, owner) if owner else model
+    return module is not None and isinstance(module._parameters.get(attr), nn.Parameter)
+
+
+def _initialise_buffers(model: nn.Module, buffered: dict[str, list[str]]) -> None:
+    """Set the buffers of the ``buffered`` modules as the model's own initialisation does
+    (``_init_weights``): transformers' torchao loader marks a module it loads as initialised,
+    which skips them. The module's parameters are marked loaded first, so that only the
+    buffers change."""
+    from transformers import initialization
+
+    with torch.no_grad(), initialization.guard_torch_init_functions():
+        for name in buffered:
+            module = model.get_submodule(name)
+            for p in module.parameters(recurse=False):
+                p._is_hf_initialized = True
+            model._init_weights(module)
+
+
+@functools.cache
+def _deserialize() -> type:
+    """transformers' torchao deserialization, passing over the marker a folder holds at the
+    key of a replaced module's weight where torchao's parts of that weight are written
+    (:meth:`TensorNetworkQuantizer.get_state_dict_and_metadata`): it reaches the same
+    converter as the parts."""
+    from transformers.integrations.torchao import TorchAoDeserialize
+
+    class Deserialize(TorchAoDeserialize):
+        def convert(self, input_dict: dict, *args: Any, **kwargs: Any) -> dict:
+            parts = {k: v for k, v in input_dict.items() if not all(
+                t.numel() == 0 for t in (v if isinstance(v, list) else [v]))}
+            return super().convert(parts, *args, **kwargs)
+
+    return Deserialize
 
 
 def _untied(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -16,6 +16,11 @@ CompactifAI's size figures come from two steps: tensorize, then quantize what re
   ``IntxWeightOnlyConfig(torch.int4)`` stores one byte per weight). Those are quantized by the
   layers of :mod:`tensornet_llm.layers.quantized`, written here for that reason.
 
+A module that subclasses ``nn.Linear`` or ``nn.Embedding`` with a forward of its own is
+converted only where a probe shows its quantized form computes what that forward does
+(:mod:`~tensornet_llm.train.quantize_probe`): torchao's int8, else the library's layer, else an
+error naming the module.
+
 Kept-rows layers are rounded in another form of the same map (module docs of
 :meth:`~tensornet_llm.layers.low_rank.KeptRowsLinear.rounding_form`), and so are the members of
 a cross-layer group with kept rows (an orthonormal shared basis,
@@ -45,6 +50,7 @@ from ..layers.quantized import (
 from ..saving import attach
 from ..saving.structure import resized_linears
 from ..saving.tensors import int8_config, is_torchao_tensor
+from .quantize_probe import has_own_forward, own_mismatch, torchao_mismatch
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "as_quantize_config", "low_rank_as_factors",
            "quantize"]
@@ -307,7 +313,7 @@ def quantize(
         done += [swap(model, name, form) for name, form in _other_forms(model, cfg).items()]
         done += [swap(model, name, m) for name, m in _int8_padding(model, cfg).items()]
         found = leaves(model, cfg)
-        own = _own_layers(found, cfg)
+        own = _own_layers(found, cfg, _probed(found, cfg))
     units = dict.fromkeys(  # each leaf's row of the report: its compressed layer, or itself
         next((c for c in compressed if name == c or name.startswith(c + ".")), name)
         for name, _ in found)
@@ -326,15 +332,38 @@ def quantize(
     return report
 
 
-def _own_layers(found: list[tuple[str, nn.Module]], cfg: QuantizeConfig
+def _probed(found: list[tuple[str, nn.Module]], cfg: QuantizeConfig) -> set[str]:
+    """The leaves with a forward of their own (:mod:`~.quantize_probe`) that torchao's int8
+    form does not run right and the library's own layer does. One that no form reproduces
+    stops :func:`quantize` with an error naming it."""
+    fallback = set()
+    for name, module in found:
+        if not has_own_forward(module):
+            continue
+        if by_torchao(module, cfg) and torchao_mismatch(module, int8_config(cfg.group_size)) is None:
+            continue
+        why = own_mismatch(module, cfg.bits, cfg.effective_group_size)
+        if why is not None:
+            hint = " or embeddings=False" if isinstance(module, nn.Embedding) else ""
+            raise ArgumentError(
+                f"{name} ({type(module).__name__}) computes more than its weight: int{cfg.bits} "
+                f"does not reproduce its forward ({why}); leave it in float with exclude="
+                f"[{name!r}]{hint}")
+        if by_torchao(module, cfg):
+            fallback.add(name)
+    return fallback
+
+
+def _own_layers(found: list[tuple[str, nn.Module]], cfg: QuantizeConfig, also: set[str]
                 ) -> dict[str, nn.Module]:
     """``{name: the library's quantized layer}`` for each leaf torchao does not take (module
-    docs); leaves that share a weight (a tied table) share its quantized one."""
+    docs), and for the leaves ``also`` names; leaves that share a weight (a tied table) share
+    its quantized one."""
     group = cfg.effective_group_size
     own: dict[str, nn.Module] = {}
     by_weight: dict[int, QuantizedWeight] = {}
     for name, module in found:
-        if by_torchao(module, cfg):
+        if by_torchao(module, cfg) and name not in also:
             continue
         if isinstance(module, TensorNetworkLinear):
             own[name] = QuantizedTensorNetworkLinear.from_module(module, cfg.bits, group)
