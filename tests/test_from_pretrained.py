@@ -199,6 +199,9 @@ def test_int8_models_of_other_architectures_load_with_the_same_logits(arch, keep
     assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
     torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
     if arch == "gemma2" and keep is None:  # the one folder with nothing compressed
+        save_compactified(model, tmp_path / "c")  # the library's folder both loaders read
+        for load in (load_compactified, AutoModelForCausalLM.from_pretrained):
+            torch.testing.assert_close(logits(load(tmp_path / "c"), batch), expected, rtol=0, atol=0)
         run = plain_transformers("import sys\nfrom transformers import AutoModelForCausalLM\n"
                                  "AutoModelForCausalLM.from_pretrained(sys.argv[1])\n",
                                  tmp_path / "m")

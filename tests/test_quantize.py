@@ -168,13 +168,14 @@ def test_exclude_keeps_named_modules_in_float():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "falcon"])
 def test_rounded_weights_compute_exactly_what_quantize_builds(arch, bits):
     if bits == 8:
         pytest.importorskip("torchao")  # int8 goes through the torchao extra
-    # gpt2: a tied table and Conv1D weights stored (in, out); llama: low-rank and MPO cores.
+    # gpt2: a tied table and Conv1D weights stored (in, out); llama: low-rank and MPO cores;
+    # falcon: dense FalconLinear (x @ weight.T), which int8 gives the library's layer.
     model = build(arch)
-    compactify(model, chi=6, progress=False, exclude=["mlp"] if arch == "llama" else [])
+    compactify(model, chi=6, progress=False, exclude=["mlp"] if arch != "gpt2" else [])
     batch = inputs(arch)
     floats = {k: v.clone() for k, v in model.state_dict().items()}
     twin = copy.deepcopy(model)

@@ -22,7 +22,7 @@ from ..layers.low_rank import KeptRowsLinear
 from ..layers.quantized import QuantizedTensorNetworkLinear, round_tensor
 from ..saving.tensors import int8_config
 from .quantize import (QuantizeConfig, as_quantize_config, by_torchao, channel_dim,
-                       in_other_form, leaves, require_torchao)
+                       in_other_form, leaves, probed, require_torchao)
 
 __all__ = ["rounding_plan", "rounded_weights"]
 
@@ -53,8 +53,10 @@ def rounding_plan(model: nn.Module, bits: "int | QuantizeConfig | None" = None,
                             "low_rank_as_factors(model) first (the same maps in that form)")
     group = cfg.effective_group_size
     plan: dict[int, tuple[nn.Parameter, Callable[[Tensor], Tensor]]] = {}
-    for _, module in leaves(model, cfg):
-        if by_torchao(module, cfg):
+    found = leaves(model, cfg)
+    own = probed(found, cfg)  # torchao cannot run these: quantize gives them its own layers
+    for name, module in found:
+        if by_torchao(module, cfg) and name not in own:
             legs = [(module.weight, partial(_round_torchao, cfg=cfg))]
         else:
             tensors = [(c, QuantizedTensorNetworkLinear._channel_dim(tuple(c.shape)))

@@ -313,7 +313,7 @@ def quantize(
         done += [swap(model, name, form) for name, form in _other_forms(model, cfg).items()]
         done += [swap(model, name, m) for name, m in _int8_padding(model, cfg).items()]
         found = leaves(model, cfg)
-        own = _own_layers(found, cfg, _probed(found, cfg))
+        own = _own_layers(found, cfg, probed(found, cfg))
     units = dict.fromkeys(  # each leaf's row of the report: its compressed layer, or itself
         next((c for c in compressed if name == c or name.startswith(c + ".")), name)
         for name, _ in found)
@@ -332,7 +332,7 @@ def quantize(
     return report
 
 
-def _probed(found: list[tuple[str, nn.Module]], cfg: QuantizeConfig) -> set[str]:
+def probed(found: list[tuple[str, nn.Module]], cfg: QuantizeConfig) -> set[str]:
     """The leaves with a forward of their own (:mod:`~.quantize_probe`) that torchao's int8
     form does not run right and the library's own layer does. One that no form reproduces
     stops :func:`quantize` with an error naming it."""
