@@ -40,7 +40,7 @@ from .structure import (
     QUANT_METHOD, build_structure, describe, marker_keys, replaced, with_markers,
 )
 from .tensors import (
-    flatten, int8_config, is_torchao_tensor, part_names, quantized_names, read_metadata,
+    dedupe, flatten, int8_config, is_torchao_tensor, part_names, quantized_names, read_metadata,
     storage_key, torchao_to_dtype,
 )
 
@@ -118,14 +118,16 @@ class TensorNetworkQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: nn.Module):
         """The structure as the model holds it now, into ``config.json``; the weights with
         the markers."""
-        state, aliases = _quantized_weights_once(model)
+        # a tensor several modules share (a tied table, also torchao's or the library's int4
+        # one) once: transformers refuses to write shared tensors it does not tie itself
+        state, aliases = dedupe(model.state_dict())
         structure = describe(model, aliases)
         _refuse_cross_layer(structure, "save_pretrained")
         self.quantization_config.structure = structure
         model.config.quantization_config = self.quantization_config
         # after flattening: a weight torchao quantized is written as its parts, and its own
         # key then holds the marker as well
-        tensors, metadata = flatten(_untied(state))
+        tensors, metadata = flatten(state)
         return with_markers(tensors, replaced(structure)), metadata
 
     @property
@@ -151,23 +153,6 @@ class TensorNetworkQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
-
-
-def _quantized_weights_once(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """``model``'s state without the second name of a quantized weight of this library's that
-    several modules share (a tied table in int4), and those names as ``{alias: source}``:
-    transformers refuses to write shared tensors it does not tie itself."""
-    first: dict[int, str] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, QuantizedWeight):
-            first.setdefault(id(module), name)
-    state, aliases = model.state_dict(), {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, QuantizedWeight) and first[id(module)] != name:
-            for part in ("codes", "scale"):
-                aliases[f"{name}.{part}"] = f"{first[id(module)]}.{part}"
-                state.pop(f"{name}.{part}", None)
-    return state, aliases
 
 
 def _shared_quantized_weights(model: nn.Module, aliases: dict[str, str]) -> dict[str, str]:
