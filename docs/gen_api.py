@@ -21,7 +21,7 @@ ROOMS = {
     "compress": ["compactify", "config", "plan", "surgery", "stream", "groups", "sweeps", "mpo_sweeps", "report", "budget", "slim", "calibrate", "fit",
                  "targets", "sensitivity",
                  "entanglement", "profiling", "plots"],
-    "train": ["heal", "token_loss", "quantize", "lora"],
+    "train": ["heal", "token_loss", "quantize", "quantize_selection", "lora"],
     "saving": ["serialization", "structure", "transformers_plugin", "tensors", "legacy"],
     "layers": ["mpo", "ttns", "low_rank", "maxvol", "cross_layer", "gated_mlp", "shared_rows", "base", "layout", "quantized", "autotune", "factorize",
                "decompose", "tree", "contract"],

@@ -35,7 +35,7 @@ from .cli_options import add_field, settings_from
 from .compress.config import OUTPUT_METRICS, CompactifyConfig
 from .errors import TensornetError, first_line
 from .train.heal import HealConfig
-from .train.quantize import QuantizeConfig
+from .train.quantize_selection import QuantizeConfig
 
 __all__ = ["main", "load_any"]
 

@@ -2,7 +2,7 @@
 
 A command's option for a field of :class:`~tensornet_llm.compress.config.CompactifyConfig`,
 :class:`~tensornet_llm.train.heal.HealConfig` or
-:class:`~tensornet_llm.train.quantize.QuantizeConfig` takes its default from the field and its
+:class:`~tensornet_llm.train.quantize_selection.QuantizeConfig` takes its default from the field and its
 help from the class docstring's ``Attributes`` section, so the two cannot drift apart. The
 parsed value lands under the field's own name, and :func:`settings_from` gathers the fields a
 command line gave into keyword arguments for the library.

@@ -4,6 +4,7 @@ left. Both change a model that ``compress`` made; neither decides what to compre
 """
 
 from .heal import HealConfig, HealResult, heal
-from .quantize import QuantizeConfig, QuantizeReport, quantize
+from .quantize import QuantizeReport, quantize
+from .quantize_selection import QuantizeConfig
 
 __all__ = ["heal", "HealConfig", "HealResult", "quantize", "QuantizeConfig", "QuantizeReport"]

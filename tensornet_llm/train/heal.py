@@ -42,7 +42,7 @@ from ..layers.base import TensorNetworkLinear
 from ..layers.layout import COMPRESSED
 from ..compress.calibrate import as_batches, check_token_ids
 from .qat import rounded_weights, rounding_plan
-from .quantize import QuantizeConfig, as_quantize_config
+from .quantize_selection import QuantizeConfig, as_quantize_config
 from .token_loss import token_loss
 
 __all__ = ["HealConfig", "HealResult", "auto_precision", "heal", "trainable_parameters"]
@@ -98,7 +98,7 @@ class HealConfig:
             ``"warn"``: warn (:class:`~tensornet_llm.errors.HealingCheckWarning`) and go on.
         quantize: quantization-aware healing for the rounding that
             :func:`~tensornet_llm.train.quantize.quantize` will apply after it: 8 or 4 (bits),
-            or a :class:`~tensornet_llm.train.quantize.QuantizeConfig`. Every forward and
+            or a :class:`~tensornet_llm.train.quantize_selection.QuantizeConfig`. Every forward and
             backward pass of the model and every check computes with the rounded weights, and
             the float weights take the updates (the straight-through estimate), so
             ``quantize(model, <the same>)`` afterwards gives the model the checks measured.

@@ -21,8 +21,8 @@ from ..layers.cross_layer import CrossLayerLinear
 from ..layers.low_rank import KeptRowsLinear
 from ..layers.quantized import QuantizedTensorNetworkLinear, round_tensor
 from ..saving.tensors import int8_config
-from .quantize import (QuantizeConfig, as_quantize_config, by_torchao, channel_dim,
-                       in_other_form, leaves, probed, require_torchao)
+from .quantize_selection import (QuantizeConfig, as_quantize_config, by_torchao, channel_dim,
+                                 in_other_form, leaves, probed, require_torchao)
 
 __all__ = ["rounding_plan", "rounded_weights"]
 

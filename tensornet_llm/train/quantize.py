@@ -16,8 +16,10 @@ CompactifAI's size figures come from two steps: tensorize, then quantize what re
   ``IntxWeightOnlyConfig(torch.int4)`` stores one byte per weight). Those are quantized by the
   layers of :mod:`tensornet_llm.layers.quantized`, written here for that reason.
 
-A module that subclasses ``nn.Linear`` or ``nn.Embedding`` with a forward of its own is
-converted only where a probe shows its quantized form computes what that forward does
+Which modules are converted, and by which of the two, is
+:mod:`~tensornet_llm.train.quantize_selection` (shared with quantization-aware training): a
+module that subclasses ``nn.Linear`` or ``nn.Embedding`` with a forward of its own is converted
+only where a probe shows its quantized form computes what that forward does
 (:mod:`~tensornet_llm.train.quantize_probe`): torchao's int8, else the library's layer, else an
 error naming the module.
 
@@ -29,81 +31,34 @@ a cross-layer group with kept rows (an orthonormal shared basis,
 
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Iterable
 
 from torch import nn
 
 from ..compress.slim import gated_mlps
 from ..compress.surgery import swap, swaps_undone_on_error
-from ..compress.targets import check_pattern, matches
-from ..errors import ArgumentError
 from ..helpers.evaluate import stored_tensors
-from ..layers.base import TensorNetworkLinear, is_linear_like, linear_weight
+from ..layers.base import TensorNetworkLinear
 from ..layers.cross_layer import CrossLayerLinear, plain_members
 from ..layers.low_rank import FactoredLinear, KeptRowsLinear, LowRankLinear, zero_padded
 from ..layers.quantized import (
-    INT4_GROUP_SIZE, QuantizedEmbedding, QuantizedLinear, QuantizedTensorNetworkLinear,
-    QuantizedWeight,
+    QuantizedEmbedding, QuantizedLinear, QuantizedTensorNetworkLinear, QuantizedWeight,
 )
 from ..saving import attach
 from ..saving.structure import resized_linears
-from ..saving.tensors import int8_config, is_torchao_tensor
-from .quantize_probe import has_own_forward, own_mismatch, torchao_mismatch
+from ..saving.tensors import int8_config
+from .quantize_selection import (
+    QuantizeConfig, as_quantize_config, by_torchao, in_other_form, leaves, probed,
+    require_torchao,
+)
 
-__all__ = ["QuantizeConfig", "QuantizeReport", "as_quantize_config", "low_rank_as_factors",
-           "quantize"]
+__all__ = ["QuantizeReport", "low_rank_as_factors", "quantize"]
 
 #: int8 linears in half precision run torch's fused kernel where their input features are a
 #: multiple of this (:mod:`~tensornet_llm.saving.torchao_cpu`), so int8 pads low-rank ranks and
 #: slim MLP widths up to it with zeros (the same map; at most 15 rows and columns more).
 INT8_BLOCK = 16
-
-
-@dataclass
-class QuantizeConfig:
-    """What :func:`quantize` converts, and how.
-
-    Attributes:
-        bits: 8 or 4.
-        group_size: entries per scale; ``None`` means one scale per channel for int8 and
-            groups of 64 for int4. Must be even (and, for int8, divide every row torchao
-            quantizes).
-        cores: quantize the compressed layers (tensor-network cores, low-rank factors,
-            cross-layer bases and cores).
-        dense: quantize linear layers that are not tensor networks (the LM head, excluded or
-            untargeted modules; for an uncompressed model, every linear).
-        embeddings: quantize ``nn.Embedding`` tables.
-        exclude: name patterns (as in :func:`tensornet_llm.compactify`) left in float.
-    """
-
-    bits: int = 8
-    group_size: int | None = None
-    cores: bool = True
-    dense: bool = True
-    embeddings: bool = True
-    exclude: tuple[str, ...] = ()
-
-    def validate(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in (8, 4):
-            raise ArgumentError(f"bits must be 8 or 4, got {self.bits!r}")
-        g = self.group_size
-        if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2 or g % 2):
-            raise ArgumentError(f"group_size must be None or an even integer >= 2, got {g!r}")
-        for flag in ("cores", "dense", "embeddings"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ArgumentError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        if isinstance(self.exclude, str):
-            self.exclude = (self.exclude,)
-        self.exclude = tuple(check_pattern(p, "exclude") for p in self.exclude)
-
-    @property
-    def effective_group_size(self) -> int | None:
-        return self.group_size if self.group_size or self.bits == 8 else INT4_GROUP_SIZE
-
-    def excluded(self, name: str) -> bool:
-        return any(matches(name, p) for p in self.exclude)
 
 
 @dataclass
@@ -155,40 +110,9 @@ def _weight_bytes(module: nn.Module, counted: set[int]) -> int:
     return sum(t.numel() * t.element_size() for t in fresh.values())
 
 
-def as_quantize_config(bits: "int | QuantizeConfig | None" = None, *,
-                       config: QuantizeConfig | None = None, **given: Any) -> QuantizeConfig:
-    """A validated copy of ``config`` (or the defaults) with ``bits`` and every other
-    non-``None`` keyword of ``given`` set; ``bits`` may itself be a :class:`QuantizeConfig`."""
-    if isinstance(bits, QuantizeConfig):
-        config, bits = bits, None
-    given = {k: v for k, v in {"bits": bits, **given}.items() if v is not None}
-    cfg = replace(config or QuantizeConfig(), **given)  # validate() makes exclude a tuple
-    cfg.validate()
-    return cfg
-
-
-def require_torchao(cfg: QuantizeConfig) -> None:
-    if cfg.bits == 8 and importlib.util.find_spec("torchao") is None:
-        raise ArgumentError("bits=8 quantizes through torchao, which is not installed: "
-                            "pip install 'tensornet-llm[torchao]'")
-
-
-def in_other_form(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of the selected layers :func:`quantize` rounds in another form of
-    the same map: kept-rows layers, and every selected member of a cross-layer group some of
-    whose members have kept rows (they share the gauged basis)."""
-    if not cfg.cores:
-        return []
-    selected = [(n, m) for n, m in model.named_modules() if n and not cfg.excluded(n)]
-    gauged = {id(m.shared) for _, m in selected
-              if isinstance(m, CrossLayerLinear) and m.kept is not None}
-    return [(n, m) for n, m in selected if isinstance(m, KeptRowsLinear) or (
-        isinstance(m, CrossLayerLinear) and id(m.shared) in gauged)]
-
-
 def _other_forms(model: nn.Module, cfg: QuantizeConfig) -> dict[str, nn.Module]:
-    """``{name: form}`` for :func:`in_other_form` (the members of one group get one new
-    shared basis). Built, not swapped in."""
+    """``{name: form}`` for :func:`~.quantize_selection.in_other_form` (the members of one
+    group get one new shared basis). Built, not swapped in."""
     found = in_other_form(model, cfg)
     forms = {n: m.rounding_form() for n, m in found if isinstance(m, KeptRowsLinear)}
     groups: dict[int, dict[str, CrossLayerLinear]] = {}
@@ -220,49 +144,6 @@ def _int8_padding(model: nn.Module, cfg: QuantizeConfig) -> dict[str, nn.Module]
             new[unit.up] = zero_padded(up, width, up.in_features)
             new[unit.down] = zero_padded(down, down.out_features, width)
     return new
-
-
-def leaves(model: nn.Module, cfg: QuantizeConfig) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module whose weights :func:`quantize` converts, in model
-    order (a shared basis once): each ``nn.Linear`` (the parts of low-rank layers and
-    cross-layer members among them), GPT-2 ``Conv1D``, ``nn.Embedding`` and tensor-network
-    layer."""
-    found, containers = [], ()
-    for name, module in model.named_modules():
-        if not name or cfg.excluded(name):
-            continue
-        if isinstance(module, (FactoredLinear, CrossLayerLinear)):
-            containers += (name + ".",)
-            continue
-        if isinstance(module, TensorNetworkLinear):
-            wanted = cfg.cores
-        elif isinstance(module, nn.Embedding):
-            wanted = cfg.embeddings
-        elif is_linear_like(module):
-            wanted = cfg.cores if name.startswith(containers) else cfg.dense
-        else:
-            continue
-        done = isinstance(module, (nn.Linear, nn.Embedding)) and is_torchao_tensor(module.weight)
-        if wanted and not done:
-            found.append((name, module))
-    group = cfg.group_size
-    for name, module in found:  # torchao's groups must divide the rows
-        if by_torchao(module, cfg) and group and module.weight.shape[1] % group:
-            raise ArgumentError(f"group_size={group} does not divide the rows of {name} "
-                                f"{tuple(module.weight.shape)}")
-    return found
-
-
-def by_torchao(module: nn.Module, cfg: QuantizeConfig) -> bool:
-    """int8 of an ``nn.Linear`` or ``nn.Embedding`` goes through torchao (module docs say why
-    the rest does not)."""
-    return cfg.bits == 8 and isinstance(module, (nn.Linear, nn.Embedding))
-
-
-def channel_dim(module: nn.Module) -> int:
-    """The leg of ``module.weight`` that is the output channels (a ``Conv1D`` stores
-    ``(in, out)``)."""
-    return 0 if isinstance(module, nn.Embedding) or linear_weight(module)[0] is module.weight else 1
 
 
 def low_rank_as_factors(model: nn.Module) -> int:
@@ -330,28 +211,6 @@ def quantize(
         report.rows.append((unit, _kind(modules[unit]), nbytes, after))
     attach(model)  # so that model.save_pretrained writes what from_pretrained loads
     return report
-
-
-def probed(found: list[tuple[str, nn.Module]], cfg: QuantizeConfig) -> set[str]:
-    """The leaves with a forward of their own (:mod:`~.quantize_probe`) that torchao's int8
-    form does not run right and the library's own layer does. One that no form reproduces
-    stops :func:`quantize` with an error naming it."""
-    fallback = set()
-    for name, module in found:
-        if not has_own_forward(module):
-            continue
-        if by_torchao(module, cfg) and torchao_mismatch(module, int8_config(cfg.group_size)) is None:
-            continue
-        why = own_mismatch(module, cfg.bits, cfg.effective_group_size)
-        if why is not None:
-            hint = " or embeddings=False" if isinstance(module, nn.Embedding) else ""
-            raise ArgumentError(
-                f"{name} ({type(module).__name__}) computes more than its weight: int{cfg.bits} "
-                f"does not reproduce its forward ({why}); leave it in float with exclude="
-                f"[{name!r}]{hint}")
-        if by_torchao(module, cfg):
-            fallback.add(name)
-    return fallback
 
 
 def _own_layers(found: list[tuple[str, nn.Module]], cfg: QuantizeConfig, also: set[str]
