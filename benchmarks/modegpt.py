@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from tensornet_llm.compress.fit import CovarianceCollector
-from tensornet_llm.compress.slim import gated_mlps, refit_down, slim_layers
+from tensornet_llm.compress.slim import mlp_units, refit_down, slim_layers
 from tensornet_llm.compress.targets import find_targets
 
 from harness import target_parameters
@@ -58,7 +58,7 @@ def uniform_width(model: nn.Module, keep: float) -> tuple[list[str], int]:
     """The gated MLPs among the default targets, and the width ``k`` (a multiple of 8) at which
     slimming all of them, attention dense, keeps ``keep`` of the targets' parameters."""
     total = target_parameters(model)
-    units = gated_mlps(model, [n for n, _ in find_targets(model)[0]])
+    units = [u for u in mlp_units(model, [n for n, _ in find_targets(model)[0]]) if u.gate]
     mlps = [model.get_submodule(u.name) for u in units]
     mlp_total = sum(p.numel() for mlp in mlps
                     for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)

@@ -1,7 +1,8 @@
 """Slim MLPs (``tensornet_llm.compress.slim``): the greedy neuron choice lowers exactly the damage
 it reports, the refit is the least-squares optimum and exact where nothing is removed, the
 budget's MLP ladder combines the projections' own rungs correctly, and ``compactify`` builds
-what the budget priced."""
+what the budget priced; gated MLPs and the plain MLPs of other families (GPT-2's ``Conv1D``,
+OPT's projections in the decoder layer itself), which survive saving and loading bit for bit."""
 
 import itertools
 
@@ -10,13 +11,20 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from models import build, calibration
-from tensornet_llm import CompactifyConfig, compactify
+from models import build, calibration, inputs
+from tensornet_llm import CompactifyConfig, compactify, quantize
 from tensornet_llm.compress.budget import Option, lower_hull, slim_ladder, unit_ladder
 from tensornet_llm.compress.slim import (
-    REFIT_RIDGE, SlimChoice, build_slim, damage_scale, gated_mlps, greedy_neurons, refit_down,
+    REFIT_RIDGE, SlimChoice, build_slim, damage_scale, greedy_neurons, mlp_units, refit_down,
     slim_layers,
 )
+from tensornet_llm.layers.base import linear_weight
+
+#: Plain MLPs, ``down(act(up(x)))``: the module whose forward runs them, and its projections.
+PLAIN = {"gpt2": ("transformer.h.0.mlp", "c_fc", "c_proj"),  # Conv1D, weights (in, out)
+         "gpt_neox": ("gpt_neox.layers.0.mlp", "dense_h_to_4h", "dense_4h_to_h"),
+         "falcon": ("transformer.h.0.mlp", "dense_h_to_4h", "dense_4h_to_h"),  # FalconLinear
+         "opt": ("model.decoder.layers.0", "fc1", "fc2")}  # in the decoder layer itself
 
 
 def schur_trace(gram, weighted, chosen):
@@ -170,7 +178,7 @@ def test_the_ladder_prices_what_build_slim_builds(ridge):
     calibration data: the built MLP's error (``act_error``) plus the ridge penalty of down's new
     coefficients on the kept neurons; without a ridge, the error alone."""
     model = build("llama")
-    unit = gated_mlps(model, {n for n, _ in model.named_modules()})[0]
+    unit = mlp_units(model, {n for n, _ in model.named_modules()})[0]
     mlp = model.get_submodule(unit.name)
     gram = mlp_gram(model, unit.name)
     layers = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
@@ -195,7 +203,9 @@ def test_the_ladder_prices_what_build_slim_builds(ridge):
         assert option.params == sum(r.params_after for r in rows)
 
 
-def test_only_gated_mlps_are_slimmed():
+def test_which_mlps_are_slimmed():
+    """Gated MLPs by their projections' names; plain ones wherever a module's only two linear
+    children run as ``down(f(up(x)))`` with ``f`` reading each neuron alone; nothing else."""
     class Summed(nn.Module):  # gate, up, down and act_fn, but not the gated product
         def __init__(self):
             super().__init__()
@@ -205,19 +215,93 @@ def test_only_gated_mlps_are_slimmed():
         def forward(self, x):
             return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
 
-    model = nn.Sequential(Summed())
+    class Normed(nn.Module):  # up and down, but a norm over the neurons between them
+        def __init__(self):
+            super().__init__()
+            self.up, self.norm, self.down = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.down(self.norm(self.up(x)))
+
+    model = nn.Sequential(Summed(), Normed())
     names = {n for n, _ in model.named_modules()}
-    assert gated_mlps(model, names) == []
+    assert mlp_units(model, names) == []
+    model[1].norm = nn.GELU()  # now each neuron by itself
+    assert [u.members for u in mlp_units(model, names)] == [("1.up", "1.down")]
     llama = build("llama")
-    found = gated_mlps(llama, {n for n, _ in llama.named_modules()})
+    found = mlp_units(llama, {n for n, _ in llama.named_modules()})
     assert [u.name for u in found] == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert gated_mlps(llama, {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"}) == []
+    assert all(u.gate is not None for u in found)
+    assert mlp_units(llama, {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"}) == []
+    for arch, (owner, up, down) in PLAIN.items():
+        model = build(arch)
+        units = mlp_units(model, {n for n, _ in model.named_modules()})
+        assert len(units) == 2 and units[0].members == (f"{owner}.{up}", f"{owner}.{down}")
+    bloom = build("bloom")  # its MLP's forward takes the residual too: not offered
+    assert mlp_units(bloom, {n for n, _ in bloom.named_modules()}) == []
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("arch", list(PLAIN))
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), kept=st.floats(0.1, 1.0))
+def test_a_plain_mlp_keeps_exactly_what_its_kept_neurons_compute(arch, seed, kept):
+    """A plain MLP slimmed to any subset of its neurons, down's columns as they are, computes
+    what the MLP computes with the other neurons' columns of down set to zero (all of them
+    kept: the MLP itself); every layer is a plain ``nn.Linear``."""
+    model = build(arch, seed=seed % 7).double()
+    owner, up_name, down_name = PLAIN[arch]
+    mlp = model.get_submodule(owner)
+    up, down = getattr(mlp, up_name), getattr(mlp, down_name)
+    w_down = linear_weight(down)[0].detach()
+    m = w_down.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(m, generator=g)[: max(1, round(kept * m))].sort().values
+    zeroed = torch.zeros_like(w_down)
+    zeroed[:, keep] = w_down[:, keep]
+    stored = zeroed if linear_weight(down)[0] is down.weight else zeroed.T
+    x = torch.randn(1, 5, w_down.shape[0], dtype=torch.float64, generator=g)
+
+    def first(out):  # a decoder layer may return a tuple
+        return out[0] if isinstance(out, tuple) else out
+
+    with torch.no_grad():
+        expected = first(torch.func.functional_call(mlp, {f"{down_name}.weight": stored}, (x,)))
+        layers = slim_layers(None, up, down, keep, w_down[:, keep])
+        assert all(type(layer) is nn.Linear for layer in layers)
+        setattr(mlp, up_name, layers[0])
+        setattr(mlp, down_name, layers[1])
+        torch.testing.assert_close(first(mlp(x)), expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "opt"])
+def test_plain_slim_mlps_load_bit_for_bit_in_float_and_int8(arch, tmp_path):
+    """Saved by ``save_pretrained``, loaded by plain ``from_pretrained``: the same logits, float
+    and int8 (GPT-2's slim projections are ``nn.Linear`` where the architecture has ``Conv1D``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = build(arch, layers=3)
+    report = compactify(model, ratio=0.5, calibration=calibration(), progress=False)
+    owner, up, down = PLAIN[arch]
+    assert {r.name for r in report.layers if r.method == "slim"} == {
+        f"{owner.replace('.0', f'.{i}', 1)}.{p}" for i in range(3) for p in (up, down)}
+    batch = inputs(arch)
+    for bits in (None, 8):
+        if bits:
+            pytest.importorskip("torchao")
+            quantize(model, bits)
+        with torch.no_grad():
+            expected = model(**batch).logits
+        model.save_pretrained(tmp_path / f"m{bits}")
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / f"m{bits}")
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", *PLAIN])
 def test_the_budget_slims_mlps_within_the_ratio(arch):
     model = build(arch, layers=3)
-    report = compactify(model, ratio=0.5, targets=["mlp"], calibration=calibration(),
+    targets = ["fc1", "fc2"] if arch == "opt" else ["mlp"]  # OPT's sit in the decoder layer
+    report = compactify(model, ratio=0.5, targets=targets, calibration=calibration(),
                         progress=False)
     slim = [r for r in report.layers if r.method == "slim"]
     assert slim and report.kept_fraction <= 0.5

@@ -446,31 +446,33 @@ def unit_ladder(members: Mapping[str, list[Option]], slim: list[Option] = (),
 
 
 @torch.no_grad()
-def slim_ladder(gate: nn.Module, up: nn.Module, down: nn.Module, gram: Tensor,
+def slim_ladder(gate: nn.Module | None, up: nn.Module, down: nn.Module, gram: Tensor,
                 grad_sq: Tensor | None, keep_grid: tuple[float, ...] = KEEP_GRID,
                 max_keep: float = 1.0, ridge: float = REFIT_RIDGE) -> tuple[list[Option], Tensor]:
-    """The slim rungs of a gated MLP (:mod:`.slim`): its width at each keep fraction of the grid
-    (a multiple of :data:`RANK_MULTIPLE`), priced like every other layout from down's input
-    second moment ``gram`` ``(m, m)`` and loss gradients ``grad_sq`` (or the relative output
-    error without them), with the refit's ``ridge`` on the Gram (:mod:`.slim`: the refit's
-    error plus its penalty); and the neurons in the order chosen (a rung of width ``k`` keeps
-    the first ``k``)."""
-    m = down.in_features
-    per_neuron = sum(layer.weight.shape[1] if layer is not down else layer.weight.shape[0]
-                     for layer in (gate, up, down))
-    per_neuron += sum(1 for layer in (gate, up) if layer.bias is not None)
+    """The slim rungs of an MLP (:mod:`.slim`; ``gate`` ``None`` for a plain one): its width at
+    each keep fraction of the grid (a multiple of :data:`RANK_MULTIPLE`), priced like every
+    other layout from down's input second moment ``gram`` ``(m, m)`` and loss gradients
+    ``grad_sq`` (or the relative output error without them), with the refit's ``ridge`` on the
+    Gram (:mod:`.slim`: the refit's error plus its penalty); and the neurons in the order chosen
+    (a rung of width ``k`` keeps the first ``k``)."""
+    inputs = [linear_weight(layer) for layer in (gate, up) if layer is not None]
+    w_down = linear_weight(down)[0]
+    m = w_down.shape[1]
+    # Per neuron: a row (and a bias entry) of each input projection, a column of down.
+    per_neuron = sum(w.shape[1] + (b is not None) for w, b in inputs) + w_down.shape[0]
     fixed = down.bias.numel() if down.bias is not None else 0
     dense = per_neuron * m + fixed
     widths = sorted({aligned(max(1, int(k * m))) for k in keep_grid})
     widths = [k for k in widths if k < m and per_neuron * k + fixed <= max_keep * dense]
     if not widths:
         return [], torch.empty(0, dtype=torch.long)
-    weighted, scale = damage_scale(down.weight, grad_sq, gram)
+    weighted, scale = damage_scale(w_down, grad_sq, gram)
     moments = gram.diagonal()
     order, left = greedy_neurons(gram + ridge * torch.diag_embed(moments), weighted, max(widths))
     # The ridge's share of the dropped neurons' own moments, ridge ||B[:, d]||^2 G[d, d], is no
     # risk of the refit: the price keeps only its error and its coefficients' penalty.
     own = ridge * weighted.to(left).pow(2).sum(0) * moments.to(left)
     left = left - (own.sum() - torch.cat([own.new_zeros(1), own[order].cumsum(0)]))
-    return ([Option(k, per_neuron * k + fixed, scale * float(left[k]), width=k, calls=3)
+    return ([Option(k, per_neuron * k + fixed, scale * float(left[k]), width=k,
+                    calls=len(inputs) + 1)
              for k in widths], order)

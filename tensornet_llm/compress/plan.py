@@ -21,7 +21,7 @@ from .calibrate import collect_covariances, output_gradients
 from .config import CompactifyConfig
 from .fit import output_weights
 from .heads import HeadChoice, grouped_attentions, head_rungs
-from .slim import SlimChoice, gated_mlps
+from .slim import SlimChoice, mlp_units
 from .targets import (find_targets, fused_expert_tensors, output_embedding, resolve_override,
                       shared_weights)
 
@@ -187,7 +187,7 @@ def _budget_settings(
             warnings.warn(note, EstimateFallbackWarning, stacklevel=4)
             notes.append(note)
     weigh = cfg.weigh_outputs and grads is not None
-    units = gated_mlps(model, modules) if cfg.slim_mlp and covs is not None else []
+    units = mlp_units(model, modules) if cfg.slim_mlp and covs is not None else []
     attentions = grouped_attentions(model, modules) if cfg.slim_attention and covs is not None \
         else []
     orders = {}
@@ -197,7 +197,8 @@ def _budget_settings(
         ladders = price(modules, {n: offered[n] for n in modules}, covs, grads,
                         weigh_outputs=weigh, max_keep=cfg.max_keep, tick=tick)
         for unit in units:
-            gate, up, down = (modules[n] for n in unit.members)
+            gate, up, down = (None if n is None else modules[n] for n in (unit.gate, unit.up,
+                                                                          unit.down))
             slim, orders[unit.name] = slim_ladder(
                 gate, up, down, covs[unit.down], None if grads is None else grads[unit.down],
                 max_keep=cfg.max_keep)

@@ -1,9 +1,11 @@
-"""Slim MLPs: a gated MLP of smaller width, made of plain ``nn.Linear`` of smaller shape.
+"""Slim MLPs: an MLP of smaller width, made of plain ``nn.Linear`` of smaller shape.
 
 A gated MLP computes ``down(act(gate(x)) * up(x))`` with ``m`` intermediate neurons
-(LLaMA, Mistral, Qwen, Gemma and their kin). Keeping ``k`` of them, the set ``S``, leaves
+(LLaMA, Mistral, Qwen, Gemma and their kin), a plain one ``down(act(up(x)))`` (GPT-2,
+GPT-NeoX, Falcon, Phi, StarCoder2, GPT-J: whatever the projections are called). Keeping ``k``
+of the neurons, the set ``S``, leaves
 
-    gate' = gate[S], up' = up[S]            rows S of the weights: exact on the kept neurons
+    gate' = gate[S], up' = up[S]            rows S of the weights (and biases): exact on the kept
     down' = W G[:, S] G[S, S]^-1            ``W`` down's weight ``(out, m)``, ``G = E[h h^T]``
 
 where ``h`` ``(m,)`` is down's input (the neurons' outputs) on calibration data: the least-squares
@@ -33,16 +35,19 @@ no such risk.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
+from ..layers.base import is_linear_like, linear_weight
 from .fit import corrected_target, metric_roots, output_weights, stable_cholesky, weigh_rows
 from .report import LayerReport
 
-__all__ = ["GatedMLP", "SlimChoice", "gated_mlps", "greedy_neurons", "damage_scale", "refit_down",
+__all__ = ["MLPUnit", "SlimChoice", "mlp_units", "greedy_neurons", "damage_scale", "refit_down",
            "slim_layers", "build_slim", "linear_like", "output_errors", "slim_reports", "SLIM",
            "REFIT_RIDGE"]
 
@@ -51,24 +56,26 @@ SLIM = "slim"
 
 
 @dataclass(frozen=True)
-class GatedMLP:
-    """The qualified names of one gated MLP and its three projections."""
+class MLPUnit:
+    """The qualified names of one MLP and its projections; ``gate`` is ``None`` for a plain
+    MLP. ``name`` is the module whose forward runs them (a plain MLP's may be a whole block)."""
 
     name: str
-    gate: str
+    gate: str | None
     up: str
     down: str
 
     @property
-    def members(self) -> tuple[str, str, str]:
-        return self.gate, self.up, self.down
+    def members(self) -> tuple[str, ...]:
+        """The projections' names, inputs first, ``down`` last."""
+        return tuple(n for n in (self.gate, self.up, self.down) if n is not None)
 
 
 @dataclass(frozen=True)
 class SlimChoice:
-    """The budget's choice for one gated MLP: keep the neurons ``keep`` ``(width,)``."""
+    """The budget's choice for one MLP: keep the neurons ``keep`` ``(width,)``."""
 
-    unit: GatedMLP
+    unit: MLPUnit
     keep: Tensor
 
     @property
@@ -100,16 +107,79 @@ def _is_gated(mlp: nn.Module) -> bool:
         (got - want).norm() <= tol * want.norm().clamp_min(1e-30))
 
 
-def gated_mlps(model: nn.Module, names: set[str] | list[str]) -> list[GatedMLP]:
-    """The gated MLPs of ``model`` (module docs) whose three projections are all among
-    ``names``, in model order."""
+def _plain_pair(mlp: nn.Module) -> tuple[str, str] | None:
+    """``(up, down)``, the child names of a plain MLP's projections: ``mlp``'s only two
+    linear-like children, ``up`` ``(h -> m)`` registered first and ``down`` ``(m -> h)``, such
+    that ``mlp``'s forward reads the ``m`` neurons one by one between them (module docs of
+    :func:`_slims_exactly`). ``None`` for anything else."""
+    children = [(n, c) for n, c in mlp.named_children() if is_linear_like(c)]
+    if len(children) != 2:
+        return None
+    (up_name, up), (down_name, down) = children
+    (w_up, _), (w_down, _) = linear_weight(up), linear_weight(down)
+    if w_up.shape[::-1] != w_down.shape or up is down:
+        return None
+    return (up_name, down_name) if _slims_exactly(mlp, (up_name,), down_name) else None
+
+
+@torch.no_grad()
+def _slims_exactly(mlp: nn.Module, inputs: tuple[str, ...], down: str) -> bool:
+    """Whether ``mlp`` computes, with the slim layers of half its neurons (:func:`slim_layers`,
+    down's columns as they are) in place of its children ``inputs`` and ``down``, what it
+    computes with the other neurons' columns of ``down`` set to zero. That holds where the
+    forward reads each neuron by itself (an elementwise activation, a gate's product, dropout)
+    and nothing else reads the projections: the condition for slimming. Checked on a random
+    input of 3 tokens, in eval mode (the modes are put back)."""
+    layers = [getattr(mlp, n) for n in (*inputs, down)]
+    w_down = linear_weight(layers[-1])[0]
+    if w_down.is_meta or w_down.shape[1] < 2:
+        return False
+    keep = torch.arange(0, w_down.shape[1], 2, device=w_down.device)
+    slim = slim_layers(*([None] * (2 - len(inputs)) + layers[:-1]), layers[-1], keep,
+                       w_down[:, keep])
+    zeroed = w_down.clone()
+    zeroed[:, 1::2] = 0
+    stored = zeroed if linear_weight(layers[-1])[0] is layers[-1].weight else zeroed.t()  # Conv1D
+    x = torch.randn(1, 3, w_down.shape[0], generator=torch.Generator().manual_seed(0))
+    x = x.to(device=w_down.device, dtype=w_down.dtype)
+    swapped = copy.copy(mlp)
+    swapped._modules = {**mlp._modules, **dict(zip((*inputs, down), slim))}
+    modes = {m: m.training for m in mlp.modules()}
+    try:
+        mlp.eval()
+        swapped.eval()
+        want = functional_call(mlp, {f"{down}.weight": stored}, (x,))
+        got = swapped(x)
+    except Exception:  # a forward that takes more than hidden states: not offered
+        return False
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    want, got = (t[0] if isinstance(t, (tuple, list)) and t else t for t in (want, got))
+    if not (isinstance(got, Tensor) and isinstance(want, Tensor) and got.shape == want.shape):
+        return False
+    tol = 5e-2 if w_down.dtype.itemsize <= 2 else 1e-4
+    return bool((got - want).norm() <= tol * want.norm().clamp_min(1e-30))
+
+
+def mlp_units(model: nn.Module, names: set[str] | list[str]) -> list[MLPUnit]:
+    """The MLPs of ``model`` (module docs) whose projections are all among ``names``, in model
+    order: gated ones (``gate_proj``, ``up_proj``, ``down_proj``), then any module whose only
+    two linear-like children make a plain MLP of its forward (:func:`_plain_pair`)."""
     names = set(names)
     found = []
     for name, mlp in model.named_modules():
         prefix = f"{name}." if name else ""
-        unit = GatedMLP(name, f"{prefix}gate_proj", f"{prefix}up_proj", f"{prefix}down_proj")
-        if all(n in names for n in unit.members) and _is_gated(mlp):
-            found.append(unit)
+        unit = MLPUnit(name, f"{prefix}gate_proj", f"{prefix}up_proj", f"{prefix}down_proj")
+        if all(n in names for n in unit.members):
+            if _is_gated(mlp):
+                found.append(unit)
+            continue
+        children = [n for n, c in mlp.named_children() if is_linear_like(c)]
+        if len(children) == 2 and all(prefix + n in names for n in children):
+            pair = _plain_pair(mlp)
+            if pair is not None:
+                found.append(MLPUnit(name, None, prefix + pair[0], prefix + pair[1]))
     return found
 
 
@@ -233,7 +303,7 @@ def refit_down(target: Tensor, gram: Tensor, keep: Tensor, ridge: float = REFIT_
     return kept.to(device=target.device, dtype=target.dtype)
 
 
-def linear_like(reference: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Linear:
+def linear_like(reference: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` holding ``weight`` ``(out, in)`` and ``bias``, with ``reference``'s device,
     dtype, ``requires_grad`` and mode."""
     out_f, in_f = weight.shape
@@ -247,17 +317,20 @@ def linear_like(reference: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn
 
 
 @torch.no_grad()
-def slim_layers(gate: nn.Linear, up: nn.Linear, down: nn.Linear, keep: Tensor, down_weight: Tensor
-                ) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    """The three layers of the slim MLP keeping neurons ``keep`` ``(k,)``: rows of ``gate`` and
-    ``up``, and ``down_weight`` ``(out, k)`` (:func:`refit_down`) with down's bias."""
-    keep = keep.to(gate.weight.device)
+def slim_layers(gate: nn.Module | None, up: nn.Module, down: nn.Module, keep: Tensor,
+                down_weight: Tensor) -> tuple[nn.Linear, ...]:
+    """The layers of the slim MLP keeping neurons ``keep`` ``(k,)``: rows of ``gate`` (none for
+    a plain MLP) and ``up``, and ``down_weight`` ``(out, k)`` (:func:`refit_down`) with down's
+    bias; all ``nn.Linear`` (GPT-2's ``Conv1D`` stores its weight transposed, these do not)."""
+    w_up, _ = linear_weight(up)
+    keep = keep.to(w_up.device)
 
-    def rows(layer: nn.Linear) -> nn.Linear:
-        bias = None if layer.bias is None else layer.bias[keep]
-        return linear_like(layer, layer.weight[keep], bias)
+    def rows(layer: nn.Module) -> nn.Linear:
+        weight, bias = linear_weight(layer)
+        return linear_like(layer, weight[keep], None if bias is None else bias[keep])
 
-    return rows(gate), rows(up), linear_like(down, down_weight.to(down.weight), down.bias)
+    inputs = tuple(rows(layer) for layer in (gate, up) if layer is not None)
+    return (*inputs, linear_like(down, down_weight.to(w_up), down.bias))
 
 
 def output_errors(target: Tensor, gram: Tensor, keep: Tensor, refit: Tensor
@@ -285,7 +358,7 @@ def slim_reports(names: tuple[str, ...], old: tuple[nn.Linear, ...], new: tuple[
     reports = []
     for name, old_layer, layer, axis in zip(names, old, new, axes):
         # The weight error of the layer as a full-size weight, zero on what was dropped.
-        full = old_layer.weight.detach().to(torch.float64)
+        full = linear_weight(old_layer)[0].detach().to(torch.float64)
         placed = torch.zeros_like(full).index_copy_(axis, keep, layer.weight.detach().to(full))
         reports.append(LayerReport(
             name=name, in_features=layer.in_features, out_features=layer.out_features,
@@ -298,23 +371,24 @@ def slim_reports(names: tuple[str, ...], old: tuple[nn.Linear, ...], new: tuple[
 
 
 @torch.no_grad()
-def build_slim(choice: SlimChoice, layers: tuple[nn.Linear, nn.Linear, nn.Linear], gram: Tensor,
+def build_slim(choice: SlimChoice, layers: tuple[nn.Module, ...], gram: Tensor,
                cross: Tensor | None = None) -> tuple[tuple[nn.Linear, ...], list[LayerReport]]:
-    """The slim MLP ``choice`` asks for, from its ``(gate, up, down)`` ``layers`` and down's input
-    second moment ``gram`` on the calibration data, as the compressed earlier blocks produce it
-    (with ``cross``, the dense model's inputs against these, down is refitted to the dense
-    model's outputs, as ``match_dense`` does for every layer): its three layers and a report row
-    for each. The neurons are the budget's (chosen on the dense model's statistics)."""
+    """The slim MLP ``choice`` asks for, from its ``layers`` (``(gate, up, down)``, or ``(up,
+    down)`` for a plain MLP: ``choice.unit.members``) and down's input second moment ``gram``
+    on the calibration data, as the compressed earlier blocks produce it (with ``cross``, the
+    dense model's inputs against these, down is refitted to the dense model's outputs, as
+    ``match_dense`` does for every layer): its layers and a report row for each. The neurons
+    are the budget's (chosen on the dense model's statistics)."""
     t0 = time.perf_counter()
-    gate, up, down = layers
-    gram = gram.to(device=down.weight.device, dtype=torch.float64)
+    *inputs, down = layers
+    target = linear_weight(down)[0].detach()
+    gram = gram.to(device=target.device, dtype=torch.float64)
     keep = choice.keep.to(gram.device).sort().values
-    target = down.weight.detach()
     if cross is not None:
         target = corrected_target(target, gram, cross.to(gram)).to(target.dtype)
     new_weight = refit_down(target, gram, keep)
-    new = slim_layers(gate, up, down, keep, new_weight)
+    new = slim_layers(*([None] * (2 - len(inputs)) + inputs), down, keep, new_weight)
     errors = output_errors(target, gram, keep, new_weight)
-    reports = slim_reports(choice.unit.members, layers, new, (0, 0, 1), keep, choice.width,
-                           (time.perf_counter() - t0) / 3, errors)
+    reports = slim_reports(choice.unit.members, layers, new, (0,) * len(inputs) + (1,), keep,
+                           choice.width, (time.perf_counter() - t0) / len(layers), errors)
     return new, reports

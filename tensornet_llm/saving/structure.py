@@ -25,7 +25,8 @@ from .legacy import LEGACY_KEPT_ROWS, kept_rows_layer
 from .tensors import is_torchao_tensor
 
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "structure", "compressed_modules", "describe",
-           "replaced", "resized_linears", "marker_keys", "with_markers", "add_quantization_config", "build_structure"]
+           "replaced", "resized_linears", "marker_keys", "with_markers", "add_quantization_config", "build_structure",
+           "submodule"]
 
 FORMAT_VERSION = 1
 #: The ``quant_method`` of the ``quantization_config`` a saved ``config.json`` holds.
@@ -176,7 +177,7 @@ def build_structure(model: nn.Module, structure: Mapping[str, Any], where: Any) 
     _build(model, "resized", structure, lambda l: nn.Linear(
         l["in_features"], l["out_features"], bias=l["bias"], device="meta"), where)
     for name, groups in structure.get("query_groups", {}).items():
-        attention = model.get_submodule(name) if _has(model, name) else None
+        attention = submodule(model, name)
         if not (isinstance(groups, int) and groups >= 1
                 and isinstance(getattr(attention, "num_key_value_groups", None), int)):
             raise CheckpointError(f"{where}: query_groups entry {name!r} does not fit "
@@ -202,12 +203,12 @@ def _build(model: nn.Module, section: str, structure: Mapping[str, Any], build, 
                                   f"{type(model).__name__} ({first_line(exc)})") from exc
 
 
-def _has(model: nn.Module, name: str) -> bool:
+def submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """``model.get_submodule(name)``, or ``None`` where ``model`` has no such module."""
     try:
-        model.get_submodule(name)
+        return model.get_submodule(name)
     except AttributeError:
-        return False
-    return True
+        return None
 
 
 def _compressed_layer(layout: dict[str, Any]) -> nn.Module:

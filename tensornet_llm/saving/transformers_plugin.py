@@ -37,7 +37,7 @@ from ..errors import CheckpointError
 from ..layers.quantized import QuantizedWeight
 from . import torchao_cpu
 from .structure import (
-    QUANT_METHOD, build_structure, describe, marker_keys, replaced, with_markers,
+    QUANT_METHOD, build_structure, describe, marker_keys, replaced, submodule, with_markers,
 )
 from .tensors import (
     dedupe, flatten, int8_config, is_torchao_tensor, part_names, quantized_names, read_metadata,
@@ -163,22 +163,15 @@ def _shared_quantized_weights(model: nn.Module, aliases: dict[str, str]) -> dict
     for alias, source in aliases.items():
         alias_owner, _, part = alias.rpartition(".")
         source_owner = source.rpartition(".")[0]
-        if part in ("codes", "scale") and all(isinstance(_submodule(model, n), QuantizedWeight)
+        if part in ("codes", "scale") and all(isinstance(submodule(model, n), QuantizedWeight)
                                               for n in (alias_owner, source_owner)):
             shared[alias_owner] = source_owner
     return shared
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 def _is_parameter(model: nn.Module, name: str) -> bool:
     owner, _, attr = name.rpartition(".")
-    module = _submodule(model, owner) if owner else model
+    module = submodule(model, owner) if owner else model
     return module is not None and isinstance(module._parameters.get(attr), nn.Parameter)
 
 

@@ -36,7 +36,7 @@ from typing import Iterable
 
 from torch import nn
 
-from ..compress.slim import gated_mlps
+from ..compress.slim import mlp_units
 from ..compress.surgery import swap, swaps_undone_on_error
 from ..helpers.evaluate import stored_tensors
 from ..layers.base import TensorNetworkLinear
@@ -126,7 +126,7 @@ def _other_forms(model: nn.Module, cfg: QuantizeConfig) -> dict[str, nn.Module]:
 
 def _int8_padding(model: nn.Module, cfg: QuantizeConfig) -> dict[str, nn.Module]:
     """int8: ``{name: module}`` giving every selected low-rank layer a rank, and every slim
-    gated MLP a width, that is a multiple of :data:`INT8_BLOCK` (zeros: the same map). An MLP
+    MLP a width, that is a multiple of :data:`INT8_BLOCK` (zeros: the same map). An MLP
     of the architecture's own width stays as it is, so a dense model stays an ordinary
     checkpoint."""
     if cfg.bits != 8:
@@ -136,13 +136,12 @@ def _int8_padding(model: nn.Module, cfg: QuantizeConfig) -> dict[str, nn.Module]
         n: m.padded(INT8_BLOCK) for n, m in model.named_modules() if isinstance(m, LowRankLinear)
         and m.rank % INT8_BLOCK and f"{n}.first" in found and f"{n}.second" in found}
     slim = resized_linears(model)
-    for unit in gated_mlps(model, [n for n in found if n in slim]):
-        gate, up, down = (found[n] for n in unit.members)
-        width = -(-down.in_features // INT8_BLOCK) * INT8_BLOCK
-        if width != down.in_features:
-            new[unit.gate] = zero_padded(gate, width, gate.in_features)
-            new[unit.up] = zero_padded(up, width, up.in_features)
-            new[unit.down] = zero_padded(down, down.out_features, width)
+    for unit in mlp_units(model, [n for n in found if n in slim]):
+        *inputs, down = unit.members
+        width = -(-found[down].in_features // INT8_BLOCK) * INT8_BLOCK
+        if width != found[down].in_features:
+            new.update({n: zero_padded(found[n], width, found[n].in_features) for n in inputs})
+            new[down] = zero_padded(found[down], found[down].out_features, width)
     return new
 
 
