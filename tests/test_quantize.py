@@ -332,6 +332,28 @@ def test_int8_pads_ranks_and_mlp_widths_to_the_fused_kernels_blocks_and_computes
     assert {"low-rank", "linear"} <= {kind for _, kind, _, _ in report.rows}
 
 
+def test_int8_pads_a_plain_slim_mlp_too():
+    """GPT-2's MLP (``Conv1D`` projections, ``down(gelu(up(x)))``) slimmed to width 40: padded to
+    48 with zeros (``up``'s bias too), computing what the unpadded weights rounded alike do."""
+    pytest.importorskip("torchao")
+    from tensornet_llm.compress.slim import slim_layers
+    from tensornet_llm.layers.base import linear_weight
+
+    torch.manual_seed(0)
+    model = build("gpt2")
+    mlp = model.transformer.h[0].mlp
+    keep = torch.randperm(128)[:40].sort().values
+    mlp.c_fc, mlp.c_proj = slim_layers(None, mlp.c_fc, mlp.c_proj, keep,
+                                       linear_weight(mlp.c_proj)[0][:, keep])
+    batch = inputs("gpt2")
+    with torch.no_grad(), rounded_weights(model, 8):
+        expected = model(**batch).logits
+    quantize(model, 8)
+    assert mlp.c_fc.out_features == mlp.c_proj.in_features == 48
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_leaves_an_mlp_of_the_architectures_own_width_as_it_is():
     """Padding is for the widths compression chose: a dense model whose MLP width is not a
     multiple of 16 keeps it, and so stays an ordinary checkpoint (nothing resized)."""
