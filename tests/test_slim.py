@@ -204,16 +204,16 @@ def test_the_ladder_prices_what_build_slim_builds(ridge):
 
 
 def test_which_mlps_are_slimmed():
-    """Gated MLPs by their projections' names; plain ones wherever a module's only two linear
-    children run as ``down(f(up(x)))`` with ``f`` reading each neuron alone; nothing else."""
-    class Summed(nn.Module):  # gate, up, down and act_fn, but not the gated product
+    """Gated MLPs by their projections' names, plain ones by shape; either only where the
+    forward reads each neuron by itself between the projections; nothing else."""
+    class Mixed(nn.Module):  # gate, up, down and act_fn, but neurons paired across the width
         def __init__(self):
             super().__init__()
             self.gate_proj, self.up_proj = nn.Linear(4, 6), nn.Linear(4, 6)
             self.down_proj, self.act_fn = nn.Linear(6, 4), nn.SiLU()
 
         def forward(self, x):
-            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x).flip(-1))
 
     class Normed(nn.Module):  # up and down, but a norm over the neurons between them
         def __init__(self):
@@ -223,11 +223,17 @@ def test_which_mlps_are_slimmed():
         def forward(self, x):
             return self.down(self.norm(self.up(x)))
 
-    model = nn.Sequential(Summed(), Normed())
+    class Summed(Mixed):  # summed, not multiplied, but each neuron by itself
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+    model = nn.Sequential(Mixed(), Normed())
     names = {n for n, _ in model.named_modules()}
     assert mlp_units(model, names) == []
+    model[0] = Summed()
     model[1].norm = nn.GELU()  # now each neuron by itself
-    assert [u.members for u in mlp_units(model, names)] == [("1.up", "1.down")]
+    assert [u.members for u in mlp_units(model, names)] == [
+        ("0.gate_proj", "0.up_proj", "0.down_proj"), ("1.up", "1.down")]
     llama = build("llama")
     found = mlp_units(llama, {n for n, _ in llama.named_modules()})
     assert [u.name for u in found] == ["model.layers.0.mlp", "model.layers.1.mlp"]
