@@ -2,8 +2,8 @@
 
 A gated MLP computes ``down(act(gate(x)) * up(x))`` with ``m`` intermediate neurons
 (LLaMA, Mistral, Qwen, Gemma and their kin), a plain one ``down(act(up(x)))`` (GPT-2,
-GPT-NeoX, Falcon, Phi, StarCoder2, GPT-J: whatever the projections are called). Keeping ``k``
-of the neurons, the set ``S``, leaves
+GPT-NeoX, Falcon, Bloom, OPT, Phi, StarCoder2, GPT-J, T5: whatever the projections are
+called). Keeping ``k`` of the neurons, the set ``S``, leaves
 
     gate' = gate[S], up' = up[S]            rows S of the weights (and biases): exact on the kept
     down' = W G[:, S] G[S, S]^-1            ``W`` down's weight ``(out, m)``, ``G = E[h h^T]``
@@ -36,6 +36,7 @@ no such risk.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -110,6 +111,17 @@ def _plain_pair(mlp: nn.Module) -> tuple[str, str] | None:
     return (up_name, down_name) if _slims_exactly(mlp, (up_name,), down_name) else None
 
 
+def _more_required(module: nn.Module) -> int:
+    """How many positional arguments ``module``'s forward requires after the first."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return 0
+    return max(0, sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                          p.POSITIONAL_OR_KEYWORD)
+                      for p in params) - 1)
+
+
 @torch.no_grad()
 def _slims_exactly(mlp: nn.Module, inputs: tuple[str, ...], down: str) -> bool:
     """Whether ``mlp`` computes, with the slim layers of half its neurons (:func:`slim_layers`,
@@ -117,7 +129,8 @@ def _slims_exactly(mlp: nn.Module, inputs: tuple[str, ...], down: str) -> bool:
     computes with the other neurons' columns of ``down`` set to zero. That holds where the
     forward reads each neuron by itself (an elementwise activation, a gate's product, dropout)
     and nothing else reads the projections: the condition for slimming. Checked on a random
-    input of 3 tokens, in eval mode (the modes are put back)."""
+    input of 3 tokens, in eval mode (the modes are put back); further required arguments get
+    zeros of the input's shape (Bloom's MLP adds the residual after ``down``)."""
     layers = [getattr(mlp, n) for n in (*inputs, down)]
     w_down = linear_weight(layers[-1])[0]
     if w_down.is_meta or w_down.shape[1] < 2:
@@ -130,15 +143,16 @@ def _slims_exactly(mlp: nn.Module, inputs: tuple[str, ...], down: str) -> bool:
     stored = zeroed if linear_weight(layers[-1])[0] is layers[-1].weight else zeroed.t()  # Conv1D
     x = torch.randn(1, 3, w_down.shape[0], generator=torch.Generator().manual_seed(0))
     x = x.to(device=w_down.device, dtype=w_down.dtype)
+    args = (x,) + (torch.zeros_like(x),) * _more_required(mlp)  # Bloom's MLP: the residual
     swapped = copy.copy(mlp)
     swapped._modules = {**mlp._modules, **dict(zip((*inputs, down), slim))}
     modes = {m: m.training for m in mlp.modules()}
     try:
         mlp.eval()
         swapped.eval()
-        want = functional_call(mlp, {f"{down}.weight": stored}, (x,))
-        got = swapped(x)
-    except Exception:  # a forward that takes more than hidden states: not offered
+        want = functional_call(mlp, {f"{down}.weight": stored}, args)
+        got = swapped(*args)
+    except Exception:  # a forward that needs more than hidden states: not offered
         return False
     finally:
         for m, mode in modes.items():
