@@ -205,8 +205,9 @@ def test_the_ladder_prices_what_build_slim_builds(ridge):
 
 
 def test_which_mlps_are_slimmed():
-    """Gated MLPs by their projections' names, plain ones by shape; either only where the
-    forward reads each neuron by itself between the projections; nothing else."""
+    """Gated and plain MLPs by their projections' shapes (LLaMA's names settle which is down
+    where the shapes cannot), only where the forward reads each neuron by itself between the
+    projections; nothing else."""
     class Mixed(nn.Module):  # gate, up, down and act_fn, but neurons paired across the width
         def __init__(self):
             super().__init__()
@@ -244,6 +245,15 @@ def test_which_mlps_are_slimmed():
         model = build(arch)
         units = mlp_units(model, {n for n, _ in model.named_modules()})
         assert len(units) == 2 and units[0].members == (f"{owner}.{up}", f"{owner}.{down}")
+    import transformers as tf  # T5 v1.1's gated MLP: wi_0, wi_1, wo (no LLaMA names)
+
+    t5 = tf.T5ForConditionalGeneration(tf.T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=96,
+        decoder_start_token_id=0, feed_forward_proj="gated-gelu")).eval()
+    units = mlp_units(t5, {n for n, _ in t5.named_modules()})
+    owner = "encoder.block.0.layer.1.DenseReluDense"
+    assert len(units) == 4 and (units[0].gate, units[0].up, units[0].down) == (
+        f"{owner}.wi_0", f"{owner}.wi_1", f"{owner}.wo")
 
 
 @pytest.mark.parametrize("arch", list(PLAIN))

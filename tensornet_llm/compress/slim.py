@@ -2,8 +2,10 @@
 
 A gated MLP computes ``down(act(gate(x)) * up(x))`` with ``m`` intermediate neurons
 (LLaMA, Mistral, Qwen, Gemma and their kin), a plain one ``down(act(up(x)))`` (GPT-2,
-GPT-NeoX, Falcon, Bloom, OPT, Phi, StarCoder2, GPT-J, T5: whatever the projections are
-called). Keeping ``k`` of the neurons, the set ``S``, leaves
+GPT-NeoX, Falcon, Bloom, OPT, Phi, StarCoder2, GPT-J, T5), whatever the projections are
+called: a module whose only two or three linear children map ``h -> m`` and ``m -> h``, and
+whose forward reads each neuron by itself between them (checked on a random input). Keeping
+``k`` of the neurons, the set ``S``, leaves
 
     gate' = gate[S], up' = up[S]            rows S of the weights (and biases): exact on the kept
     down' = W G[:, S] G[S, S]^-1            ``W`` down's weight ``(out, m)``, ``G = E[h h^T]``
@@ -44,11 +46,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..layers.base import is_linear_like, linear_weight
+from ..layers.base import is_linear_like, is_plain, linear_weight
 from .fit import corrected_target, metric_roots, output_weights, stable_cholesky, weigh_rows
 from .report import LayerReport
 
-__all__ = ["MLPUnit", "SlimChoice", "mlp_units", "greedy_neurons", "damage_scale", "refit_down",
+__all__ = ["GATED_NAMES", "MLPUnit", "SlimChoice", "mlp_units", "greedy_neurons", "damage_scale", "refit_down",
            "slim_layers", "build_slim", "linear_like", "output_errors", "slim_reports", "SLIM",
            "REFIT_RIDGE"]
 
@@ -84,31 +86,30 @@ class SlimChoice:
         return len(self.keep)
 
 
-def _is_gated(mlp: nn.Module) -> bool:
-    """``mlp`` has plain ``gate_proj``, ``up_proj`` ``(h -> m)`` and ``down_proj`` ``(m -> h)``,
-    and its forward reads each of the ``m`` neurons by itself (:func:`_slims_exactly`), as
-    ``down(act(gate(x)) * up(x))`` does."""
-    gate, up, down = (getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    if not all(type(m) is nn.Linear for m in (gate, up, down)):
-        return False
-    return (gate.weight.shape == up.weight.shape == down.weight.shape[::-1]
-            and len({id(gate), id(up), id(down)}) == 3
-            and _slims_exactly(mlp, ("gate_proj", "up_proj"), "down_proj"))
+#: The names LLaMA and its kin give a gated MLP's projections (gate, up, down).
+GATED_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
-def _plain_pair(mlp: nn.Module) -> tuple[str, str] | None:
-    """``(up, down)``, the child names of a plain MLP's projections: ``mlp``'s only two
-    linear-like children, ``up`` ``(h -> m)`` registered first and ``down`` ``(m -> h)``, such
-    that ``mlp``'s forward reads the ``m`` neurons one by one between them (module docs of
-    :func:`_slims_exactly`). ``None`` for anything else."""
-    children = [(n, c) for n, c in mlp.named_children() if is_linear_like(c)]
-    if len(children) != 2:
+def _projections(mlp: nn.Module) -> tuple[tuple[str, ...], str] | None:
+    """``(inputs, down)``, the child names of ``mlp``'s projections if it is an MLP (module
+    docs): its only two or three linear-like children, the inputs ``(h -> m)`` in the order
+    registered (``gate_proj``, ``up_proj`` by name where so called) and ``down`` ``(m -> h)``,
+    with a forward that reads each of the ``m`` neurons by itself between them
+    (:func:`_slims_exactly`). ``None`` for anything else, and where more than one choice of
+    ``down`` passes."""
+    children = {n: c for n, c in mlp.named_children() if is_linear_like(c)}
+    if len(children) not in (2, 3) or len({id(c) for c in children.values()}) < len(children):
         return None
-    (up_name, up), (down_name, down) = children
-    (w_up, _), (w_down, _) = linear_weight(up), linear_weight(down)
-    if w_up.shape[::-1] != w_down.shape or up is down:
-        return None
-    return (up_name, down_name) if _slims_exactly(mlp, (up_name,), down_name) else None
+    shapes = {n: tuple(linear_weight(c)[0].shape) for n, c in children.items()}  # (out, in)
+    if set(children) == set(GATED_NAMES):
+        options = [(GATED_NAMES[:2], GATED_NAMES[2])]
+    else:
+        options = [(tuple(n for n in children if n != down), down) for down in children]
+    # A pair's shapes fit either way round; the forward tells (the other way fails or differs).
+    options = [(inputs, down) for inputs, down in options
+               if all(shapes[n] == shapes[down][::-1] for n in inputs)
+               and _slims_exactly(mlp, inputs, down)]
+    return options[0] if len(options) == 1 else None
 
 
 def _more_required(module: nn.Module) -> int:
@@ -132,6 +133,8 @@ def _slims_exactly(mlp: nn.Module, inputs: tuple[str, ...], down: str) -> bool:
     input of 3 tokens, in eval mode (the modes are put back); further required arguments get
     zeros of the input's shape (Bloom's MLP adds the residual after ``down``)."""
     layers = [getattr(mlp, n) for n in (*inputs, down)]
+    if not all(is_plain(layer.weight) for layer in layers):  # meta, or quantized: not offered
+        return False
     w_down = linear_weight(layers[-1])[0]
     if w_down.is_meta or w_down.shape[1] < 2:
         return False
@@ -165,23 +168,20 @@ def _slims_exactly(mlp: nn.Module, inputs: tuple[str, ...], down: str) -> bool:
 
 
 def mlp_units(model: nn.Module, names: set[str] | list[str]) -> list[MLPUnit]:
-    """The MLPs of ``model`` (module docs) whose projections are all among ``names``, in model
-    order: gated ones (``gate_proj``, ``up_proj``, ``down_proj``), then any module whose only
-    two linear-like children make a plain MLP of its forward (:func:`_plain_pair`)."""
+    """The MLPs of ``model`` (module docs, :func:`_projections`) whose projections are all among
+    ``names``, in model order: gated ones (``gate`` and ``up`` both read the input), and plain
+    ones (``gate`` is ``None``), whatever the projections are called."""
     names = set(names)
     found = []
     for name, mlp in model.named_modules():
         prefix = f"{name}." if name else ""
-        unit = MLPUnit(name, f"{prefix}gate_proj", f"{prefix}up_proj", f"{prefix}down_proj")
-        if all(n in names for n in unit.members):
-            if _is_gated(mlp):
-                found.append(unit)
-            continue
         children = [n for n, c in mlp.named_children() if is_linear_like(c)]
-        if len(children) == 2 and all(prefix + n in names for n in children):
-            pair = _plain_pair(mlp)
-            if pair is not None:
-                found.append(MLPUnit(name, None, prefix + pair[0], prefix + pair[1]))
+        if len(children) in (2, 3) and all(prefix + n in names for n in children):
+            projections = _projections(mlp)
+            if projections is not None:
+                (*gate, up), down = projections
+                found.append(MLPUnit(name, prefix + gate[0] if gate else None, prefix + up,
+                                     prefix + down))
     return found
 
 
