@@ -35,7 +35,7 @@ from torch import nn
 from ..errors import ArgumentError, CheckpointError, InputFileError, first_line
 from ..helpers.files import MARKER, atomic_directory, check_output
 from .legacy import LEGACY_KEPT_ROWS, convert_kept_rows
-from .tensors import dedupe, flatten, is_torchao_tensor, torchao_to_dtype, unflatten
+from .tensors import dedupe, flatten, is_torchao_tensor, realigned, torchao_to_dtype, unflatten
 from .structure import (
     FORMAT_VERSION, add_quantization_config, build_structure, describe, marker_keys, replaced,
     with_markers,
@@ -283,6 +283,6 @@ def load_compactified(
     torchao_to_dtype(model, dtype)
     from .transformers_plugin import attach
 
-    return attach(model).eval()
+    return attach(realigned(model)).eval()
 
 

@@ -21,7 +21,10 @@ from ..helpers.evaluate import stored_tensors
 from . import torchao_cpu
 
 __all__ = ["is_torchao_tensor", "storage_key", "dedupe", "flatten", "unflatten", "quantized_names",
-           "part_names", "read_metadata", "int8_config", "torchao_to_dtype"]
+           "part_names", "read_metadata", "int8_config", "torchao_to_dtype", "realigned", "ALIGNMENT"]
+
+#: Bytes at a multiple of which torch's CPU allocator starts a fresh tensor's data.
+ALIGNMENT = 64
 
 #: The parts torchao's quantized tensors are written as (``_<param>_<part>``).
 PARTS = ("qdata", "scale", "zero_point", "scale_and_zero", "per_tensor_scale", "act_pre_scale")
@@ -162,3 +165,18 @@ def read_metadata(files: Iterable[str | Path]) -> dict[str, str]:
             with safe_open(str(path), framework="pt") as f:
                 metadata.update(f.metadata() or {})
     return metadata
+
+
+@torch.no_grad()
+def realigned(model: nn.Module) -> nn.Module:
+    """``model`` with every plain CPU parameter and buffer whose data does not start at a
+    multiple of :data:`ALIGNMENT` bytes moved to fresh memory (a copy: the same values, the same
+    tensor objects, so ties stay). Tensors read from a safetensors file sit at the file's
+    offsets, and for some shapes BLAS (MKL) rounds differently at another alignment: a loaded
+    model's logits then differ from the saved model's in the last bits (seen: 7.7e-7 on a
+    compressed T5, 3e-8 on an MPO layer). Fresh tensors compute as the saved model did."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if (type(t) in (Tensor, nn.Parameter) and t.device.type == "cpu" and t.numel()
+                and t.data_ptr() % ALIGNMENT):
+            t.data = t.data.clone()
+    return model

@@ -41,7 +41,7 @@ from .structure import (
 )
 from .tensors import (
     dedupe, flatten, int8_config, is_torchao_tensor, part_names, quantized_names, read_metadata,
-    storage_key, torchao_to_dtype,
+    realigned, storage_key, torchao_to_dtype,
 )
 
 __all__ = ["TensorNetworkConfig", "TensorNetworkQuantizer", "attach"]
@@ -107,6 +107,7 @@ class TensorNetworkQuantizer(HfQuantizer):
             parent, _, child = alias.rpartition(".")
             setattr(model.get_submodule(parent), child, model.get_submodule(source))
         torchao_to_dtype(model, self.dtype)  # as the rest of the model
+        realigned(model)  # computes bit for bit as the model that was saved
         # transformers keeps the converters it loaded with, to run them backwards on save;
         # torchao's have no reverse, and get_state_dict_and_metadata writes those parts itself.
         operations = set(self.get_load_operations().values())
