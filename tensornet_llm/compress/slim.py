@@ -50,9 +50,9 @@ from ..layers.base import is_linear_like, is_plain, linear_weight
 from .fit import corrected_target, metric_roots, output_weights, stable_cholesky, weigh_rows
 from .report import LayerReport
 
-__all__ = ["GATED_NAMES", "MLPUnit", "SlimChoice", "mlp_units", "greedy_neurons", "damage_scale", "refit_down",
-           "slim_layers", "build_slim", "linear_like", "output_errors", "slim_reports", "SLIM",
-           "REFIT_RIDGE"]
+__all__ = ["GATED_NAMES", "MLPUnit", "SlimChoice", "mlp_units", "greedy_neurons", "damage_scale",
+           "refit_down", "slim_layers", "build_slim", "linear_like", "output_errors",
+           "slim_reports", "SLIM", "REFIT_RIDGE"]
 
 #: The method name a slim MLP's layers carry in reports.
 SLIM = "slim"
@@ -90,14 +90,14 @@ class SlimChoice:
 GATED_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
-def _projections(mlp: nn.Module) -> tuple[tuple[str, ...], str] | None:
+def _projections(mlp: nn.Module, children: dict[str, nn.Module]
+                 ) -> tuple[tuple[str, ...], str] | None:
     """``(inputs, down)``, the child names of ``mlp``'s projections if it is an MLP (module
     docs): its only two or three linear-like children, the inputs ``(h -> m)`` in the order
     registered (``gate_proj``, ``up_proj`` by name where so called) and ``down`` ``(m -> h)``,
     with a forward that reads each of the ``m`` neurons by itself between them
     (:func:`_slims_exactly`). ``None`` for anything else, and where more than one choice of
-    ``down`` passes."""
-    children = {n: c for n, c in mlp.named_children() if is_linear_like(c)}
+    ``down`` passes. ``children``: ``mlp``'s linear-like children by name."""
     if len(children) not in (2, 3) or len({id(c) for c in children.values()}) < len(children):
         return None
     shapes = {n: tuple(linear_weight(c)[0].shape) for n, c in children.items()}  # (out, in)
@@ -139,11 +139,10 @@ def _slims_exactly(mlp: nn.Module, inputs: tuple[str, ...], down: str) -> bool:
     if w_down.is_meta or w_down.shape[1] < 2:
         return False
     keep = torch.arange(0, w_down.shape[1], 2, device=w_down.device)
-    slim = slim_layers(*([None] * (2 - len(inputs)) + layers[:-1]), layers[-1], keep,
-                       w_down[:, keep])
+    slim = _slim(layers, keep, w_down[:, keep])
     zeroed = w_down.clone()
     zeroed[:, 1::2] = 0
-    stored = zeroed if linear_weight(layers[-1])[0] is layers[-1].weight else zeroed.t()  # Conv1D
+    stored = zeroed if w_down is layers[-1].weight else zeroed.t()  # Conv1D: (in, out)
     x = torch.randn(1, 3, w_down.shape[0], generator=torch.Generator().manual_seed(0))
     x = x.to(device=w_down.device, dtype=w_down.dtype)
     args = (x,) + (torch.zeros_like(x),) * _more_required(mlp)  # Bloom's MLP: the residual
@@ -175,9 +174,9 @@ def mlp_units(model: nn.Module, names: set[str] | list[str]) -> list[MLPUnit]:
     found = []
     for name, mlp in model.named_modules():
         prefix = f"{name}." if name else ""
-        children = [n for n, c in mlp.named_children() if is_linear_like(c)]
+        children = {n: c for n, c in mlp.named_children() if is_linear_like(c)}
         if len(children) in (2, 3) and all(prefix + n in names for n in children):
-            projections = _projections(mlp)
+            projections = _projections(mlp, children)
             if projections is not None:
                 (*gate, up), down = projections
                 found.append(MLPUnit(name, prefix + gate[0] if gate else None, prefix + up,
@@ -335,6 +334,13 @@ def slim_layers(gate: nn.Module | None, up: nn.Module, down: nn.Module, keep: Te
     return (*inputs, linear_like(down, down_weight.to(w_up), down.bias))
 
 
+def _slim(layers: tuple[nn.Module, ...], keep: Tensor, down_weight: Tensor
+          ) -> tuple[nn.Linear, ...]:
+    """:func:`slim_layers` of ``layers``, ``(gate, up, down)`` or ``(up, down)``."""
+    *inputs, down = layers
+    return slim_layers(*([None] * (2 - len(inputs)) + inputs), down, keep, down_weight)
+
+
 def output_errors(target: Tensor, gram: Tensor, keep: Tensor, refit: Tensor
                   ) -> tuple[float, float]:
     """The relative output error, on inputs of second moment ``gram`` ``(m, m)``, of the layer
@@ -389,7 +395,7 @@ def build_slim(choice: SlimChoice, layers: tuple[nn.Module, ...], gram: Tensor,
     if cross is not None:
         target = corrected_target(target, gram, cross.to(gram)).to(target.dtype)
     new_weight = refit_down(target, gram, keep)
-    new = slim_layers(*([None] * (2 - len(inputs)) + inputs), down, keep, new_weight)
+    new = _slim(layers, keep, new_weight)
     errors = output_errors(target, gram, keep, new_weight)
     reports = slim_reports(choice.unit.members, layers, new, (0,) * len(inputs) + (1,), keep,
                            choice.width, (time.perf_counter() - t0) / len(layers), errors)
