@@ -1,7 +1,7 @@
 """A compressed model works with the ecosystem's own tools, unchanged: ``torch.export`` with a
 dynamic length, both ONNX exporters with onnxruntime and accelerate's CPU and disk offload for
 every layer kind (kept rows, low-rank factors, MPO, TTNS, cross-layer groups, slim MLPs,
-attention with fewer query heads, int8 through torchao, the library's own int4); torchao's int8
+attention with fewer query heads or fewer key/value heads, int8 through torchao, the library's own int4); torchao's int8
 and peft's ``all-linear`` reach the layers made of ``nn.Linear`` (kept rows, low-rank factors,
 cross-layer bases and cores, the smaller projections of slim MLPs and attention), and so does
 transformers' bitsandbytes conversion; where bitsandbytes cannot follow (a compressed folder
@@ -38,9 +38,12 @@ KINDS = {"kept rows": (dict(ratio=0.6, method="low-rank"), KeptRowsLinear),
          # fewer query heads per group (the silenced ones): smaller q_proj and o_proj
          "fewer heads": (dict(ratio=0.75, targets=["self_attn"], calibration=calibration()),
                          torch.nn.Linear),
+         # a key/value head fewer (the silenced group), its query heads with it: a smaller cache
+         "fewer kv heads": (dict(ratio=0.5, targets=["self_attn"], calibration=calibration()),
+                            torch.nn.Linear),
          "int8": (dict(ratio=0.6, method="low-rank"), LowRankLinear),  # kept rows, quantized
          "int4": (dict(chi=4, method="mpo", n_sites=3), QuantizedTensorNetworkLinear)}
-LINEAR_KINDS = ["kept rows", "low-rank", "cross-layer", "slim", "fewer heads"]
+LINEAR_KINDS = ["kept rows", "low-rank", "cross-layer", "slim", "fewer heads", "fewer kv heads"]
 #: The cells where a tool refuses torchao's tensors (loudly, with these errors).
 REFUSED = {("int8", "torchscript"): (NotImplementedError, "Int8Tensor dispatch.*aten.view"),
            ("int8", "disk"): (RuntimeError, "not supported for tensor subclasses"),
@@ -54,6 +57,8 @@ def compressed(kind: str):
     model = build("llama")
     if kind == "fewer heads":
         silence_heads(model)
+    if kind == "fewer kv heads":
+        silence_heads(model, heads=(2, 3))  # the second key/value group
     model.config._attn_implementation = "eager"  # exportable attention
     compactify(model, progress=False, **options)
     if kind == "int8":
@@ -64,7 +69,7 @@ def compressed(kind: str):
     layers = [m for m in model.modules() if isinstance(m, kinds)]
     if cls is CrossLayerLinear:  # groups of two blocks; the budget may leave a module alone
         assert any(isinstance(m, CrossLayerLinear) for m in model.modules())
-    elif kind in ("slim", "fewer heads"):
+    elif kind in ("slim", "fewer heads", "fewer kv heads"):
         assert slim_layers(model) and not layers
     else:
         assert layers and all(type(m) is cls for m in layers)
@@ -73,15 +78,20 @@ def compressed(kind: str):
 
 def slim_layers(model) -> set[str]:
     """The names of the projections of slim MLPs (narrower than the config's MLP width) and of
-    attention with fewer query heads than the config's."""
-    width, heads = model.config.intermediate_size, model.config.num_attention_heads
+    attention with fewer query heads than the config's (and of its key/value projections where
+    it has fewer key/value heads)."""
+    config = model.config
+    width, heads = config.intermediate_size, config.num_attention_heads
     mlps = {f"{n}.{p}" for n, m in model.named_modules() if n.endswith("mlp")
             for p in ("gate_proj", "up_proj", "down_proj")
             if type(getattr(m, p)) is torch.nn.Linear and getattr(m, "gate_proj").out_features < width}
     attention = {f"{n}.{p}" for n, m in model.named_modules() if n.endswith("self_attn")
                  for p in ("q_proj", "o_proj")
                  if m.q_proj.out_features < heads * m.head_dim}
-    return mlps | attention
+    kv = {f"{n}.{p}" for n, m in model.named_modules() if n.endswith("self_attn")
+          for p in ("k_proj", "v_proj")
+          if m.k_proj.out_features < config.num_key_value_heads * m.head_dim}
+    return mlps | attention | kv
 
 
 def refused(kind: str, tool: str):

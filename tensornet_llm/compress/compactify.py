@@ -97,7 +97,8 @@ def compactify(
     plan = make_plan(model, cfg, batches, progress=progress)
     params_before = count_parameters(model)
     built: dict[int, tuple[nn.Module, LayerReport]] = {}
-    total = len(plan.chosen) + 3 * len(plan.slim) + 2 * len(plan.heads)
+    units = [*plan.slim.values(), *plan.heads.values()]
+    total = len(plan.chosen) + sum(len(c.members) for c in units)
     with replacing(model, total, "compactify", "layer", progress) as (swaps, tick):
         if batches is None:
             _replace_all(plan, cfg, built, swaps, tick)
@@ -184,9 +185,9 @@ def _replace_block_by_block(
                 tick()
         for choice in heads:
             attn = model.get_submodule(choice.unit.name)
-            originals = (attn.q_proj, attn.o_proj)
+            originals = tuple(model.get_submodule(n) for n in choice.members)
             layers, rows = build_heads(choice, attn, covs[choice.unit.o], cross.get(choice.unit.o))
-            for name, original, layer, row in zip(choice.unit.members, originals, layers, rows):
+            for name, original, layer, row in zip(choice.members, originals, layers, rows):
                 built[id(original)] = (layer, row)
                 swaps.swap(name, layer)
                 tick()

@@ -126,10 +126,12 @@ class CompactifyConfig:
             refitted by least squares; the budget prices it against the projections' own
             layouts by the same damage per parameter. ``False``: per-projection layouts only.
             Cross-layer groups and streaming compression price modules alone and offer none.
-        slim_attention: likewise offer every grouped-query attention whose ``q_proj`` and
-            ``o_proj`` are targets fewer query heads (an equal number per key/value group:
-            rows of ``q_proj``, ``o_proj`` refitted; :mod:`~tensornet_llm.compress.heads`).
-            The key/value projections and the KV cache keep their shapes. ``False``: none.
+        slim_attention: likewise offer every attention whose ``q_proj`` and ``o_proj`` are
+            targets fewer heads (:mod:`~tensornet_llm.compress.heads`): fewer query heads, an
+            equal number per key/value group (rows of ``q_proj``, ``o_proj`` refitted; the KV
+            cache keeps its shape), and where ``k_proj`` and ``v_proj`` are targets too, whole
+            key/value heads with their query heads (rows of ``k_proj`` and ``v_proj`` too; the
+            KV cache shrinks alike). ``False``: none.
         lm_head: also target the model's output embedding (``get_output_embeddings()``, the
             LM head), which the default targets leave dense. With ``ratio`` its damage is the
             loss increase under the model's own next-token distribution (the softmax's Fisher

@@ -1,27 +1,36 @@
-"""Slim attention: fewer query heads, plain ``nn.Linear`` of smaller shape.
+"""Slim attention: fewer heads, plain ``nn.Linear`` of smaller shape.
 
 In grouped-query attention (LLaMA 2 70B and 3, Mistral, Qwen2/3, Gemma, SmolLM2) each of the
 ``n_kv`` key/value heads serves ``g = n_heads / n_kv`` query heads: query head ``h`` reads key
-and value head ``h // g`` (the order of transformers' ``repeat_kv``). Keeping ``k < g`` query
-heads of every group leaves
+and value head ``h // g`` (the order of transformers' ``repeat_kv``); multi-head attention is
+the case ``g = 1``. Two ways to drop heads keep it an ordinary attention:
 
-    q_proj' = q_proj[rows of the kept heads]          exact on the kept heads
+* **fewer query heads**: ``k < g`` query heads in every group; the key/value projections and
+  the KV cache keep their shapes;
+* **fewer key/value heads**: whole groups dropped, their key/value head with the query heads
+  that read it (and, in the groups kept, possibly fewer query heads too); ``k_proj`` and
+  ``v_proj`` lose those heads' rows and the KV cache shrinks alike. Offered where ``k_proj``
+  and ``v_proj`` are targets too.
+
+Either way ``q_proj'``, ``k_proj'``, ``v_proj'`` are rows of the originals (exact on what is
+kept), and
+
     o_proj' = W G[:, S] G[S, S]^-1                    ``W`` o_proj's weight ``(out, n_heads d)``
 
-with ``S`` the kept heads' ``d`` input features each and ``G = E[a a^T]`` the second moment of
-o_proj's input (the heads' outputs) on calibration data: o_proj refitted by least squares from
-the kept heads alone, exactly as :mod:`.slim` refits ``down_proj`` (the same ridge,
-:func:`~.slim.refit_down`). The key/value projections and the KV cache do not change, so every
-cache implementation (dynamic, static, offloaded) works as before; the attention module runs
-its own forward with ``num_key_value_groups = k``, which the module check
-(:func:`grouped_attentions`) confirms it reads.
+with ``S`` the kept query heads' ``d`` input features each and ``G = E[a a^T]`` the second moment
+of o_proj's input (the heads' outputs) on calibration data: o_proj refitted by least squares
+from the kept heads alone, exactly as :mod:`.slim` refits ``down_proj`` (the same ridge,
+:func:`~.slim.refit_down`). The attention module runs its own forward with
+``num_key_value_groups = k``, reading the number of heads from its projections' shapes, which
+the module check (:func:`grouped_attentions`) confirms on a random input for each kind of drop.
+transformers' caches size themselves from the first keys and values they get, so dynamic and
+static caches both work with fewer key/value heads.
 
-The only error is o_proj's, as for a slim MLP: the budget prices ``k`` kept heads per group by
+The only error is o_proj's, as for a slim MLP: the budget prices every kept set by
 ``tr(B Sc B^T)`` on the ridged Gram, less the ridge's share of the dropped features' own
-moments (:func:`head_ladder`). Heads are dropped one at a time, each the one whose removal
-raises that damage least among the groups not yet reduced in the round (an equal count per
-group), so the widths share one order. Attention without groups (``n_kv = n_heads``) would
-need smaller key/value heads, a cache of another shape: it is not offered.
+moments (:func:`drop_rungs`). Whole groups go first, each the one whose removal raises that
+damage least; then, with each number of groups kept, query heads are dropped one at a time,
+each the cheapest among the groups not yet reduced in the round (an equal count per group).
 """
 
 from __future__ import annotations
@@ -37,13 +46,16 @@ from .report import LayerReport
 from .slim import (REFIT_RIDGE, damage_scale, linear_like, output_errors, refit_down,
                    slim_reports)
 
-__all__ = ["GroupedAttention", "HeadChoice", "grouped_attentions", "head_order", "build_heads"]
+__all__ = ["GroupedAttention", "HeadChoice", "grouped_attentions", "drop_rungs", "head_rungs",
+           "build_heads"]
 
 
 @dataclass(frozen=True)
 class GroupedAttention:
-    """One grouped-query attention module: its name, its query and output projections, and
-    ``heads`` query heads of ``head_dim`` features in ``groups`` key/value groups."""
+    """One attention module whose heads may be dropped: its name, its projections' names, and
+    ``heads`` query heads of ``head_dim`` features in ``groups`` key/value groups. ``k`` and
+    ``v`` name the key/value projections where whole groups may go (:attr:`drops_groups`),
+    else ``None``."""
 
     name: str
     q: str
@@ -51,78 +63,128 @@ class GroupedAttention:
     heads: int
     groups: int
     head_dim: int
+    k: str | None = None
+    v: str | None = None
 
     @property
-    def members(self) -> tuple[str, str]:
-        return self.q, self.o
+    def members(self) -> tuple[str, ...]:
+        """The projections a choice changes: ``(q, o)``, or ``(q, k, v, o)``."""
+        return (self.q, self.o) if self.k is None else (self.q, self.k, self.v, self.o)
 
     @property
     def per_group(self) -> int:
         return self.heads // self.groups
 
+    @property
+    def drops_groups(self) -> bool:
+        return self.k is not None
+
     def features(self, heads: Tensor) -> Tensor:
-        """The query / o_proj-input features of ``heads`` ``(k,)``, ``(k head_dim,)``."""
-        d = self.head_dim
-        return (heads[:, None] * d + torch.arange(d, device=heads.device)).flatten()
+        """The query / o_proj-input features of query ``heads`` ``(k,)``, ``(k head_dim,)``;
+        also the key / value features of key/value heads."""
+        return _spans(heads, self.head_dim)
+
+    def heads_of(self, groups: Tensor) -> Tensor:
+        """The query heads of ``groups`` ``(j,)``, ``(j per_group,)``, in order."""
+        return _spans(groups, self.per_group)
+
+
+def _spans(starts: Tensor, size: int) -> Tensor:
+    """``[i size, ..., i size + size - 1]`` for each ``i`` of ``starts``, concatenated."""
+    return (starts[:, None] * size + torch.arange(size, device=starts.device)).flatten()
 
 
 @dataclass(frozen=True)
 class HeadChoice:
     """The budget's choice for one attention module: keep query heads ``keep`` (sorted, the
-    same count in every group)."""
+    same count in every group that keeps any), and the key/value heads of those groups."""
 
     unit: GroupedAttention
     keep: Tensor
 
     @property
+    def groups(self) -> Tensor:
+        """The key/value groups kept ``(j,)``, sorted."""
+        return torch.unique(self.keep // self.unit.per_group)
+
+    @property
     def width(self) -> int:
-        return len(self.keep) // self.unit.groups
+        """Query heads per kept group: the attention's ``num_key_value_groups``."""
+        return len(self.keep) // len(self.groups)
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The projections this choice replaces: the unit's, less ``k`` and ``v`` where every
+        group stays."""
+        return self.unit.members if len(self.groups) < self.unit.groups else (
+            self.unit.q, self.unit.o)
 
 
-def _drop_probe(attn: nn.Module, unit: GroupedAttention) -> bool:
-    """``attn`` runs with one query head of each group removed as the full module runs with
-    those heads' o_proj columns zeroed (checked on a random input): its forward reads
-    ``num_key_value_groups`` and the head count from the projections' shapes."""
+def _slimmed(attn: nn.Module, unit: GroupedAttention, keep: Tensor, o_weight: Tensor
+             ) -> dict[str, nn.Linear]:
+    """The projections of ``attn`` keeping query heads ``keep`` and their groups, o_proj with
+    ``o_weight`` ``(out, len(keep) d)``, by attribute name (``k_proj`` and ``v_proj`` only
+    where a group goes)."""
+    choice = HeadChoice(unit, keep)
+    rows = unit.features(keep)
     q, o = attn.q_proj, attn.o_proj
-    ref = q.weight
+    layers = {"q_proj": linear_like(q, q.weight[rows], None if q.bias is None else q.bias[rows]),
+              "o_proj": linear_like(o, o_weight, o.bias)}
+    if len(choice.groups) < unit.groups:
+        kv_rows = unit.features(choice.groups)
+        for part in ("k_proj", "v_proj"):
+            p = getattr(attn, part)
+            layers[part] = linear_like(p, p.weight[kv_rows],
+                                       None if p.bias is None else p.bias[kv_rows])
+    return layers
+
+
+def _drop_probe(attn: nn.Module, unit: GroupedAttention, keep: Tensor) -> bool:
+    """``attn`` runs with only query heads ``keep`` and their groups' key/value heads as the full
+    module runs with the other heads' o_proj columns zeroed (checked on a random input): its
+    forward reads ``num_key_value_groups`` and the head counts from the projections' shapes."""
+    o = attn.o_proj
+    ref = o.weight
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 5, q.in_features, generator=gen).to(ref)
+    x = torch.randn(1, 5, attn.q_proj.in_features, generator=gen).to(ref)
     angles = torch.randn(1, 5, unit.head_dim, generator=gen).to(ref)
     rotary = (angles.cos(), angles.sin())
-    dropped = torch.arange(unit.groups) * unit.per_group  # the first head of each group
-    keep = torch.tensor([h for h in range(unit.heads) if h not in set(dropped.tolist())])
+    zeroed = torch.zeros_like(o.weight)
     rows = unit.features(keep)
-    zeroed = o.weight.clone()
-    zeroed[:, unit.features(dropped)] = 0
-    small_q = linear_like(q, q.weight[rows], None if q.bias is None else q.bias[rows])
-    small_o = linear_like(o, o.weight[:, rows], o.bias)
+    zeroed[:, rows] = o.weight[:, rows]
+    small = _slimmed(attn, unit, keep, o.weight[:, rows])
+    original = {n: getattr(attn, n) for n in (*small, "num_key_value_groups")}
     training = attn.training
     try:
         attn.eval()  # no attention dropout
         with torch.no_grad():
             attn.o_proj = linear_like(o, zeroed, o.bias)
             want = attn(x, position_embeddings=rotary, attention_mask=None)[0]
-            attn.q_proj, attn.o_proj = small_q, small_o
-            attn.num_key_value_groups = unit.per_group - 1
+            for n, layer in small.items():
+                setattr(attn, n, layer)
+            attn.num_key_value_groups = HeadChoice(unit, keep).width
             got = attn(x, position_embeddings=rotary, attention_mask=None)[0]
     except Exception:  # another signature or head layout: not this kind of attention
         return False
     finally:  # the module as it was
-        attn.q_proj, attn.o_proj, attn.num_key_value_groups = q, o, unit.per_group
+        for n, part in original.items():
+            setattr(attn, n, part)
         attn.train(training)
     tol = 5e-2 if ref.dtype.itemsize <= 2 else 1e-4
     return isinstance(got, Tensor) and got.shape == want.shape and bool(
         (got - want).norm() <= tol * want.norm().clamp_min(1e-30))
 
 
-def _unit(name: str, attn: nn.Module) -> GroupedAttention | None:
+def _unit(name: str, attn: nn.Module, names: set[str]) -> GroupedAttention | None:
     """The :class:`GroupedAttention` of ``attn`` if it has the parts and attributes grouped
-    attention needs (plain linear projections, ``head_dim``, ``num_key_value_groups`` >= 2 that
-    match the projections' shapes), else ``None``."""
+    attention needs (plain linear projections, ``head_dim``, ``num_key_value_groups`` that
+    match the projections' shapes), with ``q_proj`` and ``o_proj`` among ``names`` and a way to
+    drop heads (two query heads per group, or two groups with ``k_proj`` and ``v_proj`` among
+    ``names``) that its forward passes (:func:`_drop_probe`); else ``None``."""
     parts = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     per_group, d = getattr(attn, "num_key_value_groups", None), getattr(attn, "head_dim", None)
     if not (all(type(m) is nn.Linear for m in parts) and isinstance(per_group, int)
-            and isinstance(d, int) and per_group >= 2 and d >= 1):
+            and isinstance(d, int) and per_group >= 1 and d >= 1):
         return None
     q, k, v, o = parts
     groups, rest = divmod(k.out_features, d)
@@ -131,27 +193,97 @@ def _unit(name: str, attn: nn.Module) -> GroupedAttention | None:
             q.weight.is_meta:
         return None
     prefix = f"{name}." if name else ""
-    return GroupedAttention(name, f"{prefix}q_proj", f"{prefix}o_proj", groups * per_group,
-                            groups, d)
+    full = {p: f"{prefix}{p}_proj" for p in "qkvo"}
+    if not {full["q"], full["o"]} <= names:
+        return None
+    heads = groups * per_group
+    unit = GroupedAttention(name, full["q"], full["o"], heads, groups, d)
+    if per_group >= 2 and not _drop_probe(  # the first head of every group dropped
+            attn, unit, torch.tensor([h for h in range(heads) if h % per_group])):
+        return None
+    if groups >= 2 and {full["k"], full["v"]} <= names and _drop_probe(  # the first group
+            attn, unit, torch.arange(per_group, heads)):
+        return GroupedAttention(name, full["q"], full["o"], heads, groups, d, full["k"],
+                                full["v"])
+    return unit if per_group >= 2 else None
 
 
 def grouped_attentions(model: nn.Module, names: set[str] | list[str]) -> list[GroupedAttention]:
-    """The grouped-query attention modules of ``model`` (module docs) whose query and output
-    projections are both among ``names``, in model order."""
+    """The attention modules of ``model`` whose heads may be dropped (module docs), with their
+    query and output projections among ``names`` (and the key/value projections, for whole
+    groups), in model order."""
     names = set(names)
     found = []
     for name, module in model.named_modules():
-        unit = _unit(name, module)
-        if unit is not None and all(n in names for n in unit.members) and \
-                _drop_probe(module, unit):
+        unit = _unit(name, module, names)
+        if unit is not None:
             found.append(unit)
     return found
 
 
+class _Drops:
+    """``tr(B Sc B^T)`` on the ridged Gram for o_proj refitted from the features of the query
+    heads kept, as heads are removed a block at a time.
+
+    With ``P = G_S^-1`` for the kept features ``S`` and ``M = B G[:, S] P``, removing the block
+    ``b`` raises it by ``tr(M_b P_bb^-1 M_b^T)``, and the block downdates
+    ``P' = P_rr - P_rb P_bb^-1 P_br``, ``M' = M_r - M_b P_bb^-1 P_br`` (``r`` the rest) keep
+    both for the next step without a new factorisation."""
+
+    def __init__(self, unit: GroupedAttention, gram: Tensor, weighted: Tensor, ridge: float,
+                 heads: Tensor) -> None:
+        g = gram.to(torch.float64)
+        moments = g.diagonal().clone()
+        g = g + ridge * torch.diag_embed(moments)
+        b = weighted.to(device=g.device, dtype=torch.float64)
+        self.unit = unit
+        self.own = ridge * b.pow(2).sum(0) * moments  # no risk of the refit: not priced
+        self.heads = heads.tolist()
+        feats = unit.features(heads.to(g.device))
+        bg = b @ g
+        self.p = torch.cholesky_inverse(stable_cholesky(g[feats][:, feats]))
+        self.m = bg[:, feats] @ self.p
+        self.left = float((bg * b).sum()) - float((self.m * bg[:, feats]).sum())
+
+    def _blocks(self, heads: list[int]) -> tuple[Tensor, Tensor]:
+        """The positions of ``heads``' features among the kept ones, and of the others."""
+        d = self.unit.head_dim
+        inside = torch.tensor([h in set(heads) for h in self.heads], device=self.m.device)
+        inside = inside.repeat_interleave(d)
+        return inside.nonzero().flatten(), (~inside).nonzero().flatten()
+
+    def rise(self, heads: list[int]) -> float:
+        b, _ = self._blocks(heads)
+        mb = self.m[:, b]
+        return float((torch.linalg.solve(self.p[b][:, b], mb.T) * mb.T).sum())
+
+    def drop(self, heads: list[int]) -> None:
+        b, r = self._blocks(heads)
+        mb = self.m[:, b]
+        solved = torch.linalg.solve(self.p[b][:, b], torch.cat([mb.T, self.p[b][:, r]], 1))
+        self.left += float((solved[:, : mb.shape[0]] * mb.T).sum())
+        to_rest = solved[:, mb.shape[0]:]  # P_bb^-1 P_br
+        self.m = self.m[:, r] - mb @ to_rest
+        self.p = self.p[r][:, r] - self.p[r][:, b] @ to_rest
+        self.heads = [h for h in self.heads if h not in set(heads)]
+
+    def cheapest(self, blocks: list[list[int]]) -> list[int]:
+        return min(blocks, key=self.rise)
+
+    @property
+    def damage(self) -> float:
+        """``tr(B Sc B^T)`` less the ridge's share of the dropped features' own moments."""
+        gone = [h for h in range(self.unit.heads) if h not in set(self.heads)]
+        own = float(self.own[self.unit.features(torch.tensor(gone, dtype=torch.long))].sum())
+        return max(self.left - own, 0.0)
+
+
 @torch.no_grad()
-def head_order(unit: GroupedAttention, gram: Tensor, weighted: Tensor,
-               ridge: float = REFIT_RIDGE) -> tuple[Tensor, Tensor]:
-    """The query heads in the order they are dropped, and the damage left after each drop.
+def drop_rungs(unit: GroupedAttention, gram: Tensor, weighted: Tensor,
+               ridge: float = REFIT_RIDGE) -> list[tuple[Tensor, float]]:
+    """Every narrower attention the budget may choose, as ``(kept query heads, damage)``: with
+    ``j`` groups kept (fewer only if :attr:`~GroupedAttention.drops_groups`), each number of
+    query heads per group, the full attention excepted (module docs).
 
     Args:
         unit: the attention module.
@@ -159,101 +291,81 @@ def head_order(unit: GroupedAttention, gram: Tensor, weighted: Tensor,
         weighted: ``B`` ``(out, n_heads d)`` (:func:`~.slim.damage_scale` of o_proj's weight).
         ridge: the refit's ridge (:func:`~.slim.refit_down`).
 
-    Returns:
-        ``dropped`` ``(n_heads - n_kv,)``, heads in the order removed (each round removes one
-        of every group), and ``damage`` ``(n_heads - n_kv + 1,)``, ``tr(B Sc B^T)`` of the
-        ridged Gram less the ridge's share of the dropped features' own moments, after
-        ``0, 1, ...`` drops (float64).
-
-    With ``P = G_S^-1`` for the kept features ``S`` and ``M = B G[:, S] P``, removing head
-    ``b`` from ``S`` raises ``tr(B Sc B^T)`` by ``tr(M_b P_bb^-1 M_b^T)`` (block downdate of
-    the inverse): one inverse per drop prices every candidate.
-    """
-    g = gram.to(torch.float64)
-    moments = g.diagonal().clone()
-    g = g + ridge * torch.diag_embed(moments)
-    b = weighted.to(device=g.device, dtype=torch.float64)
-    own = ridge * b.pow(2).sum(0) * moments  # no risk of the refit: not priced
-    bg = b @ g
-    total = float((bg * b).sum())
-    kept = list(range(unit.heads))
-    dropped: list[int] = []
-    damage = [0.0]
-
-    def inverse_and_m() -> tuple[Tensor, Tensor]:
-        """``P = G_S^-1`` and ``M = B G[:, S] P`` for the kept heads' features ``S``."""
-        feats = unit.features(torch.tensor(kept, device=g.device))
-        p = torch.cholesky_inverse(stable_cholesky(g[feats][:, feats]))
-        return p, bg[:, feats] @ p
-
-    def record() -> None:  # the damage left with the heads kept now
-        feats = unit.features(torch.tensor(kept, device=g.device))
-        gone = unit.features(torch.tensor(dropped, device=g.device))
-        left = total - float((m * bg[:, feats]).sum())
-        damage.append(max(left - float(own[gone].sum()), 0.0))
-
-    p, m = inverse_and_m()
-    for _ in range(unit.per_group - 1):
-        reduced: set[int] = set()
-        for _ in range(unit.groups):
-            best = None
-            for i, h in enumerate(kept):
-                if h // unit.per_group in reduced:
-                    continue
-                blk = slice(i * unit.head_dim, (i + 1) * unit.head_dim)
-                mb = m[:, blk]
-                rise = float((torch.linalg.solve(p[blk, blk], mb.T) * mb.T).sum())
-                if best is None or rise < best[0]:
-                    best = (rise, h)
-            _, h = best
-            kept.remove(h)
-            dropped.append(h)
-            reduced.add(h // unit.per_group)
-            p, m = inverse_and_m()  # one factorisation per drop: the damage and the next choice
-            record()
-    return torch.tensor(dropped, dtype=torch.long), torch.tensor(damage, dtype=torch.float64)
-
-
-def head_rungs(unit: GroupedAttention, q: nn.Linear, o: nn.Linear, gram: Tensor,
-               grad_sq: Tensor | None, max_keep: float = 1.0
-               ) -> list[tuple[int, int, float, Tensor]]:
-    """``(heads kept per group, parameters, damage, kept heads)`` for every narrower width the
-    budget may choose (parameters of q_proj and o_proj together, at most ``max_keep`` of
-    theirs), priced as :func:`~.slim.damage_scale` prices a slim MLP."""
-    per_head = unit.head_dim * (q.in_features + o.out_features + (q.bias is not None))
-    fixed = o.out_features if o.bias is not None else 0
-    dense = per_head * unit.heads + fixed
-    weighted, scale = damage_scale(o.weight, grad_sq, gram)
-    dropped, left = head_order(unit, gram, weighted)
+    The damage is ``tr(B Sc B^T)`` of the ridged Gram less the ridge's share of the dropped
+    features' own moments (float64). Groups are dropped in one greedy order (each the cheapest
+    left), so fewer groups keep a subset of the groups more keep."""
+    every = torch.arange(unit.groups)
+    order: list[int] = []
+    if unit.drops_groups:
+        drops = _Drops(unit, gram, weighted, ridge, torch.arange(unit.heads))
+        for _ in range(unit.groups - 1):
+            kept = [int(g) for g in every if int(g) not in set(order)]
+            group = drops.cheapest([unit.heads_of(torch.tensor([g])).tolist() for g in kept])
+            drops.drop(group)
+            order.append(group[0] // unit.per_group)
     rungs = []
-    for width in range(unit.per_group - 1, 0, -1):
-        n = (unit.per_group - width) * unit.groups  # heads dropped
-        params = per_head * width * unit.groups + fixed
-        if params <= max_keep * dense:
-            keep = sorted(set(range(unit.heads)) - set(dropped[:n].tolist()))
-            rungs.append((width, params, scale * float(left[n]), torch.tensor(keep)))
+    for j in range(unit.groups, unit.groups - len(order) - 1, -1):
+        groups = torch.tensor(sorted(set(every.tolist()) - set(order[: unit.groups - j])))
+        drops = _Drops(unit, gram, weighted, ridge, unit.heads_of(groups))
+        if j < unit.groups:
+            rungs.append((torch.tensor(drops.heads), drops.damage))
+        for _ in range(unit.per_group - 1):  # a round: one query head of every kept group
+            reduced: set[int] = set()
+            for _ in range(j):
+                head = drops.cheapest([[h] for h in drops.heads
+                                       if h // unit.per_group not in reduced])
+                drops.drop(head)
+                reduced.add(head[0] // unit.per_group)
+            rungs.append((torch.tensor(drops.heads), drops.damage))
     return rungs
+
+
+def head_rungs(unit: GroupedAttention, layers: dict[str, nn.Linear], gram: Tensor,
+               grad_sq: Tensor | None, max_keep: float = 1.0) -> list[tuple[int, float, Tensor]]:
+    """``(parameters, damage, kept query heads)`` for every narrower attention the budget may
+    choose (:func:`drop_rungs`; parameters of the unit's members ``layers``, by name, at most
+    ``max_keep`` of theirs), priced as :func:`~.slim.damage_scale` prices a slim MLP."""
+    q, o = layers[unit.q], layers[unit.o]
+    d = unit.head_dim
+    per_head = d * (q.in_features + o.out_features + (q.bias is not None))
+    per_kv_head = sum(d * (layers[n].in_features + (layers[n].bias is not None))
+                      for n in (unit.k, unit.v) if n is not None)
+    fixed = o.out_features if o.bias is not None else 0
+
+    def params(keep: Tensor) -> int:
+        return per_head * len(keep) + per_kv_head * len(HeadChoice(unit, keep).groups) + fixed
+
+    dense = params(torch.arange(unit.heads))
+    weighted, scale = damage_scale(o.weight, grad_sq, gram)
+    return [(params(keep), scale * damage, keep)
+            for keep, damage in drop_rungs(unit, gram, weighted)
+            if params(keep) <= max_keep * dense]
 
 
 @torch.no_grad()
 def build_heads(choice: HeadChoice, attn: nn.Module, gram: Tensor, cross: Tensor | None = None
-                ) -> tuple[tuple[nn.Linear, nn.Linear], list[LayerReport]]:
-    """The query and output projections ``choice`` asks for, from ``attn``'s and o_proj's input
-    second moment ``gram`` on the calibration data, as the compressed earlier blocks produce
-    it (with ``cross``, o_proj is refitted to the dense model's outputs, as ``match_dense``
-    does for every layer), and a report row for each. The caller sets
-    ``attn.num_key_value_groups`` to ``choice.width``."""
+                ) -> tuple[tuple[nn.Linear, ...], list[LayerReport]]:
+    """The projections ``choice`` asks for, in the order of ``choice.members``, from
+    ``attn`` and o_proj's input second moment ``gram`` on the calibration data, as the
+    compressed earlier blocks produce it (with ``cross``, o_proj is refitted to the dense
+    model's outputs, as ``match_dense`` does for every layer), and a report row for each. The
+    caller sets ``attn.num_key_value_groups`` to ``choice.width``."""
     t0 = time.perf_counter()
-    q, o = attn.q_proj, attn.o_proj
+    unit, o = choice.unit, attn.o_proj
     gram = gram.to(device=o.weight.device, dtype=torch.float64)
-    feats = choice.unit.features(choice.keep.to(gram.device).sort().values)
+    feats = unit.features(choice.keep.to(gram.device).sort().values)
     target = o.weight.detach()
     if cross is not None:
         target = corrected_target(target, gram, cross.to(gram)).to(target.dtype)
     refit = refit_down(target, gram, feats)
-    new_o = linear_like(o, refit.to(o.weight), o.bias)
-    new_q = linear_like(q, q.weight[feats], None if q.bias is None else q.bias[feats])
-    reports = slim_reports(choice.unit.members, (q, o), (new_q, new_o), (0, 1), feats,
-                           choice.width, (time.perf_counter() - t0) / 2,
-                           output_errors(target, gram, feats, refit))
-    return (new_q, new_o), reports
+    layers = _slimmed(attn, unit, choice.keep.sort().values, refit.to(o.weight))
+    parts = [n.rpartition(".")[2] for n in choice.members]
+    new = tuple(layers[p] for p in parts)
+    seconds = (time.perf_counter() - t0) / len(parts)
+    errors = output_errors(target, gram, feats, refit)
+    kv = unit.features(choice.groups)
+    reports = [slim_reports((name,), (getattr(attn, p),), (layer,), (int(p == "o_proj"),),
+                            kv if p in ("k_proj", "v_proj") else feats, choice.width, seconds,
+                            errors)[0]
+               for name, p, layer in zip(choice.members, parts, new)]
+    return new, reports

@@ -54,7 +54,7 @@ class Plan:
     ``settings`` holds ``(layout, chi)`` per target name (``None``: left dense by the budget, or
     part of a slim MLP or attention) in model order; ``chosen`` the targets replaced one by
     one, ``slim`` the gated MLPs the budget slims, by MLP name, ``heads`` the attention
-    modules it gives fewer query heads, by module name, and ``untied`` the targets whose
+    modules it gives fewer heads, by module name, and ``untied`` the targets whose
     weight another module keeps (a tied LM head), with that parameter's name."""
 
     chosen: list[tuple[str, nn.Module]]
@@ -72,7 +72,7 @@ class Plan:
     @property
     def slimmed(self) -> set[str]:
         """The targets that are part of a slim MLP or a slim attention."""
-        return {n for c in [*self.slim.values(), *self.heads.values()] for n in c.unit.members}
+        return {n for c in [*self.slim.values(), *self.heads.values()] for n in c.members}
 
 
 def make_plan(model: nn.Module, cfg: CompactifyConfig, batches: list | None,
@@ -163,10 +163,11 @@ def _budget_settings(
     """``(layout, chi)`` per target name (``None``: stays dense, or slimmed) under the parameter
     budget, how damage was estimated, the output row weights per target name the fit then uses
     (empty unless ``cfg.weigh_outputs`` and loss gradients), the gated MLPs to slim and the
-    attention modules to give fewer query heads. With calibration data and ``cfg.slim_mlp``,
+    attention modules to give fewer heads. With calibration data and ``cfg.slim_mlp``,
     each gated MLP whose three projections are targets is priced as one unit: its projections'
     own rungs combined, and its slim widths; with ``cfg.slim_attention`` likewise each
-    grouped-query attention whose query and output projections are targets (:mod:`.heads`).
+    attention whose query and output projections are targets (:mod:`.heads`; with its
+    key/value projections, whole key/value heads too).
     A weaker estimate than the data allows is warned and noted."""
     unique: dict[int, str] = {}
     for name, module in chosen:
@@ -191,7 +192,7 @@ def _budget_settings(
     attentions = grouped_attentions(model, modules) if cfg.slim_attention and covs is not None \
         else []
     orders = {}
-    kept_heads: dict[str, dict[int, torch.Tensor]] = {}
+    kept_heads: dict[str, list[torch.Tensor]] = {}
     with stage("budget: pricing layouts", len(modules) + len(units) + len(attentions), "module",
                progress) as tick:
         ladders = price(modules, {n: offered[n] for n in modules}, covs, grads,
@@ -206,13 +207,13 @@ def _budget_settings(
                                              cfg.call_cost)
             tick()
         for attn in attentions:
-            rungs = head_rungs(attn, modules[attn.q], modules[attn.o], covs[attn.o],
+            rungs = head_rungs(attn, {n: modules[n] for n in attn.members}, covs[attn.o],
                                None if grads is None else grads[attn.o], cfg.max_keep)
-            kept_heads[attn.name] = {width: keep for width, _, _, keep in rungs}
-            ladders[attn.name] = unit_ladder(
+            kept_heads[attn.name] = [keep for _, _, keep in rungs]
+            ladders[attn.name] = unit_ladder(  # a rung's width: its place in kept_heads
                 {n: ladders.pop(n) for n in attn.members},
-                [Option(width, params, damage, width=width, calls=len(attn.members))
-                 for width, params, damage, _ in rungs], cfg.call_cost)
+                [Option(len(keep), params, damage, width=i, calls=len(attn.members))
+                 for i, (params, damage, keep) in enumerate(rungs)], cfg.call_cost)
             tick()
     allocation = choose(ladders, cfg.ratio, estimate_kind(covs, grads), cfg.call_cost)
     picks: dict[str, Option | None] = dict(allocation.chosen)
@@ -225,7 +226,7 @@ def _budget_settings(
             slim_choices[unit.name] = SlimChoice(unit, orders[unit.name][:option.width])
             picks.update(dict.fromkeys(unit.members))
     head_choices = {}
-    for attn in attentions:  # likewise: the projections' own rungs, or fewer query heads
+    for attn in attentions:  # likewise: the projections' own rungs, or fewer heads
         option = picks.pop(attn.name)
         if option.width is None:
             picks.update(option.parts)

@@ -85,6 +85,11 @@ class SlimChoice:
     def width(self) -> int:
         return len(self.keep)
 
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The projections this choice replaces: all of the unit's."""
+        return self.unit.members
+
 
 #: The names LLaMA and its kin give a gated MLP's projections (gate, up, down).
 GATED_NAMES = ("gate_proj", "up_proj", "down_proj")
