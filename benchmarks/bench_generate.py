@@ -34,7 +34,8 @@ forward pass reads: the linear layers and cores, the LM head; an embedding looku
 row), which is what a memory-bound decode can gain at most. Speed does not depend on the values
 of the weights, but the layouts the budget picks depend on the data: the models are compressed
 with ``--calibration-tokens`` of the calibration mixture (0: none, and no slim MLPs) and no fit
-steps (the fitted values do not change the speed). Writes
+steps (the fitted values do not change the speed). A second table gives each model's bytes and
+the bytes its KV cache holds per token (fewer key/value heads shrink it), against dense. Writes
 ``docs/results/bench_generate.{json,md,png}``; with ``--merge``, beside the rows an earlier run with
 the same settings wrote for the configurations (batch, mode, dtype) this one does not time, so
 a long grid can run in parts (each ratio still compares models timed in one run).
@@ -72,6 +73,15 @@ def decode_bytes(model: nn.Module) -> int:
     tied = head is not None and head.weight is embed
     table = sum(t.numel() * t.element_size() for t in stored_tensors(embed))
     return model_size_bytes(model) - (0 if tied else table)
+
+
+def kv_cache_bytes(model: nn.Module, ids: torch.Tensor) -> float:
+    """Bytes the KV cache holds per token of one sequence: measured on the cache a forward pass
+    over ``ids`` ``(1, n)`` leaves (keys and values of every layer)."""
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).cache
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return sum(t.numel() * t.element_size() for t in tensors) / ids.shape[1]
 
 
 def build_models(keeps: list[float], single_keep: float | None,
@@ -208,6 +218,22 @@ def write(out: Path, meta: dict, rows: list[dict]) -> None:
             f"{spread['decode']} | {ceiling:.2f}x | {share}|")
     lines += ["", "\"of ceiling\": the share of the possible decode gain reached, "
               "(ratio - 1) / (ceiling - 1)."]
+    sizes = meta.get("sizes", {})
+    if sizes:
+        dense = {name: sizes[baseline(name)] for name in sizes if baseline(name) in sizes}
+        lines += ["", "## Sizes", "",
+                  "Float32 models as built (the int8 rows after `quantize`): bytes of every "
+                  "stored tensor, and what the KV cache holds per token of a sequence, measured "
+                  "on the cache a forward pass leaves; each against its dense model.", "",
+                  "| model | model MB | vs dense | KV cache per token (KB) | vs dense |",
+                  "|---|---|---|---|---|"]
+        for name, size in sizes.items():
+            ref = dense.get(name, size)
+            lines.append(
+                f"| {name} | {size['model_bytes'] / 1e6:.1f} | "
+                f"{size['model_bytes'] / ref['model_bytes']:.2f}x | "
+                f"{size['kv_bytes_per_token'] / 1e3:.1f} | "
+                f"{size['kv_bytes_per_token'] / ref['kv_bytes_per_token']:.2f}x |")
     write_results(out, "bench_generate", meta, rows, lines)
     plot(out / "bench_generate.png", rows)
 
@@ -304,6 +330,10 @@ def main() -> None:
     ids = tokenize_text(tokenizer, HELD_OUT_TEXT, args.prompt * max(args.batch))
     ceilings = {name: decode_bytes(models[baseline(name)]) / decode_bytes(m)
                 for name, m in models.items()}
+    meta["sizes"] = {**meta.get("sizes", {}), **{
+        name: {"model_bytes": model_size_bytes(m),
+               "kv_bytes_per_token": kv_cache_bytes(m, ids[None, :64])}
+        for name, m in models.items()}}
     for dtype in args.dtypes:
         for mode in args.modes:
             for batch in args.batch:
