@@ -296,19 +296,20 @@ def drop_rungs(unit: GroupedAttention, gram: Tensor, weighted: Tensor,
     left), so fewer groups keep a subset of the groups more keep."""
     every = torch.arange(unit.groups)
     order: list[int] = []
-    if unit.drops_groups:
+    rungs = []
+    if unit.drops_groups:  # whole groups, every query head of the rest kept
         drops = _Drops(unit, gram, weighted, ridge, torch.arange(unit.heads))
         for _ in range(unit.groups - 1):
             kept = [int(g) for g in every if int(g) not in set(order)]
             group = drops.cheapest([unit.heads_of(torch.tensor([g])).tolist() for g in kept])
             drops.drop(group)
             order.append(group[0] // unit.per_group)
-    rungs = []
+            rungs.append((torch.tensor(drops.heads), drops.damage))
     for j in range(unit.groups, unit.groups - len(order) - 1, -1):
+        if unit.per_group == 1:  # no query head to drop without its group
+            break
         groups = torch.tensor(sorted(set(every.tolist()) - set(order[: unit.groups - j])))
         drops = _Drops(unit, gram, weighted, ridge, unit.heads_of(groups))
-        if j < unit.groups:
-            rungs.append((torch.tensor(drops.heads), drops.damage))
         for _ in range(unit.per_group - 1):  # a round: one query head of every kept group
             reduced: set[int] = set()
             for _ in range(j):
