@@ -51,7 +51,7 @@ def attention_problems(draw):
 @given(attention_problems(), st.randoms(use_true_random=False))
 def test_the_block_downdates_track_the_damage_of_what_is_kept(problem, rng):
     unit, gram, weighted, ridge = problem
-    drops = _Drops(unit, gram, weighted, ridge, torch.arange(unit.heads))
+    drops = _Drops(unit, gram, weighted, ridge)  # every head kept
     kept = set(range(unit.heads))
     while len(kept) > 1:
         block = rng.sample(sorted(kept), rng.randint(1, len(kept) - 1))

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from .fit import corrected_target, stable_cholesky
 from .report import LayerReport
-from .slim import (REFIT_RIDGE, damage_scale, linear_like, output_errors, refit_down,
+from .slim import (REFIT_RIDGE, damage_scale, kept_rows, linear_like, output_errors, refit_down,
                    slim_reports)
 
 __all__ = ["GroupedAttention", "HeadChoice", "grouped_attentions", "drop_rungs", "head_rungs",
@@ -126,16 +126,11 @@ def _slimmed(attn: nn.Module, unit: GroupedAttention, keep: Tensor, o_weight: Te
     ``o_weight`` ``(out, len(keep) d)``, by attribute name (``k_proj`` and ``v_proj`` only
     where a group goes)."""
     choice = HeadChoice(unit, keep)
-    rows = unit.features(keep)
-    q, o = attn.q_proj, attn.o_proj
-    layers = {"q_proj": linear_like(q, q.weight[rows], None if q.bias is None else q.bias[rows]),
-              "o_proj": linear_like(o, o_weight, o.bias)}
+    layers = {"q_proj": kept_rows(attn.q_proj, unit.features(keep)),
+              "o_proj": linear_like(attn.o_proj, o_weight, attn.o_proj.bias)}
     if len(choice.groups) < unit.groups:
-        kv_rows = unit.features(choice.groups)
         for part in ("k_proj", "v_proj"):
-            p = getattr(attn, part)
-            layers[part] = linear_like(p, p.weight[kv_rows],
-                                       None if p.bias is None else p.bias[kv_rows])
+            layers[part] = kept_rows(getattr(attn, part), unit.features(choice.groups))
     return layers
 
 
@@ -228,28 +223,34 @@ class _Drops:
     With ``P = G_S^-1`` for the kept features ``S`` and ``M = B G[:, S] P``, removing the block
     ``b`` raises it by ``tr(M_b P_bb^-1 M_b^T)``, and the block downdates
     ``P' = P_rr - P_rb P_bb^-1 P_br``, ``M' = M_r - M_b P_bb^-1 P_br`` (``r`` the rest) keep
-    both for the next step without a new factorisation."""
+    both for the next step without a new factorisation. Every query head is kept at first;
+    :meth:`start` begins again from another set."""
 
-    def __init__(self, unit: GroupedAttention, gram: Tensor, weighted: Tensor, ridge: float,
-                 heads: Tensor) -> None:
+    def __init__(self, unit: GroupedAttention, gram: Tensor, weighted: Tensor,
+                 ridge: float) -> None:
         g = gram.to(torch.float64)
         moments = g.diagonal().clone()
-        g = g + ridge * torch.diag_embed(moments)
+        self.g = g + ridge * torch.diag_embed(moments)
         b = weighted.to(device=g.device, dtype=torch.float64)
         self.unit = unit
         self.own = ridge * b.pow(2).sum(0) * moments  # no risk of the refit: not priced
+        self.bg = b @ self.g
+        self.total = float((self.bg * b).sum())
+        self.start(torch.arange(unit.heads))
+
+    def start(self, heads: Tensor) -> None:
+        """Keep the query heads ``heads`` ``(k,)`` (in order), and no others."""
         self.heads = heads.tolist()
-        feats = unit.features(heads.to(g.device))
-        bg = b @ g
-        self.p = torch.cholesky_inverse(stable_cholesky(g[feats][:, feats]))
-        self.m = bg[:, feats] @ self.p
-        self.left = float((bg * b).sum()) - float((self.m * bg[:, feats]).sum())
+        feats = self.unit.features(heads.to(self.g.device))
+        self.p = torch.cholesky_inverse(stable_cholesky(self.g[feats][:, feats]))
+        self.m = self.bg[:, feats] @ self.p
+        self.left = self.total - float((self.m * self.bg[:, feats]).sum())
 
     def _blocks(self, heads: list[int]) -> tuple[Tensor, Tensor]:
         """The positions of ``heads``' features among the kept ones, and of the others."""
-        d = self.unit.head_dim
-        inside = torch.tensor([h in set(heads) for h in self.heads], device=self.m.device)
-        inside = inside.repeat_interleave(d)
+        block = set(heads)
+        inside = torch.tensor([h in block for h in self.heads], device=self.m.device)
+        inside = inside.repeat_interleave(self.unit.head_dim)
         return inside.nonzero().flatten(), (~inside).nonzero().flatten()
 
     def rise(self, heads: list[int]) -> float:
@@ -265,7 +266,8 @@ class _Drops:
         to_rest = solved[:, mb.shape[0]:]  # P_bb^-1 P_br
         self.m = self.m[:, r] - mb @ to_rest
         self.p = self.p[r][:, r] - self.p[r][:, b] @ to_rest
-        self.heads = [h for h in self.heads if h not in set(heads)]
+        block = set(heads)
+        self.heads = [h for h in self.heads if h not in block]
 
     def cheapest(self, blocks: list[list[int]]) -> list[int]:
         return min(blocks, key=self.rise)
@@ -273,7 +275,8 @@ class _Drops:
     @property
     def damage(self) -> float:
         """``tr(B Sc B^T)`` less the ridge's share of the dropped features' own moments."""
-        gone = [h for h in range(self.unit.heads) if h not in set(self.heads)]
+        kept = set(self.heads)
+        gone = [h for h in range(self.unit.heads) if h not in kept]
         own = float(self.own[self.unit.features(torch.tensor(gone, dtype=torch.long))].sum())
         return max(self.left - own, 0.0)
 
@@ -297,19 +300,18 @@ def drop_rungs(unit: GroupedAttention, gram: Tensor, weighted: Tensor,
     every = torch.arange(unit.groups)
     order: list[int] = []
     rungs = []
+    drops = _Drops(unit, gram, weighted, ridge)
     if unit.drops_groups:  # whole groups, every query head of the rest kept
-        drops = _Drops(unit, gram, weighted, ridge, torch.arange(unit.heads))
         for _ in range(unit.groups - 1):
             kept = [int(g) for g in every if int(g) not in set(order)]
             group = drops.cheapest([unit.heads_of(torch.tensor([g])).tolist() for g in kept])
             drops.drop(group)
             order.append(group[0] // unit.per_group)
             rungs.append((torch.tensor(drops.heads), drops.damage))
-    for j in range(unit.groups, unit.groups - len(order) - 1, -1):
-        if unit.per_group == 1:  # no query head to drop without its group
-            break
+    # With j groups kept, rounds of query heads (none where a group has one query head only).
+    for j in (range(unit.groups, unit.groups - len(order) - 1, -1) if unit.per_group > 1 else ()):
         groups = torch.tensor(sorted(set(every.tolist()) - set(order[: unit.groups - j])))
-        drops = _Drops(unit, gram, weighted, ridge, unit.heads_of(groups))
+        drops.start(unit.heads_of(groups))
         for _ in range(unit.per_group - 1):  # a round: one query head of every kept group
             reduced: set[int] = set()
             for _ in range(j):

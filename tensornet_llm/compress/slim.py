@@ -51,7 +51,7 @@ from .fit import corrected_target, metric_roots, output_weights, stable_cholesky
 from .report import LayerReport
 
 __all__ = ["GATED_NAMES", "MLPUnit", "SlimChoice", "mlp_units", "greedy_neurons", "damage_scale",
-           "refit_down", "slim_layers", "build_slim", "linear_like", "output_errors",
+           "refit_down", "kept_rows", "slim_layers", "build_slim", "linear_like", "output_errors",
            "slim_reports", "SLIM", "REFIT_RIDGE"]
 
 #: The method name a slim MLP's layers carry in reports.
@@ -323,6 +323,14 @@ def linear_like(reference: nn.Module, weight: Tensor, bias: Tensor | None) -> nn
 
 
 @torch.no_grad()
+def kept_rows(layer: nn.Module, rows: Tensor) -> nn.Linear:
+    """An ``nn.Linear`` computing the outputs ``rows`` of ``layer`` (a linear, or GPT-2's
+    ``Conv1D``): those rows of its weight and bias, its device, dtype and mode."""
+    weight, bias = linear_weight(layer)
+    return linear_like(layer, weight[rows], None if bias is None else bias[rows])
+
+
+@torch.no_grad()
 def slim_layers(gate: nn.Module | None, up: nn.Module, down: nn.Module, keep: Tensor,
                 down_weight: Tensor) -> tuple[nn.Linear, ...]:
     """The layers of the slim MLP keeping neurons ``keep`` ``(k,)``: rows of ``gate`` (none for
@@ -330,12 +338,7 @@ def slim_layers(gate: nn.Module | None, up: nn.Module, down: nn.Module, keep: Te
     bias; all ``nn.Linear`` (GPT-2's ``Conv1D`` stores its weight transposed, these do not)."""
     w_up, _ = linear_weight(up)
     keep = keep.to(w_up.device)
-
-    def rows(layer: nn.Module) -> nn.Linear:
-        weight, bias = linear_weight(layer)
-        return linear_like(layer, weight[keep], None if bias is None else bias[keep])
-
-    inputs = tuple(rows(layer) for layer in (gate, up) if layer is not None)
+    inputs = tuple(kept_rows(layer, keep) for layer in (gate, up) if layer is not None)
     return (*inputs, linear_like(down, down_weight.to(w_up), down.bias))
 
 
