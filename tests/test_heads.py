@@ -281,6 +281,31 @@ def test_compactify_drops_a_silent_key_value_head_and_the_cache_shrinks(arch, gr
         torch.testing.assert_close(logits(loaded, batch), now, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_the_caches_follow_key_value_heads_that_differ_between_blocks(arch):
+    """Only block 0 loses a key/value head, so the cache holds layers of two widths; Gemma 2
+    with a window of 4 tokens, which the prompt and the new tokens cross, so its sliding
+    layers evict while they generate."""
+    model = build(arch)
+    if arch == "gemma2":
+        config = model.config
+        config.sliding_window = 4
+        torch.manual_seed(0)
+        model = type(model)(config).eval()
+    with torch.no_grad():
+        attn = model.model.layers[0].self_attn
+        attn.o_proj.weight[:, 2 * attn.head_dim:] = 0  # the second group's query heads
+    prompt = inputs(arch)["input_ids"][:1]
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    compactify(model, ratio=0.9, targets=["self_attn"], calibration=calibration(),
+               progress=False)
+    widths = [layer.self_attn.k_proj.out_features for layer in model.model.layers]
+    assert widths[0] < widths[1] == model.config.num_key_value_heads * attn.head_dim
+    for cache in (None, "static"):
+        out = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation=cache)
+        assert torch.equal(out, expected), cache
+
+
 def test_slim_attention_false_offers_no_fewer_heads():
     model = grouped_model()
     report = compactify(model, ratio=0.75, targets=["self_attn"], calibration=calibration(),
