@@ -122,12 +122,14 @@ def convention_model(name: str):
     return tf.LlamaForCausalLM(config).eval()
 
 
-def silence_heads(model, heads=(1, 3)):
-    """Zero the ``o_proj`` columns of query ``heads`` in every block of a tiny LLaMA-like model
-    (4 query heads in 2 key/value groups): those heads then contribute nothing, and the budget
-    drops them first (``tensornet_llm.compress.heads``). Returns ``model``."""
+def silence_heads(model, heads=(1, 3), blocks=None):
+    """Zero the ``o_proj`` columns of query ``heads`` in every block (or the indices ``blocks``)
+    of a tiny LLaMA-like model (4 query heads in 2 key/value groups): those heads then
+    contribute nothing, and the budget drops them first (``tensornet_llm.compress.heads``).
+    Returns ``model``."""
+    layers = model.model.layers
     with torch.no_grad():
-        for layer in model.model.layers:
+        for layer in layers if blocks is None else [layers[i] for i in blocks]:
             attn = layer.self_attn
             for head in heads:
                 attn.o_proj.weight[:, head * attn.head_dim:(head + 1) * attn.head_dim] = 0
