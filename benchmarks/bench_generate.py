@@ -313,7 +313,8 @@ def main() -> None:
                    calibration_tokens=args.calibration_tokens)
     rows = []
     if args.merge:  # an earlier run's configurations that this one does not time
-        meta, earlier = resume(args.out / "bench_generate.json", meta, False, parser)
+        meta, earlier = resume(args.out / "bench_generate.json", meta, False, parser,
+                                "no --merge")
         timed = {(b, m, d) for b in args.batch for m in args.modes for d in args.dtypes}
         rows = [r for r in earlier if (r["batch"], r["mode"], r["dtype"]) not in timed]
     if args.call_cost:

@@ -34,7 +34,7 @@ from tensornet_llm.helpers.speed import ratio
 
 __all__ = ["ROOT", "RESULTS", "DTYPES", "interleaved", "ratio", "speed_arguments", "smollm2",
            "compressed", "timed_models", "held_out_row", "ratio_leaving_dense", "machine",
-           "write_results", "resume", "domain_table", "pyplot"]
+           "processor", "write_results", "resume", "domain_table", "pyplot"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -136,10 +136,33 @@ def ratio_leaving_dense(model: nn.Module, keep: float, exclude: list[str]) -> fl
 
 # ---------------------------------------------------------------- results
 
+#: Processor features that change which CPU kernels run (bfloat16 and int8 matmuls).
+_KERNEL_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def processor() -> str:
+    """The processor a run measured on: architecture, model name and the kernel-relevant
+    features it has (``x86_64, AMD EPYC, avx512f avx512_bf16``), from ``/proc/cpuinfo`` where
+    there is one. Speed ratios differ between processors, so runs on different ones never
+    share a results file (:func:`resume` refuses)."""
+    arch = platform.machine() or platform.processor() or "unknown"
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return arch
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    name = fields.get("model name", "")
+    return ", ".join(p for p in (arch, name, " ".join(f for f in _KERNEL_FLAGS if f in flags))
+                     if p)
+
+
 def machine(**extra: Any) -> dict[str, Any]:
-    """Where and how a run measured: processor, threads, torch; plus ``extra`` settings."""
-    return {**extra, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
+    """Where and how a run measured: processor (:func:`processor`), threads, torch; plus
+    ``extra`` settings."""
+    return {**extra, "threads": torch.get_num_threads(), "machine": processor(),
+            "torch": torch.__version__}
 
 
 def write_results(out: Path, stem: str, meta: dict, rows: list[dict], lines: list[str]) -> None:
@@ -150,16 +173,18 @@ def write_results(out: Path, stem: str, meta: dict, rows: list[dict], lines: lis
     print(f"wrote {out / f'{stem}.md'}")
 
 
-def resume(path: Path, meta: dict, fresh: bool, parser) -> tuple[dict, list[dict]]:
-    """``(meta, rows)`` saved at ``path`` by an earlier run with the same settings, or ``meta``
-    and no rows (``fresh``, or nothing saved); other settings stop the run with an error."""
+def resume(path: Path, meta: dict, fresh: bool, parser, afresh: str = "--fresh"
+           ) -> tuple[dict, list[dict]]:
+    """``(meta, rows)`` saved at ``path`` by an earlier run with the same settings (and
+    machine), or ``meta`` and no rows (``fresh``, or nothing saved); other settings stop the
+    run with an error that names ``afresh``, how the benchmark starts a new file."""
     if not path.is_file() or fresh:
         return meta, []
     saved = json.loads(path.read_text())
     differ = {k: v for k, v in meta.items() if saved["meta"].get(k) != v}
     if differ:
         parser.error(f"{path} was measured with other settings ({sorted(differ)}); "
-                     "use --fresh or the same settings")
+                     f"run with {afresh} or the same settings")
     return saved["meta"], saved["rows"]
 
 

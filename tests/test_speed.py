@@ -52,6 +52,34 @@ def test_the_benchmark_harness_interleaves_rounds(monkeypatch):
     assert harness.ratio([2.0, 1.0], [1.0, 2.0]).median == pytest.approx(1.25)
 
 
+def test_a_results_file_of_another_processor_is_not_added_to(monkeypatch, tmp_path):
+    """benchmarks/harness.machine records the processor; resume adds to a file only where the
+    settings and the processor are the same, and says how to start afresh otherwise."""
+    import argparse
+    import json
+    import platform
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import harness
+
+    meta = harness.machine(rounds=3)
+    assert meta["machine"].startswith(platform.machine())
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"meta": meta, "rows": [{"model": "dense"}]}))
+    parser = argparse.ArgumentParser()
+    assert harness.resume(path, dict(meta), False, parser) == (meta, [{"model": "dense"}])
+    assert harness.resume(path, dict(meta), True, parser) == (meta, [])
+    elsewhere = {**meta, "machine": "another processor"}
+
+    def error(message):  # argparse prints the message and exits; keep the message
+        raise SystemExit(message)
+
+    monkeypatch.setattr(parser, "error", error)
+    with pytest.raises(SystemExit, match=r"\(\['machine'\]\); run with no --merge"):
+        harness.resume(path, elsewhere, False, parser, "no --merge")
+
+
 def test_call_cost_is_the_fixed_time_of_a_call_in_parameters(monkeypatch):
     """With a clock on which a linear call of p parameters takes a * p + b, call_cost returns
     b / a, whatever the shapes and however many layers it streams through per shape."""
