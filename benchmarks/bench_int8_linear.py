@@ -4,16 +4,19 @@
 
 ``quantize(model, 8)`` gives every ``nn.Linear`` torchao's ``Int8Tensor`` weight. On a CPU
 torchao computes ``F.linear`` with it by converting the whole int8 weight to the input's dtype
-and one matmul; the library puts torch's fused ``_weight_int8pack_mm`` in its place for
-bfloat16 / float16 inputs of at most ``FUSED_ROWS`` rows. This times, interleaved round by round
-(every variant once per round, in one process):
+(a fresh weight-sized tensor per call) and one matmul; for inputs of at most ``FUSED_ROWS`` rows
+the library puts torch's fused ``_weight_int8pack_mm`` in its place in bfloat16 / float16, and
+in float32 the same conversion block by block into one reused buffer. This times, interleaved
+round by round (every variant once per round, in one process), in each ``--dtypes``:
 
 * **per layer**: SmolLM2-135M's linear shapes (q/o, k/v, gate/up, down, the LM head) at each
-  ``--rows`` (batch x tokens) in bfloat16: torchao's linear, the fused kernel, and the
-  bfloat16 ``nn.Linear`` it replaces; ratios are torchao's time over each (above 1: faster);
-* **end to end**: greedy ``generate`` of the dense SmolLM2 in bfloat16 after
-  ``quantize(model, 8)``, with torchao's linear and with the library's (the operator table
-  switched before each call), beside the bfloat16 model: prefill and decode speed.
+  ``--rows`` (batch x tokens): torchao's linear, the library's (what ``quantize``d models run),
+  and the float ``nn.Linear`` they replace; ratios are torchao's time over each (above 1:
+  faster). A call's fresh memory is the system's: on a CPU glibc hands large blocks back on
+  ``free``, so a loop of calls pays what a model's forward pays;
+* **end to end**: greedy ``generate`` of the dense SmolLM2 after ``quantize(model, 8)``, with
+  torchao's linear and with the library's (the operator table switched before each call),
+  beside the float model: prefill and decode speed.
 
 Writes ``docs/results/bench_int8_linear.{json,md}``.
 """
@@ -32,7 +35,7 @@ from tensornet_llm.helpers.data import HELD_OUT_TEXT, tokenize_text
 from tensornet_llm.helpers.speed import ratios, time_generate
 from tensornet_llm.saving import torchao_cpu
 
-from harness import RESULTS, interleaved, machine, ratio, smollm2, write_results
+from harness import DTYPES, RESULTS, interleaved, machine, ratio, smollm2, write_results
 
 #: SmolLM2-135M's linear layers, (out, in).
 SHAPES = {"q_proj / o_proj": (576, 576), "k_proj / v_proj": (192, 576),
@@ -46,30 +49,30 @@ def table():
     return Int8Tensor._TORCH_FN_TABLE[Int8Tensor]
 
 
-def per_layer(rows: list[int], rounds: int) -> list[dict]:
+def per_layer(rows: list[int], rounds: int, dtype: str) -> list[dict]:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     torchao_cpu.register()
-    theirs = torchao_cpu._torchao_linear
+    theirs, ours = torchao_cpu._torchao_linear, torchao_cpu._linear
     out = []
     for name, (n_out, n_in) in SHAPES.items():
-        dense = torch.nn.Linear(n_in, n_out, bias=False, dtype=torch.bfloat16)
+        dense = torch.nn.Linear(n_in, n_out, bias=False, dtype=DTYPES[dtype])
         quantized = copy.deepcopy(dense)
         quantize_(quantized, Int8WeightOnlyConfig())
         w = quantized.weight
         for m in rows:
-            x = torch.randn(m, n_in, dtype=torch.bfloat16)
+            x = torch.randn(m, n_in, dtype=DTYPES[dtype])
             repeat = max(1, int(2e7 // (n_out * n_in * max(m, 8))))
             with torch.inference_mode():
                 times = interleaved({
                     "torchao": lambda: theirs(F.linear, (), (x, w), {}),
-                    "fused": lambda: torch.ops.aten._weight_int8pack_mm(
-                        x, w.qdata, w.scale.reshape(-1).to(x.dtype)),
-                    "bfloat16": lambda: dense(x)}, rounds, repeat=repeat)
-            row = {"layer": name, "shape": [n_out, n_in], "rows": m,
-                   "used": "fused" if m <= torchao_cpu.FUSED_ROWS else "torchao",
-                   **{f"{k}_us": min(v) * 1e6 for k, v in times.items()}}
-            for k in ("fused", "bfloat16"):
+                    "library": lambda: ours(F.linear, (), (x, w), {}),
+                    "float": lambda: dense(x)}, rounds, repeat=repeat)
+            used = ("torchao" if m > torchao_cpu.FUSED_ROWS
+                    else "blocked" if dtype == "float32" else "fused")
+            row = {"dtype": dtype, "layer": name, "shape": [n_out, n_in], "rows": m,
+                   "used": used, **{f"{k}_us": min(v) * 1e6 for k, v in times.items()}}
+            for k in ("library", "float"):
                 r = ratio(times[k], times["torchao"])
                 row.update({f"{k}_ratio": r.best, f"{k}_low": r.low, f"{k}_high": r.high})
             print(row, flush=True)
@@ -88,21 +91,21 @@ class Switched:
         return self.model.generate(*args, **kwargs)
 
 
-def end_to_end(rounds: int, prompt_tokens: int, new_tokens: int) -> list[dict]:
-    model, tokenizer = smollm2("bfloat16")
+def end_to_end(rounds: int, prompt_tokens: int, new_tokens: int, dtype: str) -> list[dict]:
+    model, tokenizer = smollm2(dtype)
     int8 = copy.deepcopy(model)
     quantize(int8, 8)
     theirs, ours = torchao_cpu._torchao_linear, table()[F.linear]
     prompt = tokenize_text(tokenizer, HELD_OUT_TEXT, prompt_tokens)[None]
-    models = {"bfloat16": Switched(model, ours), "int8, torchao's linear": Switched(int8, theirs),
-              "int8, fused kernel": Switched(int8, ours)}
+    models = {dtype: Switched(model, ours), "int8, torchao's linear": Switched(int8, theirs),
+              "int8, library's linear": Switched(int8, ours)}
     try:
         times = time_generate(models, prompt, new_tokens, rounds)
     finally:
         table()[F.linear] = ours
     out = []
     for name, t in times.items():
-        row = {"model": name}
+        row = {"dtype": dtype, "model": name}
         for phase, r in ratios(t, times["int8, torchao's linear"]).items():
             seconds = min(getattr(t, phase))
             row[f"{phase}_tokens_per_s"] = (prompt_tokens if phase == "prefill" else 1) / seconds
@@ -114,27 +117,30 @@ def end_to_end(rounds: int, prompt_tokens: int, new_tokens: int) -> list[dict]:
 
 def write(out, meta: dict, layers: list[dict], models: list[dict]) -> None:
     spread = lambda r, k: f"{r[f'{k}_ratio']:.2f}x ({r[f'{k}_low']:.2f}x-{r[f'{k}_high']:.2f}x)"
-    lines = ["# int8 linear on a CPU: torch's fused kernel against torchao's conversion", "",
-             f"bfloat16, {meta['threads']} CPU threads ({meta['machine']}, torch "
-             f"{meta['torch']}), {meta['rounds']} interleaved rounds; ratios are torchao's time "
-             "over the variant's, of the fastest rounds, with the lowest and highest ratio "
-             "within a round (above 1: faster than torchao's). \"used\": what `quantize`d "
-             "models run at that many rows. Written by `benchmarks/bench_int8_linear.py`.", "",
+    lines = ["# int8 linear on a CPU: the library's against torchao's conversion", "",
+             f"{meta['threads']} CPU threads ({meta['machine']}, torch {meta['torch']}), "
+             f"{meta['rounds']} interleaved rounds; ratios are torchao's time over the "
+             "variant's, of the fastest rounds, with the lowest and highest ratio within a round "
+             "(above 1: faster than torchao's). \"used\": what `quantize`d models run at that "
+             "many rows (fused: torch's `_weight_int8pack_mm`; blocked: the float32 conversion "
+             "block by block into one buffer; torchao: torchao's own). \"float\": the "
+             "`nn.Linear` of that dtype. Written by `benchmarks/bench_int8_linear.py`.", "",
              "## Per layer", "",
-             "| layer | (out, in) | rows | used | torchao us | fused us | fused vs torchao | "
-             "bfloat16 us | bfloat16 vs torchao |", "|---|---|---|---|---|---|---|---|---|"]
+             "| dtype | layer | (out, in) | rows | used | torchao us | library us | "
+             "library vs torchao | float us | float vs torchao |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in layers:
-        lines.append(f"| {r['layer']} | {tuple(r['shape'])} | {r['rows']} | {r['used']} | "
-                     f"{r['torchao_us']:.0f} | {r['fused_us']:.0f} | {spread(r, 'fused')} | "
-                     f"{r['bfloat16_us']:.0f} | {spread(r, 'bfloat16')} |")
+        lines.append(f"| {r['dtype']} | {r['layer']} | {tuple(r['shape'])} | {r['rows']} | "
+                     f"{r['used']} | {r['torchao_us']:.0f} | {r['library_us']:.0f} | "
+                     f"{spread(r, 'library')} | {r['float_us']:.0f} | {spread(r, 'float')} |")
     lines += ["", "## End to end", "",
               f"Dense SmolLM2-135M, greedy `generate` from a {meta['prompt']}-token prompt, "
               f"decode per token over {meta['new_tokens']} new tokens; ratios against the int8 "
-              "model with torchao's linear.", "",
-              "| model | prefill tok/s | prefill vs torchao's | decode tok/s | "
-              "decode vs torchao's |", "|---|---|---|---|---|"]
+              "model with torchao's linear, in the same dtype.", "",
+              "| dtype | model | prefill tok/s | prefill vs torchao's | decode tok/s | "
+              "decode vs torchao's |", "|---|---|---|---|---|---|"]
     for r in models:
-        lines.append(f"| {r['model']} | {r['prefill_tokens_per_s']:.0f} | "
+        lines.append(f"| {r['dtype']} | {r['model']} | {r['prefill_tokens_per_s']:.0f} | "
                      f"{spread(r, 'prefill')} | {r['decode_tokens_per_s']:.1f} | "
                      f"{spread(r, 'decode')} |")
     write_results(out, "bench_int8_linear", meta, layers + models, lines)
@@ -143,6 +149,7 @@ def write(out, meta: dict, layers: list[dict], models: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 32, 64, 512])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=DTYPES)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -152,8 +159,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     meta = machine(rounds=args.rounds, prompt=args.prompt, new_tokens=args.new_tokens)
-    layers = per_layer(args.rows, args.rounds)
-    models = end_to_end(args.rounds, args.prompt, args.new_tokens)
+    layers = [r for d in args.dtypes for r in per_layer(args.rows, args.rounds, d)]
+    models = [r for d in args.dtypes for r in end_to_end(args.rounds, args.prompt,
+                                                         args.new_tokens, d)]
     write(args.out, meta, layers, models)
 
 

@@ -264,7 +264,7 @@ def test_int8_linear_in_half_precision_uses_the_fused_kernel_and_rounds_once(dty
     assert (out.double() - exact).abs().max().item() <= 2 * step
 
 
-@pytest.mark.parametrize("case", ["float32", "grad", "per group", "per tensor", "13 features",
+@pytest.mark.parametrize("case", ["grad", "per group", "per tensor", "13 features",
                                   "unaligned weight", "compiled"])
 def test_int8_linear_keeps_torchaos_code_where_the_fused_kernel_does_not_apply(case):
     quantization = pytest.importorskip("torchao.quantization")
@@ -273,7 +273,7 @@ def test_int8_linear_keeps_torchaos_code_where_the_fused_kernel_does_not_apply(c
     from tensornet_llm.saving import torchao_cpu
 
     torch.manual_seed(0)
-    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    dtype = torch.bfloat16
     linear = torch.nn.Linear(13 if case == "13 features" else 64, 24).to(dtype)
     granularity = {"per group": PerGroup(16), "per tensor": PerTensor()}.get(case)
     config = quantization.Int8WeightOnlyConfig(
@@ -300,6 +300,46 @@ def test_int8_linear_keeps_torchaos_code_where_the_fused_kernel_does_not_apply(c
     if case == "grad":
         out.sum().backward()
         assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("blocks", [1, 5])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3)])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_int8_linear_in_float32_converts_its_weight_in_blocks_and_equals_torchao(
+        blocks, shape, mode, monkeypatch):
+    """In float32 a few rows are multiplied block by block from one reused buffer, never with a
+    float copy of the whole weight; one block is torchao's own product bit for bit, several are
+    the same sums (to float32 rounding). A prompt's rows keep torchao's code."""
+    quantization = pytest.importorskip("torchao.quantization")
+    from tensornet_llm.saving import torchao_cpu
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 23)  # 23 rows of 40: 5 blocks of 5 rows, the last of 3
+    quantization.quantize_(linear, quantization.Int8WeightOnlyConfig())
+    monkeypatch.setattr(torchao_cpu, "BLOCK_ELEMENTS", 40 * 23 if blocks == 1 else 40 * 5)
+    torchao_cpu.register()
+    x = torch.randn(*shape, 40).transpose(0, 1)  # features not the fastest index of the rows
+
+    def torchaos(inputs):
+        return torchao_cpu._torchao_linear(torch.nn.functional.linear, (),
+                                           (inputs, linear.weight, linear.bias), {})
+
+    expected = torchaos(x)
+    with getattr(torch, mode)():
+        assert "aten::_to_copy" not in _kernels_called(lambda: linear(x))  # no float weight
+        out = linear(x)
+    with torch.no_grad():  # the buffer a call in inference mode made stays writable
+        again = linear(x)
+    assert out.shape == expected.shape and out.dtype == torch.float32
+    if blocks == 1:
+        assert torch.equal(out, expected) and torch.equal(again, expected)
+    else:
+        step = 4 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+        assert (out - expected).abs().max().item() <= step and torch.equal(again, out)
+    prompt = torch.randn(torchao_cpu.FUSED_ROWS + 1, 40)
+    with torch.no_grad():
+        assert "aten::_to_copy" in _kernels_called(lambda: linear(prompt))
+        assert torch.equal(linear(prompt), torchaos(prompt))
 
 
 def test_int8_pads_ranks_and_mlp_widths_to_the_fused_kernels_blocks_and_computes_the_same():
