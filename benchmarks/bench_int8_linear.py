@@ -12,8 +12,9 @@ round by round (every variant once per round, in one process), in each ``--dtype
 * **per layer**: SmolLM2-135M's linear shapes (q/o, k/v, gate/up, down, the LM head) at each
   ``--rows`` (batch x tokens): torchao's linear, the library's (what ``quantize``d models run),
   and the float ``nn.Linear`` they replace; ratios are torchao's time over each (above 1:
-  faster). A call's fresh memory is the system's: on a CPU glibc hands large blocks back on
-  ``free``, so a loop of calls pays what a model's forward pays;
+  faster). A loop over one layer can reuse the float copy torchao freed the call before, which
+  a model's forward, between other allocations, mostly cannot: for the block layers these
+  figures favour torchao's, and end to end is the measure;
 * **end to end**: greedy ``generate`` of the dense SmolLM2 after ``quantize(model, 8)``, with
   torchao's linear and with the library's (the operator table switched before each call),
   beside the float model: prefill and decode speed.

@@ -150,8 +150,8 @@ def processor() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return arch
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines()
+                                                 if ":" in line)}
     flags = set(fields.get("flags", "").split())
     name = fields.get("model name", "")
     return ", ".join(p for p in (arch, name, " ".join(f for f in _KERNEL_FLAGS if f in flags))
